@@ -1,0 +1,149 @@
+// The pybind11 module ppml_fast._C: kernels on raw buffers. The Python layer (ppml_fast/ops)
+// validates arguments, allocates outputs and scratch with torch, and passes data pointers,
+// sizes and dtype tags here; this file only unpacks them and releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "include/ppml/kernels.h"
+#include "include/ppml/noise.h"
+
+namespace py = pybind11;
+using namespace ppml;
+
+namespace {
+
+std::vector<const void*> as_const_ptrs(const std::vector<uintptr_t>& v) {
+  std::vector<const void*> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<const void*>(v[i]);
+  return out;
+}
+
+DType as_dtype(int tag) {
+  if (tag < 0 || tag > 3) throw std::invalid_argument("dtype tag must be 0..3");
+  return static_cast<DType>(tag);
+}
+
+void clip_accumulate(int device, intptr_t stream, int dtype, int64_t rows,
+                     const std::vector<uintptr_t>& seg_ptrs, const std::vector<int64_t>& seg_widths,
+                     const std::vector<uintptr_t>& row_ptrs, const std::vector<uintptr_t>& out_ptrs,
+                     uintptr_t norms, uintptr_t row_scale, int mode, bool per_layer,
+                     const std::vector<double>& max_norms, double eps, double gamma,
+                     uintptr_t scratch, int num_threads) {
+  ClipProblem p;
+  p.device = device;
+  p.stream = stream;
+  p.dtype = as_dtype(dtype);
+  p.rows = rows;
+  p.seg_ptrs = as_const_ptrs(seg_ptrs);
+  p.seg_widths = seg_widths;
+  p.row_ptrs = as_const_ptrs(row_ptrs);
+  p.out_ptrs.resize(out_ptrs.size());
+  for (size_t i = 0; i < out_ptrs.size(); ++i) p.out_ptrs[i] = reinterpret_cast<void*>(out_ptrs[i]);
+  p.norms = reinterpret_cast<double*>(norms);
+  p.row_scale = reinterpret_cast<const double*>(row_scale);
+  if (mode < 0 || mode > 2) throw std::invalid_argument("clip mode tag must be 0..2");
+  p.mode = static_cast<ClipMode>(mode);
+  p.per_layer = per_layer;
+  p.max_norms = max_norms;
+  p.eps = eps;
+  p.gamma = gamma;
+  p.scratch = reinterpret_cast<double*>(scratch);
+  p.num_threads = num_threads;
+  // Shapes are checked in Python; these guard the memory safety of the kernel itself.
+  const size_t L = p.seg_widths.size();
+  if (p.out_ptrs.size() != L) throw std::invalid_argument("one output per segment expected");
+  if (p.row_ptrs.empty() ? p.seg_ptrs.size() != L
+                         : (L != 1 || p.row_ptrs.size() != static_cast<size_t>(rows)))
+    throw std::invalid_argument("segment / row pointer tables do not match the shapes");
+  if (p.max_norms.size() != (per_layer ? L : 1)) throw std::invalid_argument("max_norms length");
+  py::gil_scoped_release release;
+  if (device < 0) {
+    cpu::clip_accumulate(p);
+  } else {
+    if (!p.row_ptrs.empty()) throw std::invalid_argument("row pointer lists are CPU only");
+    cuda::clip_accumulate(p);
+  }
+}
+
+uint64_t gaussian_noise(int device, intptr_t stream, const std::vector<uintptr_t>& ptrs,
+                        const std::vector<int64_t>& numels, const std::vector<int>& dtypes,
+                        double stddev, double denominator, bool divide, bool secure,
+                        uint64_t seed, uint64_t offset, const std::vector<uint32_t>& key_words,
+                        int num_threads) {
+  if (ptrs.size() != numels.size() || ptrs.size() != dtypes.size())
+    throw std::invalid_argument("ptrs, numels and dtypes must have the same length");
+  NoiseProblem p;
+  p.device = device;
+  p.stream = stream;
+  for (size_t i = 0; i < ptrs.size(); ++i)
+    p.tensors.push_back({reinterpret_cast<void*>(ptrs[i]), numels[i], as_dtype(dtypes[i])});
+  p.stddev = stddev;
+  p.denominator = denominator;
+  p.divide = divide;
+  p.secure = secure;
+  p.seed = seed;
+  p.offset = offset;
+  p.num_threads = num_threads;
+  uint64_t blocks = 0;
+  for (auto& t : p.tensors) blocks += noise_blocks(t.numel);
+  if (secure) {
+    if (key_words.size() != 11) throw std::invalid_argument("secure mode needs 11 key words");
+    for (int i = 0; i < 8; ++i) p.key.key[i] = key_words[i];
+    for (int i = 0; i < 3; ++i) p.key.nonce[i] = key_words[8 + i];
+    if (blocks > 0xffffffffull)
+      throw std::invalid_argument("secure noise is limited to 2^33 elements per call");
+  }
+  {
+    py::gil_scoped_release release;
+    if (device < 0) {
+      cpu::gaussian_noise(p);
+    } else {
+      cuda::gaussian_noise(p);
+    }
+  }
+  return offset + blocks;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ppml_fast native kernels on raw buffers (see ppml_fast.ops for the public API)";
+  m.attr("CHUNK") = py::int_(kChunk);
+  m.def("cuda_available", &cuda::available, "True when this build includes the CUDA kernels");
+  m.def("clip_accumulate", &clip_accumulate, py::arg("device"), py::arg("stream"),
+        py::arg("dtype"), py::arg("rows"), py::arg("seg_ptrs"), py::arg("seg_widths"),
+        py::arg("row_ptrs"), py::arg("out_ptrs"), py::arg("norms"), py::arg("row_scale"),
+        py::arg("mode"), py::arg("per_layer"), py::arg("max_norms"), py::arg("eps"),
+        py::arg("gamma"), py::arg("scratch"), py::arg("num_threads"));
+  m.def("gaussian_noise", &gaussian_noise, py::arg("device"), py::arg("stream"), py::arg("ptrs"),
+        py::arg("numels"), py::arg("dtypes"), py::arg("stddev"), py::arg("denominator"),
+        py::arg("divide"), py::arg("secure"), py::arg("seed"), py::arg("offset"),
+        py::arg("key_words"), py::arg("num_threads"));
+  // Known-answer hooks for the tests: the raw generators and one Box-Muller pair.
+  m.def("philox4x32_10", [](std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
+    if (ctr.size() != 4 || key.size() != 2) throw std::invalid_argument("ctr[4], key[2]");
+    uint32_t out[4];
+    Philox4x32::block(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1], out);
+    return std::vector<uint32_t>(out, out + 4);
+  });
+  m.def("chacha20_block", [](std::vector<uint32_t> key, std::vector<uint32_t> nonce,
+                             uint32_t counter) {
+    if (key.size() != 8 || nonce.size() != 3) throw std::invalid_argument("key[8], nonce[3]");
+    ChaCha20Key k;
+    for (int i = 0; i < 8; ++i) k.key[i] = key[i];
+    for (int i = 0; i < 3; ++i) k.nonce[i] = nonce[i];
+    uint32_t out[16];
+    chacha20_block(k, counter, out);
+    return std::vector<uint32_t>(out, out + 16);
+  });
+  m.def("log_positive", &log_positive);
+  m.def("sincos_turns", [](double a) {
+    double s, c;
+    sincos_turns(a, &s, &c);
+    return py::make_tuple(s, c);
+  });
+}

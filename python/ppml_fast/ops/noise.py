@@ -1,0 +1,160 @@
+"""Gaussian noise in place: ``add_gaussian_noise_`` and the fused ``noisy_scale_``.
+
+Reproducible mode: counter-based Philox4x32-10 keyed by ``seed``; element i of the k-th tensor
+uses block ``offset + (blocks of tensors before k) + i // 2``, two samples per block, so a
+(seed, offset, sizes) gives the same numbers on CPU, on CUDA and for any thread count, and each
+call returns the next unused offset. Secure mode: ChaCha20 keyed from ``os.urandom`` and each
+sample is a sum of four normals over 2, after Holohan & Braghin, ESORICS 2021, section 5.
+Details and the truncation bound are in ``csrc/include/ppml/gaussian.h`` and ``noise.h``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Sequence, Union
+
+import torch
+
+from ppml_fast import _C
+from ppml_fast.ops import _checks
+from ppml_fast.ops._native import DTYPE_TAGS, device_and_stream, noise_blocks, num_threads
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_list(name: str, tensors: TensorOrList) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    return _checks.tensor_list(name, tensors)
+
+
+def _consumed(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(noise_blocks(t.numel()) for t in tensors)
+
+
+def run_noise(
+    tensors: list[torch.Tensor],
+    std: float,
+    denominator: float,
+    divide: bool,
+    seed: int,
+    offset: int,
+    secure: bool,
+) -> None:
+    """Call the native kernel on validated tensors (on one device); in place."""
+    if not tensors:
+        return
+    dev, stream = device_and_stream(tensors[0].device)
+    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    key_words: list[int] = []
+    if secure:
+        key_words = list(struct.unpack("<11I", os.urandom(44)))
+    _C.gaussian_noise(
+        device=dev,
+        stream=stream,
+        ptrs=[t.data_ptr() for t in work],
+        numels=[t.numel() for t in work],
+        dtypes=[DTYPE_TAGS[t.dtype] for t in work],
+        stddev=std,
+        denominator=denominator,
+        divide=divide,
+        secure=secure,
+        seed=seed,
+        offset=offset,
+        key_words=key_words,
+        num_threads=num_threads(),
+    )
+    for t, w in zip(tensors, work):
+        if w is not t:
+            t.copy_(w)
+
+
+@torch.library.custom_op("ppml_fast::add_gaussian_noise_", mutates_args=("tensors",))
+def _add_gaussian_noise_op(
+    tensors: list[torch.Tensor], std: float, seed: int, offset: int, secure: bool
+) -> None:
+    tensors = _checks.tensor_list("tensors", tensors)
+    std = _checks.positive_float("std", std)
+    run_noise(tensors, std, 1.0, False, _checks.seed_from_int64(seed), offset, secure)
+
+
+@_add_gaussian_noise_op.register_fake
+def _(tensors, std, seed, offset, secure):
+    return None
+
+
+@torch.library.custom_op("ppml_fast::noisy_scale_", mutates_args=("sums",))
+def _noisy_scale_op(
+    sums: list[torch.Tensor], std: float, denominator: float, seed: int, offset: int, secure: bool
+) -> None:
+    sums = _checks.tensor_list("sums", sums)
+    std = _checks.positive_float("std", std)
+    denominator = _checks.positive_float("denominator", denominator)
+    run_noise(sums, std, denominator, True, _checks.seed_from_int64(seed), offset, secure)
+
+
+@_noisy_scale_op.register_fake
+def _(sums, std, denominator, seed, offset, secure):
+    return None
+
+
+def add_gaussian_noise_(
+    tensors: TensorOrList, std: float, *, seed: int, offset: int, secure: bool = False
+) -> int:
+    """Add N(0, std^2) to every element of ``tensors``, in place.
+
+    Args:
+        tensors: a tensor or a list of tensors (float32/64/16, bfloat16) on one device.
+            Non-contiguous tensors are processed through a contiguous copy and written back.
+        std: standard deviation (> 0), in the tensors' units (for DP-SGD: noise multiplier
+            times the clipping norm).
+        seed: Philox key, in [0, 2**64).
+        offset: first Philox block to use (>= 0); pass the value the previous call returned.
+        secure: draw from ChaCha20 keyed by ``os.urandom`` and use the sum-of-four-normals
+            sampler (not reproducible by design; ``seed``/``offset`` are then ignored except
+            for the return value).
+
+    Returns:
+        The next unused offset: ``offset + sum(ceil(t.numel() / 2))``.
+
+    The noise is computed and added in double precision and rounded once to the tensor's dtype.
+    The reproducible sampler is a Gaussian truncated at |z| <= 8.57 (tail mass 1e-17 per
+    sample); without ``secure`` it does not defend against floating-point attacks.
+    """
+    tensors = _as_list("tensors", tensors)
+    std = _checks.positive_float("std", std)
+    seed = _checks.seed_value("seed", seed)
+    offset = _checks.offset_value("offset", offset)
+    secure = _checks.flag("secure", secure)
+    torch.ops.ppml_fast.add_gaussian_noise_(
+        tensors, std, _checks.seed_to_int64(seed), offset, secure
+    )
+    return offset + _consumed(tensors)
+
+
+def noisy_scale_(
+    sums: TensorOrList,
+    std: float,
+    denominator: float,
+    *,
+    seed: int,
+    offset: int,
+    secure: bool = False,
+) -> int:
+    """``sums <- (sums + N(0, std^2)) / denominator`` in place, in one pass.
+
+    DP-SGD's noise-and-average stage: ``std`` is noise multiplier times clipping norm and
+    ``denominator`` the expected batch size. Arguments and return value as in
+    :func:`add_gaussian_noise_`; ``denominator`` must be finite and > 0.
+    """
+    sums = _as_list("sums", sums)
+    std = _checks.positive_float("std", std)
+    denominator = _checks.positive_float("denominator", denominator)
+    seed = _checks.seed_value("seed", seed)
+    offset = _checks.offset_value("offset", offset)
+    secure = _checks.flag("secure", secure)
+    torch.ops.ppml_fast.noisy_scale_(
+        sums, std, denominator, _checks.seed_to_int64(seed), offset, secure
+    )
+    return offset + _consumed(sums)
