@@ -28,7 +28,7 @@ struct Chunk {
 };
 
 template <typename T>
-double sumsq(const T* x, int64_t n) {
+PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -57,7 +57,7 @@ double sumsq_any(const BFloat16* x, int64_t n) { return sumsq_bf16(x, n); }
 // out[j] (+)= sum over the given rows, in order, of a[r] * g_r[j]. Up to 4 rows per sweep; the
 // additions stay in row order for every j.
 template <typename T, typename A>
-void axpy_rows(A* out, const T* const* g, const A* a, int nrows, int64_t n, bool init) {
+PPML_ALWAYS_INLINE void axpy_rows(A* out, const T* const* g, const A* a, int nrows, int64_t n, bool init) {
   int r = 0;
   if (init) {
     if (nrows == 0) {

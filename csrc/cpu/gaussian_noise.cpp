@@ -18,7 +18,7 @@ namespace {
 constexpr int kLanes = 8;  // blocks generated together (a vector's worth of Box-Muller)
 
 template <typename T>
-void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0, uint64_t b1,
+PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0, uint64_t b1,
                  const NoiseProblem& p) {
   // local blocks [b0, b1) of this tensor
   double z[2 * kLanes];

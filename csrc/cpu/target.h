@@ -7,3 +7,10 @@
 #else
 #define PPML_TARGET_CLONES
 #endif
+
+// Bodies called from a cloned function must be inlined into it to get the clone's ISA.
+#if defined(__GNUC__)
+#define PPML_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PPML_ALWAYS_INLINE inline
+#endif

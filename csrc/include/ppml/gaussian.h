@@ -19,21 +19,28 @@
 
 namespace ppml {
 
+// The helpers below avoid int64 <-> double conversions and data-dependent branches, so that
+// the CPU compiler vectorises them (AVX2 has neither packed int64 conversion); the magic-number
+// conversions are exact.
+constexpr double kTwo52 = 4503599627370496.0;            // 2^52
+constexpr double kRoundMagic = 6755399441055744.0;       // 1.5 * 2^52: x + it rounds x to an int
+
+// An integer 0 <= v < 2^52 as a double, exactly.
+PPML_HD double u52_to_double(uint64_t v) {
+  return bits_to_double(0x4330000000000000ull | v) - kTwo52;
+}
+
 // Natural log for x in [2^-53, 1] (Cephes log.c, the rational P/Q branch for all exponents;
 // accurate to ~1 ulp over the whole range used here).
 PPML_HD double log_positive(double x) {
   const double kSqrtHalf = 0.70710678118654752440;
   uint64_t bits = double_to_bits(x);
   // frexp: x = m * 2^e with m in [0.5, 1) (x is normal and positive here)
-  int e = static_cast<int>((bits >> 52) & 0x7ff) - 1022;
+  double biased = u52_to_double((bits >> 52) & 0x7ff);
   double m = bits_to_double((bits & 0x000fffffffffffffull) | 0x3fe0000000000000ull);
-  double t;
-  if (m < kSqrtHalf) {
-    e -= 1;
-    t = (m + m) - 1.0;
-  } else {
-    t = m - 1.0;
-  }
+  bool low = m < kSqrtHalf;
+  double de = biased - (low ? 1023.0 : 1022.0);
+  double t = low ? ((m + m) - 1.0) : (m - 1.0);
   double z = t * t;
   double p = 1.01875663804580931796e-4;
   p = p * t + 4.97494994976747001425e-1;
@@ -47,7 +54,6 @@ PPML_HD double log_positive(double x) {
   q = q * t + 7.11544750618563894466e1;
   q = q * t + 2.31251620126765340583e1;
   double y = t * (z * p / q);
-  double de = static_cast<double>(e);
   y = y - de * 2.121944400546905827679e-4;
   y = y - 0.5 * z;
   double r = t + y;
@@ -58,10 +64,10 @@ PPML_HD double log_positive(double x) {
 // to a quarter turn is exact in "turns", then Cephes sin.c / cos.c polynomials on |x| <= pi/4.
 PPML_HD void sincos_turns(double a, double* s, double* c) {
   const double kTwoPi = 6.28318530717958647692;
-  double a4 = a * 4.0;                            // exact
-  double qf = static_cast<double>(static_cast<int64_t>(a4 + 0.5));  // nearest quarter, 0..4
-  double r = a - qf * 0.25;                       // exact, in [-1/8, 1/8]
-  int q = static_cast<int>(qf) & 3;
+  double shifted = a * 4.0 + kRoundMagic;               // a*4 exact; rounds to the nearest int
+  double qf = shifted - kRoundMagic;                    // nearest quarter turn, 0..4
+  uint64_t q = double_to_bits(shifted) & 3u;            // its low bits
+  double r = a - qf * 0.25;                             // exact, in [-1/8, 1/8]
   double x = r * kTwoPi;
   double z = x * x;
   double ps = 1.58962301576546568060e-10;
@@ -79,10 +85,11 @@ PPML_HD void sincos_turns(double a, double* s, double* c) {
   pc = pc * z + 4.16666666666665929218e-2;
   double cs = (1.0 - 0.5 * z) + z * z * pc;
   // rotate by q quarter turns: (sin, cos)(x + q*pi/2)
-  double s_out = (q == 0) ? sn : (q == 1) ? cs : (q == 2) ? -sn : -cs;
-  double c_out = (q == 0) ? cs : (q == 1) ? -sn : (q == 2) ? -cs : sn;
-  *s = s_out;
-  *c = c_out;
+  bool odd = (q & 1u) != 0;
+  double sv = odd ? cs : sn;
+  double cv = odd ? sn : cs;
+  *s = (q == 2u || q == 3u) ? -sv : sv;
+  *c = (q == 1u || q == 2u) ? -cv : cv;
 }
 
 // Two independent N(0, 1) samples from four 32-bit words.
@@ -91,7 +98,7 @@ PPML_HD void box_muller(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t /*w3*/, 
   // u1 = (k + 0.5) * 2^-52 with k a 52-bit integer: exact, in (0, 1), never 0
   uint64_t k = (static_cast<uint64_t>(w0) << 20) ^ (static_cast<uint64_t>(w1) >> 12);
   double u1 = (bits_to_double(0x3ff0000000000000ull | k) - 1.0) + 1.1102230246251565e-16;
-  double a = static_cast<double>(w2) * 2.3283064365386963e-10;  // w2 * 2^-32, exact
+  double a = u52_to_double(w2) * 2.3283064365386963e-10;  // w2 * 2^-32, exact
   double radius = sqrt(-2.0 * log_positive(u1));
   double s, c;
   sincos_turns(a, &s, &c);
