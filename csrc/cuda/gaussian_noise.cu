@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
     const int k = find_owner(g.local, g.n, static_cast<uint64_t>(q));
     const uint64_t block = static_cast<uint64_t>(q) - g.local[k];  // block within tensor k
     double z0, z1;
-    if (kSecure) {
+    if constexpr (kSecure) {
       // the Python layer checks that the whole call fits in 2^32 blocks
       secure_normal_pair(a.key, static_cast<uint32_t>(g.first[k] + block), &z0, &z1);
     } else {

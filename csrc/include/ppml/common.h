@@ -14,7 +14,7 @@
 #define PPML_HD inline
 #endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define PPML_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__) && !defined(__clang__)
 #define PPML_UNROLL _Pragma("GCC unroll 16")
