@@ -83,3 +83,8 @@ def assert_norms_close(got, ref, n_elems: int, dtype: torch.dtype, what: str = "
     bound = (acc_eps(dtype) + (n_elems + 2) * 2.0**-52) * ref[fin].abs() + 1e-300
     err = (got[fin] - ref[fin]).abs()
     assert bool((err <= bound).all()), f"{what}: got {got[fin]}, expected {ref[fin]}"
+
+
+def assert_unchanged(after: torch.Tensor, before: torch.Tensor) -> None:
+    """Bit-for-bit the same values (NaN equal to NaN): an op must not touch its inputs."""
+    torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)

@@ -31,8 +31,10 @@ def _rows64(t: object, batch: Optional[int] = None) -> torch.Tensor:
     """A (B, numel per sample) float64 CPU copy of a tensor or array."""
     x = torch.as_tensor(np.asarray(t)) if isinstance(t, np.ndarray) else t
     x = x.detach().to(device="cpu", dtype=torch.float64)
-    b = x.shape[0] if batch is None else batch
-    return x.reshape(b, -1)
+    if batch is None:
+        batch = x.shape[0]
+    width = math.prod(x.shape[1:]) if x.shape[:1] == (batch,) else x.numel() // max(batch, 1)
+    return x.reshape(batch, width)
 
 
 def _min1(x: torch.Tensor) -> torch.Tensor:

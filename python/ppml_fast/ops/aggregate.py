@@ -69,6 +69,11 @@ def _weighted_aggregate_op(
     dtype = _checks.same_dtype("updates", updates)
     k, p = _validate_updates(updates)
     _validate_weights(weights, k)
+    if weights.device != updates[0].device:
+        raise ValueError(
+            f"weights must be on the updates' device ({updates[0].device}); got {weights.device}"
+        )
+    _check_weight_values(weights)
     device = updates[0].device
     acc = accumulation_dtype(dtype)
     out = torch.empty(p, dtype=acc, device=device)
@@ -154,9 +159,14 @@ def _numpy_tensor(name: str, a: np.ndarray) -> torch.Tensor:
 
 
 def _weights_tensor(weights: object, device: torch.device) -> torch.Tensor:
+    """Weights as a float64 tensor on the updates' device (a tensor must already be there)."""
     if isinstance(weights, torch.Tensor):
+        if weights.device != device:
+            raise ValueError(
+                f"weights must be on the updates' device ({device}); got a tensor on {weights.device}"
+            )
         w = weights
-    elif isinstance(weights, np.ndarray) or isinstance(weights, (list, tuple)):
+    elif isinstance(weights, (np.ndarray, list, tuple)):
         try:
             w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
         except (TypeError, ValueError) as e:
@@ -167,14 +177,19 @@ def _weights_tensor(weights: object, device: torch.device) -> torch.Tensor:
         )
     if w.dtype == torch.bool or w.is_complex():
         raise TypeError(f"weights must be real numbers; got dtype {w.dtype}")
-    w64 = w.detach().to(dtype=torch.float64)
-    if w64.numel() and not bool(torch.isfinite(w64).all()):
-        raise ValueError(f"weights must be finite; got {w64.tolist()}")
-    if w64.numel() and bool((w64 < 0).any()):
-        raise ValueError(f"weights must be >= 0; got {w64.tolist()}")
-    if w64.numel() and float(w64.sum()) <= 0:
+    return w.detach().to(device=device, dtype=torch.float64)
+
+
+def _check_weight_values(w: torch.Tensor) -> None:
+    """Value checks (they read the weights, so they run in the op, not while tracing)."""
+    if w.numel() == 0:
+        return
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights must be finite; got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise ValueError(f"weights must be >= 0; got {w.tolist()}")
+    if float(w.sum()) <= 0:
         raise ValueError("weights must not be all zero (the mean divides by their sum)")
-    return w64.to(device)
 
 
 def weighted_aggregate(
