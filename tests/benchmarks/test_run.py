@@ -29,7 +29,11 @@ def _case(**extra) -> Case:
 
 
 def test_ratio_directions_and_targets():
-    timings = {"ppml": Timing(10.0, 0.0, 3), "rival": Timing(30.0, 0.0, 3), "floor": Timing(9.0, 0.0, 3)}
+    timings = {
+        "ppml": Timing(10.0, 0.0, 3),
+        "rival": Timing(30.0, 0.0, 3),
+        "floor": Timing(9.0, 0.0, 3),
+    }
     rows = {r["impl_key"]: r for r in case_rows(_case(), timings)}
     assert set(rows) == {"ppml", "rival", "floor"}
     assert rows["ppml"]["ratio"] is None and rows["ppml"]["met"] is None

@@ -1,0 +1,37 @@
+"""Benchmarks of ppml_fast against its baselines, measured in the same run.
+
+A benchmark is data: a :class:`Case` allocates its inputs once and lists :class:`Impl` s (the
+ppml_fast call and the baselines it is compared with, each with an optional :class:`Target`).
+The same case table drives ``ppml-fast bench`` (:func:`run_cases`) and ``bench/bench_ops.py``
+(pytest-benchmark), so both report the same ratios.
+
+- :mod:`.cases`  — the data model (Case, Impl, Target)
+- :mod:`.ops`    — the cases of the native ops (clip, noise, aggregate)
+- :mod:`.flower` — Flower's ``aggregate()`` algorithm, the numpy baseline
+- :mod:`.timing` — warm-ups, then median and IQR of ``time.perf_counter`` runs
+- :mod:`.run`    — runs cases, turns timings into result rows with ratios and targets
+- :mod:`.report` — the aligned table, the JSON document and the machine line
+"""
+
+from ppml_fast.benchmarks.cases import Case, Impl, Target
+from ppml_fast.benchmarks.ops import SIZES, op_cases
+from ppml_fast.benchmarks.report import format_table, machine_info, to_json
+from ppml_fast.benchmarks.run import case_rows, run_cases
+from ppml_fast.benchmarks.timing import PROFILES, Profile, Timing, time_call
+
+__all__ = [
+    "PROFILES",
+    "SIZES",
+    "Case",
+    "Impl",
+    "Profile",
+    "Target",
+    "Timing",
+    "case_rows",
+    "format_table",
+    "machine_info",
+    "op_cases",
+    "run_cases",
+    "time_call",
+    "to_json",
+]
