@@ -6,11 +6,13 @@
 // (read from memory), a barrier, then pass 2 adds the clipped rows into the outputs chunk by
 // chunk (read again, now from cache). Threads own fixed column chunks in both passes, and every
 // output element adds the rows in row order, so the result does not depend on the thread
-// count or the block size. Sums of squares accumulate in double per chunk (a float accumulator
+// count or the block size. Without clipping (weighted_aggregate, no clip_norm) one pass does
+// it all (run_one_pass). Sums of squares accumulate in double per chunk (a float accumulator
 // over 1e6 elements loses ~1e-4 relative, DESIGN.md).
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -27,12 +29,32 @@ struct Chunk {
   int64_t len;
 };
 
+// Sum of squares, accumulated in double with kAcc independent chains (enough to hide the add
+// latency). For 16/32-bit inputs the squares of 4 elements kAcc apart are first added in float
+// (relative error <= 4 * 2^-24, about float32's own rounding of the norm) and then converted:
+// a double conversion per element costs as much as the rest of the work. The combination
+// order is fixed, so the result is the same on every thread count and ISA clone.
+constexpr int kAcc = 32;
+
 template <typename T>
 PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  using A = typename Storage<T>::acc;
+  double acc[kAcc];
+  for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) {
+  if (sizeof(A) == sizeof(float)) {
+    constexpr int kWide = 4 * kAcc;
+    for (; i + kWide <= n; i += kWide) {
+      for (int k = 0; k < kAcc; ++k) {
+        A v0 = Storage<T>::load(x, i + k), v1 = Storage<T>::load(x, i + k + kAcc);
+        A v2 = Storage<T>::load(x, i + k + 2 * kAcc), v3 = Storage<T>::load(x, i + k + 3 * kAcc);
+        A s = (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
+        acc[k] += static_cast<double>(s);
+      }
+    }
+  }
+  for (; i + kAcc <= n; i += kAcc) {
+    for (int k = 0; k < kAcc; ++k) {
       double v = static_cast<double>(Storage<T>::load(x, i + k));
       acc[k] += v * v;
     }
@@ -41,7 +63,10 @@ PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
     double v = static_cast<double>(Storage<T>::load(x, i));
     acc[k] += v * v;
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int w = kAcc / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  }
+  return acc[0];
 }
 
 PPML_TARGET_CLONES double sumsq_f32(const float* x, int64_t n) { return sumsq(x, n); }
@@ -130,108 +155,133 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-template <typename T>
-void run(const ClipProblem& p) {
-  using A = typename Storage<T>::acc;
-  const int64_t B = p.rows;
-  const int L = static_cast<int>(p.seg_widths.size());
-  const bool row_list = !p.row_ptrs.empty();
-
+// Column chunks of all segments, and the share of them that each thread owns.
+struct Layout {
   std::vector<Chunk> chunks;
-  std::vector<int64_t> chunk_begin_elems;  // cumulative element count before each chunk
-  std::vector<int> seg_first_chunk(L + 1, 0);
-  int64_t total = 0;
-  for (int l = 0; l < L; ++l) {
-    seg_first_chunk[l] = static_cast<int>(chunks.size());
-    for (int64_t s = 0; s < p.seg_widths[l]; s += kChunk) {
-      chunks.push_back({l, s, std::min(kChunk, p.seg_widths[l] - s)});
-      chunk_begin_elems.push_back(total);
-      total += chunks.back().len;
-    }
-  }
-  seg_first_chunk[L] = static_cast<int>(chunks.size());
-  const int64_t C = static_cast<int64_t>(chunks.size());
+  std::vector<int64_t> chunk_begin_elems;  // elements before each chunk
+  std::vector<int> seg_first_chunk;        // L + 1 entries
+  int64_t total = 0;                       // elements per row
+  int64_t C = 0;
 
-  auto row_seg = [&](int64_t b, int l) -> const T* {
+  explicit Layout(const std::vector<int64_t>& widths) : seg_first_chunk(widths.size() + 1, 0) {
+    for (size_t l = 0; l < widths.size(); ++l) {
+      seg_first_chunk[l] = static_cast<int>(chunks.size());
+      for (int64_t s = 0; s < widths[l]; s += kChunk) {
+        chunks.push_back({static_cast<int>(l), s, std::min(kChunk, widths[l] - s)});
+        chunk_begin_elems.push_back(total);
+        total += chunks.back().len;
+      }
+    }
+    seg_first_chunk[widths.size()] = static_cast<int>(chunks.size());
+    C = static_cast<int64_t>(chunks.size());
+  }
+
+  // chunks [*c0, *c1) of thread t of nt, balanced by elements
+  void share(int t, int nt, int64_t* c0, int64_t* c1) const {
+    const int64_t e0 = total * t / nt, e1 = total * (t + 1) / nt;
+    *c0 = std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e0) -
+          chunk_begin_elems.begin();
+    *c1 = (t == nt - 1) ? C
+                        : std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e1) -
+                              chunk_begin_elems.begin();
+  }
+};
+
+template <typename T>
+struct Rows {
+  const ClipProblem& p;
+  bool row_list;
+  const T* at(int64_t b, int l) const {
     if (row_list) return static_cast<const T*>(p.row_ptrs[b]);
     return static_cast<const T*>(p.seg_ptrs[l]) + b * p.seg_widths[l];
-  };
+  }
+};
 
+// Norms of row b from its chunk sums (written to p.norms when write_norms), and its factor for
+// each segment into factor[0..L). Returns false when the row is dropped (a non-finite norm).
+template <typename A>
+bool row_factors(const ClipProblem& p, const Layout& lay, const double* partial_b, int64_t b,
+                 bool write_norms, A* factor, double* seg_norm) {
+  const int L = static_cast<int>(p.seg_widths.size());
+  bool finite = true;
+  for (int l = 0; l < L; ++l) {
+    double s = 0.0;
+    for (int c = lay.seg_first_chunk[l]; c < lay.seg_first_chunk[l + 1]; ++c) s += partial_b[c];
+    seg_norm[l] = std::sqrt(s);
+    finite = finite && is_finite_double(seg_norm[l]);
+  }
+  double flat = 0.0;
+  for (int64_t c = 0; c < lay.C; ++c) flat += partial_b[c];
+  const double flat_norm = std::sqrt(flat);
+  finite = finite && is_finite_double(flat_norm);
+  if (write_norms) {
+    if (p.per_layer) {
+      for (int l = 0; l < L; ++l) p.norms[l * p.rows + b] = seg_norm[l];
+    } else {
+      p.norms[b] = flat_norm;
+    }
+  }
+  const double scale = p.row_scale ? p.row_scale[b] : 1.0;
+  for (int l = 0; l < L; ++l) {
+    double f = 0.0;
+    if (finite) {
+      f = p.per_layer ? clip_factor(seg_norm[l], p.max_norms[l], p.mode, p.eps, p.gamma)
+                      : clip_factor(flat_norm, p.max_norms[0], p.mode, p.eps, p.gamma);
+    }
+    factor[l] = static_cast<A>(scale * f);
+  }
+  return finite;
+}
+
+int pick_threads(const ClipProblem& p, const Layout& lay) {
+  int nthreads = p.num_threads;
+  if (p.rows * lay.total < (int64_t(1) << 16)) nthreads = 1;  // dispatch would cost more
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, lay.C)));
+}
+
+// Clipping: the factors need the norms first. Rows in cache-sized blocks, two passes each.
+template <typename T>
+void run_two_pass(const ClipProblem& p, const Layout& lay) {
+  using A = typename Storage<T>::acc;
+  const int64_t B = p.rows, C = lay.C;
+  const int L = static_cast<int>(p.seg_widths.size());
+  const Rows<T> rows{p, !p.row_ptrs.empty()};
   // Rows per block: half the last-level cache, at least one row.
-  const int64_t row_bytes = std::max<int64_t>(1, total * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = std::max<int64_t>(1, lay.total * static_cast<int64_t>(sizeof(T)));
   const int64_t block_rows = std::max<int64_t>(
       1, std::min<int64_t>(B, (last_level_cache_bytes() / 2) / row_bytes));
-
-  int nthreads = p.num_threads;
-  if (B * total < (int64_t(1) << 16)) nthreads = 1;
-  nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, C)));
-
+  const int nthreads = pick_threads(p, lay);
   std::vector<double> partial(static_cast<size_t>(B * C));
-
   Barrier barrier(nthreads);
-  auto job = [&](int t, int nt) {
-    // chunk range of this thread, balanced by elements
-    int64_t e0 = total * t / nt, e1 = total * (t + 1) / nt;
-    int64_t c0 = std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e0) -
-                 chunk_begin_elems.begin();
-    int64_t c1 = std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e1) -
-                 chunk_begin_elems.begin();
-    if (t == nt - 1) c1 = C;
+
+  parallel_run(nthreads, [&](int t, int nt) {
+    int64_t c0, c1;
+    lay.share(t, nt, &c0, &c1);
     std::vector<double> seg_norm(L);
     std::vector<A> factor(static_cast<size_t>(block_rows) * L);
     std::vector<const T*> gptr(block_rows);
     std::vector<A> aval(block_rows);
     for (int64_t r0 = 0; r0 < B; r0 += block_rows) {
       const int64_t r1 = std::min(B, r0 + block_rows);
-      // pass 1: sums of squares of my chunks of rows [r0, r1)
+      // pass 1: sums of squares of my chunks of rows [r0, r1), read from memory
       for (int64_t b = r0; b < r1; ++b) {
         for (int64_t c = c0; c < c1; ++c) {
-          const Chunk& ch = chunks[c];
-          partial[b * C + c] = sumsq_any(row_seg(b, ch.seg) + ch.start, ch.len);
+          const Chunk& ch = lay.chunks[c];
+          partial[b * C + c] = sumsq_any(rows.at(b, ch.seg) + ch.start, ch.len);
         }
       }
       if (nt > 1) barrier.wait();
-      // factors of rows [r0, r1): every thread computes the same numbers
-      for (int64_t b = r0; b < r1; ++b) {
-        const double* pb = &partial[b * C];
-        double flat = 0.0;
-        bool finite = true;
-        for (int l = 0; l < L; ++l) {
-          double s = 0.0;
-          for (int c = seg_first_chunk[l]; c < seg_first_chunk[l + 1]; ++c) s += pb[c];
-          seg_norm[l] = std::sqrt(s);
-          finite = finite && is_finite_double(seg_norm[l]);
-        }
-        for (int64_t c = 0; c < C; ++c) flat += pb[c];
-        double flat_norm = std::sqrt(flat);
-        double scale = p.row_scale ? p.row_scale[b] : 1.0;
-        if (t == 0) {
-          if (p.per_layer) {
-            for (int l = 0; l < L; ++l) p.norms[l * B + b] = seg_norm[l];
-          } else {
-            p.norms[b] = flat_norm;
-          }
-        }
-        for (int l = 0; l < L; ++l) {
-          double f;
-          if (!finite || !is_finite_double(flat_norm)) {
-            f = 0.0;
-          } else if (p.per_layer) {
-            f = clip_factor(seg_norm[l], p.max_norms[l], p.mode, p.eps, p.gamma);
-          } else {
-            f = clip_factor(flat_norm, p.max_norms[0], p.mode, p.eps, p.gamma);
-          }
-          factor[(b - r0) * L + l] = static_cast<A>(scale * f);
-        }
-      }
-      // pass 2: add the block's rows into my chunks of the outputs (rows now in cache)
+      // factors of the block's rows: every thread computes the same numbers
+      for (int64_t b = r0; b < r1; ++b)
+        row_factors(p, lay, &partial[b * C], b, t == 0, &factor[(b - r0) * L], seg_norm.data());
+      // pass 2: add the block's rows into my chunks of the outputs, read from cache
       for (int64_t c = c0; c < c1; ++c) {
-        const Chunk& ch = chunks[c];
+        const Chunk& ch = lay.chunks[c];
         int n = 0;
         for (int64_t b = r0; b < r1; ++b) {
-          A a = factor[(b - r0) * L + ch.seg];
+          const A a = factor[(b - r0) * L + ch.seg];
           if (a == A(0)) continue;
-          gptr[n] = row_seg(b, ch.seg) + ch.start;
+          gptr[n] = rows.at(b, ch.seg) + ch.start;
           aval[n] = a;
           ++n;
         }
@@ -239,8 +289,113 @@ void run(const ClipProblem& p) {
         axpy_any(out, gptr.data(), aval.data(), n, ch.len, r0 == 0);
       }
     }
-  };
-  parallel_run(nthreads, job);
+  });
+}
+
+// No clipping (weighted_aggregate without clip_norm): the factors are the weights, known
+// before the norms, so one pass computes both, chunk by chunk over all rows (as a matrix-vector
+// product does). A row found non-finite afterwards must not count: then the outputs are
+// recomputed without it (a second pass, only in that rare case). The additions happen in the
+// same order as run_two_pass, so both give identical results.
+template <typename T>
+void run_one_pass(const ClipProblem& p, const Layout& lay) {
+  using A = typename Storage<T>::acc;
+  const int64_t B = p.rows, C = lay.C;
+  const Rows<T> rows{p, !p.row_ptrs.empty()};
+  constexpr int kGroup = 4;  // rows whose chunks stay in L1/L2 between the two loops
+  const int nthreads = pick_threads(p, lay);
+  std::vector<double> partial(static_cast<size_t>(B * C));
+  std::vector<A> weight(B);
+  std::vector<char> keep(B);
+  for (int64_t b = 0; b < B; ++b) {
+    weight[b] = static_cast<A>(p.row_scale ? p.row_scale[b] : 1.0);
+    keep[b] = weight[b] != A(0);
+  }
+  std::atomic<bool> dropped{false};
+  Barrier barrier(nthreads);
+
+  parallel_run(nthreads, [&](int t, int nt) {
+    int64_t c0, c1;
+    lay.share(t, nt, &c0, &c1);
+    const T* gptr[kGroup];
+    A aval[kGroup];
+    // Super-tiles: runs of my chunks whose outputs fit in half of L2. Rows stream through a
+    // super-tile in order (contiguous reads, few pages), its outputs stay in L2, and each
+    // row group's chunks are read from memory once (the sum) and again from L1/L2 (the sums
+    // of squares).
+    auto accumulate = [&](int64_t cs, int64_t ce, bool with_norms) {
+      bool first = true;
+      for (int64_t r0 = 0; r0 < B; r0 += kGroup) {
+        const int64_t r1 = std::min(B, r0 + kGroup);
+        bool any = false;
+        for (int64_t b = r0; b < r1; ++b) any = any || keep[b];
+        if (!any && !first && !with_norms) continue;
+        for (int64_t c = cs; c < ce; ++c) {
+          const Chunk& ch = lay.chunks[c];
+          int n = 0;
+          for (int64_t b = r0; b < r1; ++b) {
+            if (!keep[b]) continue;
+            gptr[n] = rows.at(b, ch.seg) + ch.start;
+            aval[n] = weight[b];
+            ++n;
+          }
+          // the sum first: it reads kGroup rows at once (more memory parallelism than one
+          // row's sum of squares), and leaves them in L1/L2 for the sums of squares
+          if (n > 0 || first)
+            axpy_any(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, n, ch.len, first);
+          if (with_norms) {
+            for (int64_t b = r0; b < r1; ++b)
+              partial[b * C + c] = sumsq_any(rows.at(b, ch.seg) + ch.start, ch.len);
+          }
+        }
+        if (any) first = false;
+      }
+      if (first) {  // no row contributed: the outputs still need their zeros
+        for (int64_t c = cs; c < ce; ++c) {
+          const Chunk& ch = lay.chunks[c];
+          axpy_any(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, 0, ch.len, true);
+        }
+      }
+    };
+    const int64_t super_elems = std::max<int64_t>(kChunk, (int64_t(256) << 10) / sizeof(A));
+    auto for_super_tiles = [&](bool with_norms) {
+      for (int64_t cs = c0; cs < c1;) {
+        int64_t ce = cs, elems = 0;
+        while (ce < c1 && (ce == cs || elems + lay.chunks[ce].len <= super_elems)) {
+          elems += lay.chunks[ce].len;
+          ++ce;
+        }
+        accumulate(cs, ce, with_norms);
+        cs = ce;
+      }
+    };
+    for_super_tiles(true);
+    if (nt > 1) barrier.wait();
+    if (t == 0) {
+      const int L = static_cast<int>(p.seg_widths.size());
+      std::vector<A> factor(L);
+      std::vector<double> seg_norm(L);
+      for (int64_t b = 0; b < B; ++b) {
+        if (!row_factors(p, lay, &partial[b * C], b, true, factor.data(), seg_norm.data()) &&
+            keep[b]) {
+          keep[b] = 0;
+          dropped.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
+    if (nt > 1) barrier.wait();
+    if (dropped.load(std::memory_order_relaxed)) for_super_tiles(false);
+  });
+}
+
+template <typename T>
+void run(const ClipProblem& p) {
+  const Layout lay(p.seg_widths);
+  if (p.mode == ClipMode::kNone && !p.per_layer) {
+    run_one_pass<T>(p, lay);
+  } else {
+    run_two_pass<T>(p, lay);
+  }
 }
 
 }  // namespace

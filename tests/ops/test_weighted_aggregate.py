@@ -271,3 +271,40 @@ def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         weighted_aggregate(u, w, **kwargs)
     assert torch.equal(u, before)
+
+
+@pytest.mark.parametrize("k, p", [(3, 10), (37, 9000), (5, 20_000)])
+def test_one_pass_and_two_pass_kernels_agree_bitwise(k, p):
+    # No clip_norm runs the one-pass kernel; a clip_norm no update reaches runs the two-pass
+    # kernel with factor 1: same additions in the same order, so the same bits.
+    g = torch.Generator().manual_seed(k * p)
+    u = torch.randn(k, p, generator=g)
+    w = torch.rand(k, generator=g) + 0.1
+    plain, n1 = weighted_aggregate(u, w)
+    clipped, n2 = weighted_aggregate(u, w, clip_norm=1e30)
+    assert torch.equal(plain, clipped)
+    assert torch.equal(n1, n2)
+
+
+def test_zero_weight_nan_update_does_not_poison_the_one_pass_kernel():
+    u = torch.randn(4, 9000)
+    u[2, 5] = float("nan")
+    w = torch.tensor([1.0, 2.0, 0.0, 1.0])
+    got, norms = weighted_aggregate(u, w)
+    assert bool(torch.isfinite(got).all())
+    assert math.isnan(float(norms[2]))
+    expected = (w[:, None].double() * torch.nan_to_num(u.double(), nan=0.0)).sum(0) / w.sum()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_update_with_weight_triggers_the_recompute_and_matches_zeroing_it():
+    u = torch.randn(6, 10_000)
+    w = torch.arange(1.0, 7.0)
+    bad = u.clone()
+    bad[3, 7777] = float("inf")
+    got, norms = weighted_aggregate(bad, w)
+    zeroed = u.clone()
+    zeroed[3] = 0.0
+    want, _ = weighted_aggregate(zeroed, w)
+    assert math.isinf(float(norms[3]))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -41,7 +41,7 @@ struct ClipProblem {
 };
 
 // Columns are processed in chunks of this many elements; a chunk never crosses a segment.
-constexpr int64_t kChunk = 16384;
+constexpr int64_t kChunk = 4096;
 
 inline int64_t num_chunks(const std::vector<int64_t>& widths) {
   int64_t c = 0;
