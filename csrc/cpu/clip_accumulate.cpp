@@ -29,20 +29,21 @@ struct Chunk {
   int64_t len;
 };
 
-// Sum of squares, accumulated in double with kAcc independent chains (enough to hide the add
-// latency). For 16/32-bit inputs the squares of 4 elements kAcc apart are first added in float
-// (relative error <= 4 * 2^-24, about float32's own rounding of the norm) and then converted:
-// a double conversion per element costs as much as the rest of the work. The combination
-// order is fixed, so the result is the same on every thread count and ISA clone.
-constexpr int kAcc = 32;
-
-template <typename T>
+// Sums of squares in double, two variants with the same accuracy contract (norms within a few
+// float32 ulps for 16/32-bit inputs, a few double ulps for float64) and a fixed combination
+// order, so each gives the same result on every thread count and ISA clone:
+// - sumsq_stream, for data read from memory (pass 1 of the clipping kernel): 8 chains. Measured
+//   faster there than the wider variant (bench/RESULTS.md), the loop pacing the stream.
+// - sumsq_cached, for data already in L1/L2 (the one-pass kernel): 32 chains, and for 16/32-bit
+//   inputs the squares of 4 elements 32 apart are added in float first (relative error
+//   <= 4 * 2^-24) because one double conversion per element costs as much as the rest.
+template <typename T, int kAcc, bool kFloatStage>
 PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
   using A = typename Storage<T>::acc;
   double acc[kAcc];
   for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
   int64_t i = 0;
-  if (sizeof(A) == sizeof(float)) {
+  if (kFloatStage && sizeof(A) == sizeof(float)) {
     constexpr int kWide = 4 * kAcc;
     for (; i + kWide <= n; i += kWide) {
       for (int k = 0; k < kAcc; ++k) {
@@ -69,15 +70,21 @@ PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
   return acc[0];
 }
 
-PPML_TARGET_CLONES double sumsq_f32(const float* x, int64_t n) { return sumsq(x, n); }
-PPML_TARGET_CLONES double sumsq_f64(const double* x, int64_t n) { return sumsq(x, n); }
-PPML_TARGET_CLONES double sumsq_f16(const Half* x, int64_t n) { return sumsq(x, n); }
-PPML_TARGET_CLONES double sumsq_bf16(const BFloat16* x, int64_t n) { return sumsq(x, n); }
+#define PPML_SUMSQ_CLONES(T, suffix)                                                      \
+  PPML_TARGET_CLONES double sumsq_stream_##suffix(const T* x, int64_t n) {                \
+    return sumsq<T, 8, false>(x, n);                                                      \
+  }                                                                                       \
+  PPML_TARGET_CLONES double sumsq_cached_##suffix(const T* x, int64_t n) {                \
+    return sumsq<T, 32, true>(x, n);                                                      \
+  }                                                                                       \
+  double sumsq_stream(const T* x, int64_t n) { return sumsq_stream_##suffix(x, n); }      \
+  double sumsq_cached(const T* x, int64_t n) { return sumsq_cached_##suffix(x, n); }
 
-double sumsq_any(const float* x, int64_t n) { return sumsq_f32(x, n); }
-double sumsq_any(const double* x, int64_t n) { return sumsq_f64(x, n); }
-double sumsq_any(const Half* x, int64_t n) { return sumsq_f16(x, n); }
-double sumsq_any(const BFloat16* x, int64_t n) { return sumsq_bf16(x, n); }
+PPML_SUMSQ_CLONES(float, f32)
+PPML_SUMSQ_CLONES(double, f64)
+PPML_SUMSQ_CLONES(Half, f16)
+PPML_SUMSQ_CLONES(BFloat16, bf16)
+#undef PPML_SUMSQ_CLONES
 
 // out[j] (+)= sum over the given rows, in order, of a[r] * g_r[j]. Up to 4 rows per sweep; the
 // additions stay in row order for every j.
@@ -267,7 +274,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
       for (int64_t b = r0; b < r1; ++b) {
         for (int64_t c = c0; c < c1; ++c) {
           const Chunk& ch = lay.chunks[c];
-          partial[b * C + c] = sumsq_any(rows.at(b, ch.seg) + ch.start, ch.len);
+          partial[b * C + c] = sumsq_stream(rows.at(b, ch.seg) + ch.start, ch.len);
         }
       }
       if (nt > 1) barrier.wait();
@@ -345,7 +352,7 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
             axpy_any(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, n, ch.len, first);
           if (with_norms) {
             for (int64_t b = r0; b < r1; ++b)
-              partial[b * C + c] = sumsq_any(rows.at(b, ch.seg) + ch.start, ch.len);
+              partial[b * C + c] = sumsq_cached(rows.at(b, ch.seg) + ch.start, ch.len);
           }
         }
         if (any) first = false;

@@ -276,14 +276,15 @@ def test_bad_options(kwargs, error, match):
 @pytest.mark.parametrize("k, p", [(3, 10), (37, 9000), (5, 20_000)])
 def test_one_pass_and_two_pass_kernels_agree_bitwise(k, p):
     # No clip_norm runs the one-pass kernel; a clip_norm no update reaches runs the two-pass
-    # kernel with factor 1: same additions in the same order, so the same bits.
+    # kernel with factor 1: same additions in the same order, so the same bits. The norms come
+    # from two sum-of-squares loops (float stage or not) and agree to float precision.
     g = torch.Generator().manual_seed(k * p)
     u = torch.randn(k, p, generator=g)
     w = torch.rand(k, generator=g) + 0.1
     plain, n1 = weighted_aggregate(u, w)
     clipped, n2 = weighted_aggregate(u, w, clip_norm=1e30)
     assert torch.equal(plain, clipped)
-    assert torch.equal(n1, n2)
+    torch.testing.assert_close(n1, n2, rtol=4 * 2.0**-24, atol=0)
 
 
 def test_zero_weight_nan_update_does_not_poison_the_one_pass_kernel():
