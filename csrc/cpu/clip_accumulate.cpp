@@ -259,7 +259,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
       1, std::min<int64_t>(B, (last_level_cache_bytes() / 2) / row_bytes));
   const int nthreads = pick_threads(p, lay);
   std::vector<double> partial(static_cast<size_t>(B * C));
-  Barrier barrier(nthreads);
+  Barrier barrier;
 
   parallel_run(nthreads, [&](int t, int nt) {
     int64_t c0, c1;
@@ -296,7 +296,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
         axpy_any(out, gptr.data(), aval.data(), n, ch.len, r0 == 0);
       }
     }
-  });
+  }, &barrier);
 }
 
 // No clipping (weighted_aggregate without clip_norm): the factors are the weights, known
@@ -319,7 +319,7 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
     keep[b] = weight[b] != A(0);
   }
   std::atomic<bool> dropped{false};
-  Barrier barrier(nthreads);
+  Barrier barrier;
 
   parallel_run(nthreads, [&](int t, int nt) {
     int64_t c0, c1;
@@ -392,7 +392,7 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
     }
     if (nt > 1) barrier.wait();
     if (dropped.load(std::memory_order_relaxed)) for_super_tiles(false);
-  });
+  }, &barrier);
 }
 
 template <typename T>

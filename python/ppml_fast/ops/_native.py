@@ -6,7 +6,7 @@ into those and owns the one table that must match ``csrc/include/ppml/common.h``
 
 from __future__ import annotations
 
-import torch
+import torch  # first: the extension then binds to the libgomp.so.1 that torch's wheel loaded
 
 from ppml_fast import _C
 
