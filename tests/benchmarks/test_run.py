@@ -66,3 +66,13 @@ def test_profiles_and_timing():
     assert (t.median_ms, t.iqr_ms, t.runs) == (pytest.approx(3.0), pytest.approx(2.0), 5)
     with pytest.raises(ValueError, match="min_runs"):
         Profile("bad", warmup=0, repeats=2, min_runs=3)
+
+
+def test_time_interleaved_runs_in_rounds_and_stops_each_impl_by_the_profile():
+    from ppml_fast.benchmarks.timing import time_interleaved
+
+    order: list[str] = []
+    fns = {k: (lambda k=k: order.append(k)) for k in ("a", "b", "c")}
+    timings = time_interleaved(fns, Profile("t", warmup=0, repeats=3, min_runs=1))
+    assert order == ["a", "b", "c"] * 3
+    assert all(t.runs == 3 and t.median_ms >= 0 for t in timings.values())

@@ -17,7 +17,7 @@ from ppml_fast.benchmarks.cases import Case, Impl, Target
 from ppml_fast.benchmarks.ops import SIZES, op_cases
 from ppml_fast.benchmarks.report import format_table, machine_info, to_json
 from ppml_fast.benchmarks.run import case_rows, run_cases
-from ppml_fast.benchmarks.timing import PROFILES, Profile, Timing, time_call
+from ppml_fast.benchmarks.timing import PROFILES, Profile, Timing, time_interleaved
 
 __all__ = [
     "PROFILES",
@@ -32,6 +32,6 @@ __all__ = [
     "machine_info",
     "op_cases",
     "run_cases",
-    "time_call",
+    "time_interleaved",
     "to_json",
 ]

@@ -14,7 +14,7 @@ import gc
 from typing import Callable, Iterable, Optional
 
 from ppml_fast.benchmarks.cases import Case, Impl
-from ppml_fast.benchmarks.timing import Profile, Timing, time_call
+from ppml_fast.benchmarks.timing import Profile, Timing, time_interleaved
 
 Row = dict[str, object]
 
@@ -87,19 +87,26 @@ def run_cases(
         inputs = case.setup()
         timings: dict[str, Timing] = {}
         errors: dict[str, str] = {}
+        ready: dict[str, Callable[[], object]] = {}
         try:
             for impl in case.impls:
                 if not selected(impl, profile):
                     continue
                 if progress:
-                    progress(f"{case.name}: {impl.name}")
+                    progress(f"{case.name}: {impl.name} (warm-up)")
                 try:
-                    timings[impl.key] = time_call(impl.make(inputs), profile)
+                    fn = impl.make(inputs)
+                    for _ in range(profile.warmup):
+                        fn()
+                    ready[impl.key] = fn
                 except Exception as e:
                     if impl.role == "ppml_fast":
                         raise
                     first_line = (str(e).strip().splitlines() or [""])[0][:200]
                     errors[impl.key] = f"{type(e).__name__}: {first_line}"
+            if progress:
+                progress(f"{case.name}: timing {len(ready)} implementations in rounds")
+            timings = time_interleaved(ready, profile)
         finally:
             del inputs
             gc.collect()

@@ -1,7 +1,9 @@
 """Wall-clock timing: warm-up calls, then the median and IQR of timed runs.
 
 Each run is one call timed with ``time.perf_counter`` with the garbage collector paused; torch
-uses its own thread count (``torch.get_num_threads()``), which the report prints.
+uses its own thread count (``torch.get_num_threads()``), which the report prints. The impls of
+one case are timed in rounds (one call of each per round), so that a slow drift of the machine
+(other guests on a shared host) moves them all alike and the ratios stay fair.
 """
 
 from __future__ import annotations
@@ -70,21 +72,25 @@ class Timing:
         return cls(median_ms=statistics.median(ms), iqr_ms=q3 - q1, runs=len(ms))
 
 
-def time_call(fn: Callable[[], object], profile: Profile) -> Timing:
-    """Call ``fn`` ``profile.warmup`` times untimed, then time it as ``profile`` says."""
-    for _ in range(profile.warmup):
-        fn()
+def time_interleaved(fns: dict[str, Callable[[], object]], profile: Profile) -> dict[str, Timing]:
+    """Time already warmed-up callables in rounds; each stops by ``profile``'s rules."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    active = list(fns)
     was_enabled = gc.isenabled()
     gc.disable()
-    times: list[float] = []
     try:
-        while len(times) < profile.repeats:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-            if len(times) >= profile.min_runs and sum(times) >= profile.max_seconds:
-                break
+        while active:
+            for key in list(active):
+                start = time.perf_counter()
+                fns[key]()
+                t = times[key]
+                t.append(time.perf_counter() - start)
+                done = len(t) >= profile.repeats or (
+                    len(t) >= profile.min_runs and sum(t) >= profile.max_seconds
+                )
+                if done:
+                    active.remove(key)
     finally:
         if was_enabled:
             gc.enable()
-    return Timing.from_seconds(times)
+    return {k: Timing.from_seconds(v) for k, v in times.items()}
