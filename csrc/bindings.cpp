@@ -54,6 +54,10 @@ void clip_accumulate(int device, intptr_t stream, int dtype, int64_t rows,
   p.scratch = reinterpret_cast<double*>(scratch);
   p.num_threads = num_threads;
   // Shapes are checked in Python; these guard the memory safety of the kernel itself.
+  if (rows < 0) throw std::invalid_argument("rows must be >= 0");
+  if (rows > 0 && p.norms == nullptr) throw std::invalid_argument("norms must not be null");
+  for (int64_t w : seg_widths)
+    if (w < 0) throw std::invalid_argument("segment widths must be >= 0");
   const size_t L = p.seg_widths.size();
   if (p.out_ptrs.size() != L) throw std::invalid_argument("one output per segment expected");
   if (p.row_ptrs.empty() ? p.seg_ptrs.size() != L

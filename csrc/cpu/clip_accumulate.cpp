@@ -9,10 +9,11 @@
 // count or the block size. Without clipping (weighted_aggregate, no clip_norm) one pass does
 // it all (run_one_pass). Sums of squares accumulate in double per chunk (a float accumulator
 // over 1e6 elements loses ~1e-4 relative, DESIGN.md).
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <string>
 #include <cmath>
 #include <vector>
 
@@ -70,12 +71,17 @@ PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
   return acc[0];
 }
 
+// The float stage overflows for |x| >~ 1.8e19 and loses tiny squares to underflow: a chunk
+// whose float-stage result is non-finite or below 2^-60 is recomputed in double only (then
+// the loss from flushed squares is < 4096 * 2^-126 / 2^-60, negligible).
 #define PPML_SUMSQ_CLONES(T, suffix)                                                      \
   PPML_TARGET_CLONES double sumsq_stream_##suffix(const T* x, int64_t n) {                \
     return sumsq<T, 8, false>(x, n);                                                      \
   }                                                                                       \
   PPML_TARGET_CLONES double sumsq_cached_##suffix(const T* x, int64_t n) {                \
-    return sumsq<T, 32, true>(x, n);                                                      \
+    double r = sumsq<T, 32, true>(x, n);                                                  \
+    if (!(r >= 8.673617379884035e-19 && r <= 1.0e300)) r = sumsq<T, 8, false>(x, n);      \
+    return r;                                                                             \
   }                                                                                       \
   double sumsq_stream(const T* x, int64_t n) { return sumsq_stream_##suffix(x, n); }      \
   double sumsq_cached(const T* x, int64_t n) { return sumsq_cached_##suffix(x, n); }
@@ -150,14 +156,30 @@ void axpy_any(float* o, const BFloat16* const* g, const float* a, int r, int64_t
   axpy_bf16(o, g, a, r, n, i);
 }
 
-int64_t last_level_cache_bytes() {
+// Bytes of rows per block of the two-pass kernel: PPML_FAST_BLOCK_BYTES when set (tests use it
+// to force many blocks), else a quarter of the last-level cache read from sysfs (sysconf's
+// _SC_LEVEL3_CACHE_SIZE reported 256 MiB for this VM's 32 MiB L3), else 8 MiB.
+int64_t block_budget_bytes() {
   static const int64_t bytes = [] {
-    long v = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return v > 0 ? static_cast<int64_t>(v) : int64_t(8) << 20;
+    if (const char* env = std::getenv("PPML_FAST_BLOCK_BYTES")) {
+      long long v = std::atoll(env);
+      if (v > 0) return static_cast<int64_t>(v);
+    }
+    int64_t llc = 0;
+    for (int index = 0; index < 8; ++index) {
+      std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
+      int level = 0;
+      std::string size;
+      if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
+      int64_t v = std::atoll(size.c_str());
+      const char unit = size.back();
+      if (unit == 'K') v <<= 10;
+      if (unit == 'M') v <<= 20;
+      if (level >= 2 && v > llc) llc = v;
+    }
+    if (llc <= 0) llc = int64_t(32) << 20;
+    return std::max<int64_t>(int64_t(1) << 20, llc / 4);
   }();
   return bytes;
 }
@@ -253,11 +275,17 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
   const int64_t B = p.rows, C = lay.C;
   const int L = static_cast<int>(p.seg_widths.size());
   const Rows<T> rows{p, !p.row_ptrs.empty()};
-  // Rows per block: a quarter of the last-level cache (measured: a half or an eighth were no
-  // better on the 32 MiB L3 here, which is shared with other guests), at least one row.
-  const int64_t row_bytes = std::max<int64_t>(1, lay.total * static_cast<int64_t>(sizeof(T)));
-  const int64_t block_rows = std::max<int64_t>(
-      1, std::min<int64_t>(B, (last_level_cache_bytes() / 4) / row_bytes));
+  // Rows per block. Memory traffic per row, in row sizes: pass 1 reads it (1), pass 2 reads
+  // it again (0 if the block fits the cache budget, else 1), and every block reads and writes
+  // the outputs once (2 * out / (rows per block * row)). Blocks that fit the budget win unless
+  // the outputs are as large as the rows (few, huge rows): then 16-row blocks from memory.
+  const double row_bytes = std::max<double>(1.0, double(lay.total) * double(sizeof(T)));
+  const double out_bytes = double(lay.total) * double(sizeof(A));
+  const int64_t fit_rows = std::max<int64_t>(1, block_budget_bytes() / int64_t(row_bytes));
+  const int64_t big_rows = 16;
+  const double fit_cost = 1.0 + 2.0 * out_bytes / (double(fit_rows) * row_bytes);
+  const double big_cost = 2.0 + 2.0 * out_bytes / (double(big_rows) * row_bytes);
+  const int64_t block_rows = std::min<int64_t>(B, fit_cost <= big_cost ? fit_rows : big_rows);
   const int nthreads = pick_threads(p, lay);
   std::vector<double> partial(static_cast<size_t>(B * C));
   Barrier barrier;

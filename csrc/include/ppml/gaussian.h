@@ -9,8 +9,8 @@
 //
 // Precision: uniforms carry 52 bits (u1) and 32 bits (angle); all maths is in double, so the
 // samples are exact to about 2 ulp of double. The radius sqrt(-2 ln u1) is bounded by
-// sqrt(2 * 53 * ln 2) = 8.57, so the distribution is a Gaussian truncated at |z| <= 8.57
-// (two-sided tail mass 1.0e-17 per sample), the price of any finite-precision sampler.
+// sqrt(2 * 53 * ln 2) = 8.57: a probability mass of 2^-53 per pair (radii beyond it, over all
+// angles) is cut, the price of any finite-precision sampler.
 #pragma once
 
 #include <cmath>

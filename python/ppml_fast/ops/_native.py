@@ -6,9 +6,34 @@ into those and owns the one table that must match ``csrc/include/ppml/common.h``
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch  # first: the extension then binds to the libgomp.so.1 that torch's wheel loaded
 
 from ppml_fast import _C
+
+
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "gomp" in line or "libomp" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+if len(openmp_runtimes()) > 1:
+    warnings.warn(
+        "ppml_fast: more than one OpenMP runtime is loaded "
+        f"({', '.join(openmp_runtimes())}); this torch build ships a renamed libgomp, so "
+        "ppml_fast's threads do not share torch's and may compete with them for the cores.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 # Same order as ppml::DType in csrc/include/ppml/common.h.
 DTYPE_TAGS = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}

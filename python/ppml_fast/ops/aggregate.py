@@ -74,6 +74,10 @@ def _weighted_aggregate_op(
             f"weights must be on the updates' device ({updates[0].device}); got {weights.device}"
         )
     _check_weight_values(weights)
+    if clip_norm is not None:
+        _checks.positive_float("clip_norm", clip_norm)
+    _checks.positive_float("noise_std", noise_std, allow_zero=True)
+    _checks.offset_value("offset", offset)
     device = updates[0].device
     acc = accumulation_dtype(dtype)
     out = torch.empty(p, dtype=acc, device=device)
@@ -117,7 +121,7 @@ def _weighted_aggregate_op(
         )
     if noise_std > 0:
         run_noise([out], noise_std, 1.0, False, _checks.seed_from_int64(seed), offset, False)
-    return (out if acc == dtype else out.to(dtype)), norms.to(acc)
+    return (out if acc == dtype else out.to(dtype)), norms
 
 
 @_weighted_aggregate_op.register_fake
@@ -127,7 +131,7 @@ def _(updates, weights, clip_norm, noise_std, seed, offset):
     else:
         k, p = len(updates), updates[0].shape[0]
     first = updates[0]
-    return first.new_empty((p,)), first.new_empty((k,), dtype=accumulation_dtype(first.dtype))
+    return first.new_empty((p,)), first.new_empty((k,), dtype=torch.float64)
 
 
 def _to_torch(updates: Updates) -> tuple[list[torch.Tensor], bool]:
@@ -198,7 +202,7 @@ def weighted_aggregate(
     *,
     clip_norm: Optional[float] = None,
     noise_std: float = 0.0,
-    seed: int = 0,
+    seed: Optional[int] = None,
     offset: int = 0,
 ) -> tuple[Union[torch.Tensor, np.ndarray], Union[torch.Tensor, np.ndarray]]:
     """Weighted mean of K updates, with optional per-update L2 clipping and Gaussian noise.
@@ -214,10 +218,13 @@ def weighted_aggregate(
             from the reproducible Philox stream at (seed, offset); it consumes
             ``ceil(P / 2)`` blocks (see :func:`ppml_fast.ops.noise_blocks`).
         seed, offset: the noise stream, as in :func:`ppml_fast.ops.add_gaussian_noise_`.
+            ``seed`` is required when ``noise_std > 0``: the same (seed, offset) gives the same
+            noise, so each round must move on, e.g. ``offset += noise_blocks(P)`` — two rounds
+            with the same noise would let their difference cancel it.
 
     Returns:
         ``(aggregate, norms)``: the mean (length P, the updates' dtype) and each update's L2
-        norm before clipping (float32, or float64 for float64 updates). An update holding NaN
+        norm before clipping (float64). An update holding NaN
         or Inf shows a non-finite norm and counts as a zero update (its weight stays in the
         denominator, so the sensitivity of the mean is unchanged). K = 0 gives zeros.
     """
@@ -230,6 +237,13 @@ def weighted_aggregate(
     if clip_norm is not None:
         clip_norm = _checks.positive_float("clip_norm", clip_norm)
     noise_std = _checks.positive_float("noise_std", noise_std, allow_zero=True)
+    if seed is None:
+        if noise_std > 0:
+            raise ValueError(
+                "seed is required when noise_std > 0 (pass seed= and advance offset= every round "
+                "by ppml_fast.ops.noise_blocks(P)); got seed=None"
+            )
+        seed = 0
     seed = _checks.seed_value("seed", seed)
     offset = _checks.offset_value("offset", offset)
     aggregate, norms = torch.ops.ppml_fast.weighted_aggregate(

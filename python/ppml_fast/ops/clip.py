@@ -96,7 +96,7 @@ def _clip_and_accumulate_op(
             num_threads=num_threads(),
         )
     sums = [o if o.dtype == dtype else o.to(dtype) for o in outs]
-    return sums, norms.to(acc)
+    return sums, norms
 
 
 @_clip_and_accumulate_op.register_fake
@@ -107,7 +107,7 @@ def _(grads, max_norms, clipping, eps, gamma):
     acc = accumulation_dtype(grads[0].dtype)
     sums = [g.new_empty(g.shape[1:]) for g in grads]
     shape = (len(grads), batch) if clipping == "per_layer" else (batch,)
-    return sums, grads[0].new_empty(shape, dtype=acc)
+    return sums, grads[0].new_empty(shape, dtype=torch.float64)
 
 
 def clip_and_accumulate(
@@ -136,8 +136,8 @@ def clip_and_accumulate(
     Returns:
         ``(sums, norms)``: ``sums[k]`` of shape ``shape_k`` and the input dtype (accumulated in
         float32, or float64 for float64 input); ``norms`` of shape ``(B,)`` (flat, automatic) or
-        ``(len(per_sample_grads), B)`` (per_layer), float32 (float64 for float64 input): the
-        norms before clipping. A sample whose gradient holds NaN or Inf shows a non-finite norm
+        ``(len(per_sample_grads), B)`` (per_layer), always float64 (a float32 norm would
+        overflow to inf for finite samples above ~1.8e19): the norms before clipping. A sample whose gradient holds NaN or Inf shows a non-finite norm
         and contributes nothing to ``sums`` (a zero gradient is a valid clip); the caller
         decides whether to raise or drop. ``B = 0`` gives zero sums.
 

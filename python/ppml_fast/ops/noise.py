@@ -29,6 +29,33 @@ def _as_list(name: str, tensors: TensorOrList) -> list[torch.Tensor]:
     return _checks.tensor_list(name, tensors)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements can touch."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _no_overlap(name: str, tensors: list[torch.Tensor]) -> None:
+    """In-place noise on memory shared within or between tensors would race (and the same
+    element would get two draws): rejected before anything is written. Conservative: views
+    whose address ranges interleave without sharing elements are rejected too."""
+    for i, t in enumerate(tensors):
+        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+            raise ValueError(
+                f"{name}[{i}] has overlapping elements (a stride-0 / expanded view); "
+                "pass a tensor whose elements have distinct memory"
+            )
+    spans = sorted(
+        _span(t) + (i,) for i, t in enumerate(tensors) if t.numel() > 0 and t.device.type != "meta"
+    )
+    for (s0, e0, i0), (s1, _e1, i1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            a, b = sorted((i0, i1))
+            raise ValueError(f"{name}[{a}] and {name}[{b}] share memory; pass distinct tensors")
+
+
 def _consumed(tensors: Sequence[torch.Tensor]) -> int:
     return sum(noise_blocks(t.numel()) for t in tensors)
 
@@ -74,8 +101,10 @@ def run_noise(
 def _add_gaussian_noise_op(
     tensors: list[torch.Tensor], std: float, seed: int, offset: int, secure: bool
 ) -> None:
-    tensors = _checks.tensor_list("tensors", tensors)
+    tensors = _as_list("tensors", tensors)
+    _no_overlap("tensors", tensors)  # here, not in the wrapper: it reads real addresses
     std = _checks.positive_float("std", std)
+    offset = _checks.offset_value("offset", offset)
     run_noise(tensors, std, 1.0, False, _checks.seed_from_int64(seed), offset, secure)
 
 
@@ -88,9 +117,11 @@ def _(tensors, std, seed, offset, secure):
 def _noisy_scale_op(
     sums: list[torch.Tensor], std: float, denominator: float, seed: int, offset: int, secure: bool
 ) -> None:
-    sums = _checks.tensor_list("sums", sums)
+    sums = _as_list("sums", sums)
+    _no_overlap("sums", sums)
     std = _checks.positive_float("std", std)
     denominator = _checks.positive_float("denominator", denominator)
+    offset = _checks.offset_value("offset", offset)
     run_noise(sums, std, denominator, True, _checks.seed_from_int64(seed), offset, secure)
 
 
@@ -118,9 +149,11 @@ def add_gaussian_noise_(
     Returns:
         The next unused offset: ``offset + sum(ceil(t.numel() / 2))``.
 
-    The noise is computed and added in double precision and rounded once to the tensor's dtype.
-    The reproducible sampler is a Gaussian truncated at |z| <= 8.57 (tail mass 1e-17 per
-    sample); without ``secure`` it does not defend against floating-point attacks.
+    The noise is computed and added in double precision and rounded to the tensor's dtype
+    (float16/bfloat16: through float32). Box-Muller's radius is bounded by sqrt(2 * 53 * ln 2)
+    = 8.57 (52-bit uniforms: probability mass 2^-53 per pair is cut, over all angles); the
+    secure sampler, a sum of four such normals over 2, reaches |z| <= 17.1. Without ``secure``
+    the noise does not defend against floating-point attacks.
     """
     tensors = _as_list("tensors", tensors)
     std = _checks.positive_float("std", std)
