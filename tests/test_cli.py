@@ -113,7 +113,7 @@ def test_json_ratios_follow_from_the_medians(capsys):
             bound = float(value.rstrip("x"))
             assert r["met"] is (r["ratio"] >= bound if op == ">=" else r["ratio"] <= bound)
         compared += 1
-    assert compared == 5  # clip: eager, copy; aggregate: eager, w @ U, Flower
+    assert compared == 6  # clip: eager, copy; aggregate: eager, w @ U twice (plain, clipped), Flower
 
 
 def test_python_dash_m_runs_the_same_command():

@@ -16,6 +16,8 @@
 
 #if defined(__CUDA_ARCH__)
 #define PPML_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define PPML_UNROLL  // nvcc's host pass: neither spelling is understood by both front ends
 #elif defined(__GNUC__) && !defined(__clang__)
 #define PPML_UNROLL _Pragma("GCC unroll 16")
 #else

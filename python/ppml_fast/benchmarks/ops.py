@@ -157,6 +157,11 @@ def _agg_ppml(x: Inputs):
     return lambda: ops.weighted_aggregate(U, w)
 
 
+def _agg_ppml_clip(x: Inputs):
+    U, w = x["U"], x["w"]
+    return lambda: ops.weighted_aggregate(U, w, clip_norm=1.0)
+
+
 def _agg_ppml_numpy(x: Inputs):
     rows, counts = x["rows"], x["counts"]
     return lambda: ops.weighted_aggregate(rows, counts)
@@ -190,6 +195,9 @@ def aggregate_case(k: int, p: int) -> Case:
                  target=AGGREGATE_TARGETS["matmul"]),
             Impl("flower", "Flower aggregate() (numpy)", _agg_flower, versus="ppml_numpy",
                  target=AGGREGATE_TARGETS["flower"]),
+            # DP-FedAvg's path: clipping needs the norms first, so two passes (no target)
+            Impl("ppml_clip", "ppml_fast, clip_norm=1.0", _agg_ppml_clip, role="ppml_fast"),
+            Impl("matmul_clip", "w @ U [floor]", _agg_matmul, role="floor", versus="ppml_clip"),
         ),
     )
 
