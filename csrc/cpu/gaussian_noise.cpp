@@ -5,17 +5,29 @@
 // thread count, the split into chunks, or the device. Threads take contiguous ranges of the
 // concatenated block space.
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "../include/ppml/kernels.h"
 #include "../include/ppml/noise.h"
 #include "parallel.h"
+#include "philox_x8.h"
 #include "target.h"
 
 namespace ppml::cpu {
 namespace {
 
-constexpr int kLanes = 8;  // blocks generated together (a vector's worth of Box-Muller)
+constexpr int kLanes = 8;  // blocks generated together (philox_x8 and a vector of Box-Muller)
+
+// PPML_FAST_DISABLE_AVX2=1 forces the portable Philox (the tests compare both paths).
+bool has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx2") && !std::getenv("PPML_FAST_DISABLE_AVX2");
+  return yes;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0, uint64_t b1,
@@ -30,8 +42,22 @@ PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, u
         secure_normal_pair(p.key, static_cast<uint32_t>(first_block + b + v), &z[2 * v],
                            &z[2 * v + 1]);
     } else {
-      for (int v = 0; v < kLanes; ++v)
-        philox_normal_pair(p.seed, p.offset + first_block + b + v, &z[2 * v], &z[2 * v + 1]);
+      uint32_t w[4][kLanes];
+#ifdef PPML_HAVE_PHILOX_AVX2
+      if (has_avx2()) {
+        philox_x8_avx2(p.seed, p.offset + first_block + b, w);
+      } else {
+        philox_x8_scalar(p.seed, p.offset + first_block + b, w);
+      }
+#else
+      philox_x8_scalar(p.seed, p.offset + first_block + b, w);
+#endif
+      double z0[kLanes], z1[kLanes];
+      for (int v = 0; v < kLanes; ++v) box_muller(w[0][v], w[1][v], w[2][v], w[3][v], &z0[v], &z1[v]);
+      for (int v = 0; v < kLanes; ++v) {
+        z[2 * v] = z0[v];
+        z[2 * v + 1] = z1[v];
+      }
     }
     const int64_t e0 = static_cast<int64_t>(2 * b);
     const int64_t e1 = std::min<int64_t>(numel, e0 + 2 * lanes);

@@ -164,3 +164,25 @@ def test_no_second_openmp_runtime_warning_on_import():
     ).stdout.strip()
     if sys.platform.startswith("linux"):
         assert out == "1"
+
+
+def test_portable_and_avx2_philox_paths_give_the_same_noise():
+    code = (
+        "import hashlib, torch\n"
+        "from ppml_fast.ops import add_gaussian_noise_\n"
+        "x = torch.zeros(100_003, dtype=torch.float64)\n"
+        "y = torch.zeros(77, dtype=torch.float32)\n"
+        "add_gaussian_noise_([x, y], 1.5, seed=2**64 - 5, offset=2**32 - 3)\n"
+        "print(hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest())\n"
+    )
+
+    def run(disable):
+        env = {k: v for k, v in os.environ.items() if k != "PPML_FAST_DISABLE_AVX2"}
+        if disable:
+            env["PPML_FAST_DISABLE_AVX2"] = "1"
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+            timeout=120,
+        ).stdout
+
+    assert run(True) == run(False)
