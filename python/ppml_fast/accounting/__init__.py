@@ -1,0 +1,25 @@
+"""Privacy accounting: events, and accountants that turn them into (epsilon, delta).
+
+Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md). Available today: the
+events and the RDP accountant; PLD accounting and calibration build on the same interface.
+"""
+
+from ppml_fast.accounting.events import (
+    ComposedEvent,
+    Event,
+    GaussianEvent,
+    PoissonSampledEvent,
+    SelfComposedEvent,
+    UnsupportedEventError,
+)
+from ppml_fast.accounting.rdp import RDPAccountant
+
+__all__ = [
+    "ComposedEvent",
+    "Event",
+    "GaussianEvent",
+    "PoissonSampledEvent",
+    "RDPAccountant",
+    "SelfComposedEvent",
+    "UnsupportedEventError",
+]

@@ -1,0 +1,196 @@
+"""RDPAccountant: the accountant contract, dp_accounting cross-checks, monotonicity, bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ppml_fast.accounting import (
+    ComposedEvent,
+    Event,
+    GaussianEvent,
+    PoissonSampledEvent,
+    RDPAccountant,
+    SelfComposedEvent,
+    UnsupportedEventError,
+)
+from ppml_fast.accounting import rdp_math
+
+
+class UnknownEvent(Event):
+    pass
+
+
+class AccountantContract:
+    """What every accountant must do; subclasses set ``make``."""
+
+    make = None
+
+    def test_compose_returns_self_and_counts(self):
+        acc = self.make()
+        event = PoissonSampledEvent(0.01, GaussianEvent(1.0))
+        assert acc.compose(event, 10) is acc
+        ten = acc.get_epsilon(1e-5)
+        one_by_one = self.make()
+        for _ in range(10):
+            one_by_one.compose(event)
+        assert one_by_one.get_epsilon(1e-5) == pytest.approx(ten, rel=1e-12)
+
+    def test_nothing_composed_is_free(self):
+        acc = self.make()
+        assert acc.get_epsilon(1e-5) == 0.0
+        assert acc.get_delta(0.0) == 0.0
+
+    def test_unsupported_event_raises_and_changes_nothing(self):
+        acc = self.make().compose(GaussianEvent(2.0))
+        before = acc.get_epsilon(1e-6)
+        assert not acc.supports(UnknownEvent())
+        with pytest.raises(UnsupportedEventError):
+            acc.compose(ComposedEvent((GaussianEvent(1.0), UnknownEvent())))
+        assert acc.get_epsilon(1e-6) == before
+
+    @pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2.0, float("nan")])
+    def test_bad_delta(self, delta):
+        with pytest.raises(ValueError, match="delta"):
+            self.make().compose(GaussianEvent(1.0)).get_epsilon(delta)
+
+    @pytest.mark.parametrize("epsilon", [-1.0, float("nan"), float("inf")])
+    def test_bad_epsilon(self, epsilon):
+        with pytest.raises(ValueError, match="epsilon"):
+            self.make().compose(GaussianEvent(1.0)).get_delta(epsilon)
+
+    def test_epsilon_and_delta_are_consistent(self):
+        acc = self.make().compose(PoissonSampledEvent(0.02, GaussianEvent(1.2)), 500)
+        eps = acc.get_epsilon(1e-5)
+        assert acc.get_delta(eps) <= 1e-5 * (1 + 1e-9)
+
+    def test_state_dict_round_trip(self):
+        acc = self.make()
+        acc.compose(PoissonSampledEvent(0.01, GaussianEvent(1.0)), 300)
+        acc.compose(PoissonSampledEvent(0.05, GaussianEvent(2.0)), 20)
+        other = self.make()
+        other.load_state_dict(acc.state_dict())
+        assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+        other.compose(GaussianEvent(5.0))
+        acc.compose(GaussianEvent(5.0))
+        assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+
+
+class TestRDPAccountant(AccountantContract):
+    make = staticmethod(RDPAccountant)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: PoissonSampledEvent(1.5, GaussianEvent(1.0)), "sampling_probability"),
+        (lambda: PoissonSampledEvent(-0.1, GaussianEvent(1.0)), "sampling_probability"),
+        (lambda: PoissonSampledEvent(float("nan"), GaussianEvent(1.0)), "sampling_probability"),
+        (lambda: GaussianEvent(0.0), "noise_multiplier"),
+        (lambda: GaussianEvent(-1.0), "noise_multiplier"),
+        (lambda: GaussianEvent(float("nan")), "noise_multiplier"),
+        (lambda: SelfComposedEvent(GaussianEvent(1.0), -1), "count"),
+    ],
+)
+def test_bad_events(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_count_and_orders():
+    with pytest.raises(ValueError, match="count"):
+        RDPAccountant().compose(GaussianEvent(1.0), -2)
+    with pytest.raises(ValueError, match="orders"):
+        RDPAccountant(orders=[0.5, 2.0])
+
+
+def test_gaussian_mechanism_rdp_is_exact():
+    # Mironov 2017, Proposition 7: the Gaussian mechanism is (alpha, alpha / (2 sigma^2))-RDP.
+    acc = RDPAccountant(orders=[2.0, 8.0, 32.0]).compose(GaussianEvent(3.0), 7)
+    np.testing.assert_allclose(acc._rdp, 7 * np.array([2.0, 8.0, 32.0]) / 18.0, rtol=1e-15)
+
+
+# --- cross-checks against Google's dp_accounting -----------------------------------------------
+dpa = pytest.importorskip("dp_accounting")
+from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp  # noqa: E402
+
+DPA_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_dp_accounting():
+    logging.disable(logging.WARNING)  # its "failed to converge, order excluded" warnings
+    yield
+    logging.disable(logging.NOTSET)
+
+
+@pytest.mark.parametrize("q", [1e-3, 0.01, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 10.0])
+def test_rdp_per_order_equals_dp_accounting(q, sigma):
+    ours = rdp_math.rdp_poisson_gaussian(q, sigma, DPA_ORDERS)
+    theirs = dpa_rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, DPA_ORDERS)
+    assert np.array_equal(np.isfinite(ours), np.isfinite(theirs))
+    fin = np.isfinite(theirs)
+    np.testing.assert_allclose(ours[fin], theirs[fin], rtol=1e-9)
+
+
+GRID = [
+    (q, sigma, steps, delta)
+    for q in (1e-3, 0.01, 0.1, 1.0)
+    for sigma in (0.5, 1.0, 2.0, 10.0)
+    for steps in (1, 100, 100_000)
+    for delta in (1e-5, 1e-6)
+]
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta", GRID)
+def test_epsilon_against_dp_accounting(q, sigma, steps, delta):
+    event = PoissonSampledEvent(q, GaussianEvent(sigma))
+    theirs_acc = dpa_rdp.RdpAccountant(orders=DPA_ORDERS)
+    theirs_acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
+    theirs = theirs_acc.get_epsilon(delta)
+    # on dp_accounting's orders: the same number
+    same = RDPAccountant(orders=DPA_ORDERS).compose(event, steps).get_epsilon(delta)
+    assert same == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+    # on our orders (a superset): at least as tight, never looser
+    ours = RDPAccountant().compose(event, steps).get_epsilon(delta)
+    assert ours <= theirs * (1 + 1e-9) + 1e-12
+
+
+def test_heterogeneous_history_against_dp_accounting():
+    steps = [(0.01, 1.0, 500), (0.02, 0.8, 100), (1.0, 5.0, 3), (0.005, 2.0, 2000)]
+    ours = RDPAccountant(orders=DPA_ORDERS)
+    theirs = dpa_rdp.RdpAccountant(orders=DPA_ORDERS)
+    for q, sigma, n in steps:
+        ours.compose(PoissonSampledEvent(q, GaussianEvent(sigma)) if q < 1 else GaussianEvent(sigma), n)
+        inner = dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)) if q < 1 else dpa.GaussianDpEvent(sigma)
+        theirs.compose(dpa.SelfComposedDpEvent(inner, n))
+    for delta in (1e-5, 1e-6):
+        assert ours.get_epsilon(delta) == pytest.approx(theirs.get_epsilon(delta), rel=1e-9)
+    for eps in (1.0, 3.0):
+        assert ours.get_delta(eps) == pytest.approx(theirs.get_delta(eps), rel=1e-9)
+
+
+# --- monotonicity (hypothesis) ------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    q=st.floats(1e-3, 0.5),
+    sigma=st.floats(0.6, 8.0),
+    steps=st.integers(1, 5000),
+    factor=st.floats(1.1, 3.0),
+)
+def test_epsilon_grows_with_steps_and_rate_and_falls_with_noise(q, sigma, steps, factor):
+    def eps(q_, sigma_, steps_):
+        return RDPAccountant().compose(PoissonSampledEvent(q_, GaussianEvent(sigma_)), steps_).get_epsilon(1e-5)
+
+    base = eps(q, sigma, steps)
+    assert eps(q, sigma, math.ceil(steps * factor)) >= base
+    assert eps(min(1.0, q * factor), sigma, steps) >= base
+    assert eps(q, sigma * factor, steps) <= base
