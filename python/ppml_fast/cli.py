@@ -82,7 +82,55 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_bench)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_bench,)
+def _epsilon(args: argparse.Namespace) -> int:
+    from ppml_fast.accounting import epsilon
+
+    eps = epsilon(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate,
+                  steps=args.steps, delta=args.delta, accountant=args.accountant)
+    print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant}; sample rate "
+          f"{args.sample_rate:g}, noise multiplier {args.noise_multiplier:g}, {args.steps} steps)")
+    return 0
+
+
+def _add_epsilon(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("epsilon", help="privacy spent by DP-SGD (Poisson-sampled Gaussian steps)")
+    p.add_argument("--sample-rate", type=float, required=True, help="q: expected batch / dataset")
+    p.add_argument("--noise-multiplier", type=float, required=True,
+                   help="sigma: noise std as a multiple of the clipping norm")
+    p.add_argument("--steps", type=int, required=True, help="number of steps T")
+    p.add_argument("--delta", type=float, required=True, help="target delta")
+    p.add_argument("--accountant", choices=("rdp",), default="rdp")
+    p.set_defaults(run=_epsilon)
+
+
+def _noise_multiplier(args: argparse.Namespace) -> int:
+    from ppml_fast.accounting import epsilon, get_noise_multiplier
+
+    sigma = get_noise_multiplier(target_epsilon=args.target_epsilon, target_delta=args.delta,
+                                 sample_rate=args.sample_rate, steps=args.steps,
+                                 accountant=args.accountant)
+    spent = epsilon(noise_multiplier=sigma, sample_rate=args.sample_rate, steps=args.steps,
+                    delta=args.delta, accountant=args.accountant)
+    print(f"noise multiplier = {sigma:.6g} (epsilon {spent:.6g} <= {args.target_epsilon:g} at "
+          f"delta = {args.delta:g}; {args.accountant})")
+    return 0
+
+
+def _add_noise_multiplier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("noise-multiplier", help="smallest noise multiplier for a privacy budget")
+    p.add_argument("--target-epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--sample-rate", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--accountant", choices=("rdp",), default="rdp")
+    p.set_defaults(run=_noise_multiplier)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_bench,
+    _add_epsilon,
+    _add_noise_multiplier,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as e:
+        print(f"ppml-fast: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

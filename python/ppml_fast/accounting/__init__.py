@@ -1,7 +1,8 @@
 """Privacy accounting: events, and accountants that turn them into (epsilon, delta).
 
 Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md). Available today: the
-events and the RDP accountant; PLD accounting and calibration build on the same interface.
+events, the RDP accountant and calibration (noise multiplier for a budget, steps a budget
+affords); PLD accounting builds on the same interface.
 """
 
 from ppml_fast.accounting.events import (
@@ -12,6 +13,7 @@ from ppml_fast.accounting.events import (
     SelfComposedEvent,
     UnsupportedEventError,
 )
+from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
 from ppml_fast.accounting.rdp import RDPAccountant
 
 __all__ = [
@@ -22,4 +24,7 @@ __all__ = [
     "RDPAccountant",
     "SelfComposedEvent",
     "UnsupportedEventError",
+    "epsilon",
+    "get_noise_multiplier",
+    "get_steps",
 ]
