@@ -13,6 +13,7 @@ from ppml_fast.accounting.events import (
     SelfComposedEvent,
     UnsupportedEventError,
 )
+from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaussian_delta
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
 from ppml_fast.accounting.rdp import RDPAccountant
 
@@ -24,7 +25,9 @@ __all__ = [
     "RDPAccountant",
     "SelfComposedEvent",
     "UnsupportedEventError",
+    "analytic_gaussian_sigma",
     "epsilon",
+    "gaussian_delta",
     "get_noise_multiplier",
     "get_steps",
 ]
