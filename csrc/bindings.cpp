@@ -4,8 +4,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "include/ppml/kernels.h"
@@ -20,6 +23,29 @@ std::vector<const void*> as_const_ptrs(const std::vector<uintptr_t>& v) {
   std::vector<const void*> out(v.size());
   for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<const void*>(v[i]);
   return out;
+}
+
+// In-place noise on contiguous buffers that share memory would race between threads (and
+// draw twice for the shared elements): rejected before any write, naming both tensors.
+void check_disjoint(const std::string& name, const std::vector<uintptr_t>& ptrs,
+                    const std::vector<int64_t>& numels, const std::vector<int>& dtypes) {
+  std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> spans;
+  spans.reserve(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    if (numels[i] <= 0) continue;
+    const uintptr_t bytes = static_cast<uintptr_t>(numels[i]) *
+                            static_cast<uintptr_t>(dtype_size(static_cast<DType>(dtypes[i])));
+    spans.emplace_back(ptrs[i], ptrs[i] + bytes, i);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (std::get<0>(spans[k]) < std::get<1>(spans[k - 1])) {
+      size_t a = std::get<2>(spans[k - 1]), b = std::get<2>(spans[k]);
+      if (a > b) std::swap(a, b);
+      throw std::invalid_argument(name + "[" + std::to_string(a) + "] and " + name + "[" +
+                                  std::to_string(b) + "] share memory; pass distinct tensors");
+    }
+  }
 }
 
 DType as_dtype(int tag) {
@@ -77,7 +103,7 @@ uint64_t gaussian_noise(int device, intptr_t stream, const std::vector<uintptr_t
                         const std::vector<int64_t>& numels, const std::vector<int>& dtypes,
                         double stddev, double denominator, bool divide, bool secure,
                         uint64_t seed, uint64_t offset, const std::vector<uint32_t>& key_words,
-                        int num_threads) {
+                        int num_threads, const std::string& name) {
   if (ptrs.size() != numels.size() || ptrs.size() != dtypes.size())
     throw std::invalid_argument("ptrs, numels and dtypes must have the same length");
   NoiseProblem p;
@@ -85,6 +111,7 @@ uint64_t gaussian_noise(int device, intptr_t stream, const std::vector<uintptr_t
   p.stream = stream;
   for (size_t i = 0; i < ptrs.size(); ++i)
     p.tensors.push_back({reinterpret_cast<void*>(ptrs[i]), numels[i], as_dtype(dtypes[i])});
+  check_disjoint(name, ptrs, numels, dtypes);  // after as_dtype has validated the tags
   p.stddev = stddev;
   p.denominator = denominator;
   p.divide = divide;
@@ -126,7 +153,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian_noise", &gaussian_noise, py::arg("device"), py::arg("stream"), py::arg("ptrs"),
         py::arg("numels"), py::arg("dtypes"), py::arg("stddev"), py::arg("denominator"),
         py::arg("divide"), py::arg("secure"), py::arg("seed"), py::arg("offset"),
-        py::arg("key_words"), py::arg("num_threads"));
+        py::arg("key_words"), py::arg("num_threads"), py::arg("name") = "tensors");
   // Known-answer hooks for the tests: the raw generators and one Box-Muller pair.
   m.def("philox4x32_10", [](std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
     if (ctr.size() != 4 || key.size() != 2) throw std::invalid_argument("ctr[4], key[2]");

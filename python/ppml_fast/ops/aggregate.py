@@ -120,7 +120,7 @@ def _weighted_aggregate_op(
             num_threads=num_threads(),
         )
     if noise_std > 0:
-        run_noise([out], noise_std, 1.0, False, _checks.seed_from_int64(seed), offset, False)
+        run_noise("aggregate", [out], noise_std, 1.0, False, _checks.seed_from_int64(seed), offset, False)
     return (out if acc == dtype else out.to(dtype)), norms
 
 
