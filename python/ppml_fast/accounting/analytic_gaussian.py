@@ -11,28 +11,17 @@ The left side falls as sigma grows; bisection returns a sigma at or just above t
 from __future__ import annotations
 
 import math
-import numbers
 
 from scipy import special
 
-
-def _check(name: str, value: object, *, below_one: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (v > 0 and math.isfinite(v)) or (below_one and not v < 1):
-        expected = "in (0, 1)" if below_one else "a finite number > 0"
-        raise ValueError(f"{name} must be {expected}; got {value!r}")
-    return v
+from ppml_fast.accounting import _checks
 
 
 def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> float:
     """The exact delta of the Gaussian mechanism at ``epsilon`` (Balle & Wang 2018, Thm. 8)."""
-    sigma = _check("sigma", sigma)
-    epsilon = float(epsilon)
-    if not (epsilon >= 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be finite and >= 0; got {epsilon!r}")
-    sensitivity = _check("sensitivity", sensitivity)
+    sigma = _checks.positive("sigma", sigma)
+    epsilon = _checks.non_negative("epsilon", epsilon)
+    sensitivity = _checks.positive("sensitivity", sensitivity)
     a = sensitivity / (2 * sigma)
     b = epsilon * sigma / sensitivity
     first = special.ndtr(a - b)
@@ -43,9 +32,9 @@ def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> fl
 def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
     """The smallest sigma (to a relative 1e-12, rounded up) for which one Gaussian release of a
     query with L2 ``sensitivity`` is (``epsilon``, ``delta``)-DP."""
-    epsilon = _check("epsilon", epsilon)
-    delta = _check("delta", delta, below_one=True)
-    sensitivity = _check("sensitivity", sensitivity)
+    epsilon = _checks.positive("epsilon", epsilon)
+    delta = _checks.open_unit("delta", delta)
+    sensitivity = _checks.positive("sensitivity", sensitivity)
     lo, hi = 1e-3 * sensitivity, sensitivity
     while gaussian_delta(hi, epsilon, sensitivity) > delta:
         lo, hi = hi, hi * 2

@@ -11,6 +11,7 @@ import math
 import numbers
 from typing import Optional
 
+from ppml_fast.accounting import _checks, rdp_math
 from ppml_fast.accounting.events import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.rdp import RDPAccountant
 
@@ -18,21 +19,10 @@ ACCOUNTANTS = {"rdp": RDPAccountant}
 _MAX_SIGMA = 1e4
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return v
-
-
 def _check_common(target_epsilon, target_delta, sample_rate, accountant):
-    target_epsilon = _positive("target_epsilon", target_epsilon)
-    target_delta = _positive("target_delta", target_delta)
-    if not target_delta < 1:
-        raise ValueError(f"target_delta must be in (0, 1); got {target_delta!r}")
-    sample_rate = _positive("sample_rate", sample_rate)
+    target_epsilon = _checks.positive("target_epsilon", target_epsilon)
+    target_delta = _checks.open_unit("target_delta", target_delta)
+    sample_rate = _checks.positive("sample_rate", sample_rate)
     if not sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
     if accountant not in ACCOUNTANTS:
@@ -47,7 +37,7 @@ def _steps_from(steps: Optional[int], epochs: Optional[float], sample_rate: floa
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"steps must be an int >= 1; got {steps!r}")
         return int(steps)
-    epochs = _positive("epochs", epochs)
+    epochs = _checks.positive("epochs", epochs)
     return max(1, math.ceil(epochs / sample_rate))  # an epoch is 1 / q expected steps
 
 
@@ -55,7 +45,7 @@ def epsilon(
     *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
 ) -> float:
     """Epsilon of ``steps`` Poisson-sampled Gaussian steps (the DP-SGD event) at ``delta``."""
-    noise_multiplier = _positive("noise_multiplier", noise_multiplier)
+    noise_multiplier = _checks.positive("noise_multiplier", noise_multiplier)
     _, delta, sample_rate = _check_common(1.0, delta, sample_rate, accountant)
     steps = _steps_from(steps, None, sample_rate)
     acc = ACCOUNTANTS[accountant]()
@@ -83,7 +73,7 @@ def get_noise_multiplier(
         target_epsilon, target_delta, sample_rate, accountant
     )
     n = _steps_from(steps, epochs, sample_rate)
-    tol = _positive("epsilon_tolerance", epsilon_tolerance)
+    tol = _checks.positive("epsilon_tolerance", epsilon_tolerance)
 
     def eps(sigma: float) -> float:
         return epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=n,
@@ -124,14 +114,12 @@ def get_steps(
     target_epsilon, target_delta, sample_rate = _check_common(
         target_epsilon, target_delta, sample_rate, accountant
     )
-    noise_multiplier = _positive("noise_multiplier", noise_multiplier)
+    noise_multiplier = _checks.positive("noise_multiplier", noise_multiplier)
     one = ACCOUNTANTS[accountant]()
     one.compose(PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier)))
-    rdp_one = one._rdp  # epsilon(T) = conversion of T * rdp_one: no recomposition per probe
+    rdp_one = one.rdp  # epsilon(T) = conversion of T * rdp_one: no recomposition per probe
 
     def fits(t: int) -> bool:
-        from ppml_fast.accounting import rdp_math
-
         return rdp_math.epsilon_from_rdp(one.orders, t * rdp_one, target_delta) <= target_epsilon
 
     if not fits(1):

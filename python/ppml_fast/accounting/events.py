@@ -7,23 +7,15 @@ the whole ``accounting`` package, imports nothing else from ppml_fast.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Tuple
 
+from ppml_fast.accounting import _checks
+
 
 class UnsupportedEventError(TypeError):
     """An accountant was given an event it cannot account for."""
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
 
 
 class Event:
@@ -37,7 +29,7 @@ class GaussianEvent(Event):
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        v = _real("noise_multiplier", self.noise_multiplier)
+        v = _checks.real("noise_multiplier", self.noise_multiplier)
         if not v > 0:
             raise ValueError(f"noise_multiplier must be > 0; got {self.noise_multiplier!r}")
         object.__setattr__(self, "noise_multiplier", v)
@@ -52,7 +44,7 @@ class PoissonSampledEvent(Event):
     event: Event
 
     def __post_init__(self) -> None:
-        q = _real("sampling_probability", self.sampling_probability)
+        q = _checks.real("sampling_probability", self.sampling_probability)
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"sampling_probability must be in [0, 1]; got {q!r}")
         if not isinstance(self.event, Event):

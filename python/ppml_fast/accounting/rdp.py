@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ppml_fast.accounting import rdp_math
+from ppml_fast.accounting import _checks, rdp_math
 from ppml_fast.accounting.events import (
     ComposedEvent,
     Event,
@@ -23,17 +23,6 @@ from ppml_fast.accounting.events import (
     SelfComposedEvent,
     UnsupportedEventError,
 )
-
-
-def _probability(name: str, value: object, *, open_interval: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    v = float(value)
-    ok = (0.0 < v < 1.0) if open_interval else (v >= 0.0 and math.isfinite(v))
-    if not ok:
-        expected = "in (0, 1)" if open_interval else "finite and >= 0"
-        raise ValueError(f"{name} must be {expected}; got {value!r}")
-    return v
 
 
 class RDPAccountant:
@@ -97,13 +86,18 @@ class RDPAccountant:
     # -- queries ----------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
         """epsilon spent at ``delta`` (in (0, 1))."""
-        delta = _probability("delta", delta, open_interval=True)
+        delta = _checks.open_unit("delta", delta)
         return rdp_math.epsilon_from_rdp(self.orders, self._rdp, delta)
 
     def get_delta(self, epsilon: float) -> float:
         """delta at ``epsilon`` (finite, >= 0)."""
-        epsilon = _probability("epsilon", epsilon, open_interval=False)
+        epsilon = _checks.non_negative("epsilon", epsilon)
         return rdp_math.delta_from_rdp(self.orders, self._rdp, epsilon)
+
+    @property
+    def rdp(self) -> np.ndarray:
+        """The composed RDP curve, one value per order (a copy)."""
+        return self._rdp.copy()
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
