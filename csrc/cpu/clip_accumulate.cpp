@@ -2,7 +2,7 @@
 //   out_l = sum_b scale_b * factor_b * g_{b,l},  factor_b from the L2 norm of row b.
 //
 // Two passes, blocked so that the second reads from cache: rows are processed in blocks that
-// fit in half the last-level cache; pass 1 computes each row's sum of squares per column chunk
+// fit a cache budget (block_budget_bytes); pass 1 computes each row's sum of squares per column chunk
 // (read from memory), a barrier, then pass 2 adds the clipped rows into the outputs chunk by
 // chunk (read again, now from cache). Threads own fixed column chunks in both passes, and every
 // output element adds the rows in row order, so the result does not depend on the thread
@@ -19,7 +19,7 @@
 
 #include "../include/ppml/kernels.h"
 #include "parallel.h"
-#include "target.h"
+#include "row_loops.h"
 
 namespace ppml::cpu {
 namespace {
@@ -29,132 +29,6 @@ struct Chunk {
   int64_t start;
   int64_t len;
 };
-
-// Sums of squares in double, two variants with the same accuracy contract (norms within a few
-// float32 ulps for 16/32-bit inputs, a few double ulps for float64) and a fixed combination
-// order, so each gives the same result on every thread count and ISA clone:
-// - sumsq_stream, for data read from memory (pass 1 of the clipping kernel): 8 chains. Measured
-//   faster there than the wider variant (bench/RESULTS.md), the loop pacing the stream.
-// - sumsq_cached, for data already in L1/L2 (the one-pass kernel): 32 chains, and for 16/32-bit
-//   inputs the squares of 4 elements 32 apart are added in float first (relative error
-//   <= 4 * 2^-24) because one double conversion per element costs as much as the rest.
-template <typename T, int kAcc, bool kFloatStage>
-PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
-  using A = typename Storage<T>::acc;
-  double acc[kAcc];
-  for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
-  int64_t i = 0;
-  if (kFloatStage && sizeof(A) == sizeof(float)) {
-    constexpr int kWide = 4 * kAcc;
-    for (; i + kWide <= n; i += kWide) {
-      for (int k = 0; k < kAcc; ++k) {
-        A v0 = Storage<T>::load(x, i + k), v1 = Storage<T>::load(x, i + k + kAcc);
-        A v2 = Storage<T>::load(x, i + k + 2 * kAcc), v3 = Storage<T>::load(x, i + k + 3 * kAcc);
-        A s = (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
-        acc[k] += static_cast<double>(s);
-      }
-    }
-  }
-  for (; i + kAcc <= n; i += kAcc) {
-    for (int k = 0; k < kAcc; ++k) {
-      double v = static_cast<double>(Storage<T>::load(x, i + k));
-      acc[k] += v * v;
-    }
-  }
-  for (int k = 0; i < n; ++i, ++k) {
-    double v = static_cast<double>(Storage<T>::load(x, i));
-    acc[k] += v * v;
-  }
-  for (int w = kAcc / 2; w > 0; w /= 2) {
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  }
-  return acc[0];
-}
-
-// The float stage overflows for |x| >~ 1.8e19 and loses tiny squares to underflow: a chunk
-// whose float-stage result is non-finite or below 2^-60 is recomputed in double only (then
-// the loss from flushed squares is < 4096 * 2^-126 / 2^-60, negligible).
-#define PPML_SUMSQ_CLONES(T, suffix)                                                      \
-  PPML_TARGET_CLONES double sumsq_stream_##suffix(const T* x, int64_t n) {                \
-    return sumsq<T, 8, false>(x, n);                                                      \
-  }                                                                                       \
-  PPML_TARGET_CLONES double sumsq_cached_##suffix(const T* x, int64_t n) {                \
-    double r = sumsq<T, 32, true>(x, n);                                                  \
-    if (!(r >= 8.673617379884035e-19 && r <= 1.0e300)) r = sumsq<T, 8, false>(x, n);      \
-    return r;                                                                             \
-  }                                                                                       \
-  double sumsq_stream(const T* x, int64_t n) { return sumsq_stream_##suffix(x, n); }      \
-  double sumsq_cached(const T* x, int64_t n) { return sumsq_cached_##suffix(x, n); }
-
-PPML_SUMSQ_CLONES(float, f32)
-PPML_SUMSQ_CLONES(double, f64)
-PPML_SUMSQ_CLONES(Half, f16)
-PPML_SUMSQ_CLONES(BFloat16, bf16)
-#undef PPML_SUMSQ_CLONES
-
-// out[j] (+)= sum over the given rows, in order, of a[r] * g_r[j]. Up to 4 rows per sweep; the
-// additions stay in row order for every j.
-template <typename T, typename A>
-PPML_ALWAYS_INLINE void axpy_rows(A* out, const T* const* g, const A* a, int nrows, int64_t n, bool init) {
-  int r = 0;
-  if (init) {
-    if (nrows == 0) {
-      std::fill(out, out + n, A(0));
-      return;
-    }
-    const T* g0 = g[0];
-    A a0 = a[0];
-    for (int64_t j = 0; j < n; ++j) out[j] = a0 * static_cast<A>(Storage<T>::load(g0, j));
-    r = 1;
-  }
-  for (; r + 4 <= nrows; r += 4) {
-    const T *g0 = g[r], *g1 = g[r + 1], *g2 = g[r + 2], *g3 = g[r + 3];
-    A a0 = a[r], a1 = a[r + 1], a2 = a[r + 2], a3 = a[r + 3];
-    for (int64_t j = 0; j < n; ++j) {
-      A o = out[j];
-      o += a0 * static_cast<A>(Storage<T>::load(g0, j));
-      o += a1 * static_cast<A>(Storage<T>::load(g1, j));
-      o += a2 * static_cast<A>(Storage<T>::load(g2, j));
-      o += a3 * static_cast<A>(Storage<T>::load(g3, j));
-      out[j] = o;
-    }
-  }
-  for (; r < nrows; ++r) {
-    const T* g0 = g[r];
-    A a0 = a[r];
-    for (int64_t j = 0; j < n; ++j) out[j] += a0 * static_cast<A>(Storage<T>::load(g0, j));
-  }
-}
-
-PPML_TARGET_CLONES void axpy_f32(float* o, const float* const* g, const float* a, int r,
-                                 int64_t n, bool init) {
-  axpy_rows(o, g, a, r, n, init);
-}
-PPML_TARGET_CLONES void axpy_f64(double* o, const double* const* g, const double* a, int r,
-                                 int64_t n, bool init) {
-  axpy_rows(o, g, a, r, n, init);
-}
-PPML_TARGET_CLONES void axpy_f16(float* o, const Half* const* g, const float* a, int r,
-                                 int64_t n, bool init) {
-  axpy_rows(o, g, a, r, n, init);
-}
-PPML_TARGET_CLONES void axpy_bf16(float* o, const BFloat16* const* g, const float* a, int r,
-                                  int64_t n, bool init) {
-  axpy_rows(o, g, a, r, n, init);
-}
-
-void axpy_any(float* o, const float* const* g, const float* a, int r, int64_t n, bool i) {
-  axpy_f32(o, g, a, r, n, i);
-}
-void axpy_any(double* o, const double* const* g, const double* a, int r, int64_t n, bool i) {
-  axpy_f64(o, g, a, r, n, i);
-}
-void axpy_any(float* o, const Half* const* g, const float* a, int r, int64_t n, bool i) {
-  axpy_f16(o, g, a, r, n, i);
-}
-void axpy_any(float* o, const BFloat16* const* g, const float* a, int r, int64_t n, bool i) {
-  axpy_bf16(o, g, a, r, n, i);
-}
 
 // Bytes of rows per block of the two-pass kernel: PPML_FAST_BLOCK_BYTES when set (tests use it
 // to force many blocks), else a quarter of the last-level cache read from sysfs (sysconf's
