@@ -229,10 +229,12 @@ def weighted_aggregate(
         denominator, so the sensitivity of the mean is unchanged). K = 0 gives zeros.
     """
     tensors, from_numpy = _to_torch(updates)
+    # Types and devices here (the dispatcher routes by device, so a stray device must be caught
+    # before the op); shapes and dtypes only in the op, so K clients are not walked twice.
     tensors = _checks.tensor_list("updates", tensors)
-    _checks.same_dtype("updates", tensors)
-    k, _ = _validate_updates(tensors)
-    w = _weights_tensor(weights, tensors[0].device)
+    first = tensors[0]
+    k = first.shape[0] if len(tensors) == 1 and first.dim() == 2 else len(tensors)
+    w = _weights_tensor(weights, first.device)
     _validate_weights(w, k)
     if clip_norm is not None:
         clip_norm = _checks.positive_float("clip_norm", clip_norm)

@@ -70,7 +70,7 @@ def _clip_and_accumulate_op(
             o.zero_()
     else:
         flat = [g.contiguous() for g in grads]
-        widths = [g[0].numel() for g in flat]
+        widths = [g.numel() // batch for g in flat]
         dev, stream = device_and_stream(device)
         scratch = None
         if dev >= 0:
