@@ -194,3 +194,92 @@ def test_epsilon_grows_with_steps_and_rate_and_falls_with_noise(q, sigma, steps,
     assert eps(q, sigma, math.ceil(steps * factor)) >= base
     assert eps(min(1.0, q * factor), sigma, steps) >= base
     assert eps(q, sigma * factor, steps) <= base
+
+
+# --- Laplace and randomized response ----------------------------------------------------------
+@pytest.mark.parametrize("scale", [0.1, 0.5, 1.0, 3.0, 20.0])
+def test_laplace_rdp_equals_dp_accounting(scale):
+    from ppml_fast.accounting import LaplaceEvent
+
+    ours = RDPAccountant(DPA_ORDERS).compose(LaplaceEvent(scale), 3).rdp
+    theirs = 3 * np.array([dpa_rdp._laplace_rdp(1.0 / scale, a) for a in DPA_ORDERS])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-300)
+    # the pure-DP limit: RDP <= epsilon = 1/scale at every order, approached as the order grows
+    assert np.all(ours <= 3 / scale * (1 + 1e-12))
+    assert ours[-1] > 0.9 * 3 / scale
+
+
+def test_laplace_rdp_is_the_renyi_divergence():
+    # numerical integration of the definition (Mironov 2017, Def. 3) between Lap(0, b) and Lap(1, b)
+    from scipy import integrate
+
+    from ppml_fast.accounting import LaplaceEvent
+
+    b, a = 0.7, 3.5
+    f = lambda x: (np.exp(-abs(x) / b) / (2 * b)) ** a * (np.exp(-abs(x - 1) / b) / (2 * b)) ** (1 - a)
+    val = sum(integrate.quad(f, lo, hi)[0] for lo, hi in [(-50, 0), (0, 1), (1, 50)])
+    want = math.log(val) / (a - 1)
+    assert RDPAccountant([a]).compose(LaplaceEvent(b)).rdp[0] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("p, k", [(0.1, 2), (0.5, 2), (0.5, 10), (0.9, 100), (1.0, 5)])
+def test_randomized_response_rdp_equals_dp_accounting(p, k):
+    from ppml_fast.accounting import RandomizedResponseEvent
+
+    event = RandomizedResponseEvent(p, k)
+    ours = RDPAccountant(DPA_ORDERS).compose(event).rdp
+    theirs = np.array([dpa_rdp._randomized_response_rdp_replace_one(p, k, a) for a in DPA_ORDERS])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
+    # pure DP: (eps, 0)-DP implies RDP <= eps at every order, and delta(eps) = 0 up to rounding
+    assert np.all(ours <= event.epsilon * (1 + 1e-12))
+
+
+def test_randomized_response_from_epsilon_is_exact():
+    from ppml_fast.accounting import RandomizedResponseEvent
+
+    e = RandomizedResponseEvent.from_epsilon(1.3, 4)
+    # output distribution ratio (1 - p + p/k) / (p/k) = e^eps
+    p, k = e.noise_parameter, e.num_buckets
+    assert (1 - p + p / k) / (p / k) == pytest.approx(math.exp(1.3), rel=1e-12)
+    with pytest.raises(ValueError, match="noise_parameter"):
+        RandomizedResponseEvent(0.0, 4)
+    with pytest.raises(ValueError, match="num_buckets"):
+        RandomizedResponseEvent(0.5, 1)
+    with pytest.raises(TypeError, match="num_buckets"):
+        RandomizedResponseEvent(0.5, 2.0)
+
+
+def test_mixed_events_compose_and_round_trip():
+    from ppml_fast.accounting import LaplaceEvent, RandomizedResponseEvent
+
+    acc = RDPAccountant()
+    acc.compose(PoissonSampledEvent(0.01, GaussianEvent(1.0)), 100)
+    acc.compose(LaplaceEvent(10.0), 2).compose(RandomizedResponseEvent(0.9, 3))
+    parts = [
+        RDPAccountant().compose(PoissonSampledEvent(0.01, GaussianEvent(1.0)), 100).rdp,
+        RDPAccountant().compose(LaplaceEvent(10.0), 2).rdp,
+        RDPAccountant().compose(RandomizedResponseEvent(0.9, 3)).rdp,
+    ]
+    np.testing.assert_allclose(acc.rdp, sum(parts), rtol=1e-14)
+    other = RDPAccountant()
+    other.load_state_dict(acc.state_dict())
+    assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+    assert [h[0] for h in other.history] == ["gaussian", "laplace", "randomized_response"]
+
+
+def test_old_state_dict_format_loads():
+    acc = RDPAccountant().compose(PoissonSampledEvent(0.02, GaussianEvent(1.1)), 50)
+    old = {"orders": list(acc.orders), "history": [[0.02, 1.1, 50]]}
+    other = RDPAccountant()
+    other.load_state_dict(old)
+    assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+
+
+def test_bad_state_dict_changes_nothing():
+    acc = RDPAccountant().compose(GaussianEvent(2.0))
+    before = acc.get_epsilon(1e-5)
+    for bad in [{"orders": [2.0]}, {"orders": [2.0], "history": [["nope", 1.0, 1]]},
+                {"orders": [2.0], "history": [["gaussian", 0.1, -1.0, 3]]}]:
+        with pytest.raises(ValueError):
+            acc.load_state_dict(bad)
+        assert acc.get_epsilon(1e-5) == before

@@ -7,6 +7,7 @@ the whole ``accounting`` package, imports nothing else from ppml_fast.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Tuple
@@ -36,6 +37,54 @@ class GaussianEvent(Event):
 
 
 @dataclass(frozen=True)
+class LaplaceEvent(Event):
+    """The Laplace mechanism with noise scale b = ``scale`` x the L1 sensitivity (pure
+    (1 / scale)-DP; Dwork & Roth 2014, Thm. 3.6)."""
+
+    scale: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _checks.positive("scale", self.scale))
+
+
+@dataclass(frozen=True)
+class RandomizedResponseEvent(Event):
+    """k-ary randomized response: with probability ``noise_parameter`` the output is a uniformly
+    random one of ``num_buckets`` values, otherwise the true value (dp_accounting's
+    ``RandomizedResponseDpEvent``). Adjacency: one respondent's value replaced (local DP); it is
+    pure epsilon-DP with epsilon = log(1 + k (1 - p) / p) (Warner 1965; Kairouz et al. 2016,
+    Sec. 2). The accountants use these replace-one numbers under add/remove too, where an absent
+    respondent is reported as a uniformly random bucket: there they are an upper bound."""
+
+    noise_parameter: float
+    num_buckets: int
+
+    def __post_init__(self) -> None:
+        p = _checks.real("noise_parameter", self.noise_parameter)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"noise_parameter must be in (0, 1]; got {self.noise_parameter!r}")
+        k = self.num_buckets
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"num_buckets must be an int; got {type(k).__name__}")
+        if k < 2:
+            raise ValueError(f"num_buckets must be >= 2; got {k}")
+        object.__setattr__(self, "noise_parameter", p)
+        object.__setattr__(self, "num_buckets", int(k))
+
+    @classmethod
+    def from_epsilon(cls, epsilon: float, num_buckets: int) -> "RandomizedResponseEvent":
+        """The randomized response that is exactly ``epsilon``-DP over ``num_buckets`` values."""
+        epsilon = _checks.positive("epsilon", epsilon)
+        return cls(num_buckets / (math.expm1(epsilon) + num_buckets), num_buckets)
+
+    @property
+    def epsilon(self) -> float:
+        """Its pure-DP epsilon."""
+        p, k = self.noise_parameter, self.num_buckets
+        return math.log1p(k * (1.0 - p) / p)
+
+
+@dataclass(frozen=True)
 class PoissonSampledEvent(Event):
     """``event`` applied to a Poisson sample: each record is in it with probability
     ``sampling_probability``, independently (adjacency: adding or removing one record)."""
@@ -50,6 +99,36 @@ class PoissonSampledEvent(Event):
         if not isinstance(self.event, Event):
             raise TypeError(f"event must be an Event; got {type(self.event).__name__}")
         object.__setattr__(self, "sampling_probability", q)
+
+
+@dataclass(frozen=True)
+class SampledWithoutReplacementEvent(Event):
+    """``event`` applied to a uniformly random subset of exactly ``sample_size`` of the
+    ``source_dataset_size`` records. Adjacency: substitution (one record replaced, the size n
+    fixed), as in Wang, Balle, Kasiviswanathan 2019 and dp_accounting's
+    ``SampledWithoutReplacementDpEvent``; an epsilon under substitution is up to twice one under
+    add/remove, so do not compare it with Poisson-sampled epsilons directly."""
+
+    source_dataset_size: int
+    sample_size: int
+    event: Event
+
+    def __post_init__(self) -> None:
+        for name in ("source_dataset_size", "sample_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+        if self.source_dataset_size < 1:
+            raise ValueError(f"source_dataset_size must be >= 1; got {self.source_dataset_size}")
+        if not 0 <= self.sample_size <= self.source_dataset_size:
+            raise ValueError(
+                f"sample_size must be in [0, source_dataset_size={self.source_dataset_size}]; "
+                f"got {self.sample_size}"
+            )
+        if not isinstance(self.event, Event):
+            raise TypeError(f"event must be an Event; got {type(self.event).__name__}")
+        object.__setattr__(self, "source_dataset_size", int(self.source_dataset_size))
+        object.__setattr__(self, "sample_size", int(self.sample_size))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """RDPAccountant: composes events into a Rényi-DP curve and converts it to (epsilon, delta).
 
-Supports Gaussian, Poisson-subsampled Gaussian, and self-composed / composed sequences of them
-(heterogeneous histories: sigma and q may change from step to step). The maths is in
-rdp_math.py. RDP is an upper bound: a PLD accountant is tighter (by 4-69% on ANCHORS.md's
+Supports Gaussian, Poisson-subsampled Gaussian, Laplace, randomized response, and self-composed /
+composed sequences of them (heterogeneous histories: sigma and q may change from step to step).
+The maths is in rdp_math.py. RDP is an upper bound: a PLD accountant is tighter (by 4-69% on ANCHORS.md's
 grid), never looser.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -19,17 +19,42 @@ from ppml_fast.accounting.events import (
     ComposedEvent,
     Event,
     GaussianEvent,
+    LaplaceEvent,
     PoissonSampledEvent,
+    RandomizedResponseEvent,
     SelfComposedEvent,
     UnsupportedEventError,
 )
+
+
+# One step's RDP curve by kind: key = (kind, *parameters) -> f(*parameters, orders).
+CURVES: dict[str, Callable[..., np.ndarray]] = {
+    "gaussian": rdp_math.rdp_poisson_gaussian,  # (q, sigma); q = 1 is the Gaussian mechanism
+    "laplace": rdp_math.rdp_laplace,  # (scale,)
+    "randomized_response": rdp_math.rdp_randomized_response,  # (p, k)
+}
+
+
+def _adjacency(key: tuple) -> Optional[str]:
+    """The neighbouring relation a step's guarantee holds under, or None when it holds under
+    any (the noise is relative to the sensitivity, which the caller defines)."""
+    if key[0] == "gaussian" and key[1] < 1.0:
+        return "add/remove"  # Poisson sampling (Mironov et al. 2019 assume add/remove)
+    return None
+
+
+class MixedAdjacencyError(ValueError):
+    """Events whose guarantees hold under different neighbouring relations (add/remove versus
+    substitution) cannot be composed into one epsilon."""
 
 
 class RDPAccountant:
     """Rényi-DP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019).
 
     ``compose(event, count=1)`` adds events and returns ``self``; ``get_epsilon(delta)`` and
-    ``get_delta(epsilon)`` convert with Canonne-Kamath-Steinke 2020, Prop. 12.
+    ``get_delta(epsilon)`` convert with Canonne-Kamath-Steinke 2020, Prop. 12. Composing events
+    whose guarantees hold under different neighbouring relations (Poisson sampling: add/remove;
+    sampling without replacement: substitution) raises ``MixedAdjacencyError``.
     """
 
     def __init__(self, orders: Optional[Sequence[float]] = None) -> None:
@@ -38,8 +63,9 @@ class RDPAccountant:
             raise ValueError(f"orders must be finite numbers > 1; got {orders!r}")
         self.orders = orders
         self._rdp = np.zeros(len(orders))
-        self._history: list[tuple[float, float, int]] = []  # (q, sigma, count)
-        self._cache: dict[tuple[float, float], np.ndarray] = {}
+        self._history: list[tuple] = []  # (*curve key, count)
+        self._cache: dict[tuple, np.ndarray] = {}
+        self._adjacency: Optional[str] = None
 
     # -- events -----------------------------------------------------------------------------
     def supports(self, event: Event) -> bool:
@@ -49,16 +75,20 @@ class RDPAccountant:
             return False
         return True
 
-    def _steps(self, event: Event, count: int) -> list[tuple[float, float, int]]:
-        """The event as (q, sigma, count) steps, or UnsupportedEventError."""
+    def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
+        """The event as (curve key, count) steps, or UnsupportedEventError."""
         if isinstance(event, GaussianEvent):
-            return [(1.0, event.noise_multiplier, count)]
+            return [(("gaussian", 1.0, event.noise_multiplier), count)]
+        if isinstance(event, LaplaceEvent):
+            return [(("laplace", event.scale), count)]
+        if isinstance(event, RandomizedResponseEvent):
+            return [(("randomized_response", event.noise_parameter, event.num_buckets), count)]
         if isinstance(event, PoissonSampledEvent) and isinstance(event.event, GaussianEvent):
-            return [(event.sampling_probability, event.event.noise_multiplier, count)]
+            return [(("gaussian", event.sampling_probability, event.event.noise_multiplier), count)]
         if isinstance(event, SelfComposedEvent):
             return self._steps(event.event, count * event.count)
         if isinstance(event, ComposedEvent):
-            out: list[tuple[float, float, int]] = []
+            out: list[tuple[tuple, int]] = []
             for e in event.events:
                 out.extend(self._steps(e, count))
             return out
@@ -68,19 +98,27 @@ class RDPAccountant:
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"count must be an int >= 0; got {count!r}")
-        steps = self._steps(event, int(count))
+        steps = [(key, n) for key, n in self._steps(event, int(count)) if n]
+        adjacency = self._adjacency
+        for key, _ in steps:
+            a = _adjacency(key)
+            if a is not None and adjacency is not None and a != adjacency:
+                raise MixedAdjacencyError(
+                    f"event {event!r} holds under {a} adjacency but the history holds under "
+                    f"{adjacency}; use one accountant per neighbouring relation"
+                )
+            adjacency = adjacency or a
         add = np.zeros_like(self._rdp)
-        for q, sigma, n in steps:
-            if n:
-                add += n * self._step_rdp(q, sigma)
+        for key, n in steps:
+            add += n * self._step_rdp(key)
         self._rdp = self._rdp + add
-        self._history.extend(s for s in steps if s[2])
+        self._history.extend((*key, n) for key, n in steps)
+        self._adjacency = adjacency
         return self
 
-    def _step_rdp(self, q: float, sigma: float) -> np.ndarray:
-        key = (q, sigma)
+    def _step_rdp(self, key: tuple) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = rdp_math.rdp_poisson_gaussian(q, sigma, self.orders)
+            self._cache[key] = CURVES[key[0]](*key[1:], self.orders)
         return self._cache[key]
 
     # -- queries ----------------------------------------------------------------------------
@@ -100,8 +138,9 @@ class RDPAccountant:
         return self._rdp.copy()
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        """(sampling probability, noise multiplier, count) of every composition, in order."""
+    def history(self) -> list[tuple]:
+        """(kind, *parameters, count) of every composition, in order: ("gaussian", q, sigma, n),
+        ("laplace", scale, n), ("randomized_response", p, k, n)."""
         return list(self._history)
 
     # -- state ------------------------------------------------------------------------------
@@ -109,16 +148,45 @@ class RDPAccountant:
         return {"orders": list(self.orders), "history": [list(h) for h in self._history]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Replaces this accountant's history with ``state``'s (validated first)."""
+        """Replaces this accountant's history with ``state``'s (validated first; states written
+        before the kinds existed, entries (q, sigma, count), load as Gaussian steps)."""
         try:
             orders = [float(a) for a in state["orders"]]
-            history = [(float(q), float(s), int(n)) for q, s, n in state["history"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"state must hold 'orders' and 'history' entries (q, sigma, count); {e}") from e
+            history = []
+            for h in state["history"]:
+                h = list(h)
+                if not isinstance(h[0], str):
+                    h = ["gaussian", *h]
+                if h[0] not in CURVES:
+                    raise ValueError(f"unknown kind {h[0]!r}")
+                history.append((tuple(h[:-1]), int(h[-1])))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"state must hold 'orders' and 'history' entries (kind, *parameters, count); {e}") from e
         fresh = RDPAccountant(orders)
-        for q, sigma, n in history:
-            event = GaussianEvent(sigma) if q == 1.0 else PoissonSampledEvent(q, GaussianEvent(sigma))
-            fresh.compose(event, n)
-        self.orders, self._rdp, self._history, self._cache = (
-            fresh.orders, fresh._rdp, fresh._history, fresh._cache,
+        for key, n in history:
+            fresh._compose_key(key, n)
+        self.orders, self._rdp, self._history, self._cache, self._adjacency = (
+            fresh.orders, fresh._rdp, fresh._history, fresh._cache, fresh._adjacency,
         )
+
+    def _compose_key(self, key: tuple, count: int) -> None:
+        """Composes a step given by its curve key (as stored in the history)."""
+        _validate_key(key)
+        a = _adjacency(key)
+        if a is not None and self._adjacency is not None and a != self._adjacency:
+            raise MixedAdjacencyError(f"history mixes {a} and {self._adjacency} adjacency")
+        self._rdp = self._rdp + count * self._step_rdp(key)
+        self._history.append((*key, count))
+        self._adjacency = self._adjacency or a
+
+
+def _validate_key(key: tuple) -> None:
+    """Rebuilds the event a stored key describes, so a loaded state passes the events' checks."""
+    kind, *params = key
+    if kind == "gaussian":
+        q, sigma = params
+        GaussianEvent(sigma) if q == 1.0 else PoissonSampledEvent(q, GaussianEvent(sigma))
+    elif kind == "laplace":
+        LaplaceEvent(*params)
+    elif kind == "randomized_response":
+        RandomizedResponseEvent(float(params[0]), int(params[1]))

@@ -103,6 +103,43 @@ def rdp_poisson_gaussian(q: float, sigma: float, orders: Sequence[float]) -> np.
     return out
 
 
+def rdp_laplace(scale: float, orders: Sequence[float]) -> np.ndarray:
+    """RDP of the Laplace mechanism with noise scale ``scale`` x the L1 sensitivity (exact;
+    Mironov 2017, "Rényi Differential Privacy", Prop. 6):
+    eps(a) = 1/(a-1) log[a/(2a-1) e^{(a-1)/b} + (a-1)/(2a-1) e^{-a/b}]
+           = 1/b + log1p((a-1) expm1((1-2a)/b) / (2a-1)) / (a-1)   (the stable form used here)."""
+    e = 1.0 / scale
+    out = np.empty(len(orders))
+    for k, a in enumerate(orders):
+        c = math.expm1(e * (1.0 - 2.0 * a)) / (2.0 * a - 1.0)
+        if a < 1.1:  # log1p(c x) / x by its series: c sum_k (-c x)^(k-1) / k, 0 <= -c x <= 0.1
+            v = -c * (a - 1.0)
+            out[k] = e + c * math.fsum(v ** (j - 1) / j for j in range(1, 60))
+        else:
+            out[k] = e + math.log1p((a - 1.0) * c) / (a - 1.0)
+    return np.maximum(out, 0.0)
+
+
+def rdp_randomized_response(noise_parameter: float, num_buckets: int, orders: Sequence[float]) -> np.ndarray:
+    """RDP of k-ary randomized response (exact under replace-one): the Rényi divergence of
+    P = (1-p+p/k, p/k, ..., p/k) from Q = (p/k, 1-p+p/k, p/k, ..., p/k) (definition of RDP,
+    Mironov 2017, Def. 3, on the two output distributions; as dp_accounting's REPLACE_ONE):
+    eps(a) = 1/(a-1) log[(p/k) r^a + (1-p+p/k) r^-a + (1-2/k) p],  r = (1-p+p/k)/(p/k).
+    Under add/remove with an absent respondent reported as a uniform bucket, these values are an
+    upper bound: uniform is the average of the k output distributions and Rényi divergence is
+    jointly quasi-convex (van Erven & Harremoës 2014, Thm. 13)."""
+    p, k = float(noise_parameter), int(num_buckets)
+    if p == 1.0:
+        return np.zeros(len(orders))
+    log_r = math.log(k / p - k + 1.0)
+    out = np.empty(len(orders))
+    for j, a in enumerate(orders):
+        out[j] = special.logsumexp(
+            [a * log_r, -a * log_r, 0.0], b=[p / k, 1.0 - p + p / k, (1.0 - 2.0 / k) * p]
+        ) / (a - 1.0)
+    return np.maximum(out, 0.0)
+
+
 def epsilon_from_rdp(orders: Sequence[float], rdp: np.ndarray, delta: float) -> float:
     """Smallest epsilon over the orders (Canonne-Kamath-Steinke 2020, Prop. 12):
     eps = rdp + log1p(-1/a) - log(delta * a) / (a - 1)."""

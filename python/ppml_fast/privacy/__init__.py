@@ -1,0 +1,1 @@
+"""DP training: PrivacyEngine, DPOptimizer, per-sample norms and clipped sums."""
