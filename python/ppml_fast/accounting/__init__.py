@@ -1,8 +1,9 @@
 """Privacy accounting: events, and accountants that turn them into (epsilon, delta).
 
-Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md). Available today: the
-events, the RDP accountant and calibration (noise multiplier for a budget, steps a budget
-affords); PLD accounting builds on the same interface.
+Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md): immutable events, the RDP
+and PLD accountants, calibration (noise multiplier for a budget, steps a budget affords), the
+analytic Gaussian mechanism, event (de)serialisation and the PrivacyLedger (budgets per data set,
+persisted to JSON).
 """
 
 from ppml_fast.accounting.events import (
@@ -16,6 +17,9 @@ from ppml_fast.accounting.events import (
     SelfComposedEvent,
     UnsupportedEventError,
 )
+from ppml_fast.accounting.errors import PrivacyBudgetExceeded, PrivacyError
+from ppml_fast.accounting.ledger import PrivacyLedger
+from ppml_fast.accounting.serialization import event_from_dict, event_to_dict
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaussian_delta
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
 from ppml_fast.accounting.rdp import RDPAccountant
@@ -33,6 +37,8 @@ __all__ = [
     "UnsupportedEventError",
     "analytic_gaussian_sigma",
     "epsilon",
+    "event_from_dict",
+    "event_to_dict",
     "gaussian_delta",
     "get_noise_multiplier",
     "get_steps",

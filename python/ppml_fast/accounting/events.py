@@ -107,7 +107,9 @@ class SampledWithoutReplacementEvent(Event):
     ``source_dataset_size`` records. Adjacency: substitution (one record replaced, the size n
     fixed), as in Wang, Balle, Kasiviswanathan 2019 and dp_accounting's
     ``SampledWithoutReplacementDpEvent``; an epsilon under substitution is up to twice one under
-    add/remove, so do not compare it with Poisson-sampled epsilons directly."""
+    add/remove, so do not compare it with Poisson-sampled epsilons directly. The inner event's
+    noise is relative to the sensitivity under substitution: for a sum of gradients clipped to
+    norm C that is 2C, so DP-SGD with noise std sigma C is GaussianEvent(sigma / 2) here."""
 
     source_dataset_size: int
     sample_size: int
