@@ -1,0 +1,144 @@
+"""PrivacyEngine: Opacus's entry point, on ppml_fast's native ops and accountants. An Opacus
+training loop runs after changing the import::
+
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+        data_loader=loader, noise_multiplier=1.1, max_grad_norm=1.0)
+    ...                                   # the usual loop
+    engine.get_epsilon(delta=1e-5)
+
+Differences from Opacus: ``make_private`` always returns three values; the default
+``grad_sample_mode="ghost"`` covers every supported layer (not only Linear and Embedding) and
+plain ``nn.MultiheadAttention``; accountants are "rdp" or "pld".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ppml_fast.accounting import calibration
+from ppml_fast.privacy.data import DPDataLoader
+from ppml_fast.privacy.module import PrivateModule
+from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
+
+
+class PrivacyEngine:
+    """Makes a model, optimizer and data loader private and keeps the privacy accountant.
+
+    Args:
+        accountant: "rdp" (Rényi DP; an upper bound) or "pld" (privacy loss distributions;
+            tighter, slower per query).
+        secure_mode: draw the noise from ChaCha20 keyed by OS entropy with a sampler hardened
+            against floating-point attacks (not reproducible by design).
+    """
+
+    def __init__(self, accountant: str = "rdp", secure_mode: bool = False) -> None:
+        if accountant not in calibration.ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {sorted(calibration.ACCOUNTANTS)}; got {accountant!r}")
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool; got {type(secure_mode).__name__}")
+        self.accountant_name = accountant
+        self.accountant = calibration.ACCOUNTANTS[accountant]()
+        self.secure_mode = secure_mode
+        self.optimizer: Optional[DPOptimizer] = None
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float | Sequence[float],
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        grad_sample_mode: str = "ghost",
+        max_epsilon: Optional[float] = None,
+        delta: Optional[float] = None,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        noise_seed: Optional[int] = None,
+        nonfinite: str = "raise",
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
+        """Returns (private module, DP optimizer, data loader) — always three.
+
+        ``noise_multiplier`` is sigma (noise std / max_grad_norm); ``max_grad_norm`` is C (a
+        list of one per trainable parameter with ``clipping="per_layer"``). With ``max_epsilon``
+        (and ``delta``), the step that would spend more raises ``PrivacyBudgetExceeded`` before
+        any parameter changes. ``noise_seed`` makes the noise reproducible (ignored in secure
+        mode); ``generator`` seeds the Poisson sampler.
+        """
+        if not isinstance(data_loader, DataLoader):
+            raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
+        if max_epsilon is not None and delta is None:
+            raise ValueError("delta is required with max_epsilon")
+        if poisson_sampling:
+            loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+            sample_rate = loader.sample_rate
+            expected = loader.expected_batch_size
+        else:
+            warn_not_poisson()
+            loader = data_loader
+            sample_rate = 1 / len(data_loader)
+            if data_loader.batch_size is None:
+                raise ValueError("data_loader must have a batch_size when poisson_sampling=False")
+            expected = float(data_loader.batch_size)
+        private = module if isinstance(module, PrivateModule) else PrivateModule(
+            module, grad_sample_mode=grad_sample_mode, batch_first=batch_first,
+            loss_reduction=loss_reduction)
+        dp_optimizer = DPOptimizer(
+            optimizer, module=private, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
+            accountant=self.accountant, sample_rate=sample_rate, max_epsilon=max_epsilon,
+            delta=delta, seed=noise_seed, secure_mode=self.secure_mode, nonfinite=nonfinite)
+        self.optimizer = dp_optimizer
+        return private, dp_optimizer, loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float | Sequence[float],
+        epsilon_tolerance: float = 0.01,
+        **kwargs,
+    ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
+        """``make_private`` with the smallest noise multiplier whose epsilon after ``epochs``
+        epochs (``epochs * len(data_loader)`` steps) is at most ``target_epsilon``."""
+        if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
+            raise ValueError("data_loader must be a non-empty torch DataLoader")
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1; got {epochs!r}")
+        steps = int(epochs) * len(data_loader)
+        sigma = calibration.get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta,
+            sample_rate=1 / len(data_loader), steps=steps, accountant=self.accountant_name,
+            epsilon_tolerance=epsilon_tolerance)
+        kwargs.setdefault("max_epsilon", None)
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``."""
+        return self.accountant.get_epsilon(delta)
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])  # also loads the shared accountant
+        else:
+            self.accountant.load_state_dict(state["accountant"])

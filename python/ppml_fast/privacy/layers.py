@@ -1,0 +1,106 @@
+"""Which modules the DP step supports, and how: the functional op a module runs (its rule in
+:mod:`ppml_fast.privacy.per_sample`) and that op's arguments, the modules refused with a reason,
+and :func:`fix_module` (BatchNorm -> GroupNorm).
+
+A module is handled by a rule only when its class runs the stock ``forward`` of a supported
+class (a subclass that overrides ``forward`` falls back to torch.func, which is exact for any
+module whose samples are independent).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ppml_fast.accounting.errors import PrivacyError
+
+
+class UnsupportedModuleError(PrivacyError, ValueError):
+    """A module whose per-sample gradients cannot be private as it stands."""
+
+
+def _conv_kwargs(m: nn.Module) -> dict:
+    return {"stride": m.stride, "padding": 0 if m.padding_mode != "zeros" else m.padding,
+            "dilation": m.dilation, "groups": m.groups}
+
+
+def _conv_activation(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if m.padding_mode != "zeros":  # the module pads first, then convolves with padding 0
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+    return x
+
+
+# class -> (rule key, kwargs(module), activation(module, input) or None)
+_RULE_MODULES: dict[type, tuple[str, Callable[[nn.Module], dict], Optional[Callable]]] = {
+    nn.Linear: ("linear", lambda m: {}, None),
+    nn.Conv1d: ("conv1d", _conv_kwargs, _conv_activation),
+    nn.Conv2d: ("conv2d", _conv_kwargs, _conv_activation),
+    nn.Conv3d: ("conv3d", _conv_kwargs, _conv_activation),
+    nn.Embedding: ("embedding", lambda m: {"padding_idx": m.padding_idx,
+                                           "num_embeddings": m.num_embeddings}, None),
+    nn.LayerNorm: ("layer_norm", lambda m: {"normalized_shape": tuple(m.normalized_shape),
+                                            "eps": m.eps}, None),
+    nn.GroupNorm: ("group_norm", lambda m: {"num_groups": m.num_groups, "eps": m.eps}, None),
+    nn.InstanceNorm1d: ("instance_norm", lambda m: {"eps": m.eps}, None),
+    nn.InstanceNorm2d: ("instance_norm", lambda m: {"eps": m.eps}, None),
+    nn.InstanceNorm3d: ("instance_norm", lambda m: {"eps": m.eps}, None),
+}
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _RULE_MODULES[nn.RMSNorm] = ("rms_norm", lambda m: {  # eps None: finfo(input dtype).eps
+        "normalized_shape": tuple(m.normalized_shape), "eps": m.eps}, None)
+
+
+def rule_for(module: nn.Module):
+    """(rule key, kwargs, activation transform or None) for a module a rule handles, else None."""
+    for cls in type(module).__mro__:
+        if cls in _RULE_MODULES:
+            return _RULE_MODULES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+def refusal(name: str, module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be trained privately as it is, or None."""
+    label = f"{name or 'the model'} ({type(module).__name__})"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (f"{label}: BatchNorm mixes the samples of a batch, so per-sample gradients do not "
+                "exist; replace it with ppml_fast.privacy.fix_module(model) (GroupNorm)")
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        return (f"{label}: track_running_stats=True keeps un-noised statistics of the data; "
+                "use track_running_stats=False")
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            return f"{label}: sparse=True gradients are not supported; use sparse=False"
+        if module.scale_grad_by_freq:
+            return f"{label}: scale_grad_by_freq=True couples the samples of a batch"
+        if module.max_norm is not None:
+            return f"{label}: max_norm renormalises the weights in place from the data; use max_norm=None"
+    if isinstance(module, nn.MultiheadAttention):
+        if module.bias_k is not None or module.add_zero_attn:
+            return f"{label}: add_bias_kv and add_zero_attn are not supported"
+    if isinstance(module, (nn.RNNBase,)):
+        return f"{label}: recurrent layers are not supported yet"
+    return None
+
+
+def _group_norm_for(bn: nn.modules.batchnorm._BatchNorm) -> nn.GroupNorm:
+    c = bn.num_features
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0 and g <= c)
+    return nn.GroupNorm(min(groups, c), c, eps=bn.eps, affine=bn.affine)
+
+
+def fix_module(model: nn.Module) -> nn.Module:
+    """Replaces every BatchNorm layer of ``model`` by a GroupNorm over the same channels (32
+    groups or the largest divisor of the channel count below it, as Opacus's ModuleValidator
+    does), in place; returns ``model``. A BatchNorm that is the model itself is returned replaced.
+    """
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return _group_norm_for(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _group_norm_for(child))
+        else:
+            fix_module(child)
+    return model

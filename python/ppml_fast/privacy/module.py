@@ -1,0 +1,337 @@
+"""PrivateModule: the user's model, hooked so that each forward pass records what per-sample
+clipping needs (:mod:`ppml_fast.privacy.capture`), and the clipped per-sample sums computed from
+those records (:meth:`PrivateModule.clipped_sums`) for the DP optimizer.
+
+Every layer with trainable parameters of its own is handled by a rule (ghost norms and
+book-keeping sums; :mod:`ppml_fast.privacy.per_sample`), by the self-attention path
+(:mod:`ppml_fast.privacy.attention`) or by torch.func (:mod:`ppml_fast.privacy.fallback`).
+Layers that cannot be private (BatchNorm, ...) are refused at construction, naming the layer.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ppml_fast.accounting.errors import PrivacyError
+from ppml_fast.privacy import attention, fallback
+from ppml_fast.privacy.capture import Batch, Call, Recorder
+from ppml_fast.privacy.layers import UnsupportedModuleError, refusal, rule_for
+from ppml_fast.privacy.per_sample import Captured, make_rules, weighted_sum
+
+GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize"}
+_SEQUENCE_OPS = ("linear", "layer_norm", "rms_norm")
+
+
+class NonFiniteGradientError(PrivacyError, FloatingPointError):
+    """A per-sample gradient is NaN or infinite (``nonfinite="raise"``)."""
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+class PrivateModule(nn.Module):
+    """Wraps ``module`` for DP training; calling it calls ``module``.
+
+    Args:
+        module: the model (changed only by hooks; ``remove_hooks()`` restores it).
+        grad_sample_mode: ``"ghost"`` (per layer the cheaper of ghost norms and materialised
+            per-sample gradients; never materialised where that would not fit) or
+            ``"materialize"`` (per-sample gradients everywhere; the reference path).
+        batch_first: whether inputs are (B, ...) (else sequence layers see (T, B, ...)).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss combines the samples of a batch.
+    """
+
+    def __init__(self, module: nn.Module, *, grad_sample_mode: str = "ghost",
+                 batch_first: bool = True, loss_reduction: str = "mean") -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {sorted(GRAD_SAMPLE_MODES)}; "
+                             f"got {grad_sample_mode!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool; got {type(batch_first).__name__}")
+        problems = [r for r in (refusal(n, m) for n, m in module.named_modules()) if r]
+        if problems:
+            raise UnsupportedModuleError("; ".join(problems))
+        self._module = module
+        self.grad_sample_mode = grad_sample_mode
+        self.loss_reduction = loss_reduction
+        self.rules = make_rules(GRAD_SAMPLE_MODES[grad_sample_mode])
+        self.recorder = Recorder(batch_first)
+        self._restore: list[tuple[nn.Module, object]] = []
+        self._attach(module)
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _attach(self, root: nn.Module) -> None:
+        claimed: set[int] = set()
+        for _, mod in root.named_modules():
+            if id(mod) in claimed:
+                continue
+            if isinstance(mod, nn.MultiheadAttention):
+                claimed.update(id(m) for m in mod.modules())
+                self._override_attention(mod)
+                continue
+            own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            spec = rule_for(mod)
+            if spec is not None:
+                self.recorder.attach(mod, own, self._rule_call(spec))
+            else:
+                self.recorder.attach(mod, own, self._func_call(own))
+
+    def _rule_call(self, spec):
+        key, kwargs_of, activation_of = spec
+        seq_rank = 2 if key == "embedding" else 3
+        sequence = key in _SEQUENCE_OPS or key == "embedding"
+        rec = self.recorder
+
+        def make(mod: nn.Module, inputs: tuple) -> Call:
+            x = inputs[0]
+            if activation_of is not None:
+                x = activation_of(mod, x)
+            seq_first = sequence and not rec.batch_first and x.dim() >= seq_rank
+            if seq_first:
+                x = x.movedim(1, 0)
+            params = {role: p for role, p in mod.named_parameters(recurse=False) if p.requires_grad}
+            cap = Captured(key, x.detach(), params, kwargs_of(mod))
+            return Call(mod, params, cap=cap, seq_first=seq_first)
+
+        return make
+
+    def _func_call(self, own: dict):
+        def make(mod: nn.Module, inputs: tuple) -> Call:
+            return Call(mod, dict(own), inputs=tuple(
+                a.detach() if isinstance(a, torch.Tensor) else a for a in inputs))
+
+        return make
+
+    def _linear(self, owner: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` recorded as a call of the linear rule (the attention projections)."""
+        w, b = params["weight"], params.get("bias")
+        batch = self.recorder._current()
+        if batch is None:
+            return F.linear(x, w, b)
+        out = F.linear(x, w.detach(), None if b is None else b.detach())
+        own = {r: p for r, p in params.items() if p is not None and p.requires_grad}
+        call = Call(owner, own, cap=Captured("linear", x.detach(), own, {}))
+        batch.calls.append(call)
+        return self.recorder.tap(out, call)
+
+    def _override_attention(self, mha: nn.Module) -> None:
+        private = self
+
+        def dp_forward(mod, query, key, value, key_padding_mask=None, need_weights=True,
+                       attn_mask=None, average_attn_weights=True, is_causal=False):
+            return attention.forward(mod, private._linear, query, key, value, key_padding_mask,
+                                     need_weights, attn_mask, average_attn_weights, is_causal)
+
+        self._restore.append((mha, mha.__dict__.get("forward")))
+        mha.forward = types.MethodType(dp_forward, mha)
+
+    def remove_hooks(self) -> nn.Module:
+        """Detaches everything; returns the original module, as it was."""
+        self.recorder.detach()
+        for mod, before in self._restore:
+            if before is None:
+                del mod.forward
+            else:
+                mod.forward = before
+        self._restore.clear()
+        return self._module
+
+    # -- use ------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def forward(self, *args, **kwargs):
+        x = _first_tensor(args, kwargs)
+        if x is not None and x.dim() > 0:
+            dim = 0 if self.recorder.batch_first or x.dim() < 2 else 1
+            self.recorder.start_batch(x.shape[dim])
+        return self._module(*args, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._module.parameters() if p.requires_grad]
+
+    def pending_batches(self) -> int:
+        return len(self.recorder.batches)
+
+    def discard(self) -> None:
+        """Forgets captured batches (zero_grad)."""
+        self.recorder.take()
+
+    # -- clipping -------------------------------------------------------------------------------
+    def clipped_sums(
+        self,
+        *,
+        max_grad_norm: float | Sequence[float],
+        clipping: str = "flat",
+        nonfinite: str = "raise",
+        step: int = 0,
+        gamma: float = 0.01,
+    ) -> tuple[dict[nn.Parameter, torch.Tensor], int]:
+        """Clips every captured sample's gradient and sums them, batch by batch; forgets the
+        batches. Returns (param -> clipped sum, number of samples seen). Raises
+        NonFiniteGradientError (nothing forgotten) for a non-finite per-sample gradient unless
+        ``nonfinite="drop"``, which zeroes those samples."""
+        batches = [b for b in self.recorder.batches if b.backpropagated]
+        plans = [self._norms(b) for b in batches]
+        if nonfinite == "raise":
+            for plan in plans:
+                bad = ~torch.isfinite(plan["total"])
+                if bool(bad.any()):
+                    raise NonFiniteGradientError(
+                        f"step {step}: the per-sample gradients of samples "
+                        f"{bad.nonzero().flatten().tolist()[:10]} of a batch are not finite; "
+                        "pass nonfinite='drop' to drop such samples"
+                    )
+        self.recorder.take()
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        seen = 0
+        for batch, plan in zip(batches, plans):
+            seen += batch.size
+            self._accumulate(batch, plan, sums, max_grad_norm, clipping, gamma)
+        return sums, seen
+
+    def _scale(self, batch: Batch) -> float:
+        return float(batch.size) if self.loss_reduction == "mean" else 1.0
+
+    def _norms(self, batch: Batch) -> dict:
+        """Per-sample squared norms per parameter (of the true per-sample gradients)."""
+        scale2 = self._scale(batch) ** 2
+        uses: dict[int, int] = {}
+        for c in batch.calls:
+            if c.grad is not None:
+                for p in c.params.values():
+                    uses[id(p)] = uses.get(id(p), 0) + 1
+        per_param: dict[int, torch.Tensor] = {}
+        materialised: dict[int, torch.Tensor] = {}  # shared parameters: summed per-sample grads
+        states = []
+        for c in batch.calls:
+            if c.grad is None:
+                states.append(None)
+                continue
+            shared = any(uses[id(p)] > 1 for p in c.params.values())
+            if c.cap is None or shared:
+                grads = self._per_sample(c)
+                for role, g in grads.items():
+                    pid = id(c.params[role])
+                    materialised[pid] = g if pid not in materialised else materialised[pid] + g
+                states.append(("materialised", grads))
+                continue
+            rule = self.rules[c.cap.op]
+            norms, state = rule.norms_sq(c.cap, c.grad)
+            for role, n in norms.items():
+                per_param[id(c.params[role])] = n
+            states.append(("rule", state))
+        for pid, g in materialised.items():
+            flat = g.reshape(g.shape[0], -1)
+            flat = flat if flat.dtype == torch.float64 else flat.float()
+            per_param[pid] = torch.linalg.vecdot(flat, flat)
+        for pid in per_param:
+            per_param[pid] = per_param[pid].double() * scale2
+        b = batch.size
+        total = sum(per_param.values()) if per_param else torch.zeros(b, dtype=torch.float64)
+        return {"per_param": per_param, "total": total, "states": states,
+                "materialised": materialised}
+
+    def _per_sample(self, c: Call) -> dict[str, torch.Tensor]:
+        if c.cap is not None:
+            return self.rules[c.cap.op].per_sample(c.cap, c.grad)
+        with self.recorder.paused():
+            return fallback.per_sample_grads(c.module, c.params, c.inputs, c.grad)
+
+    def _accumulate(self, batch, plan, sums, max_grad_norm, clipping, gamma) -> None:
+        scale = self._scale(batch)
+        per_param, total = plan["per_param"], plan["total"]
+        finite = torch.isfinite(total)
+        if clipping == "per_layer":
+            norms_by_param = {pid: n.sqrt() for pid, n in per_param.items()}
+        else:
+            norm = total.sqrt()
+        c_of: dict[int, torch.Tensor] = {}
+
+        def factors(n: torch.Tensor, threshold: float) -> torch.Tensor:
+            if clipping == "automatic":  # Bu et al. 2023, "automatic clipping": C / (||g|| + gamma)
+                f = threshold / (n + gamma)
+            else:  # Abadi et al. 2016, Alg. 1: min(1, C / ||g||) (1e-6 guards ||g|| = 0)
+                f = torch.clamp(threshold / (n + 1e-6), max=1.0)
+            return torch.where(finite, f, torch.zeros_like(f)) * scale
+
+        thresholds = self._thresholds(max_grad_norm, clipping)
+        common = None if clipping == "per_layer" else factors(norm, float(max_grad_norm))
+        drop = not bool(finite.all())
+        done: set[int] = set()
+        for c, st in zip(batch.calls, plan["states"]):
+            if st is None:
+                continue
+            kind, state = st
+            for role, p in c.params.items():
+                pid = id(p)
+                if pid not in c_of:
+                    c_of[pid] = common if common is not None else factors(norms_by_param[pid], thresholds[pid])
+            if kind == "materialised":
+                for role, p in c.params.items():
+                    pid = id(p)
+                    if pid in done:
+                        continue
+                    done.add(pid)
+                    g = plan["materialised"][pid]
+                    if drop:
+                        g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g))
+                    self._add(sums, p, weighted_sum(g, c_of[pid], p))
+                continue
+            cap, grad = c.cap, c.grad
+            if drop:
+                keep = finite.view(-1, *[1] * (grad.dim() - 1))
+                grad = torch.where(keep, grad, torch.zeros_like(grad))
+                if cap.activation.is_floating_point():
+                    a_keep = finite.view(-1, *[1] * (cap.activation.dim() - 1))
+                    cap = Captured(cap.op, torch.where(a_keep, cap.activation, torch.zeros_like(cap.activation)),
+                                   cap.params, cap.kwargs)
+                state = None if kind == "rule" else state
+                if state is None:
+                    _, state = self.rules[cap.op].norms_sq(cap, grad)
+            roles = list(c.params)
+            fs = [c_of[id(c.params[r])] for r in roles]
+            if all(f is fs[0] for f in fs):
+                out = self.rules[cap.op].clipped_sum(cap, grad, fs[0].to(grad.dtype if grad.is_floating_point() else torch.float32), state)
+                for role, t in out.items():
+                    self._add(sums, c.params[role], t)
+            else:
+                for role, f in zip(roles, fs):
+                    sub = Captured(cap.op, cap.activation, {role: c.params[role]}, cap.kwargs)
+                    out = self.rules[cap.op].clipped_sum(sub, grad, f.to(grad.dtype), state)
+                    self._add(sums, c.params[role], out[role])
+
+    def _thresholds(self, max_grad_norm, clipping) -> dict[int, float]:
+        """per_layer: parameter -> its clipping norm (one per trainable parameter, in
+        ``parameters()`` order, as Opacus takes them; a single number applies to each)."""
+        if clipping != "per_layer":
+            return {}
+        params = self.trainable_parameters()
+        if isinstance(max_grad_norm, (int, float)):
+            max_grad_norm = [float(max_grad_norm)] * len(params)
+        return {id(p): float(c) for p, c in zip(params, max_grad_norm)}
+
+    @staticmethod
+    def _add(sums: dict, p: nn.Parameter, t: torch.Tensor) -> None:
+        t = t.to(p.dtype)
+        if p in sums:
+            sums[p].add_(t)
+        else:
+            sums[p] = t.contiguous() if t.data_ptr() != p.data_ptr() else t.clone()

@@ -1,0 +1,170 @@
+"""Per-sample gradient norms and clipped sums, one rule per functional op (the maths the DP step calls).
+
+The engine captures, for each call of a functional op whose parameters are tracked, the op's input
+(:class:`Captured`) and the gradient of the loss with respect to the op's output (``grad_out``). A
+:class:`Rule` turns these into
+
+- ``norms_sq``: each sample's squared L2 gradient norm per parameter, without materialising the
+  per-sample gradients where the op allows (ghost norms, Li et al. 2021, arXiv 2110.05679), or by
+  materialising them where that is cheaper (Bu et al. 2023, arXiv 2210.00038, "mixed ghost clipping");
+- ``clipped_sum``: ``sum_i factors[i] * g_i``; book-keeping (one weight-gradient matmul or
+  convolution backward with the factors folded into ``grad_out``) when the norms went ghost, a
+  weighted sum of the kept per-sample gradients when they were materialised;
+- ``per_sample``: the per-sample gradients themselves (reference path, ``mode="materialize"``).
+
+``g_i`` is the gradient of sample i's term of a loss that is a sum over samples. Every rule is
+vectorised over the batch; an empty batch (B = 0) gives empty norms and zero sums.
+
+Dtypes: norms are float64 when the activation or ``grad_out`` is float64, else float32 (bfloat16 and
+float16 inputs are computed in float32); per-sample gradients and clipped sums have the parameter's
+dtype.
+
+Paths: every rule takes ``mode`` = ``"auto"`` (cost model), ``"ghost"`` or ``"materialize"``, at
+construction or per call (``norms_sq(..., mode=...)``). Rules whose per-sample gradients are always
+cheap (normalisation layers, biases) materialise whatever the mode. The engine picks the mode with
+:func:`make_rules`; :data:`RULES` holds the ``"auto"`` rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+MODES = ("auto", "ghost", "materialize")
+
+# "auto" materialises per-sample gradients only while the kept ones of one call stay under this
+# many elements (they live until ``clipped_sum``; the engine holds every layer's at once).
+MATERIALIZE_MAX_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Captured:
+    """One call of a functional op whose parameters are tracked.
+
+    Attributes:
+        op: the rule key: "linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm",
+            "group_norm", "instance_norm" or "rms_norm".
+        activation: the op's input, batch dimension first, detached (embedding: the integer index
+            tensor ``(B, ...)``).
+        params: role ("weight", "bias") -> parameter, only the roles that require a gradient.
+        kwargs: the op's other arguments as ``torch.nn.functional`` takes them (see each rule).
+    """
+
+    op: str
+    activation: Tensor
+    params: dict[str, Tensor]
+    kwargs: dict = field(default_factory=dict)
+
+
+class Rule(Protocol):
+    """Per-sample maths of one op; see the module docstring."""
+
+    def norms_sq(
+        self, cap: Captured, grad_out: Tensor, *, mode: str | None = None
+    ) -> tuple[dict[str, Tensor], object]: ...
+
+    def clipped_sum(
+        self, cap: Captured, grad_out: Tensor, factors: Tensor, state: object
+    ) -> dict[str, Tensor]: ...
+
+    def per_sample(self, cap: Captured, grad_out: Tensor) -> dict[str, Tensor]: ...
+
+
+def check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any of ``tensors`` is float64, else float32 (the dtype norms are computed in)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_batch(cap: Captured, grad_out: Tensor, factors: Tensor | None = None) -> int:
+    """The batch size, after checking that activation, grad_out (and factors) agree on it."""
+    batch = cap.activation.shape[0] if cap.activation.dim() else -1
+    if grad_out.dim() == 0 or grad_out.shape[0] != batch:
+        raise ValueError(
+            f"{cap.op}: grad_out must have the activation's batch size {batch} in dimension 0; "
+            f"got grad_out of shape {tuple(grad_out.shape)}"
+        )
+    if factors is not None and tuple(factors.shape) != (batch,):
+        raise ValueError(
+            f"{cap.op}: factors must have shape ({batch},); got {tuple(factors.shape)}"
+        )
+    return batch
+
+
+def sq_norms(per_sample: Tensor, dtype: torch.dtype) -> Tensor:
+    """Squared L2 norm of each row of ``per_sample`` (B, ...), computed in ``dtype``."""
+    flat = per_sample.flatten(1)
+    if flat.dtype != dtype:
+        flat = flat.to(dtype)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def weighted_sum(per_sample: Tensor, factors: Tensor, like: Tensor) -> Tensor:
+    """``sum_i factors[i] * per_sample[i]`` with the shape and dtype of ``like`` (one matvec)."""
+    flat = per_sample.flatten(1)
+    out = factors.to(flat.dtype) @ flat
+    return out.reshape(like.shape).to(like.dtype)
+
+
+def norms_from(per_sample: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {role: sq_norms(g, dtype) for role, g in per_sample.items()}
+
+
+def clipped_from(
+    per_sample: dict[str, Tensor], factors: Tensor, params: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    return {role: weighted_sum(g, factors, params[role]) for role, g in per_sample.items()}
+
+
+from ppml_fast.privacy.per_sample.conv import ConvRule  # noqa: E402
+from ppml_fast.privacy.per_sample.embedding import EmbeddingRule  # noqa: E402
+from ppml_fast.privacy.per_sample.linear import LinearRule  # noqa: E402
+from ppml_fast.privacy.per_sample.normalization import (  # noqa: E402
+    GroupNormRule,
+    InstanceNormRule,
+    LayerNormRule,
+    RMSNormRule,
+)
+
+
+def make_rules(mode: str = "auto") -> dict[str, Rule]:
+    """One rule per op key, all with the given default ``mode``."""
+    mode = check_mode(mode)
+    return {
+        "linear": LinearRule(mode),
+        "conv1d": ConvRule(1, mode),
+        "conv2d": ConvRule(2, mode),
+        "conv3d": ConvRule(3, mode),
+        "embedding": EmbeddingRule(mode),
+        "layer_norm": LayerNormRule(mode),
+        "group_norm": GroupNormRule(mode),
+        "instance_norm": InstanceNormRule(mode),
+        "rms_norm": RMSNormRule(mode),
+    }
+
+
+RULES: dict[str, Rule] = make_rules("auto")
+
+__all__ = [
+    "MATERIALIZE_MAX_ELEMENTS",
+    "MODES",
+    "RULES",
+    "Captured",
+    "ConvRule",
+    "EmbeddingRule",
+    "GroupNormRule",
+    "InstanceNormRule",
+    "LayerNormRule",
+    "LinearRule",
+    "RMSNormRule",
+    "Rule",
+    "make_rules",
+]

@@ -1,0 +1,202 @@
+"""PrivacyEngine and DPOptimizer: noise std, budget stop, checkpoints, Poisson empty batches,
+virtual batches, the Opacus loop shape, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ppml_fast
+from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.privacy import (
+    BatchMemoryManager,
+    DPDataLoader,
+    DPOptimizer,
+    PrivacyBudgetExceeded,
+    PrivacyEngine,
+    PrivateModule,
+)
+
+
+def _data(n=64, d=5, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g))
+
+
+def _setup(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(_data(), batch_size=16)
+    engine = PrivacyEngine()
+    args = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0, noise_seed=1, generator=torch.Generator().manual_seed(seed))
+    args.update(kw)
+    return (engine, *engine.make_private(**args))
+
+
+def _train(model, opt, loader, steps):
+    it = iter(loader)
+    for _ in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_opacus_loop_shape_and_epsilon():
+    engine, model, opt, loader = _setup()
+    assert isinstance(model, PrivateModule) and isinstance(opt, DPOptimizer)
+    assert isinstance(loader, DPDataLoader) and loader.sample_rate == pytest.approx(0.25)
+    before = [p.detach().clone() for p in model.parameters()]
+    for epoch in range(2):
+        for x, y in loader:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    want = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(1.0)), 8).get_epsilon(1e-5)
+    assert engine.get_epsilon(1e-5) == pytest.approx(want, rel=1e-12)
+    assert opt.steps == 8
+
+
+def test_noise_std_is_sigma_c_over_expected_batch_size():
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100)
+    private = PrivateModule(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=private,
+                      noise_multiplier=2.0, max_grad_norm=3.0, expected_batch_size=8.0, seed=5)
+    x = torch.randn(4, 200)
+    (private(x) * 0.0).sum().backward()  # zero per-sample gradients: the gradient is the noise
+    opt.step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()]).double().numpy()
+    std = 2.0 * 3.0 / 8.0
+    assert stats.kstest(noise / std, "norm").pvalue > 1e-4
+
+
+def test_budget_stop_raises_before_any_change():
+    engine, model, opt, loader = _setup(max_epsilon=2.0, delta=1e-5, noise_multiplier=1.5)
+    x, y = next(iter(DataLoader(_data(), batch_size=16)))
+    steps_done = 0
+    with pytest.raises(PrivacyBudgetExceeded) as err:
+        for _ in range(1000):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            params = [p.detach().clone() for p in model.parameters()]
+            eps_before, offset_before = engine.get_epsilon(1e-5), opt.offset
+            opt.step()
+            steps_done += 1
+    assert err.value.epsilon > 2.0 >= engine.get_epsilon(1e-5)
+    assert steps_done == 2 and opt.steps == 2  # epsilons 1.60, 1.97, then 2.25 > 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert engine.get_epsilon(1e-5) == eps_before and opt.offset == offset_before
+    assert ppml_fast.PrivacyBudgetExceeded is PrivacyBudgetExceeded
+
+
+def test_checkpoint_round_trip_resumes_identically():
+    engine, model, opt, loader = _setup(seed=3)
+    fixed = DataLoader(_data(seed=4), batch_size=16)
+    _train(model, opt, fixed, 3)
+    saved = (copy.deepcopy(model.module.state_dict()), copy.deepcopy(engine.state_dict()))
+    _train(model, opt, fixed, 2)
+
+    engine2, model2, opt2, _ = _setup(seed=99, noise_seed=12345)
+    model2.module.load_state_dict(saved[0])
+    engine2.load_state_dict(saved[1])
+    _train(model2, opt2, fixed, 2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert engine2.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+
+
+def test_poisson_loader_yields_empty_batches_and_step_works():
+    ds = _data(n=20)
+    loader = DPDataLoader(ds, sample_rate=0.01, num_batches=50, generator=torch.Generator().manual_seed(0))
+    sizes = [len(x) for x, _ in loader]
+    assert 0 in sizes and len(sizes) == 50
+    model = nn.Linear(5, 3)
+    private = PrivateModule(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=private,
+                      noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=0.2, seed=0)
+    x, y = ds.tensors[0][:0], ds.tensors[1][:0]
+    nn.functional.cross_entropy(private(x), y, reduction="sum").backward()
+    opt.step()  # noise only
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_poisson_batch_sizes_are_binomial():
+    loader = DPDataLoader(_data(n=200), sample_rate=0.1, num_batches=400,
+                          generator=torch.Generator().manual_seed(1))
+    sizes = [len(y) for _, y in loader]
+    mean = sum(sizes) / len(sizes)
+    assert abs(mean - 20) < 4 * math.sqrt(200 * 0.1 * 0.9 / 400)
+
+
+def test_virtual_batches_equal_one_big_batch():
+    results = []
+    for physical in (None, 5):
+        engine, model, opt, _ = _setup(seed=7, poisson_sampling=False)
+        loader = DataLoader(_data(seed=8), batch_size=16)
+        if physical is None:
+            _train(model, opt, loader, 4)
+        else:
+            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=opt) as mem:
+                for x, y in mem:
+                    opt.zero_grad()
+                    # mean over the chunk: loss_reduction="mean" rescales by the chunk's size
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+            assert opt.steps == 4
+        results.append([p.detach().clone() for p in model.parameters()])
+    # both runs clip the same per-sample gradients and draw the same noise (one draw per logical step)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_not_poisson_warns():
+    with pytest.warns(UserWarning, match="Poisson"):
+        _setup(poisson_sampling=False)
+
+
+def test_make_private_with_epsilon_meets_the_target():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    engine = PrivacyEngine()
+    loader = DataLoader(_data(), batch_size=16)
+    m, opt, dl = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        target_epsilon=3.0, target_delta=1e-5, epochs=5, max_grad_norm=1.0)
+    steps = 5 * len(loader)
+    eps = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(opt.noise_multiplier)), steps).get_epsilon(1e-5)
+    assert 2.95 <= eps <= 3.0
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(noise_multiplier=-1.0), ValueError, "noise_multiplier"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+        (dict(clipping="hard"), ValueError, "clipping"),
+        (dict(max_epsilon=1.0), ValueError, "delta"),
+        (dict(grad_sample_mode="x"), ValueError, "grad_sample_mode"),
+        (dict(nonfinite="ignore"), ValueError, "nonfinite"),
+        (dict(data_loader=[1, 2]), TypeError, "data_loader"),
+    ],
+)
+def test_bad_input(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _setup(**kw)
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyEngine(accountant="moments")

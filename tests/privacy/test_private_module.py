@@ -1,0 +1,198 @@
+"""PrivateModule: clipped per-sample sums against a torch.func float64 reference over the whole
+model, for every supported layer, both grad-sample modes and every clipping mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ppml_fast.privacy import PrivateModule, UnsupportedModuleError, fix_module
+from ppml_fast.privacy.module import NonFiniteGradientError
+
+
+class Scale(nn.Module):
+    """A module no rule knows: the torch.func path."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.tanh(self.w)
+
+
+class Mixed(nn.Module):
+    """Conv1d/2d, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, Linear (2-D and sequence),
+    Embedding, a TransformerEncoderLayer (plain MultiheadAttention) and a fallback module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.conv1 = nn.Conv1d(4, 3, 2, dilation=2)
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.scale = Scale(8)
+        self.head = nn.Linear(8 + 3 * 14, 5)
+
+    def forward(self, img, tokens):
+        a = self.inorm(self.gn(self.conv(img)))  # (B, 4, 4, 4)
+        a = self.conv1(a.flatten(2)).flatten(1)  # (B, 3, 14) -> (B, 42)
+        s = self.scale(self.rms(self.ln(self.enc(self.emb(tokens)))))  # (B, T, 8)
+        return self.head(torch.cat([s.mean(1), a], dim=1))
+
+
+def _inputs(b=6, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(b, 2, 8, 8, generator=g, dtype=dtype)
+    tokens = torch.randint(0, 11, (b, 5), generator=g)
+    y = torch.randint(0, 5, (b,), generator=g)
+    return img, tokens, y
+
+
+def _reference_sums(model, img, tokens, y, max_norm, clipping, gamma=0.01):
+    """Per-sample gradients by torch.func over the whole model, clipped and summed, float64."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, i, t, yy):
+        out = functional_call(model, p, (i[None], t[None]))
+        return nn.functional.cross_entropy(out, yy[None], reduction="sum")
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, img, tokens, y)
+    names = list(params)
+    sq = {n: g[n].flatten(1).pow(2).sum(1) for n in names}
+    total = sum(sq.values()).sqrt()
+    out = {}
+    for k, n in enumerate(names):
+        if clipping == "flat":
+            f = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        elif clipping == "automatic":
+            f = max_norm / (total + gamma)
+        else:
+            f = torch.clamp(max_norm[k] / (sq[n].sqrt() + 1e-6), max=1.0)
+        out[n] = torch.einsum("b,b...->...", f, g[n])
+    return out, total
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "automatic"])
+def test_clipped_sums_match_torch_func(mode, clipping):
+    torch.manual_seed(0)
+    ref_model = Mixed().double()
+    model = copy.deepcopy(ref_model)
+    private = PrivateModule(model, grad_sample_mode=mode, loss_reduction="mean")
+    img, tokens, y = _inputs()
+    names = [n for n, _ in model.named_parameters()]
+    max_norm = [0.3 + 0.1 * k for k in range(len(names))] if clipping == "per_layer" else 0.7
+    out = private(img, tokens)
+    nn.functional.cross_entropy(out, y).backward()
+    assert all(p.grad is None for p in model.parameters())  # autograd skipped the summed grads
+    sums, seen = private.clipped_sums(max_grad_norm=max_norm, clipping=clipping)
+    assert seen == 6
+    want, _ = _reference_sums(ref_model, img, tokens, y, max_norm, clipping)
+    by_name = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(sums[by_name[n]], want[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_float32_matches_reference():
+    torch.manual_seed(1)
+    ref_model = Mixed().double()
+    model = copy.deepcopy(ref_model).float()
+    private = PrivateModule(model)
+    img, tokens, y = _inputs(b=8, dtype=torch.float32, seed=3)
+    nn.functional.cross_entropy(private(img, tokens), y).backward()
+    sums, _ = private.clipped_sums(max_grad_norm=0.5)
+    want, _ = _reference_sums(ref_model, img.double(), tokens, y, 0.5, "flat")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p].double(), want[n], rtol=2e-4, atol=2e-5, msg=n)
+
+
+def test_shared_parameter_and_module_called_twice():
+    torch.manual_seed(2)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    ref = Tied().double()
+    model = copy.deepcopy(ref)
+    private = PrivateModule(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    nn.functional.cross_entropy(private(x), y, reduction="sum").backward()
+    private.loss_reduction = "sum"
+    sums, _ = private.clipped_sums(max_grad_norm=0.2)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    g = vmap(grad(lambda p, xi, yi: nn.functional.cross_entropy(
+        functional_call(ref, p, (xi[None],)), yi[None], reduction="sum")), in_dims=(None, 0, 0))(params, x, y)
+    total = sum(v.flatten(1).pow(2).sum(1) for v in g.values()).sqrt()
+    f = torch.clamp(0.2 / (total + 1e-6), max=1.0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p], torch.einsum("b,b...->...", f, g[n]), msg=n)
+
+
+def test_forward_without_backward_is_ignored_and_no_grad_not_captured():
+    model = nn.Linear(3, 2)
+    private = PrivateModule(model)
+    with torch.no_grad():
+        private(torch.randn(4, 3))
+    assert private.pending_batches() == 0
+    private(torch.randn(4, 3))  # forward with grad, never backpropagated
+    sums, seen = private.clipped_sums(max_grad_norm=1.0)
+    assert sums == {} and seen == 0
+
+
+def test_nonfinite_raise_and_drop():
+    model = nn.Linear(3, 1)
+    private = PrivateModule(model, loss_reduction="sum")
+    x = torch.tensor([[1.0, 0.0, 0.0], [float("inf"), 0.0, 0.0], [0.0, 2.0, 0.0]])
+    private(x).sum().backward()
+    with pytest.raises(NonFiniteGradientError, match="samples \\[1\\]"):
+        private.clipped_sums(max_grad_norm=10.0, step=7)
+    assert private.pending_batches() == 1  # nothing forgotten
+    sums, _ = private.clipped_sums(max_grad_norm=10.0, nonfinite="drop")
+    torch.testing.assert_close(sums[model.weight], torch.tensor([[1.0, 2.0, 0.0]]))
+    torch.testing.assert_close(sums[model.bias], torch.tensor([2.0]))
+
+
+def test_batchnorm_refused_naming_the_layer_and_fix_module():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(UnsupportedModuleError, match="1 \\(BatchNorm2d\\)"):
+        PrivateModule(model)
+    fixed = fix_module(model)
+    assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_channels == 8
+    PrivateModule(fixed)
+
+
+def test_remove_hooks_restores_the_module():
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    model.eval()
+    before = model(x)
+    private = PrivateModule(model)
+    assert "forward" in model.self_attn.__dict__
+    original = private.remove_hooks()
+    assert original is model and "forward" not in model.self_attn.__dict__
+    torch.testing.assert_close(model(x), before)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="module"):
+        PrivateModule("nope")
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        PrivateModule(nn.Linear(2, 2), grad_sample_mode="fast")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        PrivateModule(nn.Linear(2, 2), loss_reduction="max")
