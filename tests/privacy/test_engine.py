@@ -200,3 +200,43 @@ def test_bad_input(kw, exc, match):
         _setup(**kw)
     with pytest.raises(ValueError, match="accountant"):
         PrivacyEngine(accountant="moments")
+
+
+def test_noise_schedule_is_accounted_step_by_step_and_resumes():
+    from ppml_fast.accounting import ComposedEvent
+    from ppml_fast.privacy import ExponentialNoise, LambdaNoise, StepNoise
+
+    engine, model, opt, loader = _setup(seed=5)
+    sched = ExponentialNoise(opt, gamma=0.9)
+    fixed = DataLoader(_data(seed=6), batch_size=16)
+    sigmas = []
+    for _ in range(3):
+        for _ in range(2):
+            sigmas.append(opt.noise_multiplier)
+            _train(model, opt, fixed, 1)
+        sched.step()
+    assert sigmas == pytest.approx([1.0, 1.0, 0.9, 0.9, 0.81, 0.81])
+    want = RDPAccountant().compose(ComposedEvent(tuple(
+        PoissonSampledEvent(0.25, GaussianEvent(s)) for s in sigmas))).get_epsilon(1e-5)
+    assert engine.get_epsilon(1e-5) == pytest.approx(want, rel=1e-12)
+    # resume: the optimizer's state carries sigma, the scheduler's its epoch
+    engine2, _, opt2, _ = _setup(seed=5)
+    sched2 = ExponentialNoise(opt2, gamma=0.9)
+    engine2.load_state_dict(engine.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    sched.step(), sched2.step()
+    assert opt2.noise_multiplier == opt.noise_multiplier == pytest.approx(0.9**4)
+    assert engine2.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+
+    step = StepNoise(opt, step_size=2, gamma=0.5)
+    step.step()
+    assert opt.noise_multiplier == pytest.approx(step.initial_noise_multiplier)
+    step.step()
+    assert opt.noise_multiplier == pytest.approx(step.initial_noise_multiplier * 0.5)
+    lam = LambdaNoise(opt, noise_lambda=lambda t: 1.0 + t)
+    lam.step()
+    assert opt.noise_multiplier == pytest.approx(lam.initial_noise_multiplier * 2)
+    with pytest.raises(ValueError, match="gamma"):
+        ExponentialNoise(opt, gamma=0.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        ExponentialNoise(object(), gamma=0.5)

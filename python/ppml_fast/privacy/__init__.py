@@ -5,6 +5,7 @@
 - :class:`PrivateModule` — the model with capture hooks (ghost norms, book-keeping sums)
 - :class:`DPDataLoader`, :class:`BatchMemoryManager` — Poisson sampling, virtual batches
 - :func:`fix_module` — BatchNorm -> GroupNorm
+- :class:`ExponentialNoise`, :class:`StepNoise`, :class:`LambdaNoise` — noise schedules
 """
 
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded, PrivacyError
@@ -13,16 +14,21 @@ from ppml_fast.privacy.engine import PrivacyEngine
 from ppml_fast.privacy.layers import UnsupportedModuleError, fix_module
 from ppml_fast.privacy.module import NonFiniteGradientError, PrivateModule
 from ppml_fast.privacy.optimizer import DPOptimizer
+from ppml_fast.privacy.schedulers import ExponentialNoise, LambdaNoise, NoiseScheduler, StepNoise
 
 __all__ = [
     "BatchMemoryManager",
     "DPDataLoader",
     "DPOptimizer",
+    "ExponentialNoise",
+    "LambdaNoise",
+    "NoiseScheduler",
     "NonFiniteGradientError",
     "PrivacyBudgetExceeded",
     "PrivacyEngine",
     "PrivacyError",
     "PrivateModule",
+    "StepNoise",
     "UnsupportedModuleError",
     "fix_module",
 ]
