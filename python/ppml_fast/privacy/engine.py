@@ -14,7 +14,6 @@ plain ``nn.MultiheadAttention``; accountants are "rdp" or "pld".
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence
 
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 from ppml_fast.accounting import calibration
 from ppml_fast.privacy.data import DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
-from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
+from ppml_fast.privacy.optimizer import DistributedDPOptimizer, DPOptimizer, warn_not_poisson
 
 
 class PrivacyEngine:
@@ -66,6 +65,7 @@ class PrivacyEngine:
         noise_seed: Optional[int] = None,
         nonfinite: str = "raise",
         generator: Optional[torch.Generator] = None,
+        distributed: bool = False,
     ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
         """Returns (private module, DP optimizer, data loader) — always three.
 
@@ -73,7 +73,10 @@ class PrivacyEngine:
         list of one per trainable parameter with ``clipping="per_layer"``). With ``max_epsilon``
         (and ``delta``), the step that would spend more raises ``PrivacyBudgetExceeded`` before
         any parameter changes. ``noise_seed`` makes the noise reproducible (ignored in secure
-        mode); ``generator`` seeds the Poisson sampler.
+        mode); ``generator`` seeds the Poisson sampler. ``distributed=True``: data-parallel
+        training over ``torch.distributed`` ranks, each with its own shard in ``data_loader``
+        (e.g. a DistributedSampler); clipped sums are all-reduced and the noise added once per
+        logical step (:class:`~ppml_fast.privacy.optimizer.DistributedDPOptimizer`).
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
@@ -93,7 +96,14 @@ class PrivacyEngine:
         private = module if isinstance(module, PrivateModule) else PrivateModule(
             module, grad_sample_mode=grad_sample_mode, batch_first=batch_first,
             loss_reduction=loss_reduction)
-        dp_optimizer = DPOptimizer(
+        cls = DPOptimizer
+        if distributed:
+            import torch.distributed as dist
+
+            cls = DistributedDPOptimizer
+            if dist.is_available() and dist.is_initialized():
+                expected *= dist.get_world_size()  # the global expected batch size
+        dp_optimizer = cls(
             optimizer, module=private, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
             accountant=self.accountant, sample_rate=sample_rate, max_epsilon=max_epsilon,

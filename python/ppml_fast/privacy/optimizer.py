@@ -226,6 +226,9 @@ class DPOptimizer:
                 epsilon=eps, epsilon_budget=self.max_epsilon, delta=self.delta)
 
     # -- step -----------------------------------------------------------------------------------
+    def _reduce(self, grads: list[torch.Tensor]) -> None:
+        """Hook between accumulation and noise: the distributed optimizer sums across ranks."""
+
     def pre_step(self) -> bool:
         """Clip and accumulate; for a real step also check the budget, add noise, scale and set
         ``p.grad``. Returns whether the wrapped optimizer should step."""
@@ -238,6 +241,7 @@ class DPOptimizer:
         if skip:
             return False
         grads = self._grads()
+        self._reduce(grads)
         self._noise_and_scale(grads)
         for p, g in zip(self.params, grads):
             p.grad = g
@@ -291,3 +295,51 @@ def warn_not_poisson() -> None:
         "poisson_sampling=False: the reported epsilon assumes Poisson sampling and may overstate "
         "the privacy of fixed-size shuffled batches (Chua et al. 2024, arXiv 2411.10614)",
         UserWarning, stacklevel=3)
+
+
+class DistributedDPOptimizer(DPOptimizer):
+    """DPOptimizer for data-parallel training with ``torch.distributed`` (any backend; gloo on
+    CPU): each rank clips its own samples; the clipped sums are summed across ranks (one
+    all-reduce of one flat buffer per step); the noise is then added once per logical step —
+    every rank draws the same Philox numbers (same seed and offset), so all ranks hold the same
+    noisy gradient and the result equals one process that saw every rank's samples. In secure
+    mode rank 0 draws the noise and broadcasts the noisy gradient. ``expected_batch_size`` is
+    the global one (all ranks together). Build the model the same on every rank (e.g. same seed)
+    and do not wrap it in ``DistributedDataParallel``: this optimizer does the reduction.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistributedDPOptimizer needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group)")
+        super().__init__(*args, **kwargs)
+        seed = torch.tensor([self.seed % 2**63], dtype=torch.int64)
+        dist.broadcast(seed, src=0)  # one noise stream for all ranks
+        self.seed = int(seed)
+        for p in self.params:
+            dist.broadcast(p.data, src=0)
+
+    def _reduce(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        i = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[i:i + n].view_as(g))
+            i += n
+
+    def _noise_and_scale(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        if not self.secure_mode:
+            super()._noise_and_scale(grads)
+            return
+        if dist.get_rank() == 0:
+            super()._noise_and_scale(grads)
+        for g in grads:
+            dist.broadcast(g, src=0)
+
