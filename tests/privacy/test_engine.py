@@ -240,3 +240,55 @@ def test_noise_schedule_is_accounted_step_by_step_and_resumes():
         ExponentialNoise(opt, gamma=0.0)
     with pytest.raises(TypeError, match="optimizer"):
         ExponentialNoise(object(), gamma=0.5)
+
+
+class SampleConvNet(nn.Module):
+    """Opacus's examples/mnist.py model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 8, 2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, 4, 2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = nn.functional.relu(self.conv1(x))
+        x = nn.functional.max_pool2d(x, 2, 1)
+        x = nn.functional.relu(self.conv2(x))
+        x = nn.functional.max_pool2d(x, 2, 1)
+        x = x.view(-1, 32 * 4 * 4)
+        return self.fc2(nn.functional.relu(self.fc1(x)))
+
+
+def test_opacus_mnist_example_loop_runs_unchanged():
+    # examples/mnist.py of Opacus 1.6, with `from opacus import PrivacyEngine` replaced
+    from ppml_fast import PrivacyEngine as Engine
+
+    g = torch.Generator().manual_seed(0)
+    train_loader = DataLoader(TensorDataset(torch.randn(96, 1, 28, 28, generator=g),
+                                            torch.randint(0, 10, (96,), generator=g)), batch_size=32)
+    model = SampleConvNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0)
+    privacy_engine = Engine(secure_mode=False)
+    model, optimizer, train_loader = privacy_engine.make_private(
+        module=model, optimizer=optimizer, data_loader=train_loader,
+        noise_multiplier=1.1, max_grad_norm=1.0)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses = []
+    for _batch_idx, (data, target) in enumerate(train_loader):
+        optimizer.zero_grad()
+        output = model(data)
+        loss = criterion(output, target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    epsilon = privacy_engine.accountant.get_epsilon(delta=1e-5)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 28, 28))
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert epsilon == pytest.approx(RDPAccountant().compose(
+        PoissonSampledEvent(1 / 3, GaussianEvent(1.1)), 3).get_epsilon(1e-5))
+    assert list(model.state_dict())[0] == "_module.conv1.weight"  # Opacus's GradSampleModule prefix
