@@ -22,13 +22,13 @@ BUSY_WARNING = 0.2  # fraction of the CPU used by other work before the run
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ppml_fast.benchmarks import PROFILES, op_cases, run_cases
+    from ppml_fast.benchmarks import PROFILES, accounting_cases, dp_step_cases, op_cases, run_cases
     from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info, to_json
 
     profile = PROFILES["quick" if args.quick else "full"]
     if args.compile is not None:
         profile = dataclasses.replace(profile, costly=args.compile)
-    cases = op_cases(args.sizes)
+    cases = op_cases(args.sizes) + dp_step_cases(args.sizes) + accounting_cases(args.sizes)
     if args.only:
         cases = [c for c in cases if any(s in c.key for s in args.only)]
         if not cases:
@@ -61,10 +61,12 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="time the native ops against their baselines and print the ratios",
+        help="time the native ops, the DP step and the accountants against their baselines",
         description="Time ppml_fast's ops against eager torch, torch.compile, the bandwidth floor "
-        "and Flower's aggregate(), in one run, and print one table of medians and ratios with "
-        "the targets of issue 2 (set for a 2-core CPU at the full sizes).",
+        "and Flower's aggregate(); its DP-SGD step against the non-private step and Opacus; and "
+        "its accountants against dp-accounting and Opacus (Opacus and dp-accounting when "
+        "installed: pip install '.[bench]'), in one run, and print one table of medians and "
+        "ratios with the targets (set for a 2-core CPU at the full sizes).",
     )
     p.add_argument("--quick", action="store_true",
                    help="fewer runs and no torch.compile: under a minute on 2 cores")
@@ -78,7 +80,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "(seconds; for testing the command, ratios are not meaningful)")
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="run only cases whose key contains one of these (clip, noise, aggregate, "
-                   "clip-256x1M, ...)")
+                   "dp-step, accounting, clip-256x1M, ...)")
     p.set_defaults(run=_bench)
 
 
@@ -99,7 +101,8 @@ def _add_epsilon(sub: argparse._SubParsersAction) -> None:
                    help="sigma: noise std as a multiple of the clipping norm")
     p.add_argument("--steps", type=int, required=True, help="number of steps T")
     p.add_argument("--delta", type=float, required=True, help="target delta")
-    p.add_argument("--accountant", choices=("rdp",), default="rdp")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+                   help="rdp (Rényi DP, an upper bound) or pld (privacy loss distribution, tighter)")
     p.set_defaults(run=_epsilon)
 
 
@@ -122,7 +125,8 @@ def _add_noise_multiplier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, required=True)
     p.add_argument("--sample-rate", type=float, required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--accountant", choices=("rdp",), default="rdp")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+                   help="rdp (Rényi DP, an upper bound) or pld (privacy loss distribution, tighter)")
     p.set_defaults(run=_noise_multiplier)
 
 

@@ -80,3 +80,18 @@ def test_cli_bad_input_exits_2_with_the_argument_named(capsys):
     assert main(["epsilon", "--sample-rate", "1.5", "--noise-multiplier", "1.0",
                  "--steps", "10", "--delta", "1e-5"]) == 2
     assert "sample_rate" in capsys.readouterr().err
+
+
+def test_cli_pld_accountant_is_tighter(capsys):
+    args = ["epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "1000",
+            "--delta", "1e-5"]
+    assert main(args + ["--accountant", "pld"]) == 0
+    pld = float(capsys.readouterr().out.split("=")[1].split()[0])
+    rdp = epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5)
+    assert pld == pytest.approx(epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000,
+                                        delta=1e-5, accountant="pld"), rel=1e-5)
+    assert 0.7 * rdp < pld < rdp
+    assert main(["noise-multiplier", "--target-epsilon", "2", "--delta", "1e-5", "--sample-rate",
+                 "0.01", "--steps", "1000", "--accountant", "pld"]) == 0
+    sigma = float(capsys.readouterr().out.split("=")[1].split()[0])
+    assert epsilon(noise_multiplier=sigma, sample_rate=0.01, steps=1000, delta=1e-5, accountant="pld") <= 2.0

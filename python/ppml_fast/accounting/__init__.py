@@ -22,6 +22,7 @@ from ppml_fast.accounting.ledger import PrivacyLedger
 from ppml_fast.accounting.serialization import event_from_dict, event_to_dict
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaussian_delta
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
+from ppml_fast.accounting.pld import PLDAccountant
 from ppml_fast.accounting.rdp import RDPAccountant
 
 __all__ = [

@@ -13,9 +13,10 @@ from typing import Optional
 
 from ppml_fast.accounting import _checks, rdp_math
 from ppml_fast.accounting.events import GaussianEvent, PoissonSampledEvent
+from ppml_fast.accounting.pld import PLDAccountant
 from ppml_fast.accounting.rdp import RDPAccountant
 
-ACCOUNTANTS = {"rdp": RDPAccountant}
+ACCOUNTANTS = {"rdp": RDPAccountant, "pld": PLDAccountant}
 _MAX_SIGMA = 1e4
 
 

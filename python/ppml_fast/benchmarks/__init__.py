@@ -7,13 +7,17 @@ The same case table drives ``ppml-fast bench`` (:func:`run_cases`) and ``bench/b
 
 - :mod:`.cases`  — the data model (Case, Impl, Target)
 - :mod:`.ops`    — the cases of the native ops (clip, noise, aggregate)
+- :mod:`.accounting` — the accountants' cases (RDP, PLD, calibration) against dp-accounting, Opacus
+- :mod:`.dp_step` — one DP-SGD step (M1 MLP, M2 CNN, M3 transformer) against non-private and Opacus
 - :mod:`.flower` — Flower's ``aggregate()`` algorithm, the numpy baseline
 - :mod:`.timing` — warm-ups, then median and IQR of ``time.perf_counter`` runs
 - :mod:`.run`    — runs cases, turns timings into result rows with ratios and targets
 - :mod:`.report` — the aligned table, the JSON document and the machine line
 """
 
+from ppml_fast.benchmarks.accounting import accounting_cases
 from ppml_fast.benchmarks.cases import Case, Impl, Target
+from ppml_fast.benchmarks.dp_step import dp_step_cases
 from ppml_fast.benchmarks.ops import SIZES, op_cases
 from ppml_fast.benchmarks.report import format_table, machine_info, to_json
 from ppml_fast.benchmarks.run import case_rows, run_cases
@@ -27,6 +31,8 @@ __all__ = [
     "Profile",
     "Target",
     "Timing",
+    "accounting_cases",
+    "dp_step_cases",
     "case_rows",
     "format_table",
     "machine_info",

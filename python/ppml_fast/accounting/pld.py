@@ -1,0 +1,310 @@
+"""PLDAccountant: privacy-loss-distribution accounting of Gaussian, Laplace and randomized
+response events, Poisson-subsampled or not, in any heterogeneous sequence.
+
+The maths is in pld_math.py; this file keeps the history and the caches. The history is stored
+run-length encoded and composed lazily: ``compose`` is O(1), and a query composes every distinct
+event once (one FFT each at the composed grid's length, raised to its count), so calling
+``compose(event)`` every DP-SGD step and ``get_epsilon`` now and then costs the same as one
+``compose(event, steps)``. Results are cached until the next ``compose``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+from ppml_fast.accounting import _checks, pld_math
+from ppml_fast.accounting.events import (
+    ComposedEvent,
+    Event,
+    GaussianEvent,
+    LaplaceEvent,
+    PoissonSampledEvent,
+    RandomizedResponseEvent,
+    SelfComposedEvent,
+    UnsupportedEventError,
+)
+
+AUTO_STEP = 1e-4  # the grid step when none is given, before refinement for narrow PLDs
+# History kinds (the same names and parameters as RDPAccountant.history where both have them).
+_KINDS = {"gaussian": 2, "laplace": 1, "poisson_laplace": 2, "randomized_response": 2}
+
+
+class PLDAccountant:
+    """Privacy loss distribution accountant (Koskela, Jalko, Honkela 2020; Doroshenko, Ghazi,
+    Kamath, Kumar, Manurangsi 2022), the same surface as ``RDPAccountant``.
+
+    Supported: ``GaussianEvent``, ``LaplaceEvent``, ``RandomizedResponseEvent``,
+    ``PoissonSampledEvent`` of a Gaussian or Laplace event, and ``SelfComposedEvent`` /
+    ``ComposedEvent`` of those. Poisson sampling is analysed under add/remove adjacency: removing
+    and adding a record give different PLDs, each direction is composed on its own and the larger
+    delta (equivalently epsilon) is reported, as dp_accounting does. Randomized response is
+    accounted under its own (replace-one) adjacency with its exact, finite PLD. Gaussian steps
+    without sampling compose in closed form (noise sigma_eff = (sum_i 1 / sigma_i^2)^(-1/2));
+    a history of only those is answered exactly (Balle & Wang 2018, Theorem 8), with no grid.
+
+    Every result is an upper bound on the true epsilon (delta): the grid PLDs dominate the true
+    ones (connect-the-dots), mass left off the composed grid counts as infinite loss, and FFT
+    round-off is covered by an allowance (pld_math.py says how). What the grid adds, measured
+    against dp_accounting 0.6's PLD accountant at a 10x finer grid (1e-5), which is itself an
+    upper bound converging as step^2: on q in {1e-3, 0.01, 0.1, 1} x sigma in {0.5, 1, 2, 10} x
+    T in {1, 100, 1e4} x delta in {1e-5, 1e-6} at the default step 1e-4, at most the figure
+    tests/accounting/test_pld.py asserts (see ``value_discretization_interval``); for q = 0.01,
+    sigma = 1, T = 1e5, delta = 1e-5: 25.57341 against 25.57311 (+1.2e-5 relative), in ~0.4 s.
+    Doroshenko et al. prove the connect-the-dots estimate the best pessimistic one on a given
+    grid; its error shrinks like step^2 (halving the step quarters it), and costs grow like 1/step.
+
+    Args:
+        value_discretization_interval: the loss grid's step (default 1e-4, as dp_accounting).
+        tail_mass_truncation: bound on the probability mass (per direction) left off the
+            composed grid; the Chernoff bound on what is left off is added to delta.
+        max_grid_points: the composed grid's largest length; a history whose losses span more
+            (epsilons in the hundreds) is composed on a coarser grid (the step doubled until it
+            fits), which is still an upper bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        value_discretization_interval: Optional[float] = None,
+        tail_mass_truncation: float = 1e-15,
+        max_grid_points: int = 1 << 23,
+    ) -> None:
+        step = value_discretization_interval
+        if step is not None:
+            step = _checks.positive("value_discretization_interval", step)
+            if not step <= 0.1:
+                raise ValueError(f"value_discretization_interval must be <= 0.1; got {step!r}")
+        tail = _checks.open_unit("tail_mass_truncation", tail_mass_truncation)
+        if (isinstance(max_grid_points, bool) or not isinstance(max_grid_points, numbers.Integral)
+                or max_grid_points < 1024):
+            raise ValueError(f"max_grid_points must be an int >= 1024; got {max_grid_points!r}")
+        self.value_discretization_interval = step
+        self.tail_mass_truncation = tail
+        self.max_grid_points = int(max_grid_points)
+        self._history: list[tuple] = []  # (*key, count), consecutive equal keys merged
+        self._counts: dict[tuple, int] = {}
+        self._result: Optional[list] = None  # composed, per direction, until the next compose
+
+    # -- events -----------------------------------------------------------------------------
+    def supports(self, event: Event) -> bool:
+        try:
+            self._steps(event, 1)
+        except UnsupportedEventError:
+            return False
+        return True
+
+    def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
+        """The event as (key, count) steps, or UnsupportedEventError."""
+        if isinstance(event, GaussianEvent):
+            return [(("gaussian", 1.0, event.noise_multiplier), count)]
+        if isinstance(event, LaplaceEvent):
+            return [(("laplace", event.scale), count)]
+        if isinstance(event, RandomizedResponseEvent):
+            return [(("randomized_response", event.noise_parameter, event.num_buckets), count)]
+        if isinstance(event, PoissonSampledEvent) and isinstance(event.event, GaussianEvent):
+            return [(("gaussian", event.sampling_probability, event.event.noise_multiplier), count)]
+        if isinstance(event, PoissonSampledEvent) and isinstance(event.event, LaplaceEvent):
+            return [(("poisson_laplace", event.sampling_probability, event.event.scale), count)]
+        if isinstance(event, SelfComposedEvent):
+            return self._steps(event.event, count * event.count)
+        if isinstance(event, ComposedEvent):
+            out: list[tuple[tuple, int]] = []
+            for e in event.events:
+                out.extend(self._steps(e, count))
+            return out
+        raise UnsupportedEventError(f"PLDAccountant does not support {type(event).__name__}: {event!r}")
+
+    def compose(self, event: Event, count: int = 1) -> "PLDAccountant":
+        """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"count must be an int >= 0; got {count!r}")
+        for key, n in self._steps(event, int(count)):
+            self._add(key, n)
+        return self
+
+    def _add(self, key: tuple, n: int) -> None:
+        if not n:
+            return
+        if self._history and self._history[-1][:-1] == key:
+            self._history[-1] = (*key, self._history[-1][-1] + n)
+        else:
+            self._history.append((*key, n))
+        self._counts[key] = self._counts.get(key, 0) + n
+        self._result = None
+
+    # -- composition ------------------------------------------------------------------------
+    def _parts(self, step: float) -> tuple[float, list, list, bool]:
+        """(sigma_eff of the unsampled Gaussian steps or inf, remove parts, add parts,
+        symmetric) with parts [(grid PLD, count)], in a fixed order (the key order), so equal
+        histories give bit-identical results."""
+        inv_var = 0.0
+        remove: list = []
+        add: list = []
+        symmetric = True
+        for key, n in sorted(self._counts.items()):
+            kind = key[0]
+            if kind == "gaussian" and key[1] == 1.0:
+                inv_var += n / key[2] ** 2
+                continue
+            if kind in ("gaussian", "poisson_laplace") and key[1] == 0.0:
+                continue  # nobody's record is used: no privacy loss
+            if kind == "randomized_response" and key[1] == 1.0:
+                continue  # the output ignores the input
+            if kind == "randomized_response":
+                p = pld_math.mechanism_pld(kind, key[1:], "remove", step)
+                remove.append((p, n))
+                add.append((p, n))
+            elif kind == "laplace" or key[1] == 1.0:  # a Laplace step, or one sampled with q = 1
+                p = pld_math.mechanism_pld("laplace", (1.0, key[-1]), "remove", step)
+                remove.append((p, n))
+                add.append((p, n))
+            else:
+                mech = "gaussian" if kind == "gaussian" else "laplace"
+                remove.append((pld_math.mechanism_pld(mech, (key[1], key[2]), "remove", step), n))
+                add.append((pld_math.mechanism_pld(mech, (key[1], key[2]), "add", step), n))
+                symmetric = False
+        sigma_eff = 1.0 / math.sqrt(inv_var) if inv_var > 0 else math.inf
+        if remove and inv_var > 0:
+            g = pld_math.mechanism_pld("gaussian", (1.0, sigma_eff), "remove", step)
+            remove.append((g, 1))
+            add.append((g, 1))
+        return sigma_eff, remove, add, symmetric
+
+    def _step(self) -> float:
+        """The grid step: the one given, or (auto) 1e-4 refined by powers of two to at most
+        1/32 of the smallest per-step loss standard deviation (measured on the 1e-4 grid)."""
+        if self.value_discretization_interval is not None:
+            return self.value_discretization_interval
+        sds = []
+        for spec in self._specs():
+            lo, hi = pld_math.loss_range(*spec)
+            if hi - lo < 0.01 * self.max_grid_points * AUTO_STEP:  # wide ones need no refining
+                sds.append(pld_math.mechanism_pld(*spec, AUTO_STEP).sd)
+        sds = [s for s in sds if s > 0]
+        if not sds or min(sds) / 32 >= AUTO_STEP:
+            return AUTO_STEP
+        return AUTO_STEP / 2.0 ** math.ceil(math.log2(AUTO_STEP * 32 / min(sds)))
+
+    def _specs(self) -> list[tuple]:
+        """(kind, params, direction) of every grid PLD the history needs."""
+        out = []
+        inv_var = 0.0
+        for key, n in self._counts.items():
+            kind = key[0]
+            if kind == "gaussian" and key[1] == 1.0:
+                inv_var += n / key[2] ** 2
+            if kind == "randomized_response":
+                out.append((kind, key[1:], "remove"))
+            elif kind == "laplace":
+                out.append((kind, (1.0, key[1]), "remove"))
+            elif key[1] not in (0.0, 1.0):
+                mech = "gaussian" if kind == "gaussian" else "laplace"
+                out += [(mech, key[1:], "remove"), (mech, key[1:], "add")]
+        if out and inv_var > 0:  # the unsampled Gaussians, composed into one
+            out.append(("gaussian", (1.0, 1.0 / math.sqrt(inv_var)), "remove"))
+        return out
+
+    def _composed(self) -> list:
+        """[("gaussian", sigma_eff)] for a history of unsampled Gaussians only, else the
+        composed PLD of each direction (one when every part is symmetric); [] when empty."""
+        if self._result is not None:
+            return self._result
+        step = self._step()
+        widest = max((hi - lo for spec in self._specs() for lo, hi in [pld_math.loss_range(*spec)]),
+                     default=0.0)
+        if widest / step + 2 > self.max_grid_points:  # one step alone spans too many grid points
+            step *= 2.0 ** math.ceil(math.log2((widest / step + 2) / self.max_grid_points))
+        while True:
+            sigma_eff, remove, add, symmetric = self._parts(step)
+            if not remove:
+                self._result = [] if math.isinf(sigma_eff) else [("gaussian", sigma_eff)]
+                return self._result
+            tail = self.tail_mass_truncation
+            need = max(pld_math.window_points(remove, tail), pld_math.window_points(add, tail))
+            if need <= self.max_grid_points:
+                break
+            step *= 2.0 ** math.ceil(math.log2(need / self.max_grid_points))
+        directions = [remove] if symmetric else [remove, add]
+        self._result = [pld_math.compose(parts, tail) for parts in directions]
+        return self._result
+
+    # -- queries ----------------------------------------------------------------------------
+    def get_epsilon(self, delta: float) -> float:
+        """epsilon spent at ``delta`` (in (0, 1)): an upper bound (the larger of the two
+        adjacency directions)."""
+        delta = _checks.open_unit("delta", delta)
+        out = 0.0
+        for c in self._composed():
+            if isinstance(c, tuple):
+                out = max(out, pld_math.gaussian_epsilon(c[1], delta))
+            else:
+                out = max(out, c.epsilon(delta))
+        return out
+
+    def get_delta(self, epsilon: float) -> float:
+        """delta at ``epsilon`` (finite, >= 0): an upper bound."""
+        epsilon = _checks.non_negative("epsilon", epsilon)
+        out = 0.0
+        for c in self._composed():
+            if isinstance(c, tuple):
+                out = max(out, float(pld_math.gaussian_delta(c[1], epsilon)))
+            else:
+                out = max(out, c.delta(epsilon))
+        return out
+
+    @property
+    def history(self) -> list[tuple]:
+        """(kind, *parameters, count) of every composition, in order, consecutive repeats of one
+        step merged: ("gaussian", q, sigma, n) (q = 1: no sampling), ("laplace", scale, n),
+        ("poisson_laplace", q, scale, n), ("randomized_response", p, k, n)."""
+        return list(self._history)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "value_discretization_interval": self.value_discretization_interval,
+            "tail_mass_truncation": self.tail_mass_truncation,
+            "max_grid_points": self.max_grid_points,
+            "history": [list(h) for h in self._history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replaces this accountant's settings and history with ``state``'s (validated first:
+        on an error nothing changes)."""
+        try:
+            fresh = PLDAccountant(
+                value_discretization_interval=state["value_discretization_interval"],
+                tail_mass_truncation=state["tail_mass_truncation"],
+                max_grid_points=state["max_grid_points"],
+            )
+            for h in state["history"]:
+                h = list(h)
+                kind, params, n = h[0], tuple(h[1:-1]), h[-1]
+                if kind not in _KINDS or len(params) != _KINDS[kind]:
+                    raise ValueError(f"unknown history entry {h!r}")
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                    raise ValueError(f"count must be an int >= 0 in {h!r}")
+                fresh.compose(_event(kind, params), int(n))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(
+                "state must hold 'value_discretization_interval', 'tail_mass_truncation', "
+                f"'max_grid_points' and 'history' entries (kind, *parameters, count); {e}"
+            ) from e
+        self.__dict__.update(fresh.__dict__)
+
+    def __getstate__(self) -> dict:  # pickling and deepcopy skip the cached composition
+        return {**self.__dict__, "_result": None}
+
+
+def _event(kind: str, params: tuple) -> Event:
+    """The event a history entry describes (its constructor validates the parameters)."""
+    if kind == "gaussian":
+        q, sigma = params
+        return GaussianEvent(sigma) if q == 1.0 else PoissonSampledEvent(q, GaussianEvent(sigma))
+    if kind == "laplace":
+        return LaplaceEvent(params[0])
+    if kind == "poisson_laplace":
+        return PoissonSampledEvent(params[0], LaplaceEvent(params[1]))
+    return RandomizedResponseEvent(params[0], params[1])
