@@ -292,3 +292,13 @@ def test_opacus_mnist_example_loop_runs_unchanged():
     assert epsilon == pytest.approx(RDPAccountant().compose(
         PoissonSampledEvent(1 / 3, GaussianEvent(1.1)), 3).get_epsilon(1e-5))
     assert list(model.state_dict())[0] == "_module.conv1.weight"  # Opacus's GradSampleModule prefix
+
+
+def test_zero_grad_forgets_captured_batches():
+    engine, model, opt, loader = _setup()
+    x, y = next(iter(DataLoader(_data(), batch_size=8)))
+    model(x)  # e.g. an evaluation with grad enabled, never backpropagated
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert model.pending_batches() == 2
+    opt.zero_grad()
+    assert model.pending_batches() == 0

@@ -154,6 +154,7 @@ class DPOptimizer:
         """Clears the gradients and the captured batches; the clipped sums of skipped (virtual)
         steps are kept until the real step."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.module.discard()
         if not self._last_step_skipped:
             self._summed, self._samples = {}, 0
 
