@@ -302,3 +302,29 @@ def test_zero_grad_forgets_captured_batches():
     assert model.pending_batches() == 2
     opt.zero_grad()
     assert model.pending_batches() == 0
+
+
+def test_budget_stop_with_the_pld_accountant_stops_where_pld_says():
+    from ppml_fast.accounting import PLDAccountant
+
+    # steps that fit eps = 1.5 under PLD at q = 0.25, sigma = 1.5 (RDP alone would stop earlier)
+    fits = 0
+    acc = PLDAccountant()
+    while acc.compose(PoissonSampledEvent(0.25, GaussianEvent(1.5))).get_epsilon(1e-5) <= 1.5:
+        fits += 1
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    engine = PrivacyEngine(accountant="pld")
+    m, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                    data_loader=DataLoader(_data(), batch_size=16), noise_multiplier=1.5,
+                                    max_grad_norm=1.0, max_epsilon=1.5, delta=1e-5, noise_seed=0)
+    x, y = next(iter(DataLoader(_data(), batch_size=16)))
+    done = 0
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            done += 1
+    assert done == fits >= 1
+    assert engine.get_epsilon(1e-5) <= 1.5

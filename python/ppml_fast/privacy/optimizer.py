@@ -129,6 +129,8 @@ class DPOptimizer:
         self._skip_next = False
         self._last_step_skipped = False
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
+        self._shadow = None  # an RDP copy of the history (budget checks for slow accountants)
+        self._fits = None  # (event, how many more such steps fit the budget)
 
     # -- the torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -218,13 +220,48 @@ class DPOptimizer:
             raise PrivacyBudgetExceeded(f"step {self.steps}: noise_multiplier is 0, so any step "
                                         "spends an infinite epsilon", epsilon=math.inf,
                                         epsilon_budget=self.max_epsilon, delta=self.delta)
+        event = self._event()
+        if self._budget_ok(event):
+            return
         trial = copy.deepcopy(self.accountant)  # with its cached curves: ~0.1 ms for RDP
-        eps = trial.compose(self._event()).get_epsilon(self.delta)
+        eps = trial.compose(event).get_epsilon(self.delta)
         if eps > self.max_epsilon:
             raise PrivacyBudgetExceeded(
                 f"step {self.steps}: this step would spend epsilon {eps:.4g} > max_epsilon "
                 f"{self.max_epsilon:g} at delta {self.delta:g}; no parameter was changed",
                 epsilon=eps, epsilon_budget=self.max_epsilon, delta=self.delta)
+
+    def _budget_ok(self, event) -> bool:
+        """A cheap proof that one more ``event`` stays within the budget, for accountants whose
+        queries are slow (PLD: ~0.3 s): (1) the RDP bound of the same history is an upper bound
+        on the true epsilon, so RDP within budget suffices; (2) else, once per distinct event,
+        the PLD accountant finds how many more such steps fit (epsilon grows with the count) and
+        those are allowed without another query."""
+        from ppml_fast.accounting import RDPAccountant
+
+        if isinstance(self.accountant, RDPAccountant):
+            return False  # its own query is cheap: the caller does it
+        if self._shadow is None:
+            self._shadow = RDPAccountant()
+            try:
+                for *key, n in self.accountant.history:
+                    self._shadow._compose_key(tuple(key), n)
+            except (KeyError, ValueError):  # a kind RDP does not know: no shadow
+                self._shadow = False
+        if self._shadow and copy.deepcopy(self._shadow).compose(event).get_epsilon(self.delta) <= self.max_epsilon:
+            return True
+        if self._fits is None or self._fits[0] != event:
+            lo, hi = 0, 1
+            while self._epsilon_after(event, hi) <= self.max_epsilon and hi < 1 << 30:
+                lo, hi = hi, hi * 2
+            while hi - lo > 1:  # largest count within budget, by bisection
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self._epsilon_after(event, mid) <= self.max_epsilon else (lo, mid)
+            self._fits = (event, lo)
+        return self._fits[1] >= 1
+
+    def _epsilon_after(self, event, count: int) -> float:
+        return copy.deepcopy(self.accountant).compose(event, count).get_epsilon(self.delta)
 
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
@@ -247,7 +284,12 @@ class DPOptimizer:
         for p, g in zip(self.params, grads):
             p.grad = g
         if self.accountant is not None and self.sample_rate is not None:
-            self.accountant.compose(self._event())
+            event = self._event()
+            self.accountant.compose(event)
+            if self._shadow:
+                self._shadow.compose(event)
+            if self._fits is not None and self._fits[0] == event:
+                self._fits = (event, self._fits[1] - 1)
         self.steps += 1
         self._summed, self._samples = {}, 0
         for hook in self.step_hooks:
@@ -285,6 +327,7 @@ class DPOptimizer:
             self.accountant.load_state_dict(acc)
         self.original_optimizer.load_state_dict(inner)
         self.noise_multiplier, self.seed, self.offset, self.steps = sigma, seed, offset, steps
+        self._shadow, self._fits = None, None
 
     def __repr__(self) -> str:
         return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier="
