@@ -108,7 +108,8 @@ def _randomized_response_delta(p, k, steps, eps):
     ok = rest >= 0
     rest = np.maximum(rest, 0)
     logc = special.gammaln(steps + 1) - special.gammaln(i + 1) - special.gammaln(j + 1) - special.gammaln(rest + 1)
-    logp = logc + i * math.log(hi) + j * math.log(lo) + (rest * math.log((k - 2) * lo) if k > 2 else np.where(rest > 0, -np.inf, 0.0))
+    others = rest * math.log((k - 2) * lo) if k > 2 else np.where(rest > 0, -np.inf, 0.0)
+    logp = logc + i * math.log(hi) + j * math.log(lo) + others
     loss = (i - j) * a
     keep = ok & (loss > eps)
     return float(np.sum(np.exp(logp[keep]) * -np.expm1(eps - loss[keep])))
@@ -168,8 +169,14 @@ REFERENCES = {  # (q, sigma, T): ((upper 1e-5, upper 1e-6), (lower 1e-5, lower 1
     (0.001, 2.0, 1): ((0.001506815330471263, 0.0028621302563823807), (0.0015018002503906461, 0.0028571264604634883)),
     (0.001, 2.0, 100): ((0.014629789416468777, 0.018916776543402795), (0.014129594556141293, 0.018416549032741696)),
     (0.001, 2.0, 10000): ((0.17331297686862845, 0.20493748882900314), (0.1233102338391751, 0.15493433616207913)),
-    (0.001, 10.0, 1): ((9.727428031294864e-05, 0.00021850105568853488), (9.219435875600717e-05, 0.00021350856900038883)),
-    (0.001, 10.0, 100): ((0.0019692129153273345, 0.0027699870013777428), (0.0014682721004412752, 0.0022687766702996167)),
+    (0.001, 10.0, 1): (
+        (9.727428031294864e-05, 0.00021850105568853488),
+        (9.219435875600717e-05, 0.00021350856900038883),
+    ),
+    (0.001, 10.0, 100): (
+        (0.0019692129153273345, 0.0027699870013777428),
+        (0.0014682721004412752, 0.0022687766702996167),
+    ),
     (0.001, 10.0, 10000): ((0.027361856992063057, 0.03385625137802833), (0, 0)),
     (0.01, 0.5, 1): ((3.025357805979512, 4.285423137676987), (3.0253528059704773, 4.285418137653455)),
     (0.01, 0.5, 100): ((6.476210007691044, 7.916084107554042), (6.4757101988382715, 7.915584293959852)),
@@ -254,7 +261,9 @@ G, L_, P_ = GaussianEvent, LaplaceEvent, PoissonSampledEvent
 CASES = {
     "laplace": ([(L_(1.0), 100)], [(dpa.LaplaceDpEvent(1.0), 100)]),
     "laplace_wide": ([(L_(10.0), 1000)], [(dpa.LaplaceDpEvent(10.0), 1000)]),
-    "poisson_laplace": ([(P_(0.05, L_(0.5)), 1000)], [(dpa.PoissonSampledDpEvent(0.05, dpa.LaplaceDpEvent(0.5)), 1000)]),
+    "poisson_laplace": (
+        [(P_(0.05, L_(0.5)), 1000)], [(dpa.PoissonSampledDpEvent(0.05, dpa.LaplaceDpEvent(0.5)), 1000)]
+    ),
     "heterogeneous": (
         [(P_(0.01, G(1.0)), 500), (P_(0.02, G(0.8)), 100), (G(5.0), 3), (P_(0.005, G(2.0)), 500), (L_(20.0), 5)],
         [(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(1.0)), 500),
@@ -285,16 +294,25 @@ def test_randomized_response_against_dp_accounting():
 
 def test_epsilon_beyond_the_exponent_range():
     # eps > 709, where e^eps overflows and e^-eps underflows: still an upper bound, and tight
-    acc = PLDAccountant(value_discretization_interval=1e-3).compose(RandomizedResponseEvent(0.02, 2), 150)
+    acc = PLDAccountant(value_discretization_interval=1e-3).compose(RandomizedResponseEvent(0.2, 2), 400)
     eps = acc.get_epsilon(1e-5)
     assert eps > 709
-    assert _randomized_response_delta(0.02, 2, 150, eps) <= 1e-5
-    assert _randomized_response_delta(0.02, 2, 150, eps * (1 - 1e-4)) > 1e-5
+    assert _randomized_response_delta(0.2, 2, 400, eps) <= 1e-5
+    assert _randomized_response_delta(0.2, 2, 400, eps * (1 - 1e-4)) > 1e-5
     # an unsampled Gaussian with eps > 709 mixed into a grid history stays above its own epsilon
     mixed = PLDAccountant(value_discretization_interval=4e-3).compose(GaussianEvent(0.025))
     alone = mixed.get_epsilon(1e-5)
     mixed.compose(PoissonSampledEvent(0.01, GaussianEvent(1.0)), 10)
     assert alone > 709 and mixed.get_epsilon(1e-5) >= alone
+
+
+def test_mass_left_off_the_grid_counts_as_infinite_loss():
+    event = _dpsgd(0.01, 1.0)
+    loose = PLDAccountant(tail_mass_truncation=1e-3).compose(event, 1000)
+    tight = PLDAccountant().compose(event, 1000)
+    assert loose.get_delta(50.0) > 1e-5 > 1e-9 > tight.get_delta(50.0)  # the Chernoff bound is added
+    assert loose.get_epsilon(1e-5) == math.inf  # it exceeds delta: no finite epsilon is claimed
+    assert loose.get_epsilon(1e-2) >= tight.get_epsilon(1e-2)
 
 
 def test_target_case_speed_and_accuracy():

@@ -258,7 +258,7 @@ def loss_range(kind: str, params: tuple, direction: str) -> tuple[float, float]:
     return _mechanism(kind, params, direction)[2:]
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def mechanism_pld(kind: str, params: tuple, direction: str, step: float) -> DiscretePLD:
     """The grid PLD of one step of a mechanism (cached: composing the same event again is free).
 
