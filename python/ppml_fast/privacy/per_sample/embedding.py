@@ -1,4 +1,4 @@
-"""Per-sample norms and clipped sums for ``F.embedding(indices (B, T...), weight (V, D), padding_idx)``.
+"""Per-sample norms and clipped sums for ``F.embedding(indices (B, T...), weight (V, D))``.
 
 Sample i's gradient is ``sum_t e_{idx_t} g_t^T``: row v holds the sum of the g_t whose index is v.
 Its squared norm, never building the (V, D) gradient:
@@ -8,10 +8,16 @@ Its squared norm, never building the (V, D) gradient:
 - rows: sort the (sample, index) keys, add each sample's rows with the same index
   (``index_add``), and sum the squares of those row sums: ``O(B T D + B T log(B T))``.
 
-Both are exact; ``"auto"`` uses rows (see :data:`AUTO_PATH` for the measurement), ``"ghost"`` forces
-the Gram formula and ``"materialize"`` builds the dense (B, V, D) gradients. Positions whose index
-is ``padding_idx`` contribute nothing (F.embedding gives that row no gradient). The clipped sum
-is one native ``embedding_dense_backward`` (an index_add) of factor-scaled ``grad_out``.
+Both are exact. ``"auto"`` takes the Gram formula below ``GRAM_MAX_SEQ`` = 32 indices per sample,
+else rows; ``"ghost"`` forces the Gram formula and ``"materialize"`` builds the dense (B, V, D)
+gradients (reference path: B V D numbers). Measured on the 2-core dev box (torch 2.13, one thread,
+thread CPU time, min of 10 calls; rows vs Gram norms, ms), B=32 V=10k D=128:
+T=16 0.19 vs 0.14, T=32 0.25 vs 0.27, T=64 0.49 vs 0.78, T=256 1.6 vs 20.9; B=8 T=512 V=32k
+D=512: 3.3 vs 38.9. The native embedding backward of the same call: 0.19, 0.23, 0.58, 1.2, 44 ms.
+
+Positions whose index is ``padding_idx`` contribute nothing (F.embedding gives that row no
+gradient). The clipped sum is one ``index_add`` of factor-scaled ``grad_out`` into a (V, D) zero
+tensor, padding row zeroed after (0.53 ms vs 0.58 for the native backward at B=32 T=64).
 
 kwargs: ``padding_idx`` (None or an int, negative counts from the end, as F.embedding),
 ``scale_grad_by_freq`` and ``sparse`` (True is refused), ``max_norm`` (accepted: F.embedding
@@ -27,7 +33,8 @@ from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
 
-AUTO_PATH = "rows"
+# "auto" uses the Gram formula below this many indices per sample, else rows.
+GRAM_MAX_SEQ = 32
 
 
 def _padding_idx(cap: _ps.Captured, num: int) -> int | None:
@@ -68,15 +75,15 @@ def _prepare(cap: _ps.Captured, grad_out: Tensor):
     return idx2, g2, pad, num
 
 
-def _keys(idx2: Tensor, num: int, pad: int | None, g2: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat keys ``sample * V + index`` and the matching rows of grad_out, padding dropped."""
-    batch, seq = idx2.shape
-    keys = (torch.arange(batch, device=idx2.device)[:, None] * num + idx2).reshape(-1)
-    rows = g2.reshape(batch * seq, g2.shape[-1])
-    if pad is not None:
-        keep = idx2.reshape(-1) != pad
-        keys, rows = keys[keep], rows[keep]
-    return keys, rows
+def _keys(idx2: Tensor, num: int) -> Tensor:
+    """Flat keys ``sample * V + index`` (B T,)."""
+    batch = idx2.shape[0]
+    return (torch.arange(batch, device=idx2.device)[:, None] * num + idx2).reshape(-1)
+
+
+def choose_path(seq: int) -> str:
+    """"ghost" (T x T Gram) or "rows" (sort and add rows) for ``seq`` indices per sample."""
+    return "ghost" if seq < GRAM_MAX_SEQ else "rows"
 
 
 class EmbeddingRule:
@@ -98,23 +105,29 @@ class EmbeddingRule:
         if mode == "materialize":
             dense = self._dense(idx2, g2, pad, num)
             return {"weight": _ps.sq_norms(dense, g2.dtype)}, {"weight": dense}
-        if mode == "ghost":
+        path = "ghost" if mode == "ghost" else choose_path(idx2.shape[1])
+        if path == "ghost":
             same = idx2[:, :, None] == idx2[:, None, :]
             if pad is not None:
                 same &= (idx2 != pad)[:, :, None]
             gram = torch.bmm(g2, g2.transpose(1, 2))
             return {"weight": (gram * same).flatten(1).sum(1)}, None
-        keys, rows = _keys(idx2, num, pad, g2)
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse, rows)
-        norms = rows.new_zeros(batch).index_add_(0, uniq // num, torch.linalg.vecdot(sums, sums))
-        return {"weight": norms}, None
+        uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
+        rows = g2.reshape(-1, g2.shape[-1])
+        sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse.reshape(-1), rows)
+        sq = torch.linalg.vector_norm(sums, dim=1).square()
+        if pad is not None:
+            sq = sq.masked_fill(uniq % num == pad, 0)
+        return {"weight": rows.new_zeros(batch).index_add_(0, uniq // num, sq)}, None
 
     @staticmethod
     def _dense(idx2: Tensor, g2: Tensor, pad: int | None, num: int) -> Tensor:
-        keys, rows = _keys(idx2, num, pad, g2)
-        dense = rows.new_zeros(idx2.shape[0] * num, rows.shape[1]).index_add_(0, keys, rows)
-        return dense.reshape(idx2.shape[0], num, rows.shape[1])
+        batch, dim = idx2.shape[0], g2.shape[-1]
+        dense = g2.new_zeros(batch * num, dim).index_add_(0, _keys(idx2, num), g2.reshape(-1, dim))
+        dense = dense.reshape(batch, num, dim)
+        if pad is not None:
+            dense[:, pad] = 0
+        return dense
 
     def clipped_sum(
         self, cap: _ps.Captured, grad_out: Tensor, factors: Tensor, state: object
@@ -127,10 +140,11 @@ class EmbeddingRule:
             return {}
         idx2, g2, pad, num = prep
         weight = cap.params["weight"]
-        scaled = g2 * factors.to(g2.dtype)[:, None, None]
-        total = torch.ops.aten.embedding_dense_backward(
-            scaled, idx2, num, -1 if pad is None else pad, False
-        )
+        dim = g2.shape[-1]
+        scaled = (g2 * factors.to(g2.dtype)[:, None, None]).reshape(-1, dim)
+        total = scaled.new_zeros(num, dim).index_add_(0, idx2.reshape(-1), scaled)
+        if pad is not None:
+            total[pad] = 0
         return {"weight": total.to(weight.dtype)}
 
     def per_sample(self, cap: _ps.Captured, grad_out: Tensor) -> dict[str, Tensor]:
