@@ -172,6 +172,9 @@ PYBIND11_MODULE(_C, m) {
     return std::vector<uint32_t>(out, out + 16);
   });
   m.def("log_positive", &log_positive);
+  m.def("_set_noise_simd", &cpu::set_noise_simd, py::arg("enabled"),
+        "Test hook: AVX2 (True) or portable (False) CPU noise path; returns the previous "
+        "setting. Both give the same bits.");
   m.def("sincos_turns", [](double a) {
     double s, c;
     sincos_turns(a, &s, &c);

@@ -2,14 +2,22 @@
 //
 // Element i of tensor k gets sample (i & 1) of block first_block_k + i / 2 of the Philox
 // stream (include/ppml/noise.h), so the numbers depend on (seed, offset, sizes) only: not on the
-// thread count, the split into chunks, or the device. Threads take contiguous ranges of the
-// concatenated block space.
+// thread count, the split into chunks, or the device. Threads take chunks of the concatenated
+// block space from a shared counter.
+//
+// Two paths give the same bits: with AVX2 (noise_avx2.h) Philox, Box-Muller and the update run
+// four blocks per vector; elsewhere, or with PPML_FAST_DISABLE_AVX2=1, the portable code of
+// include/ppml (eight Philox blocks at a time, then Box-Muller per block). Secure mode (ChaCha20)
+// always takes the portable code.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "../include/ppml/kernels.h"
 #include "../include/ppml/noise.h"
+#include "noise_avx2.h"
 #include "parallel.h"
 #include "philox_x8.h"
 #include "target.h"
@@ -17,22 +25,28 @@
 namespace ppml::cpu {
 namespace {
 
-constexpr int kLanes = 8;  // blocks generated together (philox_x8 and a vector of Box-Muller)
+constexpr int kLanes = 8;  // blocks generated together by the portable path (philox_x8_scalar)
 
-// PPML_FAST_DISABLE_AVX2=1 forces the portable Philox (the tests compare both paths).
-bool has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = __builtin_cpu_supports("avx2") && !std::getenv("PPML_FAST_DISABLE_AVX2");
-  return yes;
+bool cpu_has_avx2() {
+#if defined(PPML_HAVE_NOISE_AVX2)
+  return __builtin_cpu_supports("avx2");
 #else
   return false;
 #endif
 }
 
+// The AVX2 path is on when the CPU has AVX2, unless PPML_FAST_DISABLE_AVX2 is set (the tests
+// compare both paths; set_noise_simd switches it for them in-process).
+std::atomic<bool>& simd_flag() {
+  static std::atomic<bool> on{cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2")};
+  return on;
+}
+
+// Portable path: local blocks [b0, b1) of a tensor of numel elements whose stream starts at
+// block first_block (relative to p.offset, or to 0 in secure mode).
 template <typename T>
-PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0, uint64_t b1,
-                 const NoiseProblem& p) {
-  // local blocks [b0, b1) of this tensor
+PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0,
+                                    uint64_t b1, const NoiseProblem& p) {
   double z[2 * kLanes];
   uint64_t b = b0;
   for (; b < b1; b += kLanes) {
@@ -43,15 +57,7 @@ PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, u
                            &z[2 * v + 1]);
     } else {
       uint32_t w[4][kLanes];
-#ifdef PPML_HAVE_PHILOX_AVX2
-      if (has_avx2()) {
-        philox_x8_avx2(p.seed, p.offset + first_block + b, w);
-      } else {
-        philox_x8_scalar(p.seed, p.offset + first_block + b, w);
-      }
-#else
       philox_x8_scalar(p.seed, p.offset + first_block + b, w);
-#endif
       double z0[kLanes], z1[kLanes];
       for (int v = 0; v < kLanes; ++v) box_muller(w[0][v], w[1][v], w[2][v], w[3][v], &z0[v], &z1[v]);
       for (int v = 0; v < kLanes; ++v) {
@@ -83,8 +89,64 @@ PPML_TARGET_CLONES void noise_bf16(BFloat16* x, int64_t n, uint64_t f, uint64_t 
   noise_range(x, n, f, b0, b1, p);
 }
 
+#if defined(PPML_HAVE_NOISE_AVX2)
+// AVX2 path of the reproducible stream, same arguments as noise_range. Whole groups of
+// avx2::kGroupBlocks blocks whose elements all exist go through avx2::update_groups; the rest (the
+// range's last partial group, a tensor's odd last element, 16-bit storage) computes the same
+// samples a group at a time and updates element by element with the scalar apply_noise, which
+// performs the same operations.
+template <typename T>
+__attribute__((target("avx2"))) void noise_range_avx2(T* x, int64_t numel, uint64_t first_block,
+                                                      uint64_t b0, uint64_t b1,
+                                                      const NoiseProblem& p,
+                                                      const avx2::PhiloxKeys& keys) {
+  constexpr uint64_t kG = avx2::kGroupBlocks;
+  const uint64_t index = p.offset + first_block;  // Philox block of local block 0
+  uint64_t b = b0;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    // blocks [b0, full) have both elements
+    const uint64_t full = std::min<uint64_t>(b1, static_cast<uint64_t>(numel) / 2);
+    if (full > b0) {
+      const int64_t groups = static_cast<int64_t>((full - b0) / kG);
+      T* xb = x + 2 * b0;
+      if (p.divide) {
+        avx2::update_groups<true>(xb, index + b0, groups, keys, p.stddev, p.denominator);
+      } else {
+        avx2::update_groups<false>(xb, index + b0, groups, keys, p.stddev, p.denominator);
+      }
+      b = b0 + kG * static_cast<uint64_t>(groups);
+    }
+  }
+  alignas(32) double z[2 * kG];
+  for (; b < b1; b += kG) {
+    __m256d e[2 * avx2::kN];
+    avx2::normals(keys, index + b, e);
+    for (int v = 0; v < 2 * avx2::kN; ++v) _mm256_store_pd(z + 4 * v, e[v]);
+    const int64_t e_begin = static_cast<int64_t>(2 * b);
+    const int64_t e_end = std::min<int64_t>(numel, static_cast<int64_t>(2 * std::min(b + kG, b1)));
+    for (int64_t i = e_begin; i < e_end; ++i)
+      apply_noise(x, i, z[i - e_begin], p.stddev, p.denominator, p.divide);
+  }
+}
+#endif
+
 void noise_tensor(const NoiseTensor& t, uint64_t first, uint64_t b0, uint64_t b1,
-                  const NoiseProblem& p) {
+                  const NoiseProblem& p, const void* simd_keys) {
+#if defined(PPML_HAVE_NOISE_AVX2)
+  if (simd_keys) {
+    const auto& keys = *static_cast<const avx2::PhiloxKeys*>(simd_keys);
+    switch (t.dtype) {
+      case DType::kFloat32:
+        return noise_range_avx2(static_cast<float*>(t.ptr), t.numel, first, b0, b1, p, keys);
+      case DType::kFloat64:
+        return noise_range_avx2(static_cast<double*>(t.ptr), t.numel, first, b0, b1, p, keys);
+      case DType::kFloat16:
+        return noise_range_avx2(static_cast<Half*>(t.ptr), t.numel, first, b0, b1, p, keys);
+      case DType::kBFloat16:
+        return noise_range_avx2(static_cast<BFloat16*>(t.ptr), t.numel, first, b0, b1, p, keys);
+    }
+  }
+#endif
   switch (t.dtype) {
     case DType::kFloat32: return noise_f32(static_cast<float*>(t.ptr), t.numel, first, b0, b1, p);
     case DType::kFloat64: return noise_f64(static_cast<double*>(t.ptr), t.numel, first, b0, b1, p);
@@ -96,6 +158,10 @@ void noise_tensor(const NoiseTensor& t, uint64_t first, uint64_t b0, uint64_t b1
 
 }  // namespace
 
+bool set_noise_simd(bool enabled) {
+  return simd_flag().exchange(enabled && cpu_has_avx2());
+}
+
 void gaussian_noise(const NoiseProblem& p) {
   // first block of each tensor, relative to the stream's start (offset, or 0 in secure mode)
   std::vector<uint64_t> first(p.tensors.size() + 1, 0);
@@ -103,16 +169,36 @@ void gaussian_noise(const NoiseProblem& p) {
     first[k + 1] = first[k] + noise_blocks(p.tensors[k].numel);
   const uint64_t total = first.back();
   if (total == 0) return;
-  int nthreads = p.num_threads;
-  if (total < 8192) nthreads = 1;
-  parallel_run(nthreads, [&](int t, int nt) {
-    // this thread's share [g0, g1) of the concatenated blocks, aligned to kLanes
-    uint64_t g0 = total * t / nt / kLanes * kLanes;
-    uint64_t g1 = (t == nt - 1) ? total : total * (t + 1) / nt / kLanes * kLanes;
-    for (size_t k = 0; k < p.tensors.size() && g0 < g1; ++k) {
+  const void* simd_keys = nullptr;
+#if defined(PPML_HAVE_NOISE_AVX2)
+  avx2::PhiloxKeys keys;
+  if (!p.secure && simd_flag().load(std::memory_order_relaxed)) {
+    avx2::philox_keys(p.seed, &keys);
+    simd_keys = &keys;
+  }
+#endif
+  // blocks [g0, g1) of the concatenated tensors
+  auto run = [&](uint64_t g0, uint64_t g1) {
+    size_t k = std::upper_bound(first.begin(), first.end(), g0) - first.begin() - 1;
+    for (; k < p.tensors.size() && first[k] < g1; ++k) {
       uint64_t lo = std::max(g0, first[k]), hi = std::min(g1, first[k + 1]);
       if (lo >= hi) continue;
-      noise_tensor(p.tensors[k], first[k], lo - first[k], hi - first[k], p);
+      noise_tensor(p.tensors[k], first[k], lo - first[k], hi - first[k], p, simd_keys);
+    }
+  };
+  int nthreads = p.num_threads;
+  if (total < 8192) nthreads = 1;
+  // Threads take chunks of kChunkBlocks from a shared counter, not fixed shares: on a busy
+  // machine a team thread that starts late (or is descheduled) leaves its work to the others
+  // instead of holding up the caller. Chunk boundaries do not change the numbers.
+  constexpr uint64_t kChunkBlocks = 4096;  // ~8192 elements, ~25 us on one Zen 3 core
+  std::atomic<uint64_t> next{0};
+  parallel_run(nthreads, [&](int t, int nt) {
+    if (nt == 1) return run(0, total);
+    for (;;) {
+      const uint64_t g0 = next.fetch_add(kChunkBlocks, std::memory_order_relaxed);
+      if (g0 >= total) break;
+      run(g0, std::min(total, g0 + kChunkBlocks));
     }
   });
 }

@@ -75,6 +75,9 @@ inline uint64_t noise_blocks(int64_t numel) { return static_cast<uint64_t>(numel
 namespace cpu {
 void clip_accumulate(const ClipProblem& p);
 void gaussian_noise(const NoiseProblem& p);
+// Test hook: turns the AVX2 path of the reproducible noise on (where the CPU has AVX2) or off
+// (the portable path); returns the previous setting. Both give the same bits.
+bool set_noise_simd(bool enabled);
 }  // namespace cpu
 
 namespace cuda {

@@ -1,0 +1,114 @@
+"""The AVX2 path of the reproducible CPU noise (csrc/cpu/noise_avx2.h) gives the same bits as the
+portable path (Philox and Box-Muller of csrc/include/ppml, one block at a time), on ~1e6
+elements, offsets that cross 32-bit counter boundaries, odd sizes and sizes around the vector
+group (20 blocks), float32/float64 (and the 16-bit types), plain and fused (noisy_scale_), 1 and 2
+threads; and PPML_FAST_DISABLE_AVX2=1 still selects the portable path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ppml_fast import _C
+from ppml_fast.ops import add_gaussian_noise_, noisy_scale_
+
+
+def _simd_available() -> bool:
+    previous = _C._set_noise_simd(True)
+    available = _C._set_noise_simd(previous)  # True only where the CPU has AVX2
+    return bool(available)
+
+
+pytestmark = pytest.mark.skipif(not _simd_available(), reason="no AVX2 path on this CPU")
+
+INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+SIZES = [
+    [1_000_003],
+    # odd sizes, and sizes around the 20-block (40-element) vector group
+    [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 39, 40, 41, 79, 80, 81, 127, 1001],
+    # M1's parameters (an MLP of 535,818 parameters)
+    [512 * 784, 512, 256 * 512, 256, 2570, 10],
+    [0, 31, 0, 64, 12_345],
+]
+OFFSETS = [0, 1, 7, 2**32 - 5, 2**62 + 3]
+
+
+@pytest.fixture
+def restore():
+    previous = _C._set_noise_simd(True)
+    threads = torch.get_num_threads()
+    yield
+    _C._set_noise_simd(previous)
+    torch.set_num_threads(threads)
+
+
+def _run(sizes, dtype, offset, fused, simd, threads):
+    _C._set_noise_simd(simd)
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(sum(sizes) + offset % 1000)
+    xs = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
+    seed = 2**64 - 1 - offset % 2**40
+    if fused:
+        nxt = noisy_scale_(xs, 0.73, 37.0, seed=seed, offset=offset)
+    else:
+        nxt = add_gaussian_noise_(xs, 1.3, seed=seed, offset=offset)
+    return nxt, [x.view(INT_VIEW[dtype]) for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", SIZES, ids=["1e6", "small", "m1", "with_empty"])
+@pytest.mark.parametrize("fused", [False, True], ids=["add", "noisy_scale"])
+def test_avx2_path_equals_portable_path(restore, dtype, sizes, fused):
+    for offset in OFFSETS:
+        for threads in (1, 2):
+            n_simd, simd = _run(sizes, dtype, offset, fused, True, threads)
+            n_port, port = _run(sizes, dtype, offset, fused, False, threads)
+            assert n_simd == n_port
+            for a, b in zip(simd, port):
+                assert torch.equal(a, b), (dtype, sizes, offset, fused, threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_avx2_path_equals_portable_path_16_bit(restore, dtype):
+    for sizes in (SIZES[1], [100_001]):
+        for offset in (0, 2**32 - 5):
+            _, simd = _run(sizes, dtype, offset, True, True, 2)
+            _, port = _run(sizes, dtype, offset, True, False, 2)
+            for a, b in zip(simd, port):
+                assert torch.equal(a, b)
+
+
+def test_disable_avx2_environment_variable_selects_the_portable_path(restore):
+    code = (
+        "import hashlib, torch\n"
+        "from ppml_fast import _C\n"
+        "from ppml_fast.ops import add_gaussian_noise_\n"
+        "print(_C._set_noise_simd(False))\n"  # the setting the environment chose
+        "x = torch.zeros(1_000_001, dtype=torch.float32)\n"
+        "y = torch.zeros(999, dtype=torch.float64)\n"
+        "add_gaussian_noise_([x, y], 1.5, seed=2**64 - 5, offset=2**32 - 3)\n"
+        "print(hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest())\n"
+    )
+    env = dict(os.environ, PPML_FAST_DISABLE_AVX2="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+        timeout=120,
+    ).stdout.split()
+    assert out[0] == "False"
+    # the same numbers from the AVX2 path in this process
+    _C._set_noise_simd(True)
+    x = torch.zeros(1_000_001, dtype=torch.float32)
+    y = torch.zeros(999, dtype=torch.float64)
+    add_gaussian_noise_([x, y], 1.5, seed=2**64 - 5, offset=2**32 - 3)
+    assert out[1] == hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
