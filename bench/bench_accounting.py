@@ -14,22 +14,9 @@ import pytest
 
 from ppml_fast.benchmarks import Timing
 from ppml_fast.benchmarks.accounting import accounting_cases
-from ppml_fast.benchmarks.run import selected
-from ppml_fast.benchmarks.timing import PROFILES
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" not in metafunc.fixturenames:
-        return
-    config = metafunc.config
-    profile = PROFILES[config.getoption("ppml_profile")]
-    pairs = [
-        pytest.param(case, impl, id=f"{case.key}-{impl.key}")
-        for case in accounting_cases(config.getoption("ppml_sizes"))
-        for impl in case.impls
-        if selected(impl, profile)
-    ]
-    metafunc.parametrize(("case", "impl"), pairs)
+CASES = accounting_cases  # parametrized by bench/conftest.py
 
 
 def test_accountant(benchmark, case, impl, case_inputs, profile, record_timing):

@@ -23,8 +23,6 @@ import pytest
 
 from ppml_fast.benchmarks import Timing
 from ppml_fast.benchmarks.dp_step import dp_step_cases, format_peak_memory, peak_rss
-from ppml_fast.benchmarks.run import selected
-from ppml_fast.benchmarks.timing import PROFILES
 
 MEMORY = os.environ.get("PPML_BENCH_PEAK_MEMORY", "1") != "0"
 
@@ -58,18 +56,7 @@ def dp_report(pytestconfig: pytest.Config) -> _Report:
     return plugin
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" not in metafunc.fixturenames:
-        return
-    config = metafunc.config
-    profile = PROFILES[config.getoption("ppml_profile")]
-    pairs = [
-        pytest.param(case, impl, id=f"{case.key}-{impl.key}")
-        for case in dp_step_cases(config.getoption("ppml_sizes"))
-        for impl in case.impls
-        if selected(impl, profile)
-    ]
-    metafunc.parametrize(("case", "impl"), pairs)
+CASES = dp_step_cases  # parametrized by bench/conftest.py
 
 
 def test_dp_step(benchmark, case, impl, case_inputs, profile, record_timing, dp_report,

@@ -11,25 +11,11 @@ case; the session ends with the table of ratios against the baselines measured i
 
 from __future__ import annotations
 
-import pytest
 
 from ppml_fast.benchmarks import Timing, op_cases
-from ppml_fast.benchmarks.run import selected
-from ppml_fast.benchmarks.timing import PROFILES
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" not in metafunc.fixturenames:
-        return
-    config = metafunc.config
-    profile = PROFILES[config.getoption("ppml_profile")]
-    pairs = [
-        pytest.param(case, impl, id=f"{case.key}-{impl.key}")
-        for case in op_cases(config.getoption("ppml_sizes"))
-        for impl in case.impls
-        if selected(impl, profile)
-    ]
-    metafunc.parametrize(("case", "impl"), pairs)
+CASES = op_cases  # parametrized by bench/conftest.py
 
 
 def test_op(benchmark, case, impl, case_inputs, profile, record_timing):

@@ -17,6 +17,7 @@ import pytest
 
 from ppml_fast.benchmarks import PROFILES, SIZES, Case, Timing, case_rows
 from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info
+from ppml_fast.benchmarks.run import selected
 
 _timings: dict[str, tuple[Case, dict[str, Timing]]] = {}
 _busy_before: list[float | None] = []
@@ -28,6 +29,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="problem sizes of the cases (default: full, those of the targets)")
     group.addoption("--ppml-profile", choices=tuple(PROFILES), default="full",
                     help="warm-up and timed rounds per benchmark (default: full)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrizes a test that takes ``case`` and ``impl`` over the (case, impl) pairs of its
+    module's ``CASES(sizes)`` table that the chosen profile times."""
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    profile = PROFILES[config.getoption("ppml_profile")]
+    pairs = [
+        pytest.param(case, impl, id=f"{case.key}-{impl.key}")
+        for case in metafunc.module.CASES(config.getoption("ppml_sizes"))
+        for impl in case.impls
+        if selected(impl, profile)
+    ]
+    metafunc.parametrize(("case", "impl"), pairs)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

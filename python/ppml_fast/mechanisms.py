@@ -13,7 +13,6 @@ never modified; a tensor in gives a tensor out, a numpy array a numpy array, a f
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from typing import Optional, Tuple, Union

@@ -3,7 +3,6 @@ parameters equal those of one process that saw both ranks' samples, for the same
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -23,17 +23,22 @@ from ppml_fast.accounting.serialization import event_from_dict, event_to_dict
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaussian_delta
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
 from ppml_fast.accounting.pld import PLDAccountant
-from ppml_fast.accounting.rdp import RDPAccountant
+from ppml_fast.accounting.rdp import MixedAdjacencyError, RDPAccountant
 
 __all__ = [
     "ComposedEvent",
     "Event",
     "GaussianEvent",
     "LaplaceEvent",
+    "MixedAdjacencyError",
+    "PLDAccountant",
     "PoissonSampledEvent",
+    "PrivacyBudgetExceeded",
+    "PrivacyError",
+    "PrivacyLedger",
+    "RDPAccountant",
     "RandomizedResponseEvent",
     "SampledWithoutReplacementEvent",
-    "RDPAccountant",
     "SelfComposedEvent",
     "UnsupportedEventError",
     "analytic_gaussian_sigma",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Container, Optional, Tuple
 
 from ppml_fast.accounting import _checks
 
@@ -161,3 +161,37 @@ class ComposedEvent(Event):
             if not isinstance(e, Event):
                 raise TypeError(f"events[{i}] must be an Event; got {type(e).__name__}")
         object.__setattr__(self, "events", events)
+
+
+def _leaf_key(event: Event) -> Optional[tuple]:
+    """The (kind, *parameters) of a single step, as the accountants' histories store it."""
+    if isinstance(event, GaussianEvent):
+        return ("gaussian", 1.0, event.noise_multiplier)
+    if isinstance(event, LaplaceEvent):
+        return ("laplace", event.scale)
+    if isinstance(event, RandomizedResponseEvent):
+        return ("randomized_response", event.noise_parameter, event.num_buckets)
+    if isinstance(event, PoissonSampledEvent):
+        inner = event.event
+        if isinstance(inner, GaussianEvent):
+            return ("gaussian", event.sampling_probability, inner.noise_multiplier)
+        if isinstance(inner, LaplaceEvent):
+            return ("poisson_laplace", event.sampling_probability, inner.scale)
+    if isinstance(event, SampledWithoutReplacementEvent) and isinstance(event.event, GaussianEvent):
+        return ("sampled_wor_gaussian", event.source_dataset_size, event.sample_size,
+                event.event.noise_multiplier)
+    return None
+
+
+def steps(event: Event, count: int, kinds: Container[str], accountant: str) -> list[tuple[tuple, int]]:
+    """``event`` repeated ``count`` times as (step key, count) pairs in order, composed and
+    self-composed events unrolled; UnsupportedEventError names the first step whose kind is not
+    in ``kinds`` (what ``accountant`` can account for)."""
+    if isinstance(event, SelfComposedEvent):
+        return steps(event.event, count * event.count, kinds, accountant)
+    if isinstance(event, ComposedEvent):
+        return [s for e in event.events for s in steps(e, count, kinds, accountant)]
+    key = _leaf_key(event)
+    if key is None or key[0] not in kinds:
+        raise UnsupportedEventError(f"{accountant} does not support {type(event).__name__}: {event!r}")
+    return [(key, count)]

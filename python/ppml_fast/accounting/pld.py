@@ -14,15 +14,13 @@ import math
 import numbers
 from typing import Optional
 
-from ppml_fast.accounting import _checks, pld_math
+from ppml_fast.accounting import _checks, events, pld_math
 from ppml_fast.accounting.events import (
-    ComposedEvent,
     Event,
     GaussianEvent,
     LaplaceEvent,
     PoissonSampledEvent,
     RandomizedResponseEvent,
-    SelfComposedEvent,
     UnsupportedEventError,
 )
 
@@ -109,24 +107,7 @@ class PLDAccountant:
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
         """The event as (key, count) steps, or UnsupportedEventError."""
-        if isinstance(event, GaussianEvent):
-            return [(("gaussian", 1.0, event.noise_multiplier), count)]
-        if isinstance(event, LaplaceEvent):
-            return [(("laplace", event.scale), count)]
-        if isinstance(event, RandomizedResponseEvent):
-            return [(("randomized_response", event.noise_parameter, event.num_buckets), count)]
-        if isinstance(event, PoissonSampledEvent) and isinstance(event.event, GaussianEvent):
-            return [(("gaussian", event.sampling_probability, event.event.noise_multiplier), count)]
-        if isinstance(event, PoissonSampledEvent) and isinstance(event.event, LaplaceEvent):
-            return [(("poisson_laplace", event.sampling_probability, event.event.scale), count)]
-        if isinstance(event, SelfComposedEvent):
-            return self._steps(event.event, count * event.count)
-        if isinstance(event, ComposedEvent):
-            out: list[tuple[tuple, int]] = []
-            for e in event.events:
-                out.extend(self._steps(e, count))
-            return out
-        raise UnsupportedEventError(f"PLDAccountant does not support {type(event).__name__}: {event!r}")
+        return events.steps(event, count, _KINDS, "PLDAccountant")
 
     def compose(self, event: Event, count: int = 1) -> "PLDAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""

@@ -15,16 +15,14 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ppml_fast.accounting import _checks, rdp_math, rdp_sampled_wor
+from ppml_fast.accounting import _checks, events, rdp_math, rdp_sampled_wor
 from ppml_fast.accounting.events import (
-    ComposedEvent,
     Event,
     GaussianEvent,
     LaplaceEvent,
     PoissonSampledEvent,
     RandomizedResponseEvent,
     SampledWithoutReplacementEvent,
-    SelfComposedEvent,
     UnsupportedEventError,
 )
 
@@ -81,26 +79,8 @@ class RDPAccountant:
         return True
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
-        """The event as (curve key, count) steps, or UnsupportedEventError."""
-        if isinstance(event, GaussianEvent):
-            return [(("gaussian", 1.0, event.noise_multiplier), count)]
-        if isinstance(event, LaplaceEvent):
-            return [(("laplace", event.scale), count)]
-        if isinstance(event, RandomizedResponseEvent):
-            return [(("randomized_response", event.noise_parameter, event.num_buckets), count)]
-        if isinstance(event, PoissonSampledEvent) and isinstance(event.event, GaussianEvent):
-            return [(("gaussian", event.sampling_probability, event.event.noise_multiplier), count)]
-        if isinstance(event, SampledWithoutReplacementEvent) and isinstance(event.event, GaussianEvent):
-            n, m, sigma = event.source_dataset_size, event.sample_size, event.event.noise_multiplier
-            return [(("sampled_wor_gaussian", n, m, sigma), count)]
-        if isinstance(event, SelfComposedEvent):
-            return self._steps(event.event, count * event.count)
-        if isinstance(event, ComposedEvent):
-            out: list[tuple[tuple, int]] = []
-            for e in event.events:
-                out.extend(self._steps(e, count))
-            return out
-        raise UnsupportedEventError(f"RDPAccountant does not support {type(event).__name__}: {event!r}")
+        """The event as (key, count) steps, or UnsupportedEventError."""
+        return events.steps(event, count, CURVES, "RDPAccountant")
 
     def compose(self, event: Event, count: int = 1) -> "RDPAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""

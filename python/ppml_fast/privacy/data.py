@@ -5,9 +5,8 @@ memory-bounded physical chunks, what Opacus's BatchMemoryManager does).
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
