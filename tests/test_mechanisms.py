@@ -152,3 +152,8 @@ def test_bad_noise_source():
         NoiseSource(-1)
     with pytest.raises(TypeError, match="secure"):
         NoiseSource(0, secure=1)
+
+
+def test_randomized_response_refuses_buckets_beyond_the_dtype():
+    with pytest.raises(ValueError, match="num_buckets"):
+        randomized_response(np.zeros(3, dtype=np.uint8), num_buckets=300, epsilon=1.0, rng=NoiseSource(0))

@@ -199,6 +199,8 @@ def randomized_response(
         raise TypeError(f"num_buckets must be an int; got {type(num_buckets).__name__}")
     event = (RandomizedResponseEvent.from_epsilon(epsilon, num_buckets) if epsilon is not None
              else RandomizedResponseEvent(noise_parameter, num_buckets))
+    if num_buckets - 1 > torch.iinfo(t.dtype).max:
+        raise ValueError(f"num_buckets={num_buckets} does not fit values of dtype {t.dtype}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_buckets):
         raise ValueError(f"values must be in [0, num_buckets={num_buckets}); got range "
                          f"[{int(t.min())}, {int(t.max())}]")

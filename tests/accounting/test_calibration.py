@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppml_fast.accounting import epsilon, get_noise_multiplier, get_steps
+from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, epsilon, get_noise_multiplier, get_steps
 from ppml_fast.cli import main
 
 MNIST = dict(sample_rate=256 / 60_000, target_delta=1e-5)
@@ -95,3 +95,15 @@ def test_cli_pld_accountant_is_tighter(capsys):
                  "0.01", "--steps", "1000", "--accountant", "pld"]) == 0
     sigma = float(capsys.readouterr().out.split("=")[1].split()[0])
     assert epsilon(noise_multiplier=sigma, sample_rate=0.01, steps=1000, delta=1e-5, accountant="pld") <= 2.0
+
+
+def test_get_steps_with_pld_is_at_least_rdp():
+    from ppml_fast.accounting import PLDAccountant
+
+    kw = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.05, noise_multiplier=1.2)
+    rdp_steps = get_steps(**kw)
+    pld_steps = get_steps(**kw, accountant="pld")
+    assert pld_steps >= rdp_steps >= 1
+    ev = PoissonSampledEvent(0.05, GaussianEvent(1.2))
+    assert PLDAccountant().compose(ev, pld_steps).get_epsilon(1e-5) <= 2.0
+    assert PLDAccountant().compose(ev, pld_steps + 1).get_epsilon(1e-5) > 2.0

@@ -306,7 +306,8 @@ def test_epsilon_beyond_the_exponent_range():
     assert alone > 709 and mixed.get_epsilon(1e-5) >= alone
 
 
-def test_mass_left_off_the_grid_counts_as_infinite_loss():
+def test_mass_left_off_the_grid_counts_as_infinite_loss(monkeypatch):
+    monkeypatch.setattr(PLDAccountant, "_rdp", lambda self: None)  # the PLD bound alone
     event = _dpsgd(0.01, 1.0)
     loose = PLDAccountant(tail_mass_truncation=1e-3).compose(event, 1000)
     tight = PLDAccountant().compose(event, 1000)
@@ -456,3 +457,18 @@ def test_epsilon_grows_with_steps_and_rate_and_falls_with_noise(q, sigma, steps,
     assert eps(q, sigma, math.ceil(steps * factor)) >= base
     assert eps(min(1.0, q * factor), sigma, steps) >= base
     assert eps(q, sigma * factor, steps) <= base
+
+
+def test_never_looser_than_rdp_and_review_regressions():
+    from ppml_fast.accounting import RDPAccountant
+
+    # tiny q over many steps: the coarsened grid alone was loose (0.256); the RDP bound caps it
+    ev = _dpsgd(1e-8, 0.7)
+    pld = PLDAccountant().compose(ev, 10**7)
+    rdp = RDPAccountant().compose(ev, 10**7)
+    assert pld.get_epsilon(1e-5) <= rdp.get_epsilon(1e-5)
+    # per-step rounding shortfall no longer piles up at +inf over 1e4-1e5 steps
+    assert math.isfinite(PLDAccountant().compose(_dpsgd(0.01, 1.0), 10_000).get_epsilon(1e-9))
+    assert PLDAccountant().compose(_dpsgd(1e-5, 1.0), 100_000).get_epsilon(1e-6) < 0.02
+    # the top grid loss is the answer when rounding leaves every grid delta above the target
+    assert pld_math.ComposedPLD(1.0, 0, [0.7, 0.2], 0.1).epsilon(0.1) == 1.0

@@ -283,3 +283,32 @@ def test_bad_state_dict_changes_nothing():
         with pytest.raises(ValueError):
             acc.load_state_dict(bad)
         assert acc.get_epsilon(1e-5) == before
+
+
+def test_review_regressions():
+    # a negative or fractional count in a loaded state would lower epsilon
+    acc = RDPAccountant().compose(PoissonSampledEvent(0.01, GaussianEvent(1.0)), 10)
+    before = acc.get_epsilon(1e-5)
+    for n in (-990, 2.7, True, "3"):
+        with pytest.raises(ValueError, match="count"):
+            acc.load_state_dict({"orders": list(acc.orders), "history": [["gaussian", 0.01, 1.0, n]]})
+        assert acc.get_epsilon(1e-5) == before
+    # Poisson sampling at q = 1 still assumes add/remove
+    from ppml_fast.accounting import MixedAdjacencyError, SampledWithoutReplacementEvent
+
+    wor = RDPAccountant().compose(SampledWithoutReplacementEvent(100, 10, GaussianEvent(1.0)))
+    with pytest.raises(MixedAdjacencyError):
+        wor.compose(PoissonSampledEvent(1.0, GaussianEvent(1.0)))
+    # tiny q: per-order RDP stays positive and accurate (log1p of a positive sum)
+    r = rdp_math.rdp_poisson_gaussian(1e-9, 1000.0, [2.0, 3.0, 1.5])
+    assert r[0] > 0 and r[0] == pytest.approx(1e-18 * (math.exp(1e-6) - 1), rel=1e-6)
+    assert r[2] == math.inf  # a fractional order without precision is dropped, never too small
+    RDPAccountant().compose(PoissonSampledEvent(1e-9, GaussianEvent(1000.0)), 10).get_epsilon(1e-5)
+    # extreme parameters are refused by name instead of overflowing
+    for bad in (1e300, 1e-300):
+        with pytest.raises(ValueError, match="noise_multiplier"):
+            GaussianEvent(bad)
+    from ppml_fast.accounting import RandomizedResponseEvent
+
+    with pytest.raises(ValueError, match="epsilon"):
+        RandomizedResponseEvent.from_epsilon(800, 4)

@@ -116,12 +116,17 @@ def get_steps(
         target_epsilon, target_delta, sample_rate, accountant
     )
     noise_multiplier = _checks.positive("noise_multiplier", noise_multiplier)
-    one = ACCOUNTANTS[accountant]()
-    one.compose(PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier)))
-    rdp_one = one.rdp  # epsilon(T) = conversion of T * rdp_one: no recomposition per probe
+    event = PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier))
+    if accountant == "rdp":
+        one = RDPAccountant().compose(event)
+        rdp_one = one.rdp  # epsilon(T) = conversion of T * rdp_one: no recomposition per probe
 
-    def fits(t: int) -> bool:
-        return rdp_math.epsilon_from_rdp(one.orders, t * rdp_one, target_delta) <= target_epsilon
+        def fits(t: int) -> bool:
+            return rdp_math.epsilon_from_rdp(one.orders, t * rdp_one, target_delta) <= target_epsilon
+    else:
+        def fits(t: int) -> bool:
+            acc = ACCOUNTANTS[accountant]().compose(event, t)
+            return acc.get_epsilon(target_delta) <= target_epsilon
 
     if not fits(1):
         return 0

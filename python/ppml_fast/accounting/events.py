@@ -31,8 +31,8 @@ class GaussianEvent(Event):
 
     def __post_init__(self) -> None:
         v = _checks.real("noise_multiplier", self.noise_multiplier)
-        if not v > 0:
-            raise ValueError(f"noise_multiplier must be > 0; got {self.noise_multiplier!r}")
+        if not (1e-100 <= v <= 1e100 or v == math.inf):  # beyond, sigma^2 and 1/sigma^2 overflow
+            raise ValueError(f"noise_multiplier must be in [1e-100, 1e100] or inf; got {self.noise_multiplier!r}")
         object.__setattr__(self, "noise_multiplier", v)
 
 
@@ -44,7 +44,10 @@ class LaplaceEvent(Event):
     scale: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _checks.positive("scale", self.scale))
+        v = _checks.positive("scale", self.scale)
+        if not 1e-100 <= v <= 1e100:
+            raise ValueError(f"scale must be in [1e-100, 1e100]; got {self.scale!r}")
+        object.__setattr__(self, "scale", v)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class RandomizedResponseEvent(Event):
     def from_epsilon(cls, epsilon: float, num_buckets: int) -> "RandomizedResponseEvent":
         """The randomized response that is exactly ``epsilon``-DP over ``num_buckets`` values."""
         epsilon = _checks.positive("epsilon", epsilon)
+        if epsilon > 700:  # e^epsilon overflows; such a response is the raw value anyway
+            raise ValueError(f"epsilon must be <= 700; got {epsilon!r}")
         return cls(num_buckets / (math.expm1(epsilon) + num_buckets), num_buckets)
 
     @property
@@ -195,3 +200,18 @@ def steps(event: Event, count: int, kinds: Container[str], accountant: str) -> l
     if key is None or key[0] not in kinds:
         raise UnsupportedEventError(f"{accountant} does not support {type(event).__name__}: {event!r}")
     return [(key, count)]
+
+
+def adjacencies(event: Event) -> list[str]:
+    """The neighbouring relations the sampling in ``event`` assumes: Poisson sampling (any q,
+    1 included: its noise is relative to the add/remove sensitivity) is "add/remove", sampling
+    without replacement "substitution"."""
+    if isinstance(event, SelfComposedEvent):
+        return adjacencies(event.event)
+    if isinstance(event, ComposedEvent):
+        return [a for e in event.events for a in adjacencies(e)]
+    if isinstance(event, PoissonSampledEvent):
+        return ["add/remove"]
+    if isinstance(event, SampledWithoutReplacementEvent):
+        return ["substitution"]
+    return []

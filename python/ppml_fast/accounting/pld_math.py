@@ -187,6 +187,14 @@ def connect_the_dots(delta: Callable[[np.ndarray], np.ndarray],
     i_lo, i_hi = math.floor(loss_lo / step), math.ceil(loss_hi / step)
     eps = np.arange(i_lo, i_hi + 1) * step
     d = np.clip(delta(eps), 0.0, 1.0)
+    m = min(int(np.count_nonzero(eps < 0)), len(d) - 1)  # r at eps_0..eps_m
+    if len(d) > 1 and m >= 1:
+        r = np.exp(eps[: m + 1]) * np.clip(swapped(-eps[: m + 1]), 0.0, 1.0)
+        r = np.maximum.accumulate(r)
+        # delta from r where r is used (delta = r - expm1(eps), the same identity): the two
+        # formulas then meet without a rounding gap, whose shortfall would otherwise go to +inf
+        # every step and add up over 10^5-10^6 steps
+        d[: m + 1] = np.clip(r - np.expm1(eps[: m + 1]), 0.0, 1.0)
     d = np.maximum.accumulate(d[::-1])[::-1]
     if len(d) == 1:
         probs = np.array([1.0 - d[0]])
@@ -194,10 +202,7 @@ def connect_the_dots(delta: Callable[[np.ndarray], np.ndarray],
         probs = np.empty_like(d)
         probs[1:-1] = _stencil(d, step)
         probs[-1] = (d[-1] - d[-2]) / math.expm1(-step)
-        m = min(int(np.count_nonzero(eps < 0)), len(d) - 1)  # r at eps_0..eps_m
         if m >= 1:
-            r = np.exp(eps[: m + 1]) * np.clip(swapped(-eps[: m + 1]), 0.0, 1.0)
-            r = np.maximum.accumulate(r)
             probs[1:m] = _stencil(r, step)
             probs[0] = (r[1] - r[0]) / math.expm1(step) - r[0]
         else:
@@ -358,7 +363,10 @@ class ComposedPLD:
             return math.inf
         if len(self.losses) == 0 or self.delta(0.0) <= delta:
             return 0.0
-        j = int(np.argmax(self._at_grid <= delta))  # first grid loss whose delta is small enough
+        small = self._at_grid <= delta
+        if not small.any():  # rounding left even the top loss above delta: it is the bound
+            return float(self.losses[-1])
+        j = int(np.argmax(small))  # first grid loss whose delta is small enough
         left = self.losses[j - 1] if j > 0 else 0.0
         if self._s2[j] <= 0.0:
             return float(max(left, 0.0))

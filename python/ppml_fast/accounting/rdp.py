@@ -88,8 +88,7 @@ class RDPAccountant:
             raise ValueError(f"count must be an int >= 0; got {count!r}")
         steps = [(key, n) for key, n in self._steps(event, int(count)) if n]
         adjacency = self._adjacency
-        for key, _ in steps:
-            a = _adjacency(key)
+        for a in [_adjacency(key) for key, _ in steps] + events.adjacencies(event):
             if a is not None and adjacency is not None and a != adjacency:
                 raise MixedAdjacencyError(
                     f"event {event!r} holds under {a} adjacency but the history holds under "
@@ -148,7 +147,10 @@ class RDPAccountant:
                     h = ["gaussian", *h]
                 if h[0] not in CURVES:
                     raise ValueError(f"unknown kind {h[0]!r}")
-                history.append((tuple(h[:-1]), int(h[-1])))
+                n = h[-1]
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                    raise ValueError(f"count must be an int >= 0; got {n!r}")
+                history.append((tuple(h[:-1]), int(n)))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"state must hold 'orders' and 'history' entries (kind, *parameters, count); {e}") from e
         fresh = RDPAccountant(orders)

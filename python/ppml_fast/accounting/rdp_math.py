@@ -47,16 +47,23 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
 def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """log A_alpha for integer orders (Mironov et al. 2019, Section 3.3, binomial expansion):
     A_alpha = sum_{i=0}^{alpha} C(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)).
-    All orders at once: their terms concatenated, one segmented log-sum-exp."""
+    All orders at once: their terms concatenated, one segmented log-sum-exp.
+    The binomial weights sum to 1, so A - 1 = sum_{i>=2} C(alpha, i) q^i (1-q)^(alpha-i)
+    expm1((i^2 - i) / (2 sigma^2)), a sum of positive terms: log A = log1p(A - 1) keeps its
+    relative precision when A - 1 is tiny (q ~ 1e-9), where log(sum) would be rounding noise.
+    """
     alphas = np.asarray(alphas, dtype=np.int64)
-    lens = alphas + 1
+    lens = alphas - 1  # terms i = 2..alpha
     starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
     a = np.repeat(alphas, lens).astype(np.float64)
-    i = np.arange(int(lens.sum()), dtype=np.float64) - np.repeat(starts, lens)
+    i = np.arange(int(lens.sum()), dtype=np.float64) - np.repeat(starts, lens) + 2.0
     log_binom = special.gammaln(a + 1) - special.gammaln(i + 1) - special.gammaln(a - i + 1)
-    terms = log_binom + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+    x = (i * i - i) / (2 * sigma**2)
+    log_expm1 = x + np.log(-np.expm1(-x))  # log(e^x - 1), x > 0
+    terms = log_binom + i * math.log(q) + (a - i) * math.log1p(-q) + log_expm1
     m = np.maximum.reduceat(terms, starts)
-    return m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
+    log_s = m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
+    return np.logaddexp(0.0, log_s)  # log(1 + S)
 
 
 _MAX_TERMS_FRAC = 1000
@@ -99,6 +106,10 @@ def _log_a_frac(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         first = stop.argmax(axis=1)
         out[open_rows[done]] = total[np.flatnonzero(done), first[done]]
         open_rows = open_rows[~done]
+    # log A near 0 is log(1 + tiny) computed as a difference of large terms: rounding noise
+    # (q ~ 1e-7 and below). Such an order is dropped (+inf), never used with a too-small value;
+    # the integer orders (exact log1p above) cover that regime.
+    out[out < 1e-10] = math.inf
     return out
 
 
