@@ -196,3 +196,19 @@ def test_bad_arguments():
         PrivateModule(nn.Linear(2, 2), grad_sample_mode="fast")
     with pytest.raises(ValueError, match="loss_reduction"):
         PrivateModule(nn.Linear(2, 2), loss_reduction="max")
+
+
+def test_bfloat16_model_clips_with_float32_factors():
+    from ppml_fast.privacy.module import _factor_dtype
+
+    f = torch.tensor([0.99951171875 + 2**-12], dtype=torch.float64)  # rounds up to 1.0 in bf16
+    g16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert _factor_dtype(f, g16).dtype == torch.float32
+    assert float(_factor_dtype(f, g16)) < 1.0
+    assert _factor_dtype(f, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    torch.manual_seed(3)
+    model = nn.Linear(16, 4).to(torch.bfloat16)
+    private = PrivateModule(model, loss_reduction="sum")
+    private((torch.randn(8, 16) * 10).to(torch.bfloat16)).float().pow(2).sum().backward()
+    sums, _ = private.clipped_sums(max_grad_norm=1.0)
+    assert sums[model.weight].dtype == torch.bfloat16 and torch.isfinite(sums[model.weight].float()).all()

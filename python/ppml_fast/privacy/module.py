@@ -31,6 +31,12 @@ class NonFiniteGradientError(PrivacyError, FloatingPointError):
     """A per-sample gradient is NaN or infinite (``nonfinite="raise"``)."""
 
 
+def _factor_dtype(f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Clip factors in float64 for float64 gradients, else float32: never rounded to a 16-bit
+    type, whose 2^-8 rounding could let a clipped gradient exceed the clipping norm."""
+    return f if grad.dtype == torch.float64 else f.float()
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor):
@@ -309,13 +315,13 @@ class PrivateModule(nn.Module):
             roles = list(c.params)
             fs = [c_of[id(c.params[r])] for r in roles]
             if all(f is fs[0] for f in fs):
-                out = self.rules[cap.op].clipped_sum(cap, grad, fs[0].to(grad.dtype if grad.is_floating_point() else torch.float32), state)
+                out = self.rules[cap.op].clipped_sum(cap, grad, _factor_dtype(fs[0], grad), state)
                 for role, t in out.items():
                     self._add(sums, c.params[role], t)
             else:
                 for role, f in zip(roles, fs):
                     sub = Captured(cap.op, cap.activation, {role: c.params[role]}, cap.kwargs)
-                    out = self.rules[cap.op].clipped_sum(sub, grad, f.to(grad.dtype), state)
+                    out = self.rules[cap.op].clipped_sum(sub, grad, _factor_dtype(f, grad), state)
                     self._add(sums, c.params[role], out[role])
 
     def _thresholds(self, max_grad_norm, clipping) -> dict[int, float]:
