@@ -327,3 +327,21 @@ def test_budget_stop_with_the_pld_accountant_stops_where_pld_says():
             done += 1
     assert done == fits >= 1
     assert engine.get_epsilon(1e-5) <= 1.5
+
+
+def test_optimizer_noise_equals_the_public_op():
+    # the optimizer calls the kernel directly; the numbers are those of ops.noisy_scale_
+    from ppml_fast import ops
+
+    torch.manual_seed(0)
+    model = nn.Linear(7, 5)
+    private = PrivateModule(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=private,
+                      noise_multiplier=1.3, max_grad_norm=0.7, expected_batch_size=4.0, seed=99)
+    (private(torch.randn(3, 7)) * 0.0).sum().backward()
+    opt.step()
+    want = [torch.zeros_like(p) for p in model.parameters()]
+    end = ops.noisy_scale_(want, 1.3 * 0.7, 4.0, seed=99, offset=0)
+    for p, w in zip(model.parameters(), want):
+        assert torch.equal(p.grad, w)
+    assert opt.offset == end

@@ -29,8 +29,10 @@ def _as_list(name: str, tensors: TensorOrList) -> list[torch.Tensor]:
     return _checks.tensor_list(name, tensors)
 
 
-def _consumed(tensors: Sequence[torch.Tensor]) -> int:
+def blocks(tensors: Sequence[torch.Tensor]) -> int:
+    """Philox blocks one call consumes on ``tensors``: the offset advances by this much."""
     return sum(noise_blocks(t.numel()) for t in tensors)
+
 
 
 def _contiguous_work(name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -157,7 +159,7 @@ def add_gaussian_noise_(
     torch.ops.ppml_fast.add_gaussian_noise_(
         tensors, std, _checks.seed_to_int64(seed), offset, secure
     )
-    return offset + _consumed(tensors)
+    return offset + blocks(tensors)
 
 
 def noisy_scale_(
@@ -184,4 +186,4 @@ def noisy_scale_(
     torch.ops.ppml_fast.noisy_scale_(
         sums, std, denominator, _checks.seed_to_int64(seed), offset, secure
     )
-    return offset + _consumed(sums)
+    return offset + blocks(sums)
