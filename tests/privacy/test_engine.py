@@ -345,3 +345,17 @@ def test_optimizer_noise_equals_the_public_op():
     for p, w in zip(model.parameters(), want):
         assert torch.equal(p.grad, w)
     assert opt.offset == end
+
+
+def test_frozen_parameters_get_no_noise_and_do_not_move():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)  # fine-tuning: the optimizer still lists it
+    frozen = model[0].weight.detach().clone()
+    engine = PrivacyEngine()
+    m, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                         data_loader=DataLoader(_data(), batch_size=16),
+                                         noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=0)
+    _train(m, opt, loader, 3)
+    assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
+    assert not torch.equal(model[0].bias.detach(), model[0].bias.detach() * 0)  # trained

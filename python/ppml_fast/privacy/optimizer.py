@@ -106,7 +106,7 @@ class DPOptimizer:
         own = {id(p) for p in module.trainable_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if id(p) not in own:
+                if id(p) not in own and p.requires_grad:
                     raise ValueError("optimizer holds a parameter that is not a trainable parameter "
                                      "of module; build the optimizer on module.parameters()")
         self.original_optimizer = optimizer
@@ -148,7 +148,8 @@ class DPOptimizer:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"]]
+        """The optimizer's trainable parameters (frozen ones get no gradient, hence no noise)."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def add_param_group(self, group: dict) -> None:
         raise RuntimeError("adding parameter groups to a DPOptimizer is not supported")
