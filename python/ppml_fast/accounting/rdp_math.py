@@ -55,12 +55,16 @@ def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     alphas = np.asarray(alphas, dtype=np.int64)
     lens = alphas - 1  # terms i = 2..alpha
     starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    a = np.repeat(alphas, lens).astype(np.float64)
-    i = np.arange(int(lens.sum()), dtype=np.float64) - np.repeat(starts, lens) + 2.0
-    log_binom = special.gammaln(a + 1) - special.gammaln(i + 1) - special.gammaln(a - i + 1)
-    x = (i * i - i) / (2 * sigma**2)
-    log_expm1 = x + np.log(-np.expm1(-x))  # log(e^x - 1), x > 0
-    terms = log_binom + i * math.log(q) + (a - i) * math.log1p(-q) + log_expm1
+    a = np.repeat(alphas, lens)
+    i = np.arange(int(lens.sum())) - np.repeat(starts, lens) + 2
+    # tables over 0..max order, indexed by the integer a and i (no special function per term)
+    k = np.arange(int(alphas.max()) + 1, dtype=np.float64)
+    log_fact = special.gammaln(k + 1)
+    x = (k * k - k) / (2 * sigma**2)
+    with np.errstate(divide="ignore"):  # k = 0, 1: x = 0, never indexed (i >= 2)
+        by_i = x + np.log(-np.expm1(-x)) + k * math.log(q) - k * math.log1p(-q)  # log(e^x - 1) ...
+    terms = (log_fact[a] - log_fact[i] - log_fact[a - i] + by_i[i]
+             + a.astype(np.float64) * math.log1p(-q))
     m = np.maximum.reduceat(terms, starts)
     log_s = m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
     return np.logaddexp(0.0, log_s)  # log(1 + S)
