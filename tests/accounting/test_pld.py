@@ -472,3 +472,13 @@ def test_never_looser_than_rdp_and_review_regressions():
     assert PLDAccountant().compose(_dpsgd(1e-5, 1.0), 100_000).get_epsilon(1e-6) < 0.02
     # the top grid loss is the answer when rounding leaves every grid delta above the target
     assert pld_math.ComposedPLD(1.0, 0, [0.7, 0.2], 0.1).epsilon(0.1) == 1.0
+
+
+def test_rdp_bound_follows_incremental_composition():
+    ev, other = _dpsgd(1e-8, 0.7), _dpsgd(1e-8, 0.9)
+    step_by_step = PLDAccountant()
+    step_by_step.compose(ev, 10**6)
+    step_by_step.get_epsilon(1e-5)  # builds the RDP bound; later composes must update it
+    step_by_step.compose(other, 10**6)
+    fresh = PLDAccountant().compose(ev, 10**6).compose(other, 10**6)
+    assert step_by_step.get_epsilon(1e-5) == fresh.get_epsilon(1e-5)

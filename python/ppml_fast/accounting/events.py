@@ -215,3 +215,19 @@ def adjacencies(event: Event) -> list[str]:
     if isinstance(event, SampledWithoutReplacementEvent):
         return ["substitution"]
     return []
+
+
+def supported(event: Event, kinds: Container[str]) -> bool:
+    """Whether every step of ``event`` is of a kind in ``kinds`` (an accountant's ``supports``)."""
+    try:
+        steps(event, 1, kinds, "")
+    except UnsupportedEventError:
+        return False
+    return True
+
+
+def check_count(count: object) -> int:
+    """An accountant's ``compose`` count: an int >= 0 (bool refused)."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"count must be an int >= 0; got {count!r}")
+    return int(count)

@@ -21,7 +21,6 @@ from ppml_fast.accounting.events import (
     LaplaceEvent,
     PoissonSampledEvent,
     RandomizedResponseEvent,
-    UnsupportedEventError,
 )
 
 AUTO_STEP = 1e-4  # the grid step when none is given, before refinement for narrow PLDs
@@ -100,11 +99,7 @@ class PLDAccountant:
 
     # -- events -----------------------------------------------------------------------------
     def supports(self, event: Event) -> bool:
-        try:
-            self._steps(event, 1)
-        except UnsupportedEventError:
-            return False
-        return True
+        return events.supported(event, _KINDS)
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
         """The event as (key, count) steps, or UnsupportedEventError."""
@@ -112,9 +107,8 @@ class PLDAccountant:
 
     def compose(self, event: Event, count: int = 1) -> "PLDAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-            raise ValueError(f"count must be an int >= 0; got {count!r}")
-        for key, n in self._steps(event, int(count)):
+        count = events.check_count(count)
+        for key, n in self._steps(event, count):
             self._add(key, n)
         return self
 
@@ -127,7 +121,11 @@ class PLDAccountant:
             self._history.append((*key, n))
         self._counts[key] = self._counts.get(key, 0) + n
         self._result = None
-        self._rdp_cache = None
+        if self._rdp_cache:  # kept up to date: its cached curves are not recomputed per query
+            try:
+                self._rdp_cache._compose_key(key, n)
+            except (KeyError, ValueError):
+                self._rdp_cache = False
 
     # -- composition ------------------------------------------------------------------------
     def _parts(self, step: float) -> tuple[float, list, list, bool]:
@@ -255,7 +253,7 @@ class PLDAccountant:
         """The same history under RDP, when RDP supports all of it: both are upper bounds on the
         truth, so the smaller is one too. Where the grid is coarse against a step's losses (q
         around 1e-8 over 10^7 steps, a grid coarsened to fit ``max_grid_points``) RDP is the
-        tighter; elsewhere PLD is. Cached with the composition."""
+        tighter; elsewhere PLD is. Built on the first query, then composed along (``_add``)."""
         if self._rdp_cache is None:
             from ppml_fast.accounting.rdp import CURVES, RDPAccountant
 
@@ -311,7 +309,7 @@ class PLDAccountant:
         self.__dict__.update(fresh.__dict__)
 
     def __getstate__(self) -> dict:  # pickling and deepcopy skip the cached composition
-        return {**self.__dict__, "_result": None, "_rdp_cache": None}
+        return {**self.__dict__, "_result": None}
 
 
 def _event(kind: str, params: tuple) -> Event:

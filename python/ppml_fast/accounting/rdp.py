@@ -23,7 +23,6 @@ from ppml_fast.accounting.events import (
     PoissonSampledEvent,
     RandomizedResponseEvent,
     SampledWithoutReplacementEvent,
-    UnsupportedEventError,
 )
 
 
@@ -72,11 +71,7 @@ class RDPAccountant:
 
     # -- events -----------------------------------------------------------------------------
     def supports(self, event: Event) -> bool:
-        try:
-            self._steps(event, 1)
-        except UnsupportedEventError:
-            return False
-        return True
+        return events.supported(event, CURVES)
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
         """The event as (key, count) steps, or UnsupportedEventError."""
@@ -84,9 +79,8 @@ class RDPAccountant:
 
     def compose(self, event: Event, count: int = 1) -> "RDPAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-            raise ValueError(f"count must be an int >= 0; got {count!r}")
-        steps = [(key, n) for key, n in self._steps(event, int(count)) if n]
+        count = events.check_count(count)
+        steps = [(key, n) for key, n in self._steps(event, count) if n]
         adjacency = self._adjacency
         for a in [_adjacency(key) for key, _ in steps] + events.adjacencies(event):
             if a is not None and adjacency is not None and a != adjacency:
