@@ -1,0 +1,125 @@
+"""The strategy interface, in Flower's vocabulary (``configure_fit``, ``aggregate_fit``,
+``configure_evaluate``, ``aggregate_evaluate``, ``evaluate``), on flat parameter vectors.
+
+Differences from Flower, all for a simulation in one process: parameters are one flat float32
+tensor (:class:`~ppml_fast.federated.parameters.ParameterLayout`); clients answer with an
+*update* (trained minus received), so ``aggregate_fit`` also receives the round's starting
+parameters; client sampling takes the round's ``num_clients`` and a seeded
+``numpy.random.Generator`` from the simulation, so that a run is reproducible; a strategy that
+spends privacy reports it through :meth:`Strategy.epsilon`.
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ppml_fast.ops import weighted_aggregate
+
+from ..types import ClientProxy, EvalResult, FitResult
+
+__all__ = ["FitResults", "Strategy", "check_results", "stack_updates", "weighted_mean_update"]
+
+FitResults = Sequence[tuple[ClientProxy, FitResult]]
+EvalResults = Sequence[tuple[ClientProxy, EvalResult]]
+Failures = Sequence[tuple[ClientProxy, str]]
+Instructions = list[tuple[ClientProxy, dict[str, Any]]]
+
+
+def sample_clients(clients: Sequence[ClientProxy], num_clients: int,
+                   rng: np.random.Generator) -> list[ClientProxy]:
+    """``num_clients`` proxies drawn uniformly without replacement (all when there are fewer),
+    in ascending cid order."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, numbers.Integral) or num_clients < 1:
+        raise ValueError(f"num_clients must be an int >= 1; got {num_clients!r}")
+    if num_clients >= len(clients):
+        return sorted(clients, key=lambda c: c.cid)
+    picked = rng.choice(len(clients), size=int(num_clients), replace=False)
+    return sorted((clients[i] for i in picked), key=lambda c: c.cid)
+
+
+def check_results(results: FitResults, numel: int) -> None:
+    """ValueError unless every update has ``numel`` entries (the simulation filters wrongly
+    shaped updates before a strategy sees them; this guards direct calls)."""
+    for proxy, res in results:
+        if res.update.numel() != numel:
+            raise ValueError(
+                f"results: client {proxy.cid}'s update has {res.update.numel()} entries, "
+                f"expected {numel}")
+
+
+def stack_updates(results: FitResults) -> torch.Tensor:
+    """The (K, P) float32 matrix of the results' updates (one row per client)."""
+    if not results:
+        raise ValueError("results must hold at least one FitResult")
+    return torch.stack([r.update.to(torch.float32) for _, r in results])
+
+
+def weighted_mean_update(results: FitResults, *, weighted: bool = True) -> torch.Tensor:
+    """Mean of the updates weighted by ``num_examples`` (FedAvg, McMahan et al. 2017, Alg. 1),
+    or unweighted, through the native ``weighted_aggregate`` op."""
+    updates = stack_updates(results)
+    if weighted:
+        weights = torch.tensor([float(r.num_examples) for _, r in results], dtype=torch.float64)
+        if float(weights.sum()) == 0:
+            weights = torch.ones(len(results), dtype=torch.float64)
+    else:
+        weights = torch.ones(len(results), dtype=torch.float64)
+    mean, _ = weighted_aggregate(updates, weights)
+    return mean
+
+
+class Strategy(abc.ABC):
+    """Base class: subclasses implement :meth:`aggregate_fit`; the rest has Flower's defaults
+    for a simulation (uniform sampling, no federated evaluation, no privacy spent)."""
+
+    #: a round whose surviving results are fewer than this is skipped (parameters unchanged)
+    min_fit_clients: int = 1
+
+    def initialize_parameters(self, parameters: torch.Tensor) -> torch.Tensor:
+        """The round-0 parameters (default: the model's initial state, unchanged)."""
+        return parameters
+
+    def configure_fit(self, server_round: int, parameters: torch.Tensor,
+                      clients: Sequence[ClientProxy], num_clients: int,
+                      rng: np.random.Generator) -> Instructions:
+        """Which clients train this round and the extra config each gets (merged over the
+        simulation's config: local_epochs, batch_size, lr, ...)."""
+        return [(c, {}) for c in sample_clients(clients, num_clients, rng)]
+
+    @abc.abstractmethod
+    def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
+                      failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
+        """New global parameters from the round's starting ``parameters`` and the results of
+        the clients that answered (``failures``: the ones left out and why)."""
+
+    def configure_evaluate(self, server_round: int, parameters: torch.Tensor,
+                           clients: Sequence[ClientProxy], num_clients: int,
+                           rng: np.random.Generator) -> Instructions:
+        """Clients that evaluate the new parameters on their own data (default: none; the
+        simulation evaluates centrally on ``eval_dataset``)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: EvalResults,
+                           failures: Failures) -> tuple[Optional[float], dict[str, float]]:
+        """Loss and metrics averaged over clients, weighted by their example counts."""
+        total = sum(r.num_examples for _, r in results)
+        if total == 0:
+            return None, {}
+        loss = sum(r.loss * r.num_examples for _, r in results) / total
+        keys = set.intersection(*(set(r.metrics) for _, r in results))
+        metrics = {k: sum(r.metrics[k] * r.num_examples for _, r in results) / total for k in sorted(keys)}
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
+        """Server-side evaluation of ``parameters`` (default: none)."""
+        return None
+
+    def epsilon(self, delta: float, *, rounds_ahead: int = 0) -> Optional[float]:
+        """User-level epsilon spent after the rounds aggregated so far plus ``rounds_ahead``
+        more, at ``delta``; None for a strategy that spends no privacy."""
+        return None
