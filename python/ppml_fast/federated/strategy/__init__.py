@@ -1,6 +1,16 @@
 """Federated strategies (Flower's vocabulary) on flat parameter vectors."""
 
 from .base import Strategy, sample_clients, weighted_mean_update
+from .fedadagrad import FedAdagrad
+from .fedadam import FedAdam
 from .fedavg import FedAvg
+from .fedavgm import FedAvgM
+from .fedmedian import FedMedian
+from .fedopt import FedOpt
+from .fedprox import FedProx
+from .fedtrimmedavg import FedTrimmedAvg
+from .fedyogi import FedYogi
+from .krum import Krum
 
-__all__ = ["FedAvg", "Strategy", "sample_clients", "weighted_mean_update"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
+           "FedTrimmedAvg", "FedYogi", "Krum", "Strategy", "sample_clients", "weighted_mean_update"]
