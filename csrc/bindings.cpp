@@ -13,6 +13,7 @@
 
 #include "include/ppml/kernels.h"
 #include "include/ppml/noise.h"
+#include "include/ppml/secagg.h"
 
 namespace py = pybind11;
 using namespace ppml;
@@ -139,6 +140,32 @@ uint64_t gaussian_noise(int device, intptr_t stream, const std::vector<uintptr_t
   return offset + blocks;
 }
 
+// Secure aggregation masks on a buffer of n ring elements (int32 storage viewed as uint32):
+// seeds is num_seeds * 32 bytes, signs num_seeds int8 values (+1 / -1), both on x's device.
+void secagg_mask(int device, intptr_t stream, uintptr_t x, int64_t n, uintptr_t seeds,
+                 uintptr_t signs, int64_t num_seeds, int num_threads) {
+  if (n < 0 || num_seeds < 0) throw std::invalid_argument("n and num_seeds must be >= 0");
+  if (n > kSecAggMaxElements)
+    throw std::invalid_argument("secagg_mask covers at most 2^36 elements (2^32 ChaCha20 blocks)");
+  if (n > 0 && num_seeds > 0 && (x == 0 || seeds == 0 || signs == 0))
+    throw std::invalid_argument("x, seeds and signs must not be null");
+  SecAggMaskProblem p;
+  p.x = reinterpret_cast<uint32_t*>(x);
+  p.n = n;
+  p.seeds = reinterpret_cast<const uint8_t*>(seeds);
+  p.signs = reinterpret_cast<const int8_t*>(signs);
+  p.num_seeds = num_seeds;
+  p.num_threads = num_threads;
+  p.stream = stream;
+  p.device = device;
+  py::gil_scoped_release release;
+  if (device < 0) {
+    cpu::secagg_mask(p);
+  } else {
+    cuda::secagg_mask(p);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -154,6 +181,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numels"), py::arg("dtypes"), py::arg("stddev"), py::arg("denominator"),
         py::arg("divide"), py::arg("secure"), py::arg("seed"), py::arg("offset"),
         py::arg("key_words"), py::arg("num_threads"), py::arg("name") = "tensors");
+  m.def("secagg_mask", &secagg_mask, py::arg("device"), py::arg("stream"), py::arg("x"),
+        py::arg("n"), py::arg("seeds"), py::arg("signs"), py::arg("num_seeds"),
+        py::arg("num_threads"));
+  m.def("_set_secagg_simd", &cpu::set_secagg_simd, py::arg("enabled"),
+        "Test hook: AVX2 (True) or portable (False) CPU mask path; returns the previous setting.");
   // Known-answer hooks for the tests: the raw generators and one Box-Muller pair.
   m.def("philox4x32_10", [](std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
     if (ctr.size() != 4 || key.size() != 2) throw std::invalid_argument("ctr[4], key[2]");

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "include/ppml/kernels.h"
+#include "include/ppml/secagg.h"
 
 namespace ppml::cuda {
 
@@ -18,5 +19,6 @@ namespace {
 bool available() { return false; }
 void clip_accumulate(const ClipProblem&) { unavailable(); }
 void gaussian_noise(const NoiseProblem&) { unavailable(); }
+void secagg_mask(const SecAggMaskProblem&) { unavailable(); }
 
 }  // namespace ppml::cuda

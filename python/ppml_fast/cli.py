@@ -23,12 +23,15 @@ def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ppml_fast.benchmarks import PROFILES, accounting_cases, dp_step_cases, op_cases, run_cases
+    from ppml_fast.benchmarks.device import bench_device
     from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info, to_json
 
     profile = PROFILES["quick" if args.quick else "full"]
     if args.compile is not None:
         profile = dataclasses.replace(profile, costly=args.compile)
-    cases = op_cases(args.sizes) + dp_step_cases(args.sizes) + accounting_cases(args.sizes)
+    device = bench_device(args.device)
+    cases = (op_cases(args.sizes, device) + dp_step_cases(args.sizes, device)
+             + accounting_cases(args.sizes))
     if args.only:
         cases = [c for c in cases if any(s in c.key for s in args.only)]
         if not cases:
@@ -47,7 +50,12 @@ def _bench(args: argparse.Namespace) -> int:
         torch_compile=profile.costly,
         cpu_busy_before=busy,
         wall_s=round(time.perf_counter() - start, 1),
+        device=device,
     )
+    if device == "cuda":
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name()
     print(to_json(rows, meta) if args.json else format_table(rows, meta))
     if busy is not None and busy > BUSY_WARNING:
         print(
@@ -81,7 +89,73 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="run only cases whose key contains one of these (clip, noise, aggregate, "
                    "dp-step, accounting, clip-256x1M, ...)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where the ops and the DP step run (the accountants always run on the "
+                   "CPU); cuda needs a GPU and a build with the CUDA kernels; default: "
+                   "$PPML_BENCH_DEVICE, else cpu")
     p.set_defaults(run=_bench)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ppml_fast.demo import DemoConfig
+    from ppml_fast.demo.main import run_demo
+
+    given = {k: v for k, v in {
+        "clients": args.clients, "rounds": args.rounds, "clients_per_round": args.clients_per_round,
+        "mode": args.mode, "noise_multiplier": args.noise_multiplier,
+        "target_epsilon": args.target_epsilon, "clip_norm": args.clip_norm,
+        "strategy": args.strategy, "backend": args.backend, "alpha": args.alpha,
+        "seed": args.seed, "output": args.output, "accountant": args.accountant,
+    }.items() if v is not None}
+    if args.noise_multiplier is not None and args.target_epsilon is None:
+        given["target_epsilon"] = None  # sigma given: no calibration, no client budget
+    cfg = DemoConfig.quick_version(**given) if args.quick else DemoConfig(**given)
+    run_demo(cfg, progress=not args.no_progress, plot=not args.no_plot)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    d = DemoConfigDefaults
+    p = sub.add_parser(
+        "demo", help="federated DP training over simulated clients on the embedded digits data",
+        description="Train an MLP on scikit-learn's bundled digits split over simulated clients "
+        "(Dirichlet label skew), with user-level DP-FedAvg or local DP-SGD in each client; print "
+        "test accuracy and epsilon per round and a comparison with the non-private run; write "
+        "report.json and privacy_utility.png (matplotlib: pip install 'ppml_fast[demo]') to "
+        "--output. No network needed.")
+    p.add_argument("--clients", type=int, help=f"simulated clients (default {d.clients}; --quick 20)")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.rounds}; --quick 8)")
+    p.add_argument("--clients-per-round", type=int,
+                   help="clients per round (default: all; DP-FedAvg samples each with this / clients)")
+    p.add_argument("--mode", choices=("dp-fedavg", "local-dp", "none"),
+                   help="user-level DP-FedAvg (default), local DP-SGD in each client, or none")
+    p.add_argument("--noise-multiplier", type=float,
+                   help="sigma (default: calibrated to --target-epsilon for dp-fedavg; 1.0 for local-dp)")
+    p.add_argument("--target-epsilon", type=float,
+                   help=f"privacy budget (default {d.target_epsilon}): calibrates sigma for dp-fedavg, "
+                   "caps each client's epsilon for local-dp")
+    p.add_argument("--clip-norm", type=float,
+                   help=f"L2 clipping norm of client updates (dp-fedavg) or per-sample gradients "
+                   f"(local-dp) (default {d.clip_norm})")
+    p.add_argument("--strategy", help=f"server strategy (default {d.strategy}): fedavg, fedavgm, "
+                   "fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--backend", choices=("sequential", "vectorized", "ray"),
+                   help=f"simulation backend (default {d.backend}; local-dp runs sequential)")
+    p.add_argument("--alpha", type=float, help=f"Dirichlet label-skew concentration (default {d.alpha})")
+    p.add_argument("--accountant", choices=("rdp", "pld"), help="privacy accountant (default rdp)")
+    p.add_argument("--seed", type=int, help="seed of the split, training and noise (default 0)")
+    p.add_argument("--output", help=f"output directory (default {d.output})")
+    p.add_argument("--quick", action="store_true", help="a smaller run: under 30 s on 2 cores")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plot", action="store_true", help="skip privacy_utility.png")
+    p.set_defaults(run=_demo)
+
+
+class DemoConfigDefaults:
+    """The demo's defaults for the help text, without importing torch for ``--help``."""
+
+    clients, rounds, target_epsilon, clip_norm = 100, 30, 8.0, 1.0
+    strategy, backend, alpha, output = "fedavg", "vectorized", 0.5, "./ppml-demo-out"
 
 
 def _epsilon(args: argparse.Namespace) -> int:
@@ -130,10 +204,76 @@ def _add_noise_multiplier(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_noise_multiplier)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from ppml_fast.audit import audit_digits
+
+    torch.set_num_threads(1)  # a small MLP: threads cost more than they give
+    result = audit_digits(
+        noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+        canaries=args.canaries, canary_kind=args.canary_kind, observe=args.observe,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, delta=args.delta,
+        confidence=args.confidence, seed=args.seed, runs=args.runs, accountant=args.accountant)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        c, d = result.counts, result.details
+        how = (f"one run, {c['canaries']} {d['canary_kind']} canaries ({c['included']} included): "
+               f"{c['correct']} of {c['guesses']} guesses right" if result.method == "one_run" else
+               f"{d['runs']} runs, Clopper-Pearson: tp {c['tp']} fp {c['fp']} tn {c['tn']} fn {c['fn']}")
+        print(f"DP-SGD on digits: noise multiplier {d['noise_multiplier']:g}, max grad norm "
+              f"{d['max_grad_norm']:g}, {d['epochs']} epochs, {d['steps']} steps, sample rate "
+              f"{d['sample_rate']:.4g}")
+        print(f"claimed epsilon      {result.epsilon_claimed:.4f}  ({d['accountant']} accountant, "
+              f"delta {result.delta:g})")
+        print(f"epsilon lower bound  {result.epsilon_lower_bound:.4f}  ({result.confidence:.0%} "
+              f"confidence; {how})")
+        print("REFUTED: the lower bound exceeds the claimed epsilon" if result.flagged
+              else "consistent: the lower bound does not exceed the claimed epsilon")
+    return 1 if result.flagged else 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="empirical privacy audit of DP-SGD on the digits task",
+        description="Train a small MLP on sklearn's digits with DP-SGD and canaries, and print an "
+        "empirical lower bound on epsilon (one run: Steinke, Nasr & Jagielski 2023; or --runs: "
+        "many runs with Clopper-Pearson bounds) next to the accountant's epsilon. Exit status 1 "
+        "when the lower bound exceeds the claimed epsilon.")
+    p.add_argument("--noise-multiplier", type=float, default=1.0,
+                   help="sigma: noise std as a multiple of the clipping norm (default 1.0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default 1.0)")
+    p.add_argument("--canaries", type=int, default=1000,
+                   help="canaries of the one-run audit (default 1000)")
+    p.add_argument("--canary-kind", choices=("dirac", "mislabelled", "ood"), default="dirac",
+                   help="gradient-space dirac canaries (default) or input-space canaries")
+    p.add_argument("--observe", choices=("gradients", "model"), default="gradients",
+                   help="dirac canaries: score from every step's noisy gradient (default) or "
+                   "from the final model only")
+    p.add_argument("--runs", type=int, default=None,
+                   help="many-run audit with this many trainings (one canary) instead of one run")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--batch-size", type=int, default=64, help="expected batch size (default 64)")
+    p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (default 1.0)")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of both epsilons (default 1e-5)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="probability that the lower bound holds (default 0.95)")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+                   help="accountant of the claimed epsilon (default rdp)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the whole audit (default 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_audit)
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo,
     _add_bench,
     _add_epsilon,
     _add_noise_multiplier,
+    _add_audit,
 )
 
 

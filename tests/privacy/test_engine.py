@@ -359,3 +359,19 @@ def test_frozen_parameters_get_no_noise_and_do_not_move():
     _train(m, opt, loader, 3)
     assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
     assert not torch.equal(model[0].bias.detach(), model[0].bias.detach() * 0)  # trained
+
+
+def test_zero_noise_trains_and_reports_infinite_epsilon():
+    # sigma 0 is allowed (a clipping-only run, e.g. a baseline) but spends an infinite epsilon
+    engine, model, opt, loader = _setup(noise_multiplier=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert engine.get_epsilon(1e-5) == 0.0
+    _train(model, opt, DataLoader(_data(), batch_size=16), 2)
+    assert opt.steps == 2 and opt.unnoised_steps == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.get_epsilon(1e-5) == math.inf
+    state = opt.state_dict()
+    assert state["unnoised_steps"] == 2
+    with pytest.raises(PrivacyBudgetExceeded):  # a budget makes a sigma-0 step refuse at once
+        e2, m2, o2, _ = _setup(noise_multiplier=0.0, max_epsilon=1.0, delta=1e-5)
+        _train(m2, o2, DataLoader(_data(), batch_size=16), 1)

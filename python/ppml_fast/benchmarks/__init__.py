@@ -11,6 +11,7 @@ The same case table drives ``ppml-fast bench`` (:func:`run_cases`) and ``bench/b
 - :mod:`.dp_step` — one DP-SGD step (M1 MLP, M2 CNN, M3 transformer) against non-private and Opacus
 - :mod:`.flower` — Flower's ``aggregate()`` algorithm, the numpy baseline
 - :mod:`.timing` — warm-ups, then median and IQR of ``time.perf_counter`` runs
+- :mod:`.device` — "cpu" or "cuda" (``--device``, ``$PPML_BENCH_DEVICE``); CUDA calls synchronise
 - :mod:`.run`    — runs cases, turns timings into result rows with ratios and targets
 - :mod:`.report` — the aligned table, the JSON document and the machine line
 """

@@ -24,14 +24,25 @@ Roles and ratios (``ppml_fast.benchmarks.run``):
   same model with ``opacus.validators.ModuleValidator.fix`` (Opacus's ``DPMultiheadAttention``).
 Opacus is imported only inside the impls: without it those rows are errors (or skips in bench/).
 
-Peak memory: :func:`peak_memory_table` runs each impl in a fresh Python process and reports the
-growth of the resident set (Linux ``VmHWM`` after ``reset`` through ``/proc/self/clear_refs``,
-minus ``VmRSS`` just before the first step) over a few steps, model and inputs already built:
+Device (:mod:`ppml_fast.benchmarks.device`): ``dp_step_cases(sizes, device="cuda")`` (or
+``PPML_BENCH_DEVICE=cuda`` in the environment, e.g. for ``bench/bench_dp_step.py``, or
+``ppml-fast bench --device cuda``) builds the same models (on the CPU from the same seed, then
+moved), batches and impls on the GPU; every impl runs there, baselines included, and each timed
+step ends with ``torch.cuda.synchronize()``.
+
+Peak memory: on the CPU, :func:`peak_memory_table` runs each impl in a fresh Python process and
+reports the growth of the resident set (Linux ``VmHWM`` after ``reset`` through
+``/proc/self/clear_refs``, minus ``VmRSS`` just before the first step) over a few steps, model and
+inputs already built:
 what a step adds (activations, captured tensors, per-sample gradients, gradients, noise) as the
 OS sees it, torch's CPU allocations included (tracemalloc does not see those). It includes the
 one-off allocations of a process's first step (thread pools, autograd; 8-25 MiB for plain torch
-on the tiny cases here): read each row against the non-private row of its case. Run
-``python -m ppml_fast.benchmarks.dp_step --memory [--sizes tiny]``.
+on the tiny cases here): read each row against the non-private row of its case. On CUDA it reports
+torch's allocator statistics instead, in this process: ``torch.cuda.max_memory_allocated()``
+over the steps (reset first) minus ``torch.cuda.memory_allocated()`` before the first step, model
+and inputs already on the GPU (exact bytes of live tensors; no one-off costs, no fresh process
+needed). Run ``python -m ppml_fast.benchmarks.dp_step --memory [--sizes tiny] [--device cuda]
+[--json]``.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppml_fast.benchmarks.cases import Case, Impl, Inputs, Target
+from ppml_fast.benchmarks.device import DEVICE_ENV, DEVICES, bench_device
 
 NOISE, MAX_GRAD_NORM, LR, SEED = 1.0, 1.0, 0.05, 0
 GHOST_TARGET = Target("<=", 1.2)  # ppml_fast ghost / non-private
@@ -118,7 +130,7 @@ def _mlp(widths: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _setup(model: str, sizes: str) -> Callable[[], Inputs]:
+def _setup(model: str, sizes: str, device: str = "cpu") -> Callable[[], Inputs]:
     s = SIZES[sizes][model]
 
     def setup() -> Inputs:
@@ -134,15 +146,22 @@ def _setup(model: str, sizes: str) -> Callable[[], Inputs]:
             x = torch.randint(0, s["vocab"], (b, s["seq"]), generator=g)
             build = lambda: TextTransformer(s["vocab"], s["d"], s["heads"], s["ff"],  # noqa: E731
                                             dropout=s["dropout"])
-        y = torch.randint(0, 10, (b,), generator=g)
-        return {"x": x, "y": y, "batch": b, "build": build}
+        y = torch.randint(0, 10, (b,), generator=g)  # drawn on the CPU: the same data anywhere
+        return {"x": x.to(device), "y": y.to(device), "batch": b, "build": build,
+                "device": device}
 
     return setup
 
 
-def _model(x: Inputs) -> nn.Module:
-    torch.manual_seed(SEED)  # the same initial weights for every impl
-    return x["build"]().train()
+def _model(x: Inputs, prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+    """The case's model with the same initial weights for every impl (built on the CPU, then
+    ``prepare``d, e.g. Opacus's module fixer, which builds its replacements on the CPU), on the
+    case's device."""
+    torch.manual_seed(SEED)
+    net = x["build"]()
+    if prepare is not None:
+        net = prepare(net)
+    return net.to(x.get("device", "cpu")).train()
 
 
 def _sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -150,13 +169,17 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _loop(model: nn.Module, opt, loss_fn, x: torch.Tensor, y: torch.Tensor):
-    """The timed step: zero_grad, forward, loss, backward, step; returns the loss (detached)."""
+    """The timed step: zero_grad, forward, loss, backward, step; returns the loss (detached).
+    On CUDA it waits for the GPU before returning, so that a wall-clock timer sees the work."""
+    sync = x.device.type == "cuda"
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
+        if sync:
+            torch.cuda.synchronize(x.device)
         return loss.detach()
 
     return step
@@ -195,9 +218,8 @@ def _opacus(mode: str, *, fix: bool = False):
         from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
 
-        net = _model(x)
-        if fix:  # nn.MultiheadAttention -> opacus.layers.DPMultiheadAttention (same weights)
-            net = ModuleValidator.fix(net).train()
+        # fix: nn.MultiheadAttention -> opacus.layers.DPMultiheadAttention (same weights)
+        net = _model(x, ModuleValidator.fix if fix else None)
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
         with warnings.catch_warnings():  # secure-RNG and fixed-batch warnings
             warnings.simplefilter("ignore")
@@ -233,22 +255,27 @@ def _impls(text: bool) -> tuple[Impl, ...]:
     return tuple(impls)
 
 
-def dp_step_cases(sizes: str = "full") -> list[Case]:
-    """One case per model (``"tiny"``: small models and batches, for tests of the harness)."""
+def dp_step_cases(sizes: str = "full", device: Optional[str] = None) -> list[Case]:
+    """One case per model (``"tiny"``: small models and batches, for tests of the harness) on
+    ``device`` ("cpu" or "cuda"; default ``$PPML_BENCH_DEVICE``, else "cpu"; see
+    :func:`bench_device`). The keys do not depend on the device; on CUDA the names end in
+    ``[cuda]``."""
     if sizes not in SIZES:
         raise ValueError(f"sizes must be one of {', '.join(map(repr, SIZES))}; got {sizes!r}")
+    device = bench_device(device)
+    on = "" if device == "cpu" else f" [{device}]"
     s = SIZES[sizes]
     mlp, cnn, text = s["mlp"], s["cnn"], s["text"]
     widths = "-".join(map(str, mlp["widths"]))
     return [
-        Case("dp-step-mlp", f"DP step M1 MLP {widths}, batch {mlp['batch']}",
-             _setup("mlp", sizes), _impls(False)),
-        Case("dp-step-cnn", f"DP step M2 MNIST CNN 1x28x28, batch {cnn['batch']}",
-             _setup("cnn", sizes), _impls(False)),
+        Case("dp-step-mlp", f"DP step M1 MLP {widths}, batch {mlp['batch']}{on}",
+             _setup("mlp", sizes, device), _impls(False)),
+        Case("dp-step-cnn", f"DP step M2 MNIST CNN 1x28x28, batch {cnn['batch']}{on}",
+             _setup("cnn", sizes, device), _impls(False)),
         Case("dp-step-text",
              f"DP step M3 Emb {text['vocab']}x{text['d']} + 2 enc ({text['heads']} heads, ff "
-             f"{text['ff']}), seq {text['seq']}, batch {text['batch']}",
-             _setup("text", sizes), _impls(True)),
+             f"{text['ff']}), seq {text['seq']}, batch {text['batch']}{on}",
+             _setup("text", sizes, device), _impls(True)),
     ]
 
 
@@ -261,38 +288,55 @@ def _status_kib(field: str) -> int:
     return int(m.group(1))
 
 
-def _measure_here(case_key: str, impl_key: str, sizes: str, steps: int) -> dict:
-    """In this process: build the case and impl, then the peak RSS growth over ``steps`` steps."""
-    case = next(c for c in dp_step_cases(sizes) if c.key == case_key)
+def _measure_here(case_key: str, impl_key: str, sizes: str, steps: int,
+                  device: Optional[str] = None) -> dict:
+    """In this process: build the case and impl, then the peak memory growth over ``steps``
+    steps: of the resident set on the CPU, of torch's CUDA allocator on CUDA."""
+    case = next(c for c in dp_step_cases(sizes, device) if c.key == case_key)
     impl = next(i for i in case.impls if i.key == impl_key)
     inputs = case.setup()
+    cuda = inputs["device"] == "cuda"
     try:
         fn = impl.make(inputs)
     except Exception as e:  # a baseline that refuses the model (or is not installed)
         return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"}
     gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            fn()  # synchronises
+        peak = torch.cuda.max_memory_allocated()
+        mib = 1024 * 1024
+        return {"memory": "cuda", "before_mb": before / mib, "peak_mb": peak / mib,
+                "growth_mb": (peak - before) / mib, "error": None}
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     for _ in range(steps):
         fn()
     peak = _status_kib("VmHWM")
-    return {"rss_before_mb": before / 1024, "peak_mb": peak / 1024,
-            "growth_mb": (peak - before) / 1024, "error": None}
+    return {"memory": "rss", "rss_before_mb": before / 1024, "before_mb": before / 1024,
+            "peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024, "error": None}
 
 
 def peak_rss(case_key: str, impl_key: str, sizes: str = "full", steps: int = 3,
-             timeout: float = 600.0) -> dict:
-    """Peak RSS growth (MiB) of ``steps`` steps of one impl, measured in a fresh process.
+             timeout: float = 600.0, device: Optional[str] = None) -> dict:
+    """Peak memory growth (MiB) of ``steps`` steps of one impl, measured in a fresh process.
 
-    Returns ``{"rss_before_mb", "peak_mb", "growth_mb", "error"}`` (error: why it could not
-    run, the other fields then absent). Linux only (``/proc``).
+    Returns ``{"memory", "before_mb", "peak_mb", "growth_mb", "error"}`` (error: why it could
+    not run, the other fields then absent; on the CPU also ``rss_before_mb``). ``memory`` says
+    what was measured: "rss" (the CPU: Linux only, ``/proc``) or "cuda" (``device="cuda"`` or
+    ``$PPML_BENCH_DEVICE=cuda``: torch's allocator, see :func:`peak_memory`).
     """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "ppml_fast.benchmarks.dp_step", "--child", case_key, impl_key,
            "--sizes", sizes, "--steps", str(steps)]
+    if device is not None:
+        cmd += ["--device", device]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -300,33 +344,56 @@ def peak_rss(case_key: str, impl_key: str, sizes: str = "full", steps: int = 3,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def peak_memory(case_key: str, impl_key: str, sizes: str = "full", steps: int = 3,
+                device: Optional[str] = None) -> dict:
+    """:func:`peak_rss` on the CPU (a fresh process per impl); on CUDA the same measurement in
+    this process, since torch's allocator statistics are reset per impl and count only live
+    tensors (no process-wide one-off costs to keep out)."""
+    if bench_device(device) == "cuda":
+        return _measure_here(case_key, impl_key, sizes, steps, "cuda")
+    return peak_rss(case_key, impl_key, sizes, steps, device="cpu")
+
+
 def peak_memory_table(sizes: str = "full", steps: int = 3,
-                      cases: Optional[list[Case]] = None) -> list[dict]:
-    """:func:`peak_rss` of every impl of every case: rows with ``case``, ``impl`` and its fields."""
+                      cases: Optional[list[Case]] = None,
+                      device: Optional[str] = None) -> list[dict]:
+    """:func:`peak_memory` of every impl of every case: rows with ``case``, ``impl`` and its
+    fields. ``cases`` (default: all) are looked up by key on ``device``."""
     rows = []
-    for case in cases if cases is not None else dp_step_cases(sizes):
+    for case in cases if cases is not None else dp_step_cases(sizes, device):
         for impl in case.impls:
-            r = peak_rss(case.key, impl.key, sizes, steps)
+            r = peak_memory(case.key, impl.key, sizes, steps, device)
             rows.append({"case": case.name, "case_key": case.key, "impl": impl.name,
                          "impl_key": impl.key, **r})
     return rows
 
 
+_MEMORY_NOTES = {
+    "rss": "peak RSS growth: VmHWM over the steps (reset first) minus VmRSS before the first "
+           "step, model and inputs built; one fresh process per impl (first-step one-offs "
+           "included: compare with the non-private row).",
+    "cuda": "peak CUDA growth: torch.cuda.max_memory_allocated() over the steps (reset first) "
+            "minus torch.cuda.memory_allocated() before the first step, model and inputs on the "
+            "GPU (live tensors only; the caching allocator's reserve is not counted).",
+}
+
+
 def format_peak_memory(rows: list[dict]) -> str:
     """Aligned text of :func:`peak_memory_table` rows."""
-    head = ("case", "implementation", "peak RSS growth MiB", "RSS before MiB")
+    kinds = [k for k in _MEMORY_NOTES if any(r.get("memory", "rss") == k
+                                             for r in rows if not r.get("error"))] or ["rss"]
+    what = {"rss": "peak RSS growth MiB", "cuda": "peak CUDA growth MiB"}
+    head = ("case", "implementation", " / ".join(what[k] for k in kinds), "before MiB")
     cells = [head] + [
         (str(r["case"]), str(r["impl"]),
          "failed" if r.get("error") else f"{r['growth_mb']:.1f}",
-         "-" if r.get("error") else f"{r['rss_before_mb']:.0f}")
+         "-" if r.get("error") else f"{r.get('before_mb', r.get('rss_before_mb')):.0f}")
         for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) if i >= 2 else v.ljust(w)
                        for i, (v, w) in enumerate(zip(c, widths))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("peak RSS growth: VmHWM over the steps (reset first) minus VmRSS before the first "
-                 "step, model and inputs built; one fresh process per impl (first-step one-offs "
-                 "included: compare with the non-private row).")
+    lines.extend(_MEMORY_NOTES[k] for k in kinds)
     lines.extend(f"failed: {r['impl']} at {r['case']}: {r['error']}"
                  for r in rows if r.get("error"))
     return "\n".join(lines)
@@ -339,13 +406,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     p.add_argument("--sizes", choices=tuple(SIZES), default="full")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"where the models run (default: ${DEVICE_ENV}, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(_measure_here(a.child[0], a.child[1], a.sizes, a.steps)))
+        print(json.dumps(_measure_here(a.child[0], a.child[1], a.sizes, a.steps, a.device)))
         return 0
     if a.memory:
-        print(f"torch threads: {torch.get_num_threads()}, sizes: {a.sizes}, steps: {a.steps}")
-        print(format_peak_memory(peak_memory_table(a.sizes, a.steps)))
+        try:
+            device = bench_device(a.device)
+        except ValueError as e:
+            print(f"{p.prog}: {e}", file=sys.stderr)
+            return 2
+        rows = peak_memory_table(a.sizes, a.steps, device=device)
+        if a.json:
+            meta = {"device": device, "torch": torch.__version__, "sizes": a.sizes,
+                    "steps": a.steps, "torch_threads": torch.get_num_threads()}
+            if device == "cuda":
+                meta["gpu"] = torch.cuda.get_device_name()
+            print(json.dumps({"meta": meta, "results": rows}, indent=2))
+        else:
+            print(f"torch threads: {torch.get_num_threads()}, sizes: {a.sizes}, steps: {a.steps}, "
+                  f"device: {device}")
+            print(format_peak_memory(rows))
         return 0
     p.print_help()
     return 2

@@ -10,17 +10,27 @@
 Targets (2-core CPU, the full sizes) sit on the first clip size, the noise and every aggregate
 size. Input values do not change any kernel's speed, so inputs are scaled copies of one random
 row (cheap to allocate); their norms spread over (0, 2) so that about half the rows are clipped.
+
+Device: ``op_cases(sizes, device="cuda")`` (default ``$PPML_BENCH_DEVICE``, else "cpu"; see
+:mod:`ppml_fast.benchmarks.device`) moves the inputs to the GPU after drawing them on the CPU,
+makes every timed call end with
+``torch.cuda.synchronize()`` (so the wall-clock timer sees the GPU work) and leaves out the
+numpy rows (Flower's ``aggregate()`` and ppml_fast on a numpy list), which run on the CPU only.
+The targets were set for a 2-core CPU; on a GPU read the ratios, not the verdicts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable, Optional
 
 import torch
 
 from ppml_fast import ops
 from ppml_fast.benchmarks import flower
 from ppml_fast.benchmarks.cases import Case, Impl, Inputs, Target
+from ppml_fast.benchmarks.device import bench_device
 
 MAX_NORM = 1.0
 
@@ -202,12 +212,56 @@ def aggregate_case(k: int, p: int) -> Case:
     )
 
 
-def op_cases(sizes: str = "full") -> list[Case]:
-    """The ops' cases at ``sizes`` (``"full"``: the sizes of issue 2; ``"tiny"``: for tests)."""
+# ---- device --------------------------------------------------------------------------------
+
+CPU_ONLY = frozenset({"ppml_numpy", "flower"})  # numpy inputs: no CUDA counterpart
+
+
+def _synced(make: Callable[[Inputs], Callable[[], object]]):
+    """``make`` whose callable waits for the GPU before it returns."""
+
+    def wrapped(x: Inputs):
+        fn = make(x)
+
+        def call():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return call
+
+    return wrapped
+
+
+def _setup_on(setup: Callable[[], Inputs], device: str) -> Callable[[], Inputs]:
+    """``setup`` whose tensors are moved to ``device``; numpy-only inputs are dropped."""
+
+    def moved() -> Inputs:
+        x = setup()
+        return {k: v.to(device) for k, v in x.items() if isinstance(v, torch.Tensor)}
+
+    return moved
+
+
+def on_device(case: Case, device: str) -> Case:
+    """``case`` on ``device``: for "cpu" the case itself; for "cuda" inputs on the GPU, synced
+    calls, the CPU-only impls (and those compared with them) left out, "[cuda]" in the name."""
+    if device == "cpu":
+        return case
+    impls = tuple(dataclasses.replace(i, make=_synced(i.make)) for i in case.impls
+                  if i.key not in CPU_ONLY and i.versus not in CPU_ONLY)
+    return dataclasses.replace(case, name=f"{case.name} [{device}]",
+                               setup=_setup_on(case.setup, device), impls=impls)
+
+
+def op_cases(sizes: str = "full", device: Optional[str] = None) -> list[Case]:
+    """The ops' cases at ``sizes`` (``"full"``: the sizes of issue 2; ``"tiny"``: for tests) on
+    ``device`` ("cpu" or "cuda"; default ``$PPML_BENCH_DEVICE``, else "cpu")."""
     if sizes not in SIZES:
         raise ValueError(f"sizes must be one of {', '.join(map(repr, SIZES))}; got {sizes!r}")
+    device = bench_device(device)
     s = SIZES[sizes]
     cases = [clip_case(b, p, with_targets=i == 0) for i, (b, p) in enumerate(s["clip"])]
     cases += [noise_case(n) for n in s["noise"]]
     cases += [aggregate_case(k, p) for k, p in s["aggregate"]]
-    return cases
+    return [on_device(c, device) for c in cases]

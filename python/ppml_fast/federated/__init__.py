@@ -2,13 +2,22 @@
 parameter vectors, and seeded partitioners that split one dataset into per-client datasets
 (IID, Dirichlet label skew, McMahan shards, quantity skew)."""
 
+from .backends import RayBackend, SequentialBackend, VectorizedBackend
 from .client import Client
+from .dp import DPFedAvgAdaptive, DPFedAvgFixed, LocalDP
+from .history import History
 from .parameters import ParameterLayout
 from .partition import dirichlet_partition, iid_partition, quantity_skew_partition, shard_partition
-from .strategy import FedAvg, Strategy
+from .strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedOpt, FedProx,
+                       FedTrimmedAvg, FedYogi, Krum, Strategy)
+from .simulation import run_simulation
 from .types import ClientProxy, EvalResult, FitResult
 
 __all__ = [
-    "Client", "ClientProxy", "EvalResult", "FedAvg", "FitResult", "ParameterLayout", "Strategy",
-    "dirichlet_partition", "iid_partition", "quantity_skew_partition", "shard_partition",
+    "Client", "ClientProxy", "DPFedAvgAdaptive", "DPFedAvgFixed", "LocalDP",
+    "EvalResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian",
+    "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "FitResult", "History", "ParameterLayout",
+    "RayBackend", "SequentialBackend", "Strategy", "VectorizedBackend",
+    "dirichlet_partition", "iid_partition", "quantity_skew_partition", "run_simulation",
+    "shard_partition",
 ]

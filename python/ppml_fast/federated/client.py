@@ -11,6 +11,9 @@ client's examples is drawn from ``torch.Generator().manual_seed(config["seed"])`
 consecutive batches of ``batch_size`` (the last one may be smaller); each batch takes one
 plain SGD step ``p -= lr * (grad of mean loss + proximal_mu * (p - p_received))`` (the
 proximal term is FedProx's, Li et al. 2020, eq. 2; 0 gives FedAvg's local SGD).
+
+With ``config["local_dp"]`` (a :class:`~ppml_fast.federated.dp.LocalDP`) the client trains with
+DP-SGD instead and keeps its own accountant across rounds: :mod:`ppml_fast.federated.dp.local`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .dp.local import LocalDPState, check_local_dp, local_dp_sgd
 from .parameters import ParameterLayout
 from .types import EvalResult, FitResult
 
@@ -124,6 +128,7 @@ class Client:
             raise ValueError(f"cid must be an int >= 0 or None; got {cid!r}")
         self.cid = None if cid is None else int(cid)
         self._x, self._y = _materialize(dataset)
+        self._local_dp: Optional[LocalDPState] = None  # the client's own DP-SGD state (local DP)
 
     @property
     def num_examples(self) -> int:
@@ -142,9 +147,15 @@ class Client:
         layout = ParameterLayout.of(model)
         layout.check(parameters, "parameters")
         layout.load(model, parameters)
-        loss_sum, seen = self._local_sgd(model, s)
+        local_dp = config.get("local_dp")
+        if local_dp is not None:  # DP-SGD (a first state is kept once a fit completes)
+            state = self._local_dp or LocalDPState(check_local_dp(local_dp).accountant)
+            metrics = local_dp_sgd(model, self._x, self._y, s, local_dp, state)
+            self._local_dp = state
+        else:
+            loss_sum, seen = self._local_sgd(model, s)
+            metrics = {"loss": loss_sum / seen} if seen else {}
         update = layout.flatten(model) - parameters.to(torch.float32)
-        metrics = {"loss": loss_sum / seen} if seen else {}
         return FitResult(update=update, num_examples=self.num_examples, metrics=metrics)
 
     def _local_sgd(self, model: nn.Module, s: Mapping[str, Any]) -> tuple[float, int]:

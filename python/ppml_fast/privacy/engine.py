@@ -14,6 +14,8 @@ plain ``nn.MultiheadAttention``; accountants are "rdp" or "pld".
 
 from __future__ import annotations
 
+import math
+
 import numbers
 from typing import Optional, Sequence
 
@@ -140,8 +142,11 @@ class PrivacyEngine:
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta``."""
-        return self.accountant.get_epsilon(delta)
+        """Epsilon spent so far at ``delta`` (infinity once a step ran with noise_multiplier 0)."""
+        eps = self.accountant.get_epsilon(delta)
+        if self.optimizer is not None and getattr(self.optimizer, "unnoised_steps", 0):
+            return math.inf
+        return eps
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict(),

@@ -251,7 +251,11 @@ class PrivateModule(nn.Module):
         for pid in per_param:
             per_param[pid] = per_param[pid].double() * scale2
         b = batch.size
-        total = sum(per_param.values()) if per_param else torch.zeros(b, dtype=torch.float64)
+        if per_param:
+            total = sum(per_param.values())
+        else:  # no parameter took a gradient in this batch: zero norms, on the model's device
+            first = next(self.parameters(), None)
+            total = torch.zeros(b, dtype=torch.float64, device=None if first is None else first.device)
         return {"per_param": per_param, "total": total, "states": states,
                 "materialised": materialised}
 

@@ -44,7 +44,8 @@ class DPOptimizer:
         optimizer: any torch optimizer over the module's trainable parameters.
         module: the :class:`PrivateModule` whose captured batches are clipped.
         noise_multiplier: sigma, the noise std as a multiple of the clipping norm (>= 0; 0 means
-            no noise and no privacy — the accountant then refuses to report an epsilon).
+            no noise and no privacy: such steps are counted in ``unnoised_steps`` and the
+            engine's ``get_epsilon`` reports infinity once one has run).
         max_grad_norm: C; for ``clipping="per_layer"`` one per trainable parameter (noise uses
             the L2 norm of the list, as Opacus does).
         expected_batch_size: the denominator of the average (q N for Poisson sampling).
@@ -125,6 +126,7 @@ class DPOptimizer:
         self.nonfinite = nonfinite
         self.gamma = gamma
         self.steps = 0
+        self.unnoised_steps = 0  # steps taken with noise_multiplier 0: epsilon is infinite
         self._summed: dict = {}
         self._samples = 0
         self._skip_next = False
@@ -289,7 +291,9 @@ class DPOptimizer:
         self._noise_and_scale(grads)
         for p, g in zip(self.params, grads):
             p.grad = g
-        if self.accountant is not None and self.sample_rate is not None:
+        if self.noise_multiplier == 0:
+            self.unnoised_steps += 1  # no event: a Gaussian with sigma 0 has no finite epsilon
+        elif self.accountant is not None and self.sample_rate is not None:
             event = self._event()
             self.accountant.compose(event)
             if self._shadow:
@@ -319,6 +323,7 @@ class DPOptimizer:
             "seed": self.seed,
             "offset": self.offset,
             "steps": self.steps,
+            "unnoised_steps": self.unnoised_steps,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
         }
 
@@ -333,6 +338,7 @@ class DPOptimizer:
             self.accountant.load_state_dict(acc)
         self.original_optimizer.load_state_dict(inner)
         self.noise_multiplier, self.seed, self.offset, self.steps = sigma, seed, offset, steps
+        self.unnoised_steps = int(state.get("unnoised_steps", 0))
         self._shadow, self._fits = None, None
 
     def __repr__(self) -> str:

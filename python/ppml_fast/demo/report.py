@@ -1,0 +1,85 @@
+"""The demo's outputs: the per-round table, the comparison line, ``report.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+from typing import Any, Optional
+
+from .experiment import DemoResult, RunSummary
+
+__all__ = ["comparison_line", "format_table", "to_report", "write_report"]
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_table(run: RunSummary, max_rows: int = 40) -> str:
+    """Round, test accuracy, test loss, epsilon spent, clients that contributed, dropped."""
+    rows = run.rounds
+    if len(rows) > max_rows:  # keep the first, the last and evenly spaced ones between
+        step = math.ceil(len(rows) / max_rows)
+        rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
+    lines = [f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'epsilon':>8}  {'clients':>7}  {'dropped':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['round']:>5}  {_fmt(r.get('accuracy'), '8.4f')}  {_fmt(r.get('loss'), '7.4f')}  "
+            f"{_fmt(r.get('epsilon'), '8.3f')}  {len(r.get('clients') or []):>7}  "
+            f"{len(r.get('dropped') or []):>7}" + ("  skipped" if r.get("skipped") else ""))
+    return "\n".join(lines)
+
+
+def comparison_line(result: DemoResult) -> str:
+    m, b = result.main, result.baseline
+    if m is b:
+        return f"no privacy: test accuracy {m.final_accuracy:.4f} after {len(m.rounds)} rounds"
+    eps = _fmt(m.final_epsilon, ".3g")
+    return (f"private ({m.label}): test accuracy {m.final_accuracy:.4f} at epsilon {eps} "
+            f"(delta {result.delta:g}) vs non-private {b.final_accuracy:.4f} "
+            f"({m.final_accuracy - b.final_accuracy:+.4f})")
+
+
+def to_report(result: DemoResult, *, seconds: float) -> dict[str, Any]:
+    import torch
+
+    from ppml_fast import __version__
+
+    def run(r: RunSummary) -> dict[str, Any]:
+        return dataclasses.asdict(r)
+
+    cfg = dataclasses.asdict(result.config)
+    return {
+        "configuration": cfg,
+        "seed": result.config.seed,
+        "delta": result.delta,
+        "accountant": result.config.accountant,
+        "privacy_unit": {"dp-fedavg": "user (client)", "local-dp": "example, per client",
+                         "none": None}[result.config.mode],
+        "main": run(result.main),
+        "baseline": run(result.baseline),
+        "sweep": [run(s) for s in result.sweep],
+        "seconds": round(seconds, 2),
+        "versions": {"ppml_fast": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def write_report(report: dict[str, Any], directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=_json_default)
+        f.write("\n")
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,79 @@
+"""The backend interface of :func:`~ppml_fast.federated.run_simulation`: who runs the selected
+clients' ``fit`` and how.
+
+A backend is the simulated device side. ``setup(clients, model_fn)`` hands it the client
+objects once per simulation (a backend may copy their data to workers, or read it to train
+many clients together); each round ``fit(indices, parameters, configs)`` trains the clients at
+those positions of the list from the same flat ``parameters``, client ``indices[i]`` with
+``configs[i]``, and returns one :class:`Outcome` per client in the same order: its
+:class:`~ppml_fast.federated.types.FitResult` or the exception it raised, and the wall time
+attributed to it (the simulation's straggler deadline compares with it). A backend never
+raises for a client's failure; the simulation turns outcomes into results and reasons.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..client import Client
+from ..types import FitResult
+
+__all__ = ["Backend", "Outcome", "fit_one", "make_model"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One client's answer: ``result`` (None when it raised), ``error`` (the exception, or
+    None), ``seconds`` (wall time attributed to this client)."""
+
+    result: Optional[FitResult]
+    error: Optional[BaseException]
+    seconds: float
+
+
+def make_model(model_fn: Callable[[], nn.Module]) -> nn.Module:
+    """``model_fn()`` without touching torch's global RNG (the scratch model's initial weights
+    are overwritten by every fit), checked to be an ``nn.Module``."""
+    with torch.random.fork_rng(devices=[]):
+        model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module; got {type(model).__name__}")
+    return model
+
+
+def fit_one(client: Client, parameters: torch.Tensor, config: Mapping[str, Any]) -> Outcome:
+    """``client.fit`` timed with ``time.perf_counter``; an exception becomes the outcome."""
+    start = time.perf_counter()
+    try:
+        result = client.fit(parameters, config)
+        if not isinstance(result, FitResult):
+            raise TypeError(f"Client.fit must return a FitResult; got {type(result).__name__}")
+    except Exception as e:  # a failing client is a fault to report, not a crash
+        return Outcome(None, e, time.perf_counter() - start)
+    return Outcome(result, None, time.perf_counter() - start)
+
+
+class Backend(abc.ABC):
+    """Runs the selected clients' local training. Subclasses implement :meth:`fit`."""
+
+    #: the name ``run_simulation(backend=...)`` knows this backend by
+    name: str = ""
+
+    def setup(self, clients: Sequence[Client], model_fn: Callable[[], nn.Module]) -> None:
+        """Called once per simulation before the first round."""
+        self.clients = list(clients)
+        self.model_fn = model_fn
+
+    @abc.abstractmethod
+    def fit(self, indices: Sequence[int], parameters: torch.Tensor,
+            configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+        """Train ``clients[indices[i]]`` from ``parameters`` with ``configs[i]``; one outcome each."""
+
+    def close(self) -> None:
+        """Called once when the simulation ends (also after an error): free workers."""

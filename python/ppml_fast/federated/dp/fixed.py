@@ -1,0 +1,285 @@
+"""DP-FedAvg with a fixed clipping norm: user-level differential privacy around a mean-type
+strategy (McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent
+Language Models", ICLR, Algorithm 1 with the fixed-denominator estimator f_f; Flower's
+``DPFedAvgFixed`` / ``DifferentialPrivacyServerSideFixedClipping``).
+
+Each round (server-side noise; the server is trusted with the individual updates):
+
+1. ``configure_fit`` samples each of the N clients independently with probability
+   q = clients_per_round / N (Poisson sampling; a round may sample nobody), then asks the inner
+   strategy for each sampled client's extra config;
+2. ``aggregate_fit`` clips each update to L2 norm <= C, sums them (the native
+   ``weighted_aggregate`` op with ``clip_norm``), adds N(0, (σ C)^2 I) once and divides by the
+   expected number of clients qN (fixed denominator: one user changes the sum by at most C, so
+   the mean's sensitivity is C / (qN) and its noise std σ C / (qN); ``noisy_scale_``), and
+   hands that noised mean update to the inner strategy as a single result, so the inner
+   strategy's server step applies to it: FedAvg adds it, FedAvgM / FedAdam / FedYogi /
+   FedAdagrad treat it as their pseudo-gradient (post-processing, no extra privacy cost).
+   Robust aggregators (median, trimmed mean, Krum) are refused: with one noised result there is
+   nothing for them to be robust against, and DP already bounds each user's influence.
+3. The accountant composes PoissonSampledEvent(q, GaussianEvent(σ)) once per aggregated round
+   (user-level adjacency: adding or removing one client's whole data).
+
+Every client counts the same (user-level DP): example counts are not used as weights. A
+client that fails or is dropped contributes a zero update; the denominator does not change.
+Noise: Philox keyed by ``seed`` (None: drawn once from the first round's seeded rng, so a
+simulation with a seed is reproducible), the offset moving on every round so that no two
+rounds share noise; ``secure_mode=True``: ChaCha20 keyed from OS entropy (not reproducible).
+Without ``secure_mode`` the noise does not defend against floating-point attacks.
+
+``min_fit_clients`` is 0: a round with no surviving result still releases noise / (qN) and is
+accounted. A simulation that skipped such a round instead would reveal that nobody took part.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
+from ppml_fast.accounting.calibration import ACCOUNTANTS
+from ppml_fast.ops import noisy_scale_, weighted_aggregate
+
+from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_results, stack_updates
+from ..types import ClientProxy, EvalResult, FitResult
+
+__all__ = ["DPFedAvgFixed", "ROBUST_STRATEGIES"]
+
+#: Strategies whose aggregation is not a mean; a DP wrapper refuses them as inner strategy.
+ROBUST_STRATEGIES = frozenset({"FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan"})
+
+
+def _positive(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(v).__name__} {v!r}")
+    if not (math.isfinite(float(v)) and float(v) > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
+    return float(v)
+
+
+def _check_inner(strategy: Any) -> Strategy:
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a ppml_fast.federated.Strategy; got {type(strategy).__name__}")
+    names = {c.__name__ for c in type(strategy).__mro__}
+    if names & ROBUST_STRATEGIES or getattr(strategy, "robust", False):
+        raise ValueError(
+            f"strategy must be a mean-type strategy (FedAvg, FedAvgM, FedProx, FedAdam, ...); got "
+            f"{type(strategy).__name__}: robust aggregation of one noised mean is meaningless "
+            "under DP-FedAvg (clipping already bounds each client's influence)")
+    if strategy.epsilon(0.5) is not None:
+        raise ValueError(f"strategy must not spend privacy itself; got {type(strategy).__name__}, "
+                         "which reports an epsilon (do not nest DP wrappers)")
+    return strategy
+
+
+class DPFedAvgFixed(Strategy):
+    """User-level DP around ``strategy`` with a fixed clipping norm (module docstring).
+
+    Args:
+        strategy: the inner, mean-type strategy (FedAvg, FedAvgM, FedProx, FedAdam, ...).
+        noise_multiplier: σ, the noise std as a multiple of the clipping norm (> 0).
+        clip_norm: C, the L2 bound on each client's update (> 0).
+        sampling_rate: q, when known before the first round (``epsilon(rounds_ahead=k)``
+            needs it then: ``run_simulation(max_epsilon=...)`` asks before round 1, so pass
+            ``clients_per_round / len(clients)`` there); None: q = clients_per_round / N, set
+            by each ``configure_fit``. When given, ``configure_fit`` refuses a round whose q
+            differs.
+        accountant: "rdp" or "pld".
+        secure_mode: ChaCha20 noise keyed from OS entropy instead of seeded Philox.
+        seed: the Philox key of the noise, in [0, 2**64); None: drawn from the first round's rng.
+    """
+
+    def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip_norm: float,
+                 sampling_rate: Optional[float] = None, accountant: str = "rdp",
+                 secure_mode: bool = False, seed: Optional[int] = None) -> None:
+        self.strategy = _check_inner(strategy)
+        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
+        self.clip_norm = _positive("clip_norm", clip_norm)
+        if sampling_rate is not None:
+            q = _positive("sampling_rate", sampling_rate)
+            if q > 1:
+                raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate!r}")
+            sampling_rate = q
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}; got {accountant!r}")
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool; got {type(secure_mode).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [0, 2**64); got {seed!r}")
+        self.sampling_rate = sampling_rate
+        self.accountant_name = accountant
+        self.accountant = ACCOUNTANTS[accountant]()
+        self.secure_mode = secure_mode
+        self.seed = None if seed is None else int(seed)
+        self.offset = 0
+        self.rounds = 0
+        self.min_fit_clients = 0
+        self.expected_clients: Optional[float] = None  # qN of the last configured round
+        #: each update's L2 norm before clipping in the last aggregated round (server-side)
+        self.last_update_norms = torch.empty(0, dtype=torch.float64)
+
+    # -- what the subclass (adaptive clipping) changes -------------------------------------------
+    def round_clip_norm(self) -> float:
+        """C for the round being aggregated."""
+        return self.clip_norm
+
+    def update_noise_multiplier(self) -> float:
+        """σ of the update's noise this round (adaptive clipping lowers it, Andrew et al. 2021)."""
+        return self.noise_multiplier
+
+    def _after_aggregate(self, norms: torch.Tensor, clip_norm: float) -> dict[str, float]:
+        """Hook after the update is released (adaptive clipping: the noised count and C's step)."""
+        return {}
+
+    def _check_round(self, num_clients: int, population: int) -> None:
+        """Hook to validate a round's parameters before anything is drawn."""
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def initialize_parameters(self, parameters: torch.Tensor) -> torch.Tensor:
+        return self.strategy.initialize_parameters(parameters)
+
+    def configure_fit(self, server_round: int, parameters: torch.Tensor,
+                      clients: Sequence[ClientProxy], num_clients: int,
+                      rng: np.random.Generator) -> Instructions:
+        """Poisson sampling: each client independently with q = num_clients / len(clients)
+        (capped at 1); then the inner strategy's extra config for each sampled client."""
+        if isinstance(num_clients, bool) or not isinstance(num_clients, numbers.Integral) or num_clients < 1:
+            raise ValueError(f"num_clients must be an int >= 1; got {num_clients!r}")
+        if len(clients) == 0:
+            raise ValueError("clients must not be empty")
+        n = len(clients)
+        q = min(1.0, num_clients / n)
+        if self.sampling_rate is not None and not math.isclose(q, self.sampling_rate, rel_tol=1e-9):
+            raise ValueError(f"num_clients / len(clients) = {num_clients}/{n} = {q:.6g} differs from "
+                             f"sampling_rate={self.sampling_rate:.6g} given to the strategy")
+        self._check_round(int(num_clients), n)
+        order = sorted(clients, key=lambda c: c.cid)
+        picked = rng.random(n) < q
+        if self.seed is None:  # unused in secure mode
+            self.seed = int(rng.integers(0, 2**63))
+        self.sampling_rate, self.expected_clients = q, q * n
+        sampled = [c for c, keep in zip(order, picked) if keep]
+        if not sampled:
+            return []
+        inner = self.strategy.configure_fit(server_round, parameters, sampled, len(sampled), rng)
+        extras = {c.cid: cfg for c, cfg in inner}
+        if set(extras) != {c.cid for c in sampled}:
+            raise ValueError(f"the inner strategy {type(self.strategy).__name__} changed the "
+                             "Poisson-sampled clients; a DP wrapper needs it to keep them all")
+        return [(c, dict(extras[c.cid])) for c in sampled]
+
+    def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
+                      failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clip, sum, noise once, divide by qN; the inner strategy steps with that mean."""
+        if self.expected_clients is None:
+            raise ValueError("aggregate_fit before configure_fit: the round's sampling rate q and "
+                             "expected number of clients qN are unknown")
+        check_results(results, parameters.numel())
+        clip = self.round_clip_norm()
+        if results:
+            updates = stack_updates(results)
+            k = updates.shape[0]
+            mean, norms = weighted_aggregate(updates, torch.ones(k, dtype=torch.float64), clip_norm=clip)
+            total = mean * k  # the sum of the clipped updates
+        else:
+            total = torch.zeros(parameters.numel(), dtype=torch.float32)
+            norms = torch.empty(0, dtype=torch.float64)
+        return self.release_sum(server_round, parameters, total, norms, failures)
+
+    def release_sum(self, server_round: int, parameters: torch.Tensor, total: torch.Tensor,
+                    norms: torch.Tensor, failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
+        """The second half of :meth:`aggregate_fit`: noise ``total``, the sum of the round's
+        updates clipped to :meth:`round_clip_norm` (a float tensor, noised in place), divide by
+        qN, account the round and step the inner strategy. ``norms``: the updates' norms before
+        clipping where the server knows them (empty otherwise). Secure aggregation
+        (:class:`~ppml_fast.federated.secagg.SecAggFedAvg`) calls it with the unmasked sum of
+        updates its clients clipped themselves, so the server never holds a single update."""
+        if self.expected_clients is None:
+            raise ValueError("release_sum before configure_fit: the round's sampling rate q and "
+                             "expected number of clients qN are unknown")
+        clip, sigma = self.round_clip_norm(), self.update_noise_multiplier()
+        if self.seed is None:  # a state loaded without one
+            self.seed = int.from_bytes(os.urandom(8), "little")
+        self.offset = noisy_scale_(total, sigma * clip, self.expected_clients, seed=self.seed,
+                                   offset=self.offset, secure=self.secure_mode)
+        self.last_update_norms = norms
+        self.accountant.compose(self._event(self.sampling_rate))
+        self.rounds += 1
+        extra = self._after_aggregate(norms, clip)
+        single = [(ClientProxy(0), FitResult(update=total, num_examples=1, metrics={}))]
+        new, inner_metrics = self.strategy.aggregate_fit(server_round, parameters, single, failures)
+        metrics = {**inner_metrics, "dp_clip_norm": clip,
+                   "dp_noise_std": sigma * clip / self.expected_clients, **extra}
+        return new, metrics
+
+    def _event(self, q: float) -> PoissonSampledEvent:
+        """One round, as the accountant sees it (Theorem 1 of Andrew et al. for the adaptive
+        variant: the update and the count together cost one Gaussian at ``noise_multiplier``)."""
+        return PoissonSampledEvent(q, GaussianEvent(self.noise_multiplier))
+
+    # -- privacy --------------------------------------------------------------------------------
+    def epsilon(self, delta: float, *, rounds_ahead: int = 0) -> Optional[float]:
+        """User-level ε at ``delta`` after the rounds aggregated so far plus ``rounds_ahead``
+        more at the current q (the state is not changed)."""
+        if isinstance(rounds_ahead, bool) or not isinstance(rounds_ahead, numbers.Integral) or rounds_ahead < 0:
+            raise ValueError(f"rounds_ahead must be an int >= 0; got {rounds_ahead!r}")
+        if rounds_ahead == 0:
+            return self.accountant.get_epsilon(delta)
+        if self.sampling_rate is None:
+            raise ValueError("rounds_ahead > 0 needs the sampling rate, unknown before the first "
+                             "configure_fit: pass sampling_rate= to the strategy")
+        trial = copy.deepcopy(self.accountant)
+        return trial.compose(self._event(self.sampling_rate), int(rounds_ahead)).get_epsilon(delta)
+
+    # -- delegated ------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, parameters: torch.Tensor,
+                           clients: Sequence[ClientProxy], num_clients: int,
+                           rng: np.random.Generator) -> Instructions:
+        return self.strategy.configure_evaluate(server_round, parameters, clients, num_clients, rng)
+
+    def aggregate_evaluate(self, server_round: int, results: Sequence[tuple[ClientProxy, EvalResult]],
+                           failures: Failures) -> tuple[Optional[float], dict[str, float]]:
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int,
+                 parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
+        return self.strategy.evaluate(server_round, parameters)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The privacy state: accountant history, noise seed and offset, rounds, q and qN."""
+        return {"accountant_name": self.accountant_name, "accountant": self.accountant.state_dict(),
+                "seed": self.seed, "offset": self.offset, "rounds": self.rounds,
+                "sampling_rate": self.sampling_rate, "expected_clients": self.expected_clients,
+                "clip_norm": self.clip_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` (validated first; nothing changes on an error)."""
+        try:
+            if state["accountant_name"] != self.accountant_name:
+                raise ValueError(f"accountant {state['accountant_name']!r} != "
+                                 f"{self.accountant_name!r}")
+            acc = ACCOUNTANTS[self.accountant_name]()
+            acc.load_state_dict(state["accountant"])
+            seed = None if state["seed"] is None else int(state["seed"])
+            offset, rounds = int(state["offset"]), int(state["rounds"])
+            q = None if state["sampling_rate"] is None else float(state["sampling_rate"])
+            expected = None if state["expected_clients"] is None else float(state["expected_clients"])
+            clip = _positive("clip_norm", state["clip_norm"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"state must be a {type(self).__name__}.state_dict(); {e!r}") from e
+        if offset < 0 or rounds < 0:
+            raise ValueError(f"state: offset and rounds must be >= 0; got {offset}, {rounds}")
+        self.accountant, self.seed, self.offset, self.rounds = acc, seed, offset, rounds
+        self.sampling_rate, self.expected_clients, self.clip_norm = q, expected, clip
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.strategy).__name__}, noise_multiplier="
+                f"{self.noise_multiplier}, clip_norm={self.clip_norm:.4g})")

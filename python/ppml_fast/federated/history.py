@@ -1,0 +1,69 @@
+"""What a simulation returns: one row per round, why it stopped, and the final parameters.
+
+A row (a plain dict, JSON-ready) has ``round`` (1-based), ``loss`` and ``accuracy`` (central
+evaluation on ``eval_dataset``; None on rounds without evaluation), ``epsilon`` (privacy spent
+so far, None when nothing is spent), ``clients`` (the cids whose updates were aggregated),
+``dropped`` (``[{"cid", "reason"}]``: "dropout", "budget", "timeout", "nonfinite", "shape" or
+the exception's ``"Type: message"``), ``skipped`` (True when too few results remained; the
+parameters did not change) and ``skip_reason``, ``train_loss`` (clients' reported training loss,
+weighted by their example counts), ``metrics`` (the strategy's aggregation metrics),
+``federated`` (``{"loss", "metrics"}`` of federated evaluation when the strategy asks for it)
+and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all rounds ran),
+``"target_accuracy"`` or ``"max_epsilon"``; ``stop_message`` says it in words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .parameters import ParameterLayout
+
+__all__ = ["History"]
+
+
+@dataclass
+class History:
+    """The record of one :func:`~ppml_fast.federated.run_simulation` (see the module docstring)."""
+
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+    stop_message: str = ""
+    parameters: Optional[torch.Tensor] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_fn: Optional[Callable[[], nn.Module]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        """The last measured accuracy (None when never evaluated)."""
+        return next((r["accuracy"] for r in reversed(self.rounds) if r["accuracy"] is not None), None)
+
+    @property
+    def epsilon(self) -> Optional[float]:
+        """The privacy spent after the last round (None when nothing is spent)."""
+        return self.rounds[-1]["epsilon"] if self.rounds else None
+
+    def final_model(self) -> nn.Module:
+        """A fresh ``model_fn()`` loaded with the final parameters."""
+        if self.model_fn is None or self.parameters is None:
+            raise ValueError("this History has no model_fn or parameters (built by hand?)")
+        with torch.random.fork_rng(devices=[]):
+            model = self.model_fn()
+        ParameterLayout.of(model).load(model, self.parameters)
+        return model
+
+    def to_dict(self, *, times: bool = True) -> dict[str, Any]:
+        """Rows, stop reason and settings as plain data (``times=False`` drops the wall times,
+        the only part that differs between two runs with the same seed). The parameters are
+        not included (``history.parameters`` holds them)."""
+        rows = [dict(r) if times else {k: v for k, v in r.items() if k != "seconds"} for r in self.rounds]
+        return {"rounds": rows, "stopped": self.stopped, "stop_message": self.stop_message,
+                "settings": dict(self.settings)}
+
+    def to_json(self, *, times: bool = True, indent: Optional[int] = None) -> str:
+        """:meth:`to_dict` as JSON."""
+        return json.dumps(self.to_dict(times=times), indent=indent)

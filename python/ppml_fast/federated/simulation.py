@@ -1,0 +1,384 @@
+"""``run_simulation``: the server's round loop over simulated clients.
+
+Each round: the strategy picks clients and their extra config (``configure_fit``, with a
+numpy generator seeded by ``(seed, round)``); each picked client drops out with probability
+``dropout`` (seeded by ``(seed, round)`` and its position, so one client's draw does not depend
+on who else was picked); the backend trains the others from the current parameters, each with
+``{model_fn, local_epochs, batch_size, lr, seed, local_dp}`` merged under the strategy's extras,
+``seed`` being drawn per round and per client from ``seed``; faults leave a client out with its
+reason (it raised — ``PrivacyBudgetExceeded`` reads ``"budget"``, anything else
+``"Type: message"`` —, took longer than ``client_timeout`` seconds (its result is discarded:
+``"timeout"``), returned NaN/Inf (``"nonfinite"``) or an update of the wrong size
+(``"shape"``)); the strategy aggregates when at least ``max(min_clients,
+strategy.min_fit_clients)`` results remain, else the round is skipped (parameters unchanged).
+Then central evaluation on ``eval_dataset`` every ``eval_every`` rounds (and after the last),
+federated evaluation when the strategy's ``configure_evaluate`` asks for it, and the stop
+rules: accuracy >= ``target_accuracy`` after a round, or, before a round,
+``strategy.epsilon(delta, rounds_ahead=1) > max_epsilon``.
+
+The same arguments and seed give the same :class:`~ppml_fast.federated.history.History`, wall
+times aside (the initial model is built under ``torch.manual_seed(seed)`` in a forked RNG, so
+the caller's global RNG is untouched).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ppml_fast.accounting.errors import PrivacyBudgetExceeded
+
+from .backends import Backend, Outcome, make_backend
+from .backends.base import make_model
+from .client import Client, _materialize, evaluate_model
+from .history import History
+from .parameters import ParameterLayout
+from .strategy.base import Strategy
+from .types import ClientProxy, EvalResult, is_finite_update
+
+__all__ = ["Simulation", "run_simulation"]
+
+_STREAM_FIT, _STREAM_DROPOUT, _STREAM_SEEDS, _STREAM_EVAL = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------- validation
+
+def _int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}; got {v}")
+    return int(v)
+
+
+def _real(name: str, v: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise TypeError(f"{name} must be a finite real number; got {v!r}")
+    x = float(v)
+    if x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi):
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {v}")
+    return x
+
+
+def _cids(clients: Any) -> list[int]:
+    if not isinstance(clients, Sequence) or isinstance(clients, (str, bytes)) or not clients:
+        raise ValueError(f"clients must be a non-empty sequence of Client; got {type(clients).__name__}"
+                         + ("" if not isinstance(clients, Sequence) else f" of length {len(clients)}"))
+    cids = []
+    for i, c in enumerate(clients):
+        if not isinstance(c, Client):
+            raise TypeError(f"clients[{i}] must be a ppml_fast.federated.Client; got {type(c).__name__}")
+        cids.append(i if c.cid is None else c.cid)
+    if len(set(cids)) != len(cids):
+        dup = next(c for c in cids if cids.count(c) > 1)
+        raise ValueError(f"clients must have distinct cids (a client without one takes its position); "
+                         f"cid {dup} appears twice")
+    return cids
+
+
+def _check_local_dp(local_dp: Any) -> None:
+    if local_dp is None:
+        return
+    try:
+        from .dp.local import LocalDP
+    except ImportError as e:  # pragma: no cover - the dp subpackage ships with this one
+        raise ValueError("local_dp needs ppml_fast.federated.dp.LocalDP, which is not available") from e
+    if not isinstance(local_dp, LocalDP):
+        raise TypeError(f"local_dp must be a ppml_fast.federated.dp.LocalDP or None; got {type(local_dp).__name__}")
+
+
+# --------------------------------------------------------------------------- round helpers
+
+def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Optional[str]:
+    """Why a client's outcome is left out of the round, or None to keep it."""
+    if outcome.error is not None:
+        if isinstance(outcome.error, PrivacyBudgetExceeded):
+            return "budget"
+        return f"{type(outcome.error).__name__}: {outcome.error}"
+    if client_timeout is not None and outcome.seconds > client_timeout:
+        return "timeout"
+    if outcome.result.update.numel() != numel:
+        return "shape"
+    if not is_finite_update(outcome.result.update):
+        return "nonfinite"
+    return None
+
+
+def _weighted_loss(results: list) -> Optional[float]:
+    pairs = [(r.metrics["loss"], r.num_examples) for _, r in results if "loss" in r.metrics]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def _federated_evaluate(strategy: Strategy, rnd: int, parameters: torch.Tensor, proxies: list,
+                        clients: Sequence[Client], index_of: dict, model: nn.Module,
+                        rng: np.random.Generator) -> Optional[dict]:
+    instructions = strategy.configure_evaluate(rnd, parameters, proxies, len(proxies), rng)
+    if not instructions:
+        return None
+    results, failures = [], []
+    for proxy, extra in instructions:
+        try:
+            res = clients[index_of[proxy.cid]].evaluate(parameters, {**extra, "model": model})
+            if not isinstance(res, EvalResult):
+                raise TypeError(f"Client.evaluate must return an EvalResult; got {type(res).__name__}")
+            results.append((proxy, res))
+        except Exception as e:  # a failing client is reported, the round goes on
+            failures.append((proxy, f"{type(e).__name__}: {e}"))
+    loss, metrics = strategy.aggregate_evaluate(rnd, results, failures)
+    return {"loss": loss, "metrics": dict(metrics),
+            "failures": [{"cid": p.cid, "reason": r} for p, r in failures]}
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return None
+    return tqdm(total=total, desc="federated rounds", unit="round")
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Simulation:
+    """The round loop of :func:`run_simulation`, one round per :meth:`step` (what a benchmark
+    times). Arguments as :func:`run_simulation`'s; the backend is set up on construction and
+    freed by :meth:`close` (or ``with Simulation(...) as sim:``)."""
+
+    def __init__(self, model_fn: Callable[[], nn.Module], clients: Sequence[Client], strategy: Strategy, *,
+                 rounds: int, clients_per_round: int, backend: Union[str, Backend] = "sequential",
+                 local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, dropout: float = 0.0,
+                 seed: int = 0, target_accuracy: Optional[float] = None, max_epsilon: Optional[float] = None,
+                 delta: Optional[float] = None, eval_dataset: Optional[Dataset] = None, eval_every: int = 1,
+                 progress: bool = True, min_clients: Optional[int] = None,
+                 client_timeout: Optional[float] = None, local_dp: Any = None) -> None:
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be a callable returning an nn.Module; got {type(model_fn).__name__}")
+        cids = _cids(clients)
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a ppml_fast.federated.Strategy; got {type(strategy).__name__}")
+        self.rounds = _int("rounds", rounds, 1)
+        self.clients_per_round = _int("clients_per_round", clients_per_round, 1)
+        if self.clients_per_round > len(clients):
+            raise ValueError(f"clients_per_round must be <= len(clients) = {len(clients)}; "
+                             f"got {clients_per_round}")
+        local_epochs = _int("local_epochs", local_epochs, 1)
+        batch_size = _int("batch_size", batch_size, 1)
+        lr = _real("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True)
+        self.dropout = _real("dropout", dropout, 0.0, 1.0, lo_open=False, hi_open=False)
+        self.seed = _int("seed", seed, 0)
+        self.eval_every = _int("eval_every", eval_every, 1)
+        min_clients = None if min_clients is None else _int("min_clients", min_clients, 0)
+        if target_accuracy is not None:
+            target_accuracy = _real("target_accuracy", target_accuracy, 0.0, 1.0, lo_open=True, hi_open=False)
+            if eval_dataset is None:
+                raise ValueError("target_accuracy needs eval_dataset (the accuracy is measured on it); got None")
+        self.target_accuracy = target_accuracy
+        if max_epsilon is not None:
+            max_epsilon = _real("max_epsilon", max_epsilon, 0.0, math.inf, lo_open=True, hi_open=True)
+        self.max_epsilon = max_epsilon
+        if delta is None:
+            delta = min(1e-5, 1.0 / (10 * len(clients)))
+        self.delta = _real("delta", delta, 0.0, 1.0, lo_open=True, hi_open=True)
+        if client_timeout is not None:
+            client_timeout = _real("client_timeout", client_timeout, 0.0, math.inf, lo_open=True, hi_open=True)
+        self.client_timeout = client_timeout
+        if eval_dataset is not None and not isinstance(eval_dataset, Dataset):
+            raise TypeError(f"eval_dataset must be a torch Dataset or None; got {type(eval_dataset).__name__}")
+        _check_local_dp(local_dp)
+        if max_epsilon is not None and strategy.epsilon(self.delta, rounds_ahead=1) is None:
+            raise ValueError("max_epsilon needs a strategy that spends privacy (strategy.epsilon returned "
+                             "None); for local DP set LocalDP(max_epsilon=...)")
+        self.backend = make_backend(backend)
+        if local_dp is not None and self.backend.name == "vectorized":
+            raise ValueError("local_dp: local DP-SGD needs backend='sequential' or 'ray'; "
+                             "the vectorized backend trains without per-sample clipping")
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = make_model(model_fn)
+        self.layout = ParameterLayout.of(self.model)
+        self.parameters = strategy.initialize_parameters(self.layout.flatten(self.model))
+        self.layout.check(self.parameters, "strategy.initialize_parameters(...)")
+        self.eval_xy = None if eval_dataset is None else _materialize(eval_dataset)
+        self.strategy, self.clients = strategy, clients
+        self.proxies = [ClientProxy(c) for c in cids]
+        self.index_of = {c: i for i, c in enumerate(cids)}
+        self.min_clients = min_clients
+        self.required = max(min_clients or 0, int(strategy.min_fit_clients))
+        self.base_config: dict[str, Any] = {"model_fn": model_fn, "local_epochs": local_epochs,
+                                            "batch_size": batch_size, "lr": lr}
+        if local_dp is not None:
+            self.base_config["local_dp"] = local_dp
+        self.history = History(model_fn=model_fn, parameters=self.parameters, settings={
+            "backend": self.backend.name or type(self.backend).__name__, "strategy": type(strategy).__name__,
+            "num_clients": len(clients), "rounds": self.rounds, "clients_per_round": self.clients_per_round,
+            "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "dropout": self.dropout,
+            "seed": self.seed, "target_accuracy": target_accuracy, "max_epsilon": max_epsilon,
+            "delta": self.delta, "eval_every": self.eval_every, "min_clients": min_clients,
+            "client_timeout": client_timeout, "local_dp": None if local_dp is None else repr(local_dp)})
+        self.history.stopped, self.history.stop_message = "rounds", f"all {self.rounds} rounds ran"
+        self.round = 0
+        self.done = False
+        self._local_epsilon: Optional[float] = None
+        self.backend.setup(clients, model_fn)
+        self._bar = _progress(self.rounds, progress)
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the backend's workers and the progress bar (idempotent)."""
+        self.done = True
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None  # type: ignore[assignment]
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _stop(self, reason: str, message: str) -> None:
+        self.history.stopped, self.history.stop_message = reason, message
+        self.done = True
+
+    def step(self) -> Optional[dict[str, Any]]:
+        """Run the next round and return its History row; None (and no round) once stopped."""
+        if self.done or self.round >= self.rounds:
+            self.done = True
+            return None
+        rnd, strategy = self.round + 1, self.strategy
+        if self.max_epsilon is not None:
+            ahead = strategy.epsilon(self.delta, rounds_ahead=1)
+            if ahead is not None and ahead > self.max_epsilon:
+                self._stop("max_epsilon", f"before round {rnd}: epsilon would reach {ahead:.4g} > "
+                                          f"max_epsilon = {self.max_epsilon:g} at delta = {self.delta:g}")
+                return None
+        self.round = rnd
+        start = time.perf_counter()
+        parameters, seed, n = self.parameters, self.seed, len(self.clients)
+        rng = np.random.default_rng([seed, rnd, _STREAM_FIT])
+        instructions = strategy.configure_fit(rnd, parameters, self.proxies, self.clients_per_round, rng)
+        draws = np.random.default_rng([seed, rnd, _STREAM_DROPOUT]).random(n)
+        seeds = np.random.default_rng([seed, rnd, _STREAM_SEEDS]).integers(0, 2**31 - 1, n).tolist()
+        dropped, todo = [], []
+        for proxy, extra in instructions:
+            i = self.index_of.get(proxy.cid)
+            if i is None:
+                raise ValueError(f"strategy.configure_fit returned an unknown client (cid {proxy.cid})")
+            if self.dropout > 0 and draws[i] < self.dropout:
+                dropped.append({"cid": proxy.cid, "reason": "dropout"})
+            else:
+                todo.append((proxy, i, {**self.base_config, "seed": seeds[i], **extra}))
+        outcomes = self.backend.fit([i for _, i, _ in todo], parameters, [c for _, _, c in todo]) if todo else []
+        results, failures = [], []
+        for (proxy, _, _), outcome in zip(todo, outcomes):
+            reason = _fault(outcome, self.layout.numel, self.client_timeout)
+            if reason is None:
+                results.append((proxy, outcome.result))
+            else:
+                dropped.append({"cid": proxy.cid, "reason": reason})
+                failures.append((proxy, reason))
+        for _, r in results:
+            if "epsilon" in r.metrics:
+                self._local_epsilon = max(r.metrics["epsilon"], self._local_epsilon or 0.0)
+        if len(results) >= self.required:
+            new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
+            self.layout.check(new, "strategy.aggregate_fit(...)[0]")
+            self.parameters, skipped, skip_reason = new, False, None
+        else:
+            metrics, skipped = {}, True
+            skip_reason = (f"{len(results)} result(s) remained, fewer than the {self.required} required "
+                           f"(min_clients={self.min_clients}, "
+                           f"strategy.min_fit_clients={strategy.min_fit_clients})")
+        spent = strategy.epsilon(self.delta)
+        row: dict[str, Any] = {
+            "round": rnd, "loss": None, "accuracy": None,
+            "epsilon": spent if spent is not None else self._local_epsilon,
+            "clients": [p.cid for p, _ in results], "dropped": sorted(dropped, key=lambda d: d["cid"]),
+            "skipped": skipped, "skip_reason": skip_reason, "train_loss": _weighted_loss(results),
+            "metrics": dict(metrics), "federated": None}
+        self._evaluate(rnd, row)
+        row["seconds"] = time.perf_counter() - start
+        self.history.rounds.append(row)
+        self.history.parameters = self.parameters
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(acc=row["accuracy"], eps=row["epsilon"], clients=len(results))
+        acc = row["accuracy"]
+        if self.target_accuracy is not None and acc is not None and acc >= self.target_accuracy:
+            self._stop("target_accuracy", f"round {rnd}: accuracy {acc:.4f} >= "
+                                          f"target_accuracy = {self.target_accuracy:g}")
+        return row
+
+    def _evaluate(self, rnd: int, row: dict[str, Any]) -> None:
+        if self.eval_xy is not None:
+            if rnd % self.eval_every == 0 or rnd == self.rounds:
+                self.layout.load(self.model, self.parameters)
+                ev = evaluate_model(self.model, *self.eval_xy)
+                row["loss"], row["accuracy"] = ev.loss, ev.metrics.get("accuracy")
+        else:
+            central = self.strategy.evaluate(rnd, self.parameters)
+            if central is not None:
+                row["loss"], row["accuracy"] = central[0], central[1].get("accuracy")
+        row["federated"] = _federated_evaluate(
+            self.strategy, rnd, self.parameters, self.proxies, self.clients, self.index_of, self.model,
+            np.random.default_rng([self.seed, rnd, _STREAM_EVAL]))
+
+
+def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client], strategy: Strategy, *,
+                   rounds: int, clients_per_round: int, backend: Union[str, Backend] = "sequential",
+                   local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, dropout: float = 0.0,
+                   seed: int = 0, target_accuracy: Optional[float] = None, max_epsilon: Optional[float] = None,
+                   delta: Optional[float] = None, eval_dataset: Optional[Dataset] = None, eval_every: int = 1,
+                   progress: bool = True, min_clients: Optional[int] = None,
+                   client_timeout: Optional[float] = None, local_dp: Any = None) -> History:
+    """Simulate federated training (see the module docstring for one round, step by step).
+
+    Args:
+        model_fn: builds the model (same architecture every call); its initial weights, drawn
+            under ``torch.manual_seed(seed)``, are the round-0 parameters.
+        clients: the simulated devices; a client's cid is its ``cid`` or else its position.
+        strategy: picks clients, aggregates their updates, may spend privacy.
+        rounds: at most this many rounds.
+        clients_per_round: the ``num_clients`` passed to ``strategy.configure_fit``.
+        backend: ``"sequential"`` (reference), ``"vectorized"``, ``"ray"`` or a Backend instance.
+        local_epochs, batch_size, lr: local SGD of every client (a strategy may override per client).
+        dropout: probability that a picked client does not answer this round.
+        seed: fixes the initial model, sampling, dropout and every client's batch order.
+        target_accuracy: stop once the central accuracy reaches it (needs ``eval_dataset``).
+        max_epsilon: stop before a round that would take ``strategy.epsilon`` above it.
+        delta: the delta of every epsilon (default ``min(1e-5, 1 / (10 * len(clients)))``).
+        eval_dataset: central test data (loss and accuracy every ``eval_every`` rounds and after
+            the last); without it, ``strategy.evaluate`` (server-side) fills loss and accuracy.
+        progress: show a tqdm bar (when tqdm is installed).
+        min_clients: a round with fewer surviving results than ``max(min_clients,
+            strategy.min_fit_clients)`` is skipped (default None: the strategy's
+            ``min_fit_clients`` alone — a DP wrapper sets 0 because it must release noise,
+            and account for it, even in a round where nobody answered).
+        client_timeout: straggler deadline in seconds of wall time per client, or None.
+        local_dp: a :class:`ppml_fast.federated.dp.LocalDP`: clients train with DP-SGD.
+
+    Returns:
+        The :class:`~ppml_fast.federated.history.History`.
+    """
+    with Simulation(model_fn, clients, strategy, rounds=rounds, clients_per_round=clients_per_round,
+                    backend=backend, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                    dropout=dropout, seed=seed, target_accuracy=target_accuracy, max_epsilon=max_epsilon,
+                    delta=delta, eval_dataset=eval_dataset, eval_every=eval_every, progress=progress,
+                    min_clients=min_clients, client_timeout=client_timeout, local_dp=local_dp) as sim:
+        while sim.step() is not None:
+            pass
+    return sim.history

@@ -1,0 +1,67 @@
+"""DP end to end through ``run_simulation`` on digits: user-level ε per round from
+DPFedAvgFixed and the stop at max_epsilon; local DP-SGD clients that report ε and refuse
+past their budget ("budget" in the History)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.datasets import digits
+from ppml_fast.federated import Client, DPFedAvgFixed, FedAvg, LocalDP, iid_partition, run_simulation
+from ppml_fast.federated.dp.local import local_dp_steps
+
+pytest.importorskip("sklearn")
+
+
+def _model():
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, test = digits(seed=0)
+    return iid_partition(train, 40, seed=0), test
+
+
+def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data):
+    parts, test = data
+    clients = [Client(p, cid=i) for i, p in enumerate(parts)]
+    sigma, q, delta = 2.0, 10 / 40, 1e-5  # 10 expected clients per round of 40
+    eps = [RDPAccountant().compose(PoissonSampledEvent(q, GaussianEvent(sigma)), r).get_epsilon(delta)
+           for r in range(1, 4)]
+    runs = []
+    for _ in range(2):
+        strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=sigma, clip_norm=0.5, sampling_rate=q)
+        runs.append(run_simulation(
+            _model, clients, strategy, rounds=10, clients_per_round=10, lr=0.1, batch_size=16,
+            seed=3, max_epsilon=(eps[1] + eps[2]) / 2, delta=delta, eval_dataset=test,
+            progress=False))  # min_clients: the wrapper's min_fit_clients = 0
+    h = runs[0]
+    assert h.stopped == "max_epsilon" and len(h.rounds) == 2
+    for r, row in enumerate(h.rounds):
+        assert row["epsilon"] == pytest.approx(eps[r], rel=1e-12)
+        assert row["metrics"]["dp_noise_std"] == pytest.approx(sigma * 0.5 / 10)
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert [r["epsilon"] for r in runs[1].rounds] == [r["epsilon"] for r in h.rounds]
+    assert torch.equal(runs[1].parameters, h.parameters)  # same seed, same noise, same model
+
+
+def test_local_dp_clients_report_epsilon_and_refuse_past_their_budget(data):
+    parts, test = data
+    clients = [Client(p, cid=i) for i, p in enumerate(parts[:4])]
+    n = clients[0].num_examples
+    q, steps = local_dp_steps(n, 16, 1)
+    event = PoissonSampledEvent(q, GaussianEvent(1.0))
+    e1, e2, e3 = (RDPAccountant().compose(event, k * steps).get_epsilon(1e-5) for k in (1, 2, 3))
+    dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, max_epsilon=(e2 + e3) / 2)
+    h = run_simulation(_model, clients, FedAvg(), rounds=3, clients_per_round=4, lr=0.1, batch_size=16,
+                       seed=1, local_dp=dp, eval_dataset=test, progress=False)
+    assert {local_dp_steps(c.num_examples, 16, 1) for c in clients} == {(q, steps)}
+    assert h.rounds[0]["epsilon"] == pytest.approx(e1, rel=1e-9)
+    assert h.rounds[1]["epsilon"] == pytest.approx(e2, rel=1e-9)
+    third = h.rounds[2]
+    assert third["skipped"] and {d["reason"] for d in third["dropped"]} == {"budget"}
+    assert len(third["dropped"]) == 4
