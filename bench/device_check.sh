@@ -133,8 +133,11 @@ cuda_tests() {
   local files
   mapfile -t files < <(grep -rl --include='test_*.py' 'mark\.cuda' tests | sort)
   echo "files: ${files[*]}"
-  "$PY" -m pytest "${files[@]}" -m cuda -q -rfEs --durations=15 -p no:cacheprovider 2>&1 \
-    | tee "$OUT/tests.log"
+  # each step runs in a fresh bash, where the parent's pipefail does not hold: take pytest's
+  # own status, so that a crash (a signal) or a failure marks the step FAILED
+  "$PY" -m pytest "${files[@]}" -m cuda -q -rfEs --durations=15 -p no:cacheprovider \
+    ${PPML_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
+  return "${PIPESTATUS[0]}"
 }
 
 # bench FILE ARGS...: `ppml-fast bench ARGS --json` into $OUT/FILE (stderr into the log)

@@ -123,8 +123,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "test accuracy and epsilon per round and a comparison with the non-private run; write "
         "report.json and privacy_utility.png (matplotlib: pip install 'ppml_fast[demo]') to "
         "--output. No network needed.")
-    p.add_argument("--clients", type=int, help=f"simulated clients (default {d.clients}; --quick 20)")
-    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.rounds}; --quick 8)")
+    p.add_argument("--clients", type=int, help=f"simulated clients (default {d.clients}; --quick 40)")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d.rounds}; --quick 10)")
     p.add_argument("--clients-per-round", type=int,
                    help="clients per round (default: all; DP-FedAvg samples each with this / clients)")
     p.add_argument("--mode", choices=("dp-fedavg", "local-dp", "none"),

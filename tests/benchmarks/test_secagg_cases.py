@@ -4,7 +4,6 @@ floor, and the tiny cases running through the same harness as ``ppml-fast bench`
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ppml_fast.benchmarks import secagg
 from ppml_fast.benchmarks.run import run_cases

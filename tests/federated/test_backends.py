@@ -200,3 +200,16 @@ def test_digits_task_reaches_its_accuracy():
     assert h.accuracy >= 0.88, h.accuracy
     accs = [r["accuracy"] for r in h.rounds if r["accuracy"] is not None]
     assert len(accs) == 6 and accs[-1] > accs[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vectorized_on_cuda_matches_sequential_on_cpu():
+    clients = make_clients(12, n=200, seed=3)
+    kw = dict(rounds=3, clients_per_round=10, local_epochs=2, batch_size=5, lr=0.3, seed=2, progress=False)
+    a = run_simulation(tiny_model, clients, FedProx(proximal_mu=0.1), backend="sequential", **kw)
+    b = run_simulation(tiny_model, clients, FedProx(proximal_mu=0.1), backend=VectorizedBackend(device="cuda"),
+                       **kw)
+    assert b.parameters.device.type == "cpu"
+    scale = float(a.parameters.abs().max())
+    assert float((a.parameters - b.parameters).abs().max()) <= 1e-5 * max(1.0, scale)

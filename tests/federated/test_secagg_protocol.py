@@ -240,5 +240,7 @@ def test_module_imports_without_cryptography(monkeypatch):
     monkeypatch.setitem(sys.modules, "cryptography", None)
     for name in [m for m in sys.modules if m.startswith("ppml_fast.federated.secagg")]:
         monkeypatch.delitem(sys.modules, name)  # restored after the test
+    parent = sys.modules["ppml_fast.federated"]
+    monkeypatch.setattr(parent, "secagg", parent.secagg)  # the import rebinds it; restored too
     fresh = importlib.import_module("ppml_fast.federated.secagg")
     assert fresh.SecAggRound.__name__ == "SecAggRound"

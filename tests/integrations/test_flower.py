@@ -269,3 +269,23 @@ def test_flower_server_loop_matches_fedavg():
     fit_loss = [v for _, v in h_ours.metrics_distributed_fit["loss"]]
     np.testing.assert_allclose(fit_loss, [v for _, v in h_theirs.metrics_distributed_fit["loss"]],
                                rtol=1e-5)
+
+
+def test_reads_flower_bytes_in_place():
+    from flwr.common import ndarray_to_bytes
+
+    from ppml_fast.integrations.flower import _npy_view
+
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(3.5), np.zeros((0, 3)),
+              np.arange(5, dtype=np.int16), np.asfortranarray(np.arange(6.0).reshape(2, 3))]
+    for a in arrays:
+        v = _npy_view(ndarray_to_bytes(a))
+        assert v.shape == a.shape and v.dtype == a.dtype
+        np.testing.assert_array_equal(v, a)
+    assert not _npy_view(ndarray_to_bytes(arrays[0])).flags.writeable  # a view of the bytes
+    # Fortran-ordered layers (np.load's path) aggregate like FedAvg too
+    rng = np.random.default_rng(11)
+    clients = [[np.asfortranarray(rng.standard_normal((4, 3))), rng.standard_normal(3)] for _ in range(3)]
+    ours, _ = NativeFedAvg().aggregate_fit(1, fit_results(clients, [2, 5, 1]), [])
+    theirs, _ = FedAvg().aggregate_fit(1, fit_results(clients, [2, 5, 1]), [])
+    _assert_same_layers(_arrays(ours), _arrays(theirs), rtol=1e-12, atol=1e-12)

@@ -27,12 +27,15 @@ on a simulation built once in the impl's preparation. Impls and roles:
 sees but no CUDA build of ppml_fast (aggregation stays on the CPU). The other impls run on the CPU.
 
 Run alone: ``python -m ppml_fast.benchmarks.federated [--sizes tiny] [--profile quick]
-[--device cuda] [--only 1000] [--threads 2]`` prints the table (``--json``: rows as JSON).
+[--device cuda] [--only 1000] [--threads 2]`` prints the table (``--json``: rows as JSON);
+``--scale N`` times the vectorized backend alone on N generated clients and reports memory
+(:func:`scale_round`), to find the largest N that fits a memory budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -272,6 +275,48 @@ def federated_cases(sizes: str = "full", device: Optional[str] = None) -> list[C
     return cases
 
 
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def scale_round(num_clients: int, *, device: Optional[str] = None, rounds: int = 2,
+                chunk_size: int = 1024) -> dict[str, Any]:
+    """Seconds per round of the vectorized backend on ``num_clients`` generated clients (32
+    samples each; the N = 10,000 case's task, any N), the first round left out, and memory:
+    the peak resident set's growth over the rounds (Linux: ``VmHWM`` minus ``VmRSS`` before,
+    clients already built) and, on CUDA, ``torch.cuda.max_memory_allocated``."""
+    import time
+
+    from ppml_fast.federated import FedAvg, VectorizedBackend
+    from ppml_fast.federated.simulation import Simulation
+
+    device = _device(device)
+    clients = _synthetic_clients(num_clients)["clients"]
+    rss_before = _rss_mib("VmRSS")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sim = Simulation(mlp, clients, FedAvg(), rounds=rounds + 1, clients_per_round=num_clients,
+                     backend=VectorizedBackend(device=device, chunk_size=chunk_size), local_epochs=EPOCHS,
+                     batch_size=BATCH, lr=LR, seed=SEED, progress=False)
+    with sim:
+        sim.step()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            sim.step()
+            times.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"clients": num_clients, "device": device, "chunk_size": chunk_size,
+                           "seconds_per_round": min(times), "torch_threads": torch.get_num_threads(),
+                           "peak_rss_growth_mib": round(_rss_mib("VmHWM") - rss_before, 1)}
+    if device == "cuda":
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from ppml_fast.benchmarks import PROFILES, format_table, machine_info, run_cases, to_json
 
@@ -283,9 +328,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--only", action="append", default=[], help="keep cases whose key contains this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--scale", type=int, default=None, metavar="N",
+                   help="instead of the cases: seconds per round and memory of the vectorized backend "
+                        "on N generated clients (32 samples each)")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.scale is not None:
+        print(json.dumps(scale_round(args.scale, device=args.device)))
+        return
     cases = [c for c in federated_cases(args.sizes, args.device)
              if not args.only or any(o in c.key for o in args.only)]
     rows = run_cases(cases, PROFILES[args.profile], progress=lambda m: print(m, file=sys.stderr, flush=True))

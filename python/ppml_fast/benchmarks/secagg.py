@@ -80,14 +80,13 @@ def _masking(x: Inputs):
         signs = [1] + [1 if u < v else -1 for v in range(k) if v != u]
         client_seeds.append(torch.from_numpy(np.stack(seeds)))
         client_signs.append(torch.tensor(signs, dtype=torch.int8))
-    gens = [torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "big")) for _ in range(k)]
     minus = torch.full((k,), -1, dtype=torch.int8)
 
     def run():
         total = np.zeros(p + 1, dtype=np.uint32)
         for u in range(k):
             y = torch.empty(p + 1, dtype=torch.int32)
-            y[:-1] = q.quantize(rows[u], generator=gens[u])
+            y[:-1] = q.quantize(rows[u], seed=os.urandom(32))
             y[-1] = 1
             secagg_mask_(y, client_seeds[u], client_signs[u])
             total += y.numpy().view(np.uint32)

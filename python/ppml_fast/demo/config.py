@@ -27,9 +27,9 @@ class DemoConfig:
     strategy: str = "fedavg"
     backend: str = "vectorized"
     alpha: float = 0.5  # Dirichlet concentration of the label skew
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 16
-    lr: float = 0.1
+    lr: float = 0.3
     delta: Optional[float] = None  # None: min(1e-5, 1 / (10 * clients))
     accountant: str = "rdp"
     sweep: tuple[float, ...] = (0.5, 1.0, 2.0)  # noise levels, as multiples of the main run's sigma
@@ -88,7 +88,7 @@ class DemoConfig:
 
     @classmethod
     def quick_version(cls, **overrides) -> "DemoConfig":
-        """The ``--quick`` defaults: fewer clients and rounds, two sweep points."""
-        base = dict(clients=20, rounds=8, sweep=(0.5, 2.0), quick=True)
+        """The ``--quick`` defaults: 40 clients, 10 rounds, two sweep points."""
+        base = dict(clients=40, rounds=10, sweep=(0.5, 2.0), quick=True)
         base.update(overrides)
         return cls(**base)

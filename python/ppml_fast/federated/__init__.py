@@ -1,6 +1,7 @@
 """Federated learning: simulated clients that own their data, Flower-style strategies on flat
 parameter vectors, and seeded partitioners that split one dataset into per-client datasets
-(IID, Dirichlet label skew, McMahan shards, quantity skew)."""
+(IID, Dirichlet label skew, McMahan shards, quantity skew); ``run_simulation`` runs the rounds on
+a sequential, vectorized (``torch.func.vmap``) or Ray backend and returns a ``History``."""
 
 from .backends import RayBackend, SequentialBackend, VectorizedBackend
 from .client import Client
@@ -10,14 +11,14 @@ from .parameters import ParameterLayout
 from .partition import dirichlet_partition, iid_partition, quantity_skew_partition, shard_partition
 from .strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedOpt, FedProx,
                        FedTrimmedAvg, FedYogi, Krum, Strategy)
-from .simulation import run_simulation
+from .simulation import Simulation, run_simulation
 from .types import ClientProxy, EvalResult, FitResult
 
 __all__ = [
     "Client", "ClientProxy", "DPFedAvgAdaptive", "DPFedAvgFixed", "LocalDP",
     "EvalResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian",
     "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "FitResult", "History", "ParameterLayout",
-    "RayBackend", "SequentialBackend", "Strategy", "VectorizedBackend",
+    "RayBackend", "SequentialBackend", "Simulation", "Strategy", "VectorizedBackend",
     "dirichlet_partition", "iid_partition", "quantity_skew_partition", "run_simulation",
     "shard_partition",
 ]

@@ -7,8 +7,10 @@ on who else was picked); the backend trains the others from the current paramete
 ``{model_fn, local_epochs, batch_size, lr, seed, local_dp}`` merged under the strategy's extras,
 ``seed`` being drawn per round and per client from ``seed``; faults leave a client out with its
 reason (it raised — ``PrivacyBudgetExceeded`` reads ``"budget"``, anything else
-``"Type: message"`` —, took longer than ``client_timeout`` seconds (its result is discarded:
-``"timeout"``), returned NaN/Inf (``"nonfinite"``) or an update of the wrong size
+``"Type: message"`` —, took longer than ``client_timeout`` seconds (``"timeout"``: a
+simulated straggler is not interrupted, its result is discarded once it arrives late; the
+vectorized backend attributes to each client its chunk's wall time divided by the chunk's
+clients), returned NaN/Inf (``"nonfinite"``) or an update of the wrong size
 (``"shape"``)); the strategy aggregates when at least ``max(min_clients,
 strategy.min_fit_clients)`` results remain, else the round is skipped (parameters unchanged).
 Then central evaluation on ``eval_dataset`` every ``eval_every`` rounds (and after the last),
@@ -97,6 +99,12 @@ def _check_local_dp(local_dp: Any) -> None:
 
 # --------------------------------------------------------------------------- round helpers
 
+def _all_finite(update: torch.Tensor) -> bool:
+    """``is_finite_update``, fast: a finite sum means every entry is finite (NaN and Inf
+    propagate); only a non-finite sum (which also overflow gives) is checked entry by entry."""
+    return bool(torch.isfinite(update.sum())) or is_finite_update(update)
+
+
 def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Optional[str]:
     """Why a client's outcome is left out of the round, or None to keep it."""
     if outcome.error is not None:
@@ -107,7 +115,7 @@ def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Opt
         return "timeout"
     if outcome.result.update.numel() != numel:
         return "shape"
-    if not is_finite_update(outcome.result.update):
+    if not (_all_finite(outcome.result.update) if outcome.finite is None else outcome.finite):
         return "nonfinite"
     return None
 
@@ -208,6 +216,7 @@ class Simulation:
             torch.manual_seed(self.seed)
             self.model = make_model(model_fn)
         self.layout = ParameterLayout.of(self.model)
+        self.numel = self.layout.numel
         self.parameters = strategy.initialize_parameters(self.layout.flatten(self.model))
         self.layout.check(self.parameters, "strategy.initialize_parameters(...)")
         self.eval_xy = None if eval_dataset is None else _materialize(eval_dataset)
@@ -285,7 +294,7 @@ class Simulation:
         outcomes = self.backend.fit([i for _, i, _ in todo], parameters, [c for _, _, c in todo]) if todo else []
         results, failures = [], []
         for (proxy, _, _), outcome in zip(todo, outcomes):
-            reason = _fault(outcome, self.layout.numel, self.client_timeout)
+            reason = _fault(outcome, self.numel, self.client_timeout)
             if reason is None:
                 results.append((proxy, outcome.result))
             else:

@@ -1,6 +1,7 @@
 """Weighted mean of per-client lists of numpy layers (a Flower server's ``NDArrays``) on the native
-``weighted_aggregate`` op: each client's layers are packed into one flat vector, the K vectors are
-averaged in one op call, and the mean is cut back into layers.
+``weighted_aggregate`` op. A plain weighted mean runs one op call per layer, reading the clients'
+arrays where they lie; with clipping (whose norm spans all layers) the layers are packed into one
+(K, P) matrix first and one op call clips, averages and adds noise.
 
 No Flower import here, so the packing is usable (and testable) without ``flwr``.
 """

@@ -1,9 +1,10 @@
 """A Flower strategy with FedAvg semantics whose aggregation runs on ppml_fast's native op.
 
 :class:`NativeFedAvg` is ``flwr.server.strategy.FedAvg`` with ``aggregate_fit`` replaced: the
-clients' parameters (Flower ``NDArrays``) are packed into one flat vector per client and averaged,
-weighted by ``num_examples``, by :func:`ppml_fast.ops.weighted_aggregate` in one call (no Python
-loop over clients or layers in the arithmetic). Client sampling, configuration, evaluation, metrics
+clients' parameters are read in place from Flower's serialized bytes (read-only numpy views, no
+per-client copy) and averaged, weighted by ``num_examples``, by
+:func:`ppml_fast.ops.weighted_aggregate`, one call per layer over all clients (no Python loop
+over clients in the arithmetic). Client sampling, configuration, evaluation, metrics
 aggregation and failure handling are FedAvg's. Use it wherever a ``FedAvg`` goes::
 
     from ppml_fast.integrations.flower import NativeFedAvg
@@ -13,22 +14,29 @@ Optional central DP (``clip_norm``, ``noise_multiplier``): the semantics of Flow
 ``DifferentialPrivacyServerSideFixedClipping`` around FedAvg, fused into the same op call — see
 :class:`NativeFedAvg`.
 
-Differences from Flower's FedAvg: integer layers are averaged as float64 (Flower's default in-place
-path multiplies them by the weight cast to an integer, i.e. by 0, and returns zeros; its
-``inplace=False`` path returns float64 like this one); ``num_examples`` that are negative or all
-zero raise ``ValueError`` (Flower divides by zero); clients whose layers differ in number or shape
-raise ``ValueError`` naming the client.
+Differences from Flower 1.42: integer layers are averaged as float64 (FedAvg's default in-place
+path multiplies them by their weight cast to an integer — 0 unless one client holds all the
+examples — and returns zeros; its ``inplace=False`` path returns float64 like this one);
+``num_examples`` that are negative or all zero raise ``ValueError`` (Flower divides by zero);
+clients whose layers differ in number or shape raise ``ValueError`` naming the client; in DP mode
+0-d layers are clipped with the others (Flower's ``compute_clip_model_update`` leaves them
+unclipped: ``np.subtract`` returns a numpy scalar there, which ``*=`` rebinds instead of scaling).
 
 Needs Flower: ``pip install 'ppml_fast[flower]'``.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import numbers
 import os
+import warnings
 from logging import WARNING
 from typing import Optional
+
+import numpy as np
 
 try:
     from flwr.common import (
@@ -37,6 +45,7 @@ try:
         NDArrays,
         Parameters,
         Scalar,
+        bytes_to_ndarray,
         ndarrays_to_parameters,
         parameters_to_ndarrays,
     )
@@ -54,6 +63,47 @@ from ppml_fast.integrations._ndarrays import aggregate_ndarrays, check_layout
 from ppml_fast.ops import noise_blocks
 
 __all__ = ["NativeFedAvg"]
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(prefix: bytes) -> Optional[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of a .npy header (magic, version, length and header dict), or None when
+    the array must go through ``np.load`` (Fortran order, object dtype). Cached: every client
+    sends the same headers, and parsing one (``ast.literal_eval``) costs more than the view."""
+    f = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.hasobject:
+        return None
+    return tuple(shape), dtype
+
+
+def _npy_view(buf: bytes) -> np.ndarray:
+    """The array in ``buf`` (Flower's ``ndarray_to_bytes``: the .npy format), read in place: a
+    read-only view of the bytes, not a copy (``np.load`` would copy every client's model). Other
+    .npy variants (format 3.0, Fortran order, object dtypes) go through Flower's own loader."""
+    if len(buf) < 12 or bytes(buf[:6]) != _NPY_MAGIC or buf[6] not in (1, 2):
+        return bytes_to_ndarray(buf)
+    start = 10 if buf[6] == 1 else 12
+    end = start + int.from_bytes(buf[8:start], "little")
+    try:
+        parsed = _npy_header(bytes(buf[:end]))
+    except ValueError:
+        return bytes_to_ndarray(buf)
+    if parsed is None:
+        return bytes_to_ndarray(buf)
+    shape, dtype = parsed
+    return np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=end).reshape(shape)
+
+
+def _arrays_of(parameters: Parameters) -> NDArrays:
+    if parameters.tensor_type != "numpy.ndarray":
+        return parameters_to_ndarrays(parameters)
+    return [_npy_view(t) for t in parameters.tensors]
 
 
 def _num_examples(results: list[tuple[ClientProxy, FitRes]]) -> list[int]:
@@ -157,12 +207,14 @@ class NativeFedAvg(FedAvg):
             return None, {}
         if failures and (not self.accept_failures or self.clip_norm is not None):
             return None, {}
-        clients = [parameters_to_ndarrays(res.parameters) for _, res in results]
+        clients = [_arrays_of(res.parameters) for _, res in results]
         check_layout(clients, name="results")
-        if self.clip_norm is None:
-            aggregated = aggregate_ndarrays(clients, _num_examples(results))
-        else:
-            aggregated = self._aggregate_dp(server_round, clients)
+        with warnings.catch_warnings():  # torch.from_numpy on the read-only views; nothing writes
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            if self.clip_norm is None:
+                aggregated = aggregate_ndarrays(clients, _num_examples(results))
+            else:
+                aggregated = self._aggregate_dp(server_round, clients)
         parameters_aggregated = ndarrays_to_parameters(aggregated)
 
         metrics_aggregated: dict[str, Scalar] = {}

@@ -30,11 +30,14 @@ __all__ = ["Backend", "Outcome", "fit_one", "make_model"]
 @dataclass(frozen=True)
 class Outcome:
     """One client's answer: ``result`` (None when it raised), ``error`` (the exception, or
-    None), ``seconds`` (wall time attributed to this client)."""
+    None), ``seconds`` (wall time attributed to this client) and ``finite`` (whether every
+    entry of the update is finite, when the backend checked it for many clients at once;
+    None: the simulation checks)."""
 
     result: Optional[FitResult]
     error: Optional[BaseException]
     seconds: float
+    finite: Optional[bool] = None
 
 
 def make_model(model_fn: Callable[[], nn.Module]) -> nn.Module:

@@ -5,10 +5,13 @@ What it reproduces: ``Client.fit``'s local SGD (see :mod:`ppml_fast.federated.cl
 each client's batch order is drawn exactly as there (``torch.Generator().manual_seed(seed)``,
 one ``randperm`` per epoch, consecutive batches of ``batch_size``), each step is
 ``p -= lr * (grad(mean loss) + mu * (p - p_received))`` (FedProx's proximal term, as
-``Client.fit`` applies it). Batches are padded to ``batch_size``
-with a per-sample mask; the loss of a client is the masked mean; a client whose data ran out
-takes masked no-op steps (zero gradient, no proximal step), so the results agree with the
-sequential backend within float rounding.
+``Client.fit`` applies it). Batches are padded (to ``batch_size``, or less when no client of
+the chunk has that many examples) with a per-sample mask; the loss of a client is the masked
+mean; a client whose data ran out takes masked no-op steps (zero gradient, no proximal step).
+The state kept is each client's update ``delta = p - p_received`` (written in place into the
+(K, P) result matrix: no extra pass at the end), which rounds differently from the sequential
+``p_trained - p_received`` by about one float32 ulp of the parameters: the results agree
+with the sequential backend within float rounding.
 
 This is client-side simulation code: it reads the clients' private ``_x`` / ``_y`` tensors once,
 in :meth:`VectorizedBackend.setup` (a snapshot: later changes to a client's data are not seen),
@@ -22,13 +25,14 @@ What it does not vectorise, by decision:
   cannot match the sequential draws), tied weights, a ``loss_fn`` other than cross-entropy
   (the default) and ``local_dp`` (local DP-SGD needs the sequential or Ray backend);
 - clients whose inputs or targets differ in shape or dtype are trained in separate groups.
-Clients of a group are sorted by their number of local steps and cut into chunks of at most
-``chunk_size`` (memory: a few times ``chunk_size`` x parameters floats plus one batch each).
+Clients of a group are sorted by their number of examples (similar clients share a chunk: fewer
+padded steps and slots) and cut into chunks of at most ``chunk_size``. Working memory: a few
+times ``chunk_size`` x parameters floats plus one batch per client of the chunk; the round's
+results take one float32 row of parameters per client, as with every backend.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -70,10 +74,13 @@ def _overrides_training(client: Client) -> bool:
     return cls.fit is not Client.fit or cls._local_sgd is not Client._local_sgd
 
 
+_DEFAULTS = tuple(DEFAULT_FIT_CONFIG.items())
+
+
 def _settings(config: Mapping[str, Any], cache: dict) -> dict[str, Any]:
     """``fit_settings(config)``, validated once per distinct non-seed configuration."""
     try:
-        key = tuple(config.get(k, v) for k, v in DEFAULT_FIT_CONFIG.items())
+        key = tuple([config.get(k, v) for k, v in _DEFAULTS])
         hash(key)
     except TypeError:  # unhashable values: validate this one in full
         return fit_settings(config)
@@ -190,19 +197,20 @@ class VectorizedBackend(Backend):
                                  f"got {s['loss_fn']!r}; use backend='sequential'")
             batches.setdefault((where[0], s["batch_size"], s["local_epochs"]), []).append((pos, i, s))
         for (g, b, epochs), items in batches.items():
-            items.sort(key=lambda item: math.ceil(self._where[item[1]][2] / b))
+            items.sort(key=lambda item: self._where[item[1]][2])  # similar sizes share a chunk
             for start in range(0, len(items), self.chunk_size):
                 chunk = items[start:start + self.chunk_size]
                 t0 = time.perf_counter()
-                results = self._train_chunk(self._groups[g], chunk, b, epochs, parameters)
+                results, finite = self._train_chunk(self._groups[g], chunk, b, epochs, parameters)
                 seconds = (time.perf_counter() - t0) / len(chunk)
-                for (pos, _, _), r in zip(chunk, results):
-                    outcomes[pos] = Outcome(r, None, seconds)
+                for (pos, _, _), r, ok in zip(chunk, results, finite):
+                    outcomes[pos] = Outcome(r, None, seconds, ok)
         return outcomes  # type: ignore[return-value]
 
     def _schedule(self, group: _Group, chunk: list, b: int, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, T, b) row indices into the group's data and the matching sample mask; the batch
-        order of each client is Client.fit's (same generator seeding and randperm per epoch)."""
+        """(K, T, W) row indices into the group's data and the matching sample mask; the batch
+        order of each client is Client.fit's (same generator seeding and randperm per epoch).
+        W = min(batch_size, the chunk's largest client): no batch of the chunk holds more."""
         k = len(chunk)
         counts = torch.tensor([self._where[i][2] for _, i, _ in chunk], dtype=torch.long)
         offsets = torch.tensor([self._where[i][1] for _, i, _ in chunk], dtype=torch.long)
@@ -223,45 +231,62 @@ class VectorizedBackend(Backend):
             within = torch.arange(total) - (torch.cumsum(seg_n, 0) - seg_n).repeat_interleave(seg_n)
             slots = seg_start.repeat_interleave(seg_n) + within
             rows[slots] = torch.cat(perms) + offsets.repeat_interleave(counts * epochs)
-        rows = rows.view(k, t, b)
+        rows = rows.view(k, t, b)[:, :, :min(b, max(1, int(counts.max())))]
         return rows.to(self.device), (rows != group.pad_row).to(self.device)
 
     def _train_chunk(self, group: _Group, chunk: list, b: int, epochs: int,
-                     parameters: torch.Tensor) -> list[FitResult]:
+                     parameters: torch.Tensor) -> tuple[list[FitResult], list[bool]]:
+        """Train one chunk; its results and, per client, whether its update is all finite."""
         k = len(chunk)
         rows, mask = self._schedule(group, chunk, b, epochs)
         base = self._layout.unflatten(parameters.to(self.device, torch.float32))
         anchor = {n: base[n].to(self._dtypes[n]) for n in self._train}
         const = {n: base[n].to(self._dtypes[n]) for n in self._const}
-        # every client starts from the received parameters: stride-0 views, no copy (never written)
-        params = {n: a.unsqueeze(0).expand(k, *a.shape) for n, a in anchor.items()}
+        # the state is each client's update delta = p - p_received, kept in the (K, P) output
+        # matrix itself; a step's parameters are p_received + delta (the first step's: the
+        # received ones, stride-0 views, no copy); buffers are not trained: their update is 0
         dtype = next(iter(anchor.values())).dtype if anchor else torch.float32
+        updates = torch.empty((k, self._layout.numel), dtype=torch.float32, device=self.device)
+        state = updates if dtype == torch.float32 else torch.zeros(updates.shape, dtype=dtype, device=self.device)
+        delta, start = {}, 0
+        for n, shape in zip(self._layout.names, self._layout.shapes):
+            size = shape.numel()
+            if n in anchor:
+                delta[n] = state[:, start:start + size].view(k, *shape)
+            else:
+                updates[:, start:start + size] = 0.0
+            start += size
         lr = torch.tensor([s["lr"] for _, _, s in chunk], dtype=dtype, device=self.device)
         mu = torch.tensor([s["proximal_mu"] for _, _, s in chunk], dtype=dtype, device=self.device)
         prox = bool((mu > 0).any())
         loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         for t in range(rows.shape[1]):
             idx, m = rows[:, t], mask[:, t]
+            if t == 0:
+                params = {n: a.unsqueeze(0).expand(k, *a.shape) for n, a in anchor.items()}
+            else:
+                params = {n: anchor[n] + delta[n] for n in anchor}
             grads, (_, total) = self._step(params, const, group.x[idx], group.y[idx], m)
             loss_sum += total.detach()
-            step_mu = mu * m.any(1).to(dtype) if prox else None  # no proximal pull on no-op steps
+            step_mu = mu * m.any(1).to(dtype) if prox and t > 0 else None  # none on no-op steps
             for n in self._train:
-                p, g = params[n], grads[n]
-                view = (k,) + (1,) * (p.dim() - 1)
-                if step_mu is not None:
-                    g = g + step_mu.view(view) * (p - anchor[n])
-                params[n] = torch.addcmul(p, lr.view(view), g, value=-1)  # p - lr * g
-        # update = trained - received, written once into the (K, P) matrix (buffers: zeros)
-        updates = torch.zeros((k, self._layout.numel), dtype=torch.float32, device=self.device)
-        start = 0
-        for n, shape in zip(self._layout.names, self._layout.shapes):
-            size = shape.numel()
-            if n in params:
-                updates[:, start:start + size] = (params[n] - anchor[n]).reshape(k, size)
-            start += size
+                g, view = grads[n], (k,) + (1,) * (grads[n].dim() - 1)
+                if t == 0:  # delta = 0 - lr * g
+                    torch.mul(g, -lr.view(view), out=delta[n])
+                    continue
+                if step_mu is not None:  # FedProx: + mu * (p - p_received) = mu * delta
+                    g = g + step_mu.view(view) * delta[n]
+                delta[n].addcmul_(lr.view(view), g, value=-1)
+        if state is not updates:  # a model in another float type: its deltas, as float32
+            updates.copy_(state)
+        # a finite row sum means a finite row (NaN, Inf propagate); overflowing sums are re-checked
+        finite = torch.isfinite(updates.sum(dim=1))
+        if not bool(finite.all()):
+            finite = torch.isfinite(updates).all(dim=1)
+        finite = finite.tolist()
         updates = updates.cpu()
         out = []
         for (_, i, _), row, loss in zip(chunk, updates.unbind(0), loss_sum.tolist()):
             n = self._where[i][2]
             out.append(FitResult(update=row, num_examples=n, metrics={"loss": loss / (epochs * n)} if n else {}))
-        return out
+        return out, finite

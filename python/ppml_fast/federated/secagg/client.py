@@ -128,10 +128,11 @@ class SecAggClient:
         self._advance("masked_input")
         p = self.params
         if not isinstance(update, torch.Tensor) or update.dim() != 1 or not update.is_floating_point():
-            raise ValueError(f"update must be a 1-D floating tensor; got "
-                             f"{tuple(update.shape) if isinstance(update, torch.Tensor) else type(update).__name__}")
+            got = tuple(update.shape) if isinstance(update, torch.Tensor) else type(update).__name__
+            raise ValueError(f"update must be a 1-D floating tensor; got {got}")
         if update.numel() != p.vector_length:
-            raise ValueError(f"update must have vector_length={p.vector_length} elements; got {update.numel()}")
+            raise ValueError(f"update must have vector_length={p.vector_length} elements; "
+                             f"got {update.numel()}")
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= p.max_weight:
             raise ValueError(f"weight must be an int in [0, max_weight={p.max_weight}]; got {weight!r}")
         senders = {int(v) for v in ciphertexts}
@@ -143,8 +144,7 @@ class SecAggClient:
             raise SecAggError(f"client {self.cid}: only {len(senders) + 1} clients left after "
                               f"sharing, below the threshold t={p.threshold}; aborting the round")
         self._inbox = dict(ciphertexts)
-        gen = torch.Generator().manual_seed(int.from_bytes(self._rand(8), "big") >> 1)
-        codes = p.quantizer.quantize(update, generator=gen, factor=weight / p.max_weight)
+        codes = p.quantizer.quantize(update, seed=bytes(self._rand(32)), factor=weight / p.max_weight)
         y = torch.empty(p.vector_length + 1, dtype=torch.int32)
         y[:-1] = codes
         y[-1] = weight - (1 << 32) if weight >= 1 << 31 else weight  # the uint32 bits of w_u

@@ -4,8 +4,10 @@ Key derivations (HKDF-SHA256 over an X25519 shared secret, Bonawitz et al., CCS 
 "KA.agree" followed by a PRG seed / an encryption key), each bound to the round and the pair so
 that no seed or key is ever used twice:
 
-- pair mask seed  s_uv = HKDF(X25519(s_sk_u, s_pk_v), "ppml_fast/secagg/v1/pair-mask" | round | min(u, v) | max(u, v))
-- share key       k_uv = HKDF(X25519(c_sk_u, c_pk_v), "ppml_fast/secagg/v1/share-key" | round | min(u, v) | max(u, v))
+- pair mask seed  s_uv = HKDF(X25519(s_sk_u, s_pk_v), info = "ppml_fast/secagg/v1/pair-mask"
+                                                           | round | min(u, v) | max(u, v))
+- share key       k_uv = HKDF(X25519(c_sk_u, c_pk_v), info = "ppml_fast/secagg/v1/share-key"
+                                                           | round | min(u, v) | max(u, v))
 
 Both are symmetric in (u, v), since X25519(sk_u, pk_v) = X25519(sk_v, pk_u).
 """

@@ -4,8 +4,9 @@ Bonawitz et al. (CCS 2017) sum vectors of integers modulo R; real updates are fi
 such. Here a value is clipped to [-r, r], mapped affinely onto [0, 2^b - 1] and rounded
 stochastically: ``q = floor(y + u)``, u ~ U[0, 1), with ``y = (x + r) * (2^b - 1) / (2r)``; q
 rounds y up with probability y - floor(y), so ``E[q] = y`` (unbiased; stochastic rounding as in
-Suresh et al., "Distributed mean estimation with limited communication", ICML 2017). Each q is in [0, 2^b - 1], so the sum of K encodings is at
-most K (2^b - 1): it does not wrap around 2^32 as long as
+Suresh et al., "Distributed mean estimation with limited communication", ICML 2017). Each q is
+in [0, 2^b - 1], so the sum of K encodings is at most K (2^b - 1): it does not wrap around 2^32
+as long as
 
     K * 2^b <= 2^32,      i.e.  b <= 32 - ceil(log2 K)
 
@@ -23,6 +24,8 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+
+from ppml_fast.ops.secagg import secagg_mask_
 
 __all__ = ["Quantizer", "max_bits"]
 
@@ -82,13 +85,15 @@ class Quantizer:
         ``num_clients / scale``."""
         return num_clients / self.scale
 
-    def quantize(self, x: torch.Tensor, *, generator: torch.Generator,
-                 factor: float = 1.0) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, *, seed: bytes, factor: float = 1.0) -> torch.Tensor:
         """Codes of ``factor * clip(x, -r, r)`` as an int32 tensor (bit pattern of the uint32
-        code), stochastically rounded with ``generator`` (CPU).
+        code), stochastically rounded with uniforms from the ChaCha20 stream of ``seed``
+        (32 bytes; the native ``secagg_mask_`` kernel on zeros: 32-bit words, many threads,
+        several times faster than torch's generator).
 
         ``factor`` in [0, 1] scales after clipping, so the value stays in range (a client's
-        weight relative to the largest allowed weight).
+        weight relative to the largest allowed weight). The rounding is unbiased up to the
+        resolution of the uniforms (2^-32) and of float64 near 2^b (2^(b - 53)), in steps.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor; got {type(x).__name__}"
@@ -97,11 +102,16 @@ class Quantizer:
             raise ValueError("x must be finite (a NaN or Inf cannot be encoded)")
         if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor <= 1:
             raise ValueError(f"factor must be a number in [0, 1]; got {factor!r}")
+        if not isinstance(seed, (bytes, bytearray)) or len(seed) != 32:
+            raise ValueError(f"seed must be 32 bytes (a ChaCha20 key); got {type(seed).__name__}")
         r = self.clip_range
         y = x.detach().to(device="cpu", dtype=torch.float64).reshape(-1).clamp(-r, r)
-        y.mul_(float(factor) * self.scale).add_(r * self.scale)  # in [0, 2^b - 1]
-        # floor(y + u), u ~ U[0, 1): rounds up with probability frac(y), so E = y
-        y.add_(torch.rand(y.shape, generator=generator, dtype=torch.float64)).floor_()
+        # y + 1/2, with y = (factor x + r) * scale in [0, 2^b - 1]
+        y.mul_(float(factor) * self.scale).add_(r * self.scale + 0.5)
+        # + w / 2^32, w uniform on [-2^31, 2^31): y + u with u uniform on [0, 1). floor(y + u)
+        # rounds y up with probability y - floor(y), so its mean is y.
+        words = secagg_mask_(torch.zeros(y.numel(), dtype=torch.int32), [bytes(seed)], [1])
+        y.add_(words.to(torch.float64), alpha=2.0**-32).floor_()
         y.clamp_(0.0, float(self.levels))  # y + u may round up to 2^b when y = 2^b - 1
         # the uint32 code as int32 bits: code - 2^31 fits int32 exactly; flipping the top bit
         # adds 2^31 back modulo 2^32

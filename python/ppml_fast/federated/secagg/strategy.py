@@ -188,7 +188,8 @@ class SecAggFedAvg(Strategy):
         numel = parameters.numel()
         if self.dp and not results:  # nothing to hide: DP-FedAvg releases its noise alone
             zero = torch.zeros(numel, dtype=torch.float32)
-            return self.strategy.release_sum(server_round, parameters, zero, torch.empty(0, dtype=torch.float64), failures)
+            no_norms = torch.empty(0, dtype=torch.float64)
+            return self.strategy.release_sum(server_round, parameters, zero, no_norms, failures)
         got = {p.cid for p, _ in results}
         sampled = sorted(set(self._sampled.get(server_round, [])) | got | {p.cid for p, _ in failures})
         try:
@@ -231,7 +232,8 @@ class SecAggFedAvg(Strategy):
                            failures: Failures) -> tuple[Optional[float], dict[str, float]]:
         return self.strategy.aggregate_evaluate(server_round, results, failures)
 
-    def evaluate(self, server_round: int, parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
+    def evaluate(self, server_round: int,
+                 parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
         return self.strategy.evaluate(server_round, parameters)
 
     def epsilon(self, delta: float, *, rounds_ahead: int = 0) -> Optional[float]:
