@@ -24,6 +24,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from ppml_fast.benchmarks import PROFILES, accounting_cases, dp_step_cases, op_cases, run_cases
     from ppml_fast.benchmarks.device import bench_device
+    from ppml_fast.benchmarks.federated import federated_cases
+    from ppml_fast.benchmarks.secagg import secagg_cases
     from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info, to_json
 
     profile = PROFILES["quick" if args.quick else "full"]
@@ -31,7 +33,11 @@ def _bench(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, costly=args.compile)
     device = bench_device(args.device)
     cases = (op_cases(args.sizes, device) + dp_step_cases(args.sizes, device)
-             + accounting_cases(args.sizes))
+             + accounting_cases(args.sizes) + federated_cases(args.sizes, device))
+    # secure aggregation of 100 clients x 1M parameters takes ~10-40 s a round on 2 cores:
+    # in the full profile, or when asked for by name
+    if not args.quick or args.sizes == "tiny" or any("secagg" in s for s in args.only or ()):
+        cases += secagg_cases(args.sizes)
     if args.only:
         cases = [c for c in cases if any(s in c.key for s in args.only)]
         if not cases:
@@ -69,11 +75,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="time the native ops, the DP step and the accountants against their baselines",
+        help="time the native ops, the DP step, the accountants, federated rounds and secure "
+        "aggregation against their baselines",
         description="Time ppml_fast's ops against eager torch, torch.compile, the bandwidth floor "
-        "and Flower's aggregate(); its DP-SGD step against the non-private step and Opacus; and "
-        "its accountants against dp-accounting and Opacus (Opacus and dp-accounting when "
-        "installed: pip install '.[bench]'), in one run, and print one table of medians and "
+        "and Flower's aggregate(); its DP-SGD step against the non-private step and Opacus; "
+        "its accountants against dp-accounting and Opacus; one federated round (vectorized, "
+        "sequential) against a plain torch loop and Flower's simulation; and, in the full "
+        "profile, secure aggregation against plain aggregation (Opacus, dp-accounting and Flower "
+        "when installed: pip install '.[bench]'), in one run, and print one table of medians and "
         "ratios with the targets (set for a 2-core CPU at the full sizes).",
     )
     p.add_argument("--quick", action="store_true",
@@ -88,7 +97,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "(seconds; for testing the command, ratios are not meaningful)")
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="run only cases whose key contains one of these (clip, noise, aggregate, "
-                   "dp-step, accounting, clip-256x1M, ...)")
+                   "dp-step, accounting, federated, secagg, clip-256x1M, ...)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="where the ops and the DP step run (the accountants always run on the "
                    "CPU); cuda needs a GPU and a build with the CUDA kernels; default: "

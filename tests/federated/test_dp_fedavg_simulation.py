@@ -26,7 +26,9 @@ def data():
     return iid_partition(train, 40, seed=0), test
 
 
-def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data):
+@pytest.mark.parametrize("given_rate", [True, False], ids=["sampling_rate", "from_setup"])
+def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data, given_rate):
+    # without sampling_rate, the simulation's Strategy.setup tells the wrapper q before round 1
     parts, test = data
     clients = [Client(p, cid=i) for i, p in enumerate(parts)]
     sigma, q, delta = 2.0, 10 / 40, 1e-5  # 10 expected clients per round of 40
@@ -34,7 +36,8 @@ def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data):
            for r in range(1, 4)]
     runs = []
     for _ in range(2):
-        strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=sigma, clip_norm=0.5, sampling_rate=q)
+        strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=sigma, clip_norm=0.5,
+                                 sampling_rate=q if given_rate else None)
         runs.append(run_simulation(
             _model, clients, strategy, rounds=10, clients_per_round=10, lr=0.1, batch_size=16,
             seed=3, max_epsilon=(eps[1] + eps[2]) / 2, delta=delta, eval_dataset=test,
@@ -65,3 +68,11 @@ def test_local_dp_clients_report_epsilon_and_refuse_past_their_budget(data):
     third = h.rounds[2]
     assert third["skipped"] and {d["reason"] for d in third["dropped"]} == {"budget"}
     assert len(third["dropped"]) == 4
+
+
+def test_setup_rejects_a_sampling_rate_that_disagrees(data):
+    parts, _ = data
+    strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=0.5, sampling_rate=0.5)
+    with pytest.raises(ValueError, match="sampling_rate"):
+        strategy.setup(num_available_clients=40, clients_per_round=10)
+    assert strategy.sampling_rate == 0.5

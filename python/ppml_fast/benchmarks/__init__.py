@@ -10,6 +10,9 @@ The same case table drives ``ppml-fast bench`` (:func:`run_cases`) and ``bench/b
 - :mod:`.accounting` — the accountants' cases (RDP, PLD, calibration) against dp-accounting, Opacus
 - :mod:`.dp_step` — one DP-SGD step (M1 MLP, M2 CNN, M3 transformer) against non-private and Opacus
 - :mod:`.flower` — Flower's ``aggregate()`` algorithm, the numpy baseline
+- :mod:`.federated` — one federated round (vectorized, sequential, plain torch, Flower 1.42)
+- :mod:`.flower_sim` — Flower 1.42's own Ray simulation, the federated baseline
+- :mod:`.secagg` — secure aggregation (masking, SecAgg and SecAgg+ rounds) against plain aggregation
 - :mod:`.timing` — warm-ups, then median and IQR of ``time.perf_counter`` runs
 - :mod:`.device` — "cpu" or "cuda" (``--device``, ``$PPML_BENCH_DEVICE``); CUDA calls synchronise
 - :mod:`.run`    — runs cases, turns timings into result rows with ratios and targets

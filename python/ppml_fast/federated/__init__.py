@@ -1,7 +1,9 @@
 """Federated learning: simulated clients that own their data, Flower-style strategies on flat
 parameter vectors, and seeded partitioners that split one dataset into per-client datasets
 (IID, Dirichlet label skew, McMahan shards, quantity skew); ``run_simulation`` runs the rounds on
-a sequential, vectorized (``torch.func.vmap``) or Ray backend and returns a ``History``."""
+a sequential, vectorized (``torch.func.vmap``) or Ray backend and returns a ``History``; user-level
+DP (``DPFedAvgFixed``/``DPFedAvgAdaptive``), local DP-SGD (``LocalDP``) and secure aggregation
+(``SecAggFedAvg``) wrap or configure any of it."""
 
 from .backends import RayBackend, SequentialBackend, VectorizedBackend
 from .client import Client
@@ -9,6 +11,7 @@ from .dp import DPFedAvgAdaptive, DPFedAvgFixed, LocalDP
 from .history import History
 from .parameters import ParameterLayout
 from .partition import dirichlet_partition, iid_partition, quantity_skew_partition, shard_partition
+from .secagg import SecAggFedAvg
 from .strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedOpt, FedProx,
                        FedTrimmedAvg, FedYogi, Krum, Strategy)
 from .simulation import Simulation, run_simulation
@@ -18,7 +21,7 @@ __all__ = [
     "Client", "ClientProxy", "DPFedAvgAdaptive", "DPFedAvgFixed", "LocalDP",
     "EvalResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian",
     "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "FitResult", "History", "ParameterLayout",
-    "RayBackend", "SequentialBackend", "Simulation", "Strategy", "VectorizedBackend",
+    "RayBackend", "SecAggFedAvg", "SequentialBackend", "Simulation", "Strategy", "VectorizedBackend",
     "dirichlet_partition", "iid_partition", "quantity_skew_partition", "run_simulation",
     "shard_partition",
 ]

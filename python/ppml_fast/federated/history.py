@@ -7,7 +7,8 @@ so far, None when nothing is spent), ``clients`` (the cids whose updates were ag
 the exception's ``"Type: message"``), ``skipped`` (True when too few results remained; the
 parameters did not change) and ``skip_reason``, ``train_loss`` (clients' reported training loss,
 weighted by their example counts), ``metrics`` (the strategy's aggregation metrics),
-``federated`` (``{"loss", "metrics"}`` of federated evaluation when the strategy asks for it)
+``federated`` (``{"loss", "metrics", "failures"}`` of federated evaluation when the strategy asks
+for it, else None)
 and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all rounds ran),
 ``"target_accuracy"`` or ``"max_epsilon"``; ``stop_message`` says it in words.
 """

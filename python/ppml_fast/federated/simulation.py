@@ -204,6 +204,7 @@ class Simulation:
         if eval_dataset is not None and not isinstance(eval_dataset, Dataset):
             raise TypeError(f"eval_dataset must be a torch Dataset or None; got {type(eval_dataset).__name__}")
         _check_local_dp(local_dp)
+        strategy.setup(num_available_clients=len(clients), clients_per_round=self.clients_per_round)
         if max_epsilon is not None and strategy.epsilon(self.delta, rounds_ahead=1) is None:
             raise ValueError("max_epsilon needs a strategy that spends privacy (strategy.epsilon returned "
                              "None); for local DP set LocalDP(max_epsilon=...)")

@@ -216,9 +216,11 @@ class VectorizedBackend(Backend):
         offsets = torch.tensor([self._where[i][1] for _, i, _ in chunk], dtype=torch.long)
         per_epoch = (counts + b - 1) // b * b  # an epoch's slots: whole batches
         t = int(per_epoch.max()) * epochs // b
-        gen, perms = torch.Generator(), []
+        gen, perms, one = torch.Generator(), [], torch.zeros(1, dtype=torch.long)
         for (_, _, s), n in zip(chunk, counts.tolist()):
-            if n:
+            if n == 1:  # randperm(1) is [0] whatever the generator (which no one else shares)
+                perms.extend([one] * epochs)
+            elif n:
                 gen.manual_seed(s["seed"])  # the state of Client.fit's fresh Generator
                 perms.extend(torch.randperm(n, generator=gen) for _ in range(epochs))
         rows = torch.full((k * t * b,), group.pad_row, dtype=torch.long)

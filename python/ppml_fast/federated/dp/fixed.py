@@ -142,6 +142,24 @@ class DPFedAvgFixed(Strategy):
         """Hook to validate a round's parameters before anything is drawn."""
 
     # -- rounds ---------------------------------------------------------------------------------
+    def setup(self, *, num_available_clients: int, clients_per_round: int) -> None:
+        """Fixes q = clients_per_round / num_available_clients (capped at 1) before round 1,
+        so that ``epsilon(delta, rounds_ahead=k)`` answers from the start; a ``sampling_rate``
+        given to the constructor must agree."""
+        for name, v in (("num_available_clients", num_available_clients),
+                        ("clients_per_round", clients_per_round)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        q = min(1.0, clients_per_round / num_available_clients)
+        if self.sampling_rate is not None and not math.isclose(q, self.sampling_rate, rel_tol=1e-9):
+            raise ValueError(f"clients_per_round / num_available_clients = {clients_per_round}/"
+                             f"{num_available_clients} = {q:.6g} differs from sampling_rate="
+                             f"{self.sampling_rate:.6g} given to the strategy")
+        self._check_round(int(clients_per_round), int(num_available_clients))
+        self.sampling_rate, self.expected_clients = q, q * num_available_clients
+        self.strategy.setup(num_available_clients=num_available_clients,
+                            clients_per_round=clients_per_round)
+
     def initialize_parameters(self, parameters: torch.Tensor) -> torch.Tensor:
         return self.strategy.initialize_parameters(parameters)
 

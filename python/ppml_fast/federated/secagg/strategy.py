@@ -239,6 +239,10 @@ class SecAggFedAvg(Strategy):
     def epsilon(self, delta: float, *, rounds_ahead: int = 0) -> Optional[float]:
         return self.strategy.epsilon(delta, rounds_ahead=rounds_ahead)
 
+    def setup(self, *, num_available_clients: int, clients_per_round: int) -> None:
+        self.strategy.setup(num_available_clients=num_available_clients,
+                            clients_per_round=clients_per_round)
+
     def __repr__(self) -> str:
         graph = "complete" if self.neighbours is None else f"{self.neighbours}-regular"
         return f"SecAggFedAvg({self.strategy!r}, {graph} graph)"

@@ -84,6 +84,11 @@ class Strategy(abc.ABC):
         """The round-0 parameters (default: the model's initial state, unchanged)."""
         return parameters
 
+    def setup(self, *, num_available_clients: int, clients_per_round: int) -> None:
+        """Told once by the simulation, before round 1, how many clients there are and how
+        many it asks for per round (a DP strategy derives its sampling rate from them, so it
+        can answer ``epsilon(rounds_ahead=...)`` before the first round). Default: nothing."""
+
     def configure_fit(self, server_round: int, parameters: torch.Tensor,
                       clients: Sequence[ClientProxy], num_clients: int,
                       rng: np.random.Generator) -> Instructions:
