@@ -2,7 +2,7 @@
 parameters travel, the server averages the workers' updates (FedAvg) and, with DP-FedAvg,
 clips each update and adds noise so that the model is differentially private per worker.
 
-    python examples/federated_virtual_workers.py [--workers 10] [--rounds 40] [--noise-multiplier 0.8]
+    python examples/federated_virtual_workers.py [--workers 100] [--per-round 20] [--rounds 40]
 
 The first part writes the server loop out by hand so you can see what travels (a parameter
 vector out, a FitResult back); the second runs the same thing with ``run_simulation``.
@@ -35,9 +35,11 @@ def model_fn() -> nn.Module:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=10)
+    p.add_argument("--workers", type=int, default=100)
+    p.add_argument("--per-round", type=int, default=20,
+                   help="expected workers per round (each is sampled with probability per-round / workers)")
     p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--noise-multiplier", type=float, default=0.8)
+    p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--delta", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -58,11 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     proxies = [ClientProxy(w.cid) for w in workers]
     rng = np.random.default_rng(args.seed)
     for rnd in range(1, args.rounds + 1):
-        chosen = strategy.configure_fit(rnd, parameters, proxies, len(proxies), rng)
+        chosen = strategy.configure_fit(rnd, parameters, proxies, args.per_round, rng)
         results = []
         for proxy, extra in chosen:  # on each worker's device: local training on its own data
             config = {"model": model, "seed": args.seed * 100_003 + rnd * 1_009 + proxy.cid,
-                      "lr": 0.1, "batch_size": 16, **extra}
+                      "lr": 0.3, "batch_size": 16, "local_epochs": 2, **extra}
             results.append((proxy, workers[proxy.cid].fit(parameters, config)))  # only an update comes back
         parameters, _ = strategy.aggregate_fit(rnd, parameters, results, [])
     layout.load(model, parameters)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_fn, workers,
         DPFedAvgFixed(FedAvg(), noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm,
                       seed=args.seed),
-        rounds=args.rounds, clients_per_round=args.workers, batch_size=16, lr=0.1,
+        rounds=args.rounds, clients_per_round=args.per_round, batch_size=16, lr=0.3, local_epochs=2,
         seed=args.seed, eval_dataset=test, delta=args.delta, progress=False)
     last = history.rounds[-1]
     print(f"run_simulation: test accuracy {last['accuracy']:.3f}, epsilon {last['epsilon']:.2f}")

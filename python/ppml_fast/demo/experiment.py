@@ -4,6 +4,7 @@ and a sweep of noise levels for the privacy-utility plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -128,6 +129,9 @@ def run_experiment(cfg: DemoConfig, *, progress: bool = True,
     if sigma is not None:
         for factor in cfg.sweep:
             s = sigma * factor
+            if factor == 1.0:  # the main run itself: same seed, same result
+                sweep.append(dataclasses.replace(main, label=f"sigma={s:.3g}"))
+                continue
             log(f"sweep: sigma={s:.3g}")
             sweep.append(_one_run(cfg, clients, test, s, f"sigma={s:.3g}", progress=False))
     return DemoResult(config=cfg, delta=cfg.target_delta, main=main, baseline=baseline, sweep=sweep)

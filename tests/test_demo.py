@@ -1,0 +1,67 @@
+"""``ppml-fast demo``: the table, the comparison line, report.json and privacy_utility.png, on a
+small configuration; the config's validation; the CLI's defaults match DemoConfig's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ppml_fast.cli import DemoConfigDefaults, main
+from ppml_fast.demo import DemoConfig
+
+pytest.importorskip("sklearn")
+
+
+def test_demo_writes_the_table_report_and_plot(tmp_path, capsys, restore_threads):
+    rc = main(["demo", "--quick", "--clients", "20", "--rounds", "4", "--output", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "round  accuracy" in out and "vs non-private" in out and "noise sweep" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    cfg = report["configuration"]
+    assert cfg["clients"] == 20 and cfg["rounds"] == 4 and cfg["mode"] == "dp-fedavg"
+    assert report["delta"] == 1e-5 and report["accountant"] == "rdp" and report["seed"] == 0
+    rounds = report["main"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    eps = [r["epsilon"] for r in rounds]
+    assert all(a < b for a, b in zip(eps, eps[1:])) and eps[-1] <= 8.0 + 1e-9  # calibrated to 8
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
+    assert report["baseline"]["noise_multiplier"] is None and len(report["sweep"]) == 2
+    pytest.importorskip("matplotlib")
+    png = (tmp_path / "privacy_utility.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_without_privacy_has_no_epsilon(tmp_path, capsys, restore_threads):
+    assert main(["demo", "--quick", "--mode", "none", "--clients", "10", "--rounds", "2",
+                 "--output", str(tmp_path), "--no-progress", "--no-plot"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(r["epsilon"] is None for r in report["main"]["rounds"]) and report["sweep"] == []
+    assert "no privacy: test accuracy" in capsys.readouterr().out
+
+
+def test_cli_help_defaults_are_democonfig_defaults():
+    fields = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+    for name in ("clients", "rounds", "target_epsilon", "clip_norm", "strategy", "backend",
+                 "alpha", "output"):
+        assert getattr(DemoConfigDefaults, name) == fields[name], name
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"clients": 1}, "clients"), ({"rounds": 0}, "rounds"), ({"mode": "dp"}, "mode"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier"), ({"clip_norm": 0.0}, "clip_norm"),
+    ({"clients": 10, "clients_per_round": 11}, "clients_per_round"), ({"delta": 1.5}, "delta"),
+    ({"accountant": "gdp"}, "accountant"), ({"sweep": ()}, "sweep"),
+    ({"target_epsilon": None}, "noise_multiplier or target_epsilon"),
+])
+def test_bad_demo_config_names_the_argument(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DemoConfig(**kw)
+
+
+def test_bad_cli_value_exits_2(capsys):
+    assert main(["demo", "--rounds", "0", "--no-progress"]) == 2
+    assert "rounds" in capsys.readouterr().err
