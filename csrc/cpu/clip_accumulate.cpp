@@ -161,6 +161,9 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
   const double big_cost = 2.0 + 2.0 * out_bytes / (double(big_rows) * row_bytes);
   const int64_t block_rows = std::min<int64_t>(B, fit_cost <= big_cost ? fit_rows : big_rows);
   const int nthreads = pick_threads(p, lay);
+  // B * C doubles; empty when every segment has width 0 (C == 0), so rows are addressed with
+  // data() + offset, never operator[] (out of range on an empty vector: UB, and an assertion
+  // failure under _GLIBCXX_ASSERTIONS).
   std::vector<double> partial(static_cast<size_t>(B * C));
   Barrier barrier;
 
@@ -183,7 +186,8 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
       if (nt > 1) barrier.wait();
       // factors of the block's rows: every thread computes the same numbers
       for (int64_t b = r0; b < r1; ++b)
-        row_factors(p, lay, &partial[b * C], b, t == 0, &factor[(b - r0) * L], seg_norm.data());
+        row_factors(p, lay, partial.data() + b * C, b, t == 0, factor.data() + (b - r0) * L,
+                    seg_norm.data());
       // pass 2: add the block's rows into my chunks of the outputs, read from cache
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = lay.chunks[c];
@@ -286,7 +290,7 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
       std::vector<A> factor(L);
       std::vector<double> seg_norm(L);
       for (int64_t b = 0; b < B; ++b) {
-        if (!row_factors(p, lay, &partial[b * C], b, true, factor.data(), seg_norm.data()) &&
+        if (!row_factors(p, lay, partial.data() + b * C, b, true, factor.data(), seg_norm.data()) &&
             keep[b]) {
           keep[b] = 0;
           dropped.store(true, std::memory_order_relaxed);

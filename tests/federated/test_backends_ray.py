@@ -32,13 +32,14 @@ def _clients():
 
 
 def test_ray_equals_sequential_with_faults_and_client_state():
-    local = pytest.importorskip("ppml_fast.federated.dp.local")
+    from ppml_fast.federated.dp import local
     dp = local.LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
     kw = dict(rounds=3, clients_per_round=5, lr=0.2, batch_size=8, dropout=0.2, seed=1, local_dp=dp,
               progress=False)
     seq = run_simulation(tiny_model, _clients(), FedAvg(), backend="sequential", **kw)
     backend = RayBackend(num_workers=2)
-    par = run_simulation(tiny_model, _clients(), FedAvg(), backend=backend, **kw)
+    ray_clients = _clients()
+    par = run_simulation(tiny_model, ray_clients, FedAvg(), backend=backend, **kw)
     torch.testing.assert_close(par.parameters, seq.parameters, rtol=1e-6, atol=1e-7)
     assert len(par.rounds) == len(seq.rounds) == 3
     for a, b in zip(par.rounds, seq.rounds):
@@ -48,3 +49,6 @@ def test_ray_equals_sequential_with_faults_and_client_state():
     assert 0 < eps[0] < eps[1] < eps[2]  # the clients' accountants persist on their workers
     assert "RuntimeError: boom" in {d["reason"] for r in par.rounds for d in r["dropped"]}
     assert par.settings["backend"] == "ray" and backend._workers == [] and ray.is_initialized()
+    # the workers' local-DP state came back to the driver's clients: a second run composes on it
+    spent = [c._local_dp.epsilon(1e-5) for c in ray_clients if getattr(c, "_local_dp", None)]
+    assert spent and max(spent) == pytest.approx(eps[-1])

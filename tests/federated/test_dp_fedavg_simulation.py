@@ -76,3 +76,24 @@ def test_setup_rejects_a_sampling_rate_that_disagrees(data):
     with pytest.raises(ValueError, match="sampling_rate"):
         strategy.setup(num_available_clients=40, clients_per_round=10)
     assert strategy.sampling_rate == 0.5
+
+
+def test_min_clients_is_refused_with_a_dp_strategy(data):
+    parts, _ = data
+    clients = [Client(p, cid=i) for i, p in enumerate(parts)]
+    strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=0.5)
+    with pytest.raises(ValueError, match="min_clients"):
+        run_simulation(_model, clients, strategy, rounds=2, clients_per_round=10, min_clients=3,
+                       progress=False)
+
+
+def test_secure_local_dp_is_not_reproducible_from_the_servers_seed(data):
+    # secure_mode: the device's own entropy for noise and batches, so the same seed gives a
+    # different model (the server cannot regenerate the noise); same epsilon
+    parts, _ = data
+    dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, secure_mode=True)
+    runs = [run_simulation(_model, [Client(p, cid=i) for i, p in enumerate(parts[:4])], FedAvg(),
+                           rounds=1, clients_per_round=4, local_dp=dp, seed=5, progress=False)
+            for _ in range(2)]
+    assert not torch.equal(runs[0].parameters, runs[1].parameters)
+    assert runs[0].rounds[0]["epsilon"] == runs[1].rounds[0]["epsilon"] > 0

@@ -186,3 +186,20 @@ def test_portable_and_avx2_philox_paths_give_the_same_noise():
         ).stdout
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "automatic"])
+def test_zero_width_segments_give_zero_norms_and_leave_the_others_alone(clipping):
+    # Every segment of width 0 (no column chunks) used to index an empty vector in the CPU
+    # kernel (&partial[0], UB; an assertion failure under _GLIBCXX_ASSERTIONS).
+    empty = torch.zeros(3, 0, dtype=torch.float32)
+    sums, norms = clip_and_accumulate([empty], 1.0, clipping=clipping)
+    assert sums[0].shape == (0,)
+    assert norms.tolist() == ([[0.0, 0.0, 0.0]] if clipping == "per_layer" else [0.0, 0.0, 0.0])
+    # a zero-width segment beside a real one: the real one is clipped as without it
+    g = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], dtype=torch.float32)
+    sums, norms = clip_and_accumulate([empty, g], 1.0, clipping=clipping)
+    ref_sums, ref_norms = clip_and_accumulate_ref([empty, g], 1.0, clipping=clipping)
+    assert sums[0].shape == (0,)
+    np.testing.assert_allclose(sums[1].double().numpy(), ref_sums[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(norms.numpy(), ref_norms.numpy(), rtol=1e-12)

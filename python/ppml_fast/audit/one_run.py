@@ -3,14 +3,16 @@ training run", NeurIPS 2023, arXiv 2305.08846.
 
 Each of ``m`` canaries is included in the input independently with probability 1/2; after one
 run the auditor guesses "in" or "out" for ``r`` of them (abstaining on the rest) and ``v``
-guesses are right. Their Theorem 3 (approximate DP; Appendix D gives it as code): if the
-mechanism is (epsilon, delta)-DP with respect to each canary, then for every v
+guesses are right. Their main theorem for approximate DP (Section 3; Appendix D gives the
+computation as code, which this module follows and was checked against; cited by section, as
+we could not confirm the theorem's number in both the arXiv and NeurIPS versions): if the mechanism is (epsilon, delta)-DP with
+respect to each canary, then for every v
 
     P[correct >= v] <= f(v) + 2 m delta max_{i = 1..v} (f(v - i) - f(v)) / i,
     f(u) = P[Binomial(r, p) >= u],   p = e^epsilon / (1 + e^epsilon)
 
-(with delta = 0 this is their Theorem 2: the guesses are no better than r coin flips of bias
-p). The right side is a p-value for the claim "(epsilon, delta)-DP"; the lower bound is the
+(with delta = 0 this is their pure-DP theorem: the guesses are no better than r coin flips of
+bias p). The right side is a p-value for the claim "(epsilon, delta)-DP"; the lower bound is the
 largest epsilon whose p-value is <= 1 - confidence (bisection that only ever returns an epsilon
 whose p-value was checked, so it is valid even where the p-value is not monotone).
 
@@ -47,7 +49,7 @@ def _check_counts(canaries, guesses, correct) -> tuple[int, int, int]:
 
 def one_run_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, delta: float = 0.0) -> float:
     """P[at least ``correct`` right guesses] bounded under the claim "(epsilon, delta)-DP"
-    (Steinke et al. 2023, Theorem 3; the expression of their Appendix D)."""
+    (Steinke et al. 2023, Section 3's approximate-DP theorem; the expression of their Appendix D)."""
     m, r, v = _check_counts(canaries, guesses, correct)
     epsilon = _checks.non_negative("epsilon", epsilon)
     delta = _checks.delta("delta", delta)

@@ -205,6 +205,12 @@ class Simulation:
             raise TypeError(f"eval_dataset must be a torch Dataset or None; got {type(eval_dataset).__name__}")
         _check_local_dp(local_dp)
         strategy.setup(num_available_clients=len(clients), clients_per_round=self.clients_per_round)
+        if min_clients and strategy.epsilon(self.delta) is not None:
+            raise ValueError(
+                f"min_clients={min_clients} with a strategy that spends privacy: a round skipped "
+                "for too few results would release nothing and reveal that few of the sampled "
+                "clients took part, outside the accountant; leave min_clients None (the strategy's "
+                "own minimum, 0 for the DP wrappers)")
         if max_epsilon is not None and strategy.epsilon(self.delta, rounds_ahead=1) is None:
             raise ValueError("max_epsilon needs a strategy that spends privacy (strategy.epsilon returned "
                              "None); for local DP set LocalDP(max_epsilon=...)")
@@ -282,7 +288,7 @@ class Simulation:
         rng = np.random.default_rng([seed, rnd, _STREAM_FIT])
         instructions = strategy.configure_fit(rnd, parameters, self.proxies, self.clients_per_round, rng)
         draws = np.random.default_rng([seed, rnd, _STREAM_DROPOUT]).random(n)
-        seeds = np.random.default_rng([seed, rnd, _STREAM_SEEDS]).integers(0, 2**31 - 1, n).tolist()
+        seeds = np.random.default_rng([seed, rnd, _STREAM_SEEDS]).integers(0, 2**63 - 1, n).tolist()
         dropped, todo = [], []
         for proxy, extra in instructions:
             i = self.index_of.get(proxy.cid)
@@ -301,9 +307,10 @@ class Simulation:
             else:
                 dropped.append({"cid": proxy.cid, "reason": reason})
                 failures.append((proxy, reason))
-        for _, r in results:
-            if "epsilon" in r.metrics:
-                self._local_epsilon = max(r.metrics["epsilon"], self._local_epsilon or 0.0)
+            # a client's reported epsilon counts even when its result is left out (late,
+            # non-finite, misshapen: it trained all the same); a client that raised reports none
+            if outcome.result is not None and "epsilon" in outcome.result.metrics:
+                self._local_epsilon = max(outcome.result.metrics["epsilon"], self._local_epsilon or 0.0)
         if len(results) >= self.required:
             new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
             self.layout.check(new, "strategy.aggregate_fit(...)[0]")

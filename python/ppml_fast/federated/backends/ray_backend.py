@@ -4,8 +4,9 @@ backend does.
 
 The clients (with their data) go to the workers once, in :meth:`RayBackend.setup`
 (``ray.put`` of each group); each round only the parameters (one ``ray.put``) and the configs
-travel. A client's state changed by training (e.g. a local-DP accountant) lives on its worker
-from then on, as on a device. Ray is optional: ``pip install 'ppml_fast[ray]'``. When Ray is not
+travel. A client's state changed by training (a local-DP accountant and noise offset) lives on
+its worker, as on a device, and is copied back to the driver's ``Client`` after each fit, so
+that a later simulation with the same clients composes with it. Ray is optional: ``pip install 'ppml_fast[ray]'``. When Ray is not
 running yet, :meth:`setup` starts a local instance (``ray.init(**init_kwargs)``) and
 :meth:`close` shuts it down again; an instance started by the caller is left running.
 """
@@ -54,11 +55,12 @@ class _Worker:
         self.model = make_model(model_fn)
 
     def fit(self, local: list[int], parameters: torch.Tensor,
-            configs: list[dict]) -> list[tuple[Any, Optional[BaseException], float]]:
+            configs: list[dict]) -> list[tuple[Any, Optional[BaseException], float, Any]]:
         out = []
         for j, config in zip(local, configs):
             o = fit_one(self.clients[j], parameters, {**config, "model": self.model})
-            out.append((o.result, None if o.error is None else _portable(o.error), o.seconds))
+            out.append((o.result, None if o.error is None else _portable(o.error), o.seconds,
+                        getattr(self.clients[j], "_local_dp", None)))
         return out
 
 
@@ -116,9 +118,13 @@ class RayBackend(Backend):
             try:
                 answers = ray.get(ref)
             except Exception as e:  # the worker itself died: its clients all fail with it
-                answers = [(None, _portable(e), time.perf_counter() - start)] * len(plan[w])
-            for (pos, _, _), (result, error, seconds) in zip(plan[w], answers):
+                answers = [(None, _portable(e), time.perf_counter() - start, None)] * len(plan[w])
+            for (pos, _, _), (result, error, seconds, state) in zip(plan[w], answers):
                 outcomes[pos] = Outcome(result, error, seconds)
+                if state is not None:  # the client's local-DP accountant and noise offset: kept on
+                    # the driver's Client too, so a later simulation with these clients goes on
+                    # from them (not from a fresh accountant and offset 0)
+                    self.clients[indices[pos]]._local_dp = state
         return outcomes  # type: ignore[return-value]
 
     def close(self) -> None:

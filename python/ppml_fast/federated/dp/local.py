@@ -1,8 +1,7 @@
 """Local DP-SGD inside a client: :class:`LocalDP` (the settings the simulation puts in every
 client's fit config as ``config["local_dp"]``) and the DP-SGD fit a :class:`Client` runs with it.
 
-Each client protects its own records (record-level DP towards everyone outside the device,
-the server included): it trains with DP-SGD (Abadi et al. 2016, "Deep Learning with
+Each client protects its own records: it trains with DP-SGD (Abadi et al. 2016, "Deep Learning with
 Differential Privacy", Algorithm 1) through :class:`ppml_fast.PrivacyEngine`, keeps its own
 accountant across the rounds it takes part in (client-side state, so ε composes over its
 fits), reports ``metrics["epsilon"]`` and refuses a fit that would pass ``max_epsilon``.
@@ -12,10 +11,19 @@ Poisson sampling with rate q = 1 / ceil(n / b) (each example joins each batch in
 expected batch size n q ≈ b), E * ceil(n / b) steps, each clipping per-sample gradients to
 ``max_grad_norm`` C, adding N(0, (σ C)^2) to the sum and dividing by n q, then a plain SGD step
 with ``lr``. The accountant composes PoissonSampledEvent(q, GaussianEvent(σ)) per step.
-Noise: Philox keyed by ``config["seed"]``, the offset carried over from the client's previous
-fit (a seed reused across rounds never repeats noise); the Poisson sampler:
-``torch.Generator().manual_seed(config["seed"])``. Same seed and same client history → same
-update.
+Against whom, by ``LocalDP.secure_mode``:
+
+- ``secure_mode=True`` (for real deployments): record-level DP towards everyone outside the
+  device, the server included. The noise comes from ChaCha20 keyed from the OS's entropy on the
+  device, and the Poisson sampler from a generator seeded from ``os.urandom`` on the device, so
+  neither the server nor anyone else can regenerate the noise or know the batches.
+- ``secure_mode=False`` (the default, for reproducible simulations): the noise is Philox keyed by
+  ``config["seed"]`` (the offset carried over from the client's previous fit, so a seed reused
+  across rounds never repeats noise) and the sampler is
+  ``torch.Generator().manual_seed(config["seed"])``; same seed and same client history → same
+  update. The simulated server chose that seed, so this mode gives DP towards third parties who
+  see the released model but **not towards the server**, which could subtract the noise: use it
+  to study utility, not to protect clients from the server.
 
 What is treated as public, as in Opacus and DP-SGD practice: the client's example count n (it
 fixes q and the number of steps, and ``num_examples`` in the result, FedAvg's weight). The
@@ -29,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -177,10 +186,13 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Mapping[str, A
     engine.accountant = state.accountant  # the client's accountant: ε composes across its fits
     loader = DataLoader(TensorDataset(x, y), batch_size=s["batch_size"])
     base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if local_dp.secure_mode:  # the device's own secrets: the server knows config["seed"]
+        sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    else:
+        sampler = torch.Generator().manual_seed(seed)
     private, opt, dp_loader = engine.make_private(
         module=model, optimizer=base, data_loader=loader, noise_multiplier=local_dp.noise_multiplier,
-        max_grad_norm=local_dp.max_grad_norm, noise_seed=seed,
-        generator=torch.Generator().manual_seed(seed))
+        max_grad_norm=local_dp.max_grad_norm, noise_seed=seed, generator=sampler)
     opt.offset = state.noise_offset
     params = opt.params
     anchors = [p.detach().clone() for p in params] if mu > 0 else None
