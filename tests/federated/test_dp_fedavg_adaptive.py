@@ -101,7 +101,8 @@ def test_small_default_count_noise_is_refused_naming_clipped_count_stddev():
         s.configure_fit(1, torch.zeros(2), _proxies(20), 5, np.random.default_rng(0))
     assert s.sampling_rate is None and s.rounds == 0
     ok = DPFedAvgAdaptive(FedAvg(), noise_multiplier=1.0, clipped_count_stddev=1.0)
-    assert ok.configure_fit(1, torch.zeros(2), _proxies(20), 5, np.random.default_rng(0)) is not None
+    chosen = ok.configure_fit(1, torch.zeros(2), _proxies(20), 5, np.random.default_rng(0))
+    assert {p.cid for p, _ in chosen} <= set(range(20)) and ok.sampling_rate == 0.25
 
 
 @pytest.mark.parametrize("kwargs,name", [

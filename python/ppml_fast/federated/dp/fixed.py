@@ -180,18 +180,19 @@ class DPFedAvgFixed(Strategy):
         self._check_round(int(num_clients), n)
         order = sorted(clients, key=lambda c: c.cid)
         picked = rng.random(n) < q
-        if self.seed is None:  # unused in secure mode
-            self.seed = int(rng.integers(0, 2**63))
-        self.sampling_rate, self.expected_clients = q, q * n
+        seed = int(rng.integers(0, 2**63)) if self.seed is None else self.seed  # unused in secure mode
         sampled = [c for c, keep in zip(order, picked) if keep]
-        if not sampled:
-            return []
-        inner = self.strategy.configure_fit(server_round, parameters, sampled, len(sampled), rng)
-        extras = {c.cid: cfg for c, cfg in inner}
-        if set(extras) != {c.cid for c in sampled}:
-            raise ValueError(f"the inner strategy {type(self.strategy).__name__} changed the "
-                             "Poisson-sampled clients; a DP wrapper needs it to keep them all")
-        return [(c, dict(extras[c.cid])) for c in sampled]
+        out = []
+        if sampled:
+            inner = self.strategy.configure_fit(server_round, parameters, sampled, len(sampled), rng)
+            extras = {c.cid: cfg for c, cfg in inner}
+            if set(extras) != {c.cid for c in sampled}:
+                raise ValueError(f"the inner strategy {type(self.strategy).__name__} changed the "
+                                 "Poisson-sampled clients; a DP wrapper needs it to keep them all")
+            out = [(c, dict(extras[c.cid])) for c in sampled]
+        # the round's state only once nothing can fail
+        self.seed, self.sampling_rate, self.expected_clients = seed, q, q * n
+        return out
 
     def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
                       failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
@@ -295,6 +296,10 @@ class DPFedAvgFixed(Strategy):
             raise ValueError(f"state must be a {type(self).__name__}.state_dict(); {e!r}") from e
         if offset < 0 or rounds < 0:
             raise ValueError(f"state: offset and rounds must be >= 0; got {offset}, {rounds}")
+        if q is not None and not 0 < q <= 1:
+            raise ValueError(f"state: sampling_rate must be in (0, 1]; got {q}")
+        if expected is not None and not expected > 0:
+            raise ValueError(f"state: expected_clients must be > 0; got {expected}")
         self.accountant, self.seed, self.offset, self.rounds = acc, seed, offset, rounds
         self.sampling_rate, self.expected_clients, self.clip_norm = q, expected, clip
 

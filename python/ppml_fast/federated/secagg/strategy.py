@@ -75,7 +75,11 @@ class SecAggFedAvg(Strategy):
         max_weight: W, weights min(num_examples, W); None: equal weights. Not with DP (DP-FedAvg
             weighs every client equally).
         on_abort: ``"raise"`` (default) a :class:`SecAggError` when a round cannot finish, or
-            ``"skip"`` it (parameters unchanged, metric ``secagg_aborted`` = 1). DP: "raise" only.
+            ``"skip"`` it (parameters unchanged, metric ``secagg_aborted`` = 1). DP: "raise" only
+            (a skipped round would reveal, outside the accountant, that few clients took part), so
+            with DP a round that samples exactly one client, or loses survivors below the
+            threshold, ends the simulation: choose clients_per_round so that qN is well above
+            the threshold (at qN = 2 about a quarter of the rounds sample exactly one client).
         seed: None draws every secret from ``os.urandom`` (the masks are then not reproducible;
             the aggregate varies within the quantisation error); an int makes the simulation
             reproducible — and every key predictable: for simulations only.
@@ -198,12 +202,13 @@ class SecAggFedAvg(Strategy):
             if len(sampled) < 2:
                 raise SecAggError(f"secure aggregation round {server_round}: {len(sampled)} client "
                                   "sampled; the sum of one update is that update")
+            randbytes = self._randbytes(server_round)  # one stream: graph, then clients' keys
             params = SecAggParams.create(
                 sampled, vector_length=numel, clip_range=clip_range, threshold=self._threshold(holders),
                 neighbours=self.neighbours, max_weight=self.max_weight or 1, round_id=server_round,
-                randbytes=self._randbytes(server_round))
+                randbytes=randbytes)
             inputs, weights = self._client_inputs(results, numel, clip_range, params.quantizer.bits)
-            result = SecAggRound(params, randbytes=self._randbytes(server_round)).run(
+            result = SecAggRound(params, randbytes=randbytes).run(
                 inputs, weights=weights, drop_before_masking=[c for c in sampled if c not in got])
         except SecAggError:
             if self.on_abort == "raise":
