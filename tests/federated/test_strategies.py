@@ -326,3 +326,28 @@ def test_fedprox_reduces_client_drift():
 def test_bad_hyper_parameters_name_the_argument(make, arg):
     with pytest.raises((ValueError, TypeError), match=arg):
         make()
+
+
+def test_strategy_wrapper_delegates_every_step_it_does_not_override():
+    import numpy as np
+
+    from ppml_fast.federated import ClientProxy, EvalResult, FedProx
+    from ppml_fast.federated.strategy import StrategyWrapper
+
+    class Passthrough(StrategyWrapper):
+        def aggregate_fit(self, server_round, parameters, results, failures):
+            return self.strategy.aggregate_fit(server_round, parameters, results, failures)
+
+    inner = FedProx(proximal_mu=0.5)
+    w = Passthrough(inner)
+    proxies = [ClientProxy(i) for i in range(6)]
+    params = torch.zeros(3)
+    assert w.configure_fit(1, params, proxies, 3, np.random.default_rng(0)) == \
+        inner.configure_fit(1, params, proxies, 3, np.random.default_rng(0))
+    evals = [(ClientProxy(0), EvalResult(1.0, 2, {"accuracy": 0.5})),
+             (ClientProxy(1), EvalResult(4.0, 1, {"accuracy": 1.0}))]
+    assert w.aggregate_evaluate(1, evals, []) == inner.aggregate_evaluate(1, evals, []) == (2.0, {"accuracy": 2 / 3})
+    assert torch.equal(w.initialize_parameters(params), params) and w.epsilon(1e-5) is None
+    assert w.evaluate(1, params) is None and w.configure_evaluate(1, params, proxies, 3, None) == []
+    with pytest.raises(TypeError, match="strategy"):
+        Passthrough(object())

@@ -38,7 +38,8 @@ import torch
 from ppml_fast.ops import add_gaussian_noise_
 
 from ..strategy.base import Strategy
-from .fixed import DPFedAvgFixed, _positive
+from ..strategy._hparams import check_positive as _positive
+from .fixed import DPFedAvgFixed
 
 __all__ = ["DPFedAvgAdaptive", "update_noise_multiplier"]
 

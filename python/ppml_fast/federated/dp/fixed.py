@@ -37,7 +37,7 @@ import copy
 import math
 import numbers
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,10 @@ from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.calibration import ACCOUNTANTS
 from ppml_fast.ops import noisy_scale_, weighted_aggregate
 
+from ..strategy._hparams import check_positive as _positive
 from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_results, stack_updates
-from ..types import ClientProxy, EvalResult, FitResult
+from ..strategy.wrapper import StrategyWrapper
+from ..types import ClientProxy, FitResult
 
 __all__ = ["DPFedAvgFixed", "ROBUST_STRATEGIES"]
 
@@ -55,17 +57,7 @@ __all__ = ["DPFedAvgFixed", "ROBUST_STRATEGIES"]
 ROBUST_STRATEGIES = frozenset({"FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan"})
 
 
-def _positive(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(v).__name__} {v!r}")
-    if not (math.isfinite(float(v)) and float(v) > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
-    return float(v)
-
-
-def _check_inner(strategy: Any) -> Strategy:
-    if not isinstance(strategy, Strategy):
-        raise TypeError(f"strategy must be a ppml_fast.federated.Strategy; got {type(strategy).__name__}")
+def _check_inner(strategy: Strategy) -> None:
     names = {c.__name__ for c in type(strategy).__mro__}
     if names & ROBUST_STRATEGIES or getattr(strategy, "robust", False):
         raise ValueError(
@@ -75,10 +67,9 @@ def _check_inner(strategy: Any) -> Strategy:
     if strategy.epsilon(0.5) is not None:
         raise ValueError(f"strategy must not spend privacy itself; got {type(strategy).__name__}, "
                          "which reports an epsilon (do not nest DP wrappers)")
-    return strategy
 
 
-class DPFedAvgFixed(Strategy):
+class DPFedAvgFixed(StrategyWrapper):
     """User-level DP around ``strategy`` with a fixed clipping norm (module docstring).
 
     Args:
@@ -98,7 +89,8 @@ class DPFedAvgFixed(Strategy):
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip_norm: float,
                  sampling_rate: Optional[float] = None, accountant: str = "rdp",
                  secure_mode: bool = False, seed: Optional[int] = None) -> None:
-        self.strategy = _check_inner(strategy)
+        super().__init__(strategy)
+        _check_inner(strategy)
         self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
         self.clip_norm = _positive("clip_norm", clip_norm)
         if sampling_rate is not None:
@@ -157,11 +149,7 @@ class DPFedAvgFixed(Strategy):
                              f"{self.sampling_rate:.6g} given to the strategy")
         self._check_round(int(clients_per_round), int(num_available_clients))
         self.sampling_rate, self.expected_clients = q, q * num_available_clients
-        self.strategy.setup(num_available_clients=num_available_clients,
-                            clients_per_round=clients_per_round)
-
-    def initialize_parameters(self, parameters: torch.Tensor) -> torch.Tensor:
-        return self.strategy.initialize_parameters(parameters)
+        super().setup(num_available_clients=num_available_clients, clients_per_round=clients_per_round)
 
     def configure_fit(self, server_round: int, parameters: torch.Tensor,
                       clients: Sequence[ClientProxy], num_clients: int,
@@ -256,20 +244,6 @@ class DPFedAvgFixed(Strategy):
                              "configure_fit: pass sampling_rate= to the strategy")
         trial = copy.deepcopy(self.accountant)
         return trial.compose(self._event(self.sampling_rate), int(rounds_ahead)).get_epsilon(delta)
-
-    # -- delegated ------------------------------------------------------------------------------
-    def configure_evaluate(self, server_round: int, parameters: torch.Tensor,
-                           clients: Sequence[ClientProxy], num_clients: int,
-                           rng: np.random.Generator) -> Instructions:
-        return self.strategy.configure_evaluate(server_round, parameters, clients, num_clients, rng)
-
-    def aggregate_evaluate(self, server_round: int, results: Sequence[tuple[ClientProxy, EvalResult]],
-                           failures: Failures) -> tuple[Optional[float], dict[str, float]]:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int,
-                 parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
-        return self.strategy.evaluate(server_round, parameters)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

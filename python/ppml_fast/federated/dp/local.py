@@ -48,15 +48,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, PrivacyBudgetExceeded
 from ppml_fast.accounting.calibration import ACCOUNTANTS
 
+from ..strategy._hparams import check_positive as _positive
+
 __all__ = ["LocalDP", "LocalDPState", "local_dp_sgd", "local_dp_steps"]
-
-
-def _positive(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(v).__name__} {v!r}")
-    if not (math.isfinite(float(v)) and float(v) > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
-    return float(v)
 
 
 @dataclass(frozen=True)

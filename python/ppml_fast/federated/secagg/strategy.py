@@ -53,7 +53,8 @@ from ..dp.adaptive import DPFedAvgAdaptive
 from ..dp.fixed import DPFedAvgFixed
 from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_results
 from ..strategy.fedavg import FedAvg
-from ..types import ClientProxy, EvalResult, FitResult
+from ..strategy.wrapper import StrategyWrapper
+from ..types import ClientProxy, FitResult
 from .errors import SecAggError
 from .params import SecAggParams
 from .simulate import SecAggRound
@@ -61,7 +62,7 @@ from .simulate import SecAggRound
 __all__ = ["SecAggFedAvg"]
 
 
-class SecAggFedAvg(Strategy):
+class SecAggFedAvg(StrategyWrapper):
     """Secure aggregation around ``strategy`` (module docstring).
 
     Args:
@@ -90,8 +91,7 @@ class SecAggFedAvg(Strategy):
                  max_weight: Optional[int] = None, on_abort: str = "raise",
                  seed: Optional[int] = None) -> None:
         strategy = FedAvg() if strategy is None else strategy
-        if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a ppml_fast.federated.Strategy; got {type(strategy).__name__}")
+        super().__init__(strategy)
         self.dp = isinstance(strategy, DPFedAvgFixed)
         if isinstance(strategy, DPFedAvgAdaptive):
             raise ValueError("strategy must not be DPFedAvgAdaptive: adaptive clipping counts the "
@@ -126,7 +126,6 @@ class SecAggFedAvg(Strategy):
         if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int)
                                        or neighbours < 2 or neighbours % 2):
             raise ValueError(f"neighbours must be None or an even int >= 2; got {neighbours!r}")
-        self.strategy = strategy
         self.clip_range = None if clip_range is None else float(clip_range)
         self.reconstruction_threshold = reconstruction_threshold
         self.neighbours = neighbours
@@ -152,9 +151,6 @@ class SecAggFedAvg(Strategy):
         return max(holders // 2 + 1, math.ceil(self.reconstruction_threshold * holders))
 
     # -- rounds ---------------------------------------------------------------------------------
-    def initialize_parameters(self, parameters: torch.Tensor) -> torch.Tensor:
-        return self.strategy.initialize_parameters(parameters)
-
     def configure_fit(self, server_round: int, parameters: torch.Tensor,
                       clients: Sequence[ClientProxy], num_clients: int,
                       rng: np.random.Generator) -> Instructions:
@@ -226,27 +222,6 @@ class SecAggFedAvg(Strategy):
             single = [(ClientProxy(0), FitResult(update=mean, num_examples=result.weight_sum, metrics={}))]
             new, inner = self.strategy.aggregate_fit(server_round, parameters, single, failures)
         return new, {**inner, **metrics}
-
-    # -- delegated ------------------------------------------------------------------------------
-    def configure_evaluate(self, server_round: int, parameters: torch.Tensor,
-                           clients: Sequence[ClientProxy], num_clients: int,
-                           rng: np.random.Generator) -> Instructions:
-        return self.strategy.configure_evaluate(server_round, parameters, clients, num_clients, rng)
-
-    def aggregate_evaluate(self, server_round: int, results: Sequence[tuple[ClientProxy, EvalResult]],
-                           failures: Failures) -> tuple[Optional[float], dict[str, float]]:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int,
-                 parameters: torch.Tensor) -> Optional[tuple[float, dict[str, float]]]:
-        return self.strategy.evaluate(server_round, parameters)
-
-    def epsilon(self, delta: float, *, rounds_ahead: int = 0) -> Optional[float]:
-        return self.strategy.epsilon(delta, rounds_ahead=rounds_ahead)
-
-    def setup(self, *, num_available_clients: int, clients_per_round: int) -> None:
-        self.strategy.setup(num_available_clients=num_available_clients,
-                            clients_per_round=clients_per_round)
 
     def __repr__(self) -> str:
         graph = "complete" if self.neighbours is None else f"{self.neighbours}-regular"

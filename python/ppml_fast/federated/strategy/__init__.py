@@ -11,6 +11,7 @@ from .fedprox import FedProx
 from .fedtrimmedavg import FedTrimmedAvg
 from .fedyogi import FedYogi
 from .krum import Krum
+from .wrapper import StrategyWrapper
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
-           "FedTrimmedAvg", "FedYogi", "Krum", "Strategy", "sample_clients", "weighted_mean_update"]
+           "FedTrimmedAvg", "FedYogi", "Krum", "Strategy", "StrategyWrapper", "sample_clients", "weighted_mean_update"]

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["check_int", "check_real", "check_state_vector"]
+__all__ = ["check_int", "check_positive", "check_real", "check_state_vector"]
 
 
 def check_int(name: str, value: Any, lo: int) -> int:
@@ -31,6 +31,15 @@ def check_real(name: str, value: Any, *, lo: float, hi: float = math.inf,
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be in {interval}; got {value}")
     return v
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a finite float > 0: TypeError for a non-number, ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
 
 
 def check_state_vector(state: Mapping[str, Any], key: str,
