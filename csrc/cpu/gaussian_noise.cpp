@@ -27,18 +27,10 @@ namespace {
 
 constexpr int kLanes = 8;  // blocks generated together by the portable path (philox_x8_scalar)
 
-bool cpu_has_avx2() {
-#if defined(PPML_HAVE_NOISE_AVX2)
-  return __builtin_cpu_supports("avx2");
-#else
-  return false;
-#endif
-}
-
 // The AVX2 path is on when the CPU has AVX2, unless PPML_FAST_DISABLE_AVX2 is set (the tests
 // compare both paths; set_noise_simd switches it for them in-process).
 std::atomic<bool>& simd_flag() {
-  static std::atomic<bool> on{cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2")};
+  static std::atomic<bool> on{avx2_on_by_default()};
   return on;
 }
 

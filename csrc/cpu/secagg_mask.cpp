@@ -18,7 +18,7 @@
 
 #include "../include/ppml/secagg.h"
 #include "parallel.h"
-#include "target.h"  // PPML_ALWAYS_INLINE
+#include "target.h"  // PPML_ALWAYS_INLINE, avx2_on_by_default
 
 namespace ppml::cpu {
 namespace {
@@ -144,18 +144,10 @@ __attribute__((target("avx2"))) void mask_chunk_avx2(uint32_t* x, int64_t n, int
 }
 #endif
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  return __builtin_cpu_supports("avx2");
-#else
-  return false;
-#endif
-}
-
 // AVX2 (byte-shuffle rotations) where the CPU has it, unless PPML_FAST_DISABLE_AVX2 is set or
 // the test hook turned it off; the portable vector code elsewhere. Both compute the same words.
 std::atomic<bool>& simd_flag() {
-  static std::atomic<bool> on{cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2")};
+  static std::atomic<bool> on{avx2_on_by_default()};
   return on;
 }
 

@@ -14,3 +14,23 @@
 #else
 #define PPML_ALWAYS_INLINE inline
 #endif
+
+#include <cstdlib>
+
+namespace ppml::cpu {
+
+// Whether the CPU running this has AVX2, for kernels that choose their AVX2 path explicitly
+// (the noise and the secure-aggregation masks; each keeps its own switch for the tests).
+inline bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
+// The initial state of such a switch: on where the CPU has AVX2, unless PPML_FAST_DISABLE_AVX2
+// is set in the environment.
+inline bool avx2_on_by_default() { return cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2"); }
+
+}  // namespace ppml::cpu
