@@ -267,6 +267,20 @@ def test_mixed_events_compose_and_round_trip():
     assert [h[0] for h in other.history] == ["gaussian", "laplace", "randomized_response"]
 
 
+def test_history_merges_consecutive_equal_steps():
+    # one entry per run of equal steps (a long DP-SGD run keeps a short history and state_dict)
+    from ppml_fast.accounting import LaplaceEvent
+
+    step = PoissonSampledEvent(0.01, GaussianEvent(1.0))
+    acc = RDPAccountant()
+    for _ in range(3):
+        acc.compose(step)
+    acc.compose(LaplaceEvent(10.0)).compose(step, 2)
+    assert acc.history == [("gaussian", 0.01, 1.0, 3), ("laplace", 10.0, 1), ("gaussian", 0.01, 1.0, 2)]
+    once = RDPAccountant().compose(step, 5).compose(LaplaceEvent(10.0))
+    np.testing.assert_allclose(acc.rdp, once.rdp, rtol=1e-14)
+
+
 def test_old_state_dict_format_loads():
     acc = RDPAccountant().compose(PoissonSampledEvent(0.02, GaussianEvent(1.1)), 50)
     old = {"orders": list(acc.orders), "history": [[0.02, 1.1, 50]]}

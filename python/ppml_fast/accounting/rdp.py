@@ -65,7 +65,7 @@ class RDPAccountant:
             raise ValueError(f"orders must be finite numbers > 1; got {orders!r}")
         self.orders = orders
         self._rdp = np.zeros(len(orders))
-        self._history: list[tuple] = []  # (*curve key, count)
+        self._history: list[tuple] = []  # (*curve key, count), consecutive equal keys merged
         self._cache: dict[tuple, np.ndarray] = {}
         self._adjacency: Optional[str] = None
 
@@ -93,7 +93,11 @@ class RDPAccountant:
         for key, n in steps:
             add += n * self._step_rdp(key)
         self._rdp = self._rdp + add
-        self._history.extend((*key, n) for key, n in steps)
+        for key, n in steps:  # consecutive equal keys merged, as the PLD accountant does
+            if self._history and self._history[-1][:-1] == key:
+                self._history[-1] = (*key, self._history[-1][-1] + n)
+            else:
+                self._history.append((*key, n))
         self._adjacency = adjacency
         return self
 
