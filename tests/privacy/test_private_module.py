@@ -189,6 +189,30 @@ def test_remove_hooks_restores_the_module():
     torch.testing.assert_close(model(x), before)
 
 
+def test_rule_layers_run_their_own_forward_and_are_restored():
+    # rule layers are captured by replacing their forward (no hooks, no requires_grad switching):
+    # the output is the module's own, captured or not, and remove_hooks() restores every module
+    torch.manual_seed(3)
+    model = Mixed().double()
+    ref = copy.deepcopy(model)
+    img, tokens, y = _inputs()
+    private = PrivateModule(model)
+    replaced = {type(m) for m in model.modules() if "forward" in m.__dict__}
+    assert replaced == {nn.Conv2d, nn.Conv1d, nn.GroupNorm, nn.Embedding, nn.LayerNorm, nn.RMSNorm,
+                        nn.Linear, nn.MultiheadAttention}
+    assert not model.head._forward_pre_hooks and model.inorm._forward_pre_hooks  # hooks: the rest
+    out = private(img, tokens)
+    torch.testing.assert_close(out, ref(img, tokens), rtol=1e-12, atol=1e-14)  # MHA re-implemented
+    assert all(p.requires_grad for p in model.parameters())
+    nn.functional.cross_entropy(out, y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(private(img, tokens), ref(img, tokens), rtol=1e-12, atol=1e-14)
+    private.remove_hooks()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="module"):
         PrivateModule("nope")

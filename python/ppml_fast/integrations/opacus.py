@@ -58,14 +58,14 @@ max_physical_batch_size=, optimizer=)``                    arguments
 =========================================================  ===========================================================
 
 Layers: Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d and RMSNorm
-have dedicated rules; plain ``nn.MultiheadAttention`` (self-attention) is handled in place (no
-``DPMultiheadAttention`` swap needed, though Opacus's works too, through its Linear layers); any
+have dedicated rules; plain ``nn.MultiheadAttention`` (self- and cross-attention, ``kdim``/``vdim``,
+``add_bias_kv``, ``add_zero_attn``) is handled in place (no ``DPMultiheadAttention`` swap
+needed, though Opacus's works too, through its Linear layers); any
 other layer with parameters of its own goes through torch.func (exact for layers whose samples are
 independent, but slower: it reruns the layer once per sample under ``vmap``). Refused:
 BatchNorm (use ``fix_module``), InstanceNorm with ``track_running_stats=True``, Embedding with
-``sparse``/``scale_grad_by_freq``/``max_norm``, MultiheadAttention with ``add_bias_kv`` or
-``add_zero_attn``, recurrent layers (``nn.RNN``/``LSTM``/``GRU``, and Opacus's ``DPRNN``/
-``DPLSTM``/``DPGRU``).
+``sparse``/``scale_grad_by_freq``/``max_norm``, recurrent layers (``nn.RNN``/``LSTM``/``GRU``,
+and Opacus's ``DPRNN``/``DPLSTM``/``DPGRU``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ _OPACUS_RNN = ("DPRNN", "DPLSTM", "DPGRU")
 @dataclass(frozen=True)
 class LayerPlan:
     """How the DP step treats one module: ``status`` is "rule" (per-sample norms by a dedicated
-    rule; ``detail`` names it), "attention" (nn.MultiheadAttention's self-attention path),
+    rule; ``detail`` names it), "attention" (nn.MultiheadAttention's own path),
     "torch.func" (the exact, slower fallback) or "refused" (``detail`` says why and what to do)."""
 
     name: str
@@ -153,7 +153,7 @@ def _plan(model: nn.Module) -> list[LayerPlan]:
             continue
         if isinstance(mod, nn.MultiheadAttention):
             claimed.update(id(m) for m in mod.modules())
-            plans.append(LayerPlan(name, kind, "attention", "self-attention only (query is key is value)"))
+            plans.append(LayerPlan(name, kind, "attention", "projections by the linear rule (any call)"))
             continue
         own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
         if not own:

@@ -33,6 +33,9 @@ class Call:
     inputs: Optional[tuple] = None  # torch.func path: the module's positional inputs
     grad: Optional[torch.Tensor] = None  # d loss / d output, batch first
     seq_first: bool = False  # the output is (T, B, ...): its gradient is moved to batch first
+    # role -> [start, stop) of the parameter's flattened elements when the call uses only that part
+    # of it (the packed attention projections); ``cap.params[role]`` is then that part's view
+    spans: Optional[dict[str, tuple[int, int]]] = None
 
 
 @dataclass

@@ -53,6 +53,41 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         "normalized_shape": tuple(m.normalized_shape), "eps": m.eps}, None)
 
 
+def _weight_bias(m: nn.Module, params: dict) -> tuple:
+    return params.get("weight", m.weight), params.get("bias", m.bias)
+
+
+# class -> its forward as a functional of (module, input, parameters): ``params`` maps roles to the
+# (detached) tensors to use instead of the module's own; a role not in it is read from the module.
+# The DP step calls these with detached trainable parameters, so that autograd does not compute
+# their summed gradients (book-keeping computes the clipped sums instead) without switching
+# ``requires_grad`` off and on around every call. Each entry is the stock forward of its class.
+_FUNCTIONAL_FORWARDS: dict[type, Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]] = {
+    nn.Linear: lambda m, x, p: F.linear(x, *_weight_bias(m, p)),
+    nn.Conv1d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
+    nn.Conv2d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
+    nn.Conv3d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
+    nn.Embedding: lambda m, x, p: F.embedding(x, p.get("weight", m.weight), m.padding_idx,
+                                              m.max_norm, m.norm_type, m.scale_grad_by_freq,
+                                              m.sparse),
+    nn.LayerNorm: lambda m, x, p: F.layer_norm(x, m.normalized_shape, *_weight_bias(m, p), m.eps),
+    nn.GroupNorm: lambda m, x, p: F.group_norm(x, m.num_groups, *_weight_bias(m, p), m.eps),
+}
+if hasattr(nn, "RMSNorm") and hasattr(F, "rms_norm"):
+    _FUNCTIONAL_FORWARDS[nn.RMSNorm] = lambda m, x, p: F.rms_norm(
+        x, m.normalized_shape, p.get("weight", m.weight), m.eps)
+
+
+def functional_forward(module: nn.Module):
+    """``f(module, input, params) -> output``, the module's stock forward as a functional, for a
+    module of a class in the table whose ``forward`` is not overridden (else None)."""
+    cls = type(module)
+    for base in cls.__mro__:
+        if base in _FUNCTIONAL_FORWARDS:
+            return _FUNCTIONAL_FORWARDS[base] if cls.forward is base.forward else None
+    return None
+
+
 def rule_for(module: nn.Module):
     """(rule key, kwargs, activation transform or None) for a module a rule handles, else None."""
     for cls in type(module).__mro__:
@@ -77,9 +112,6 @@ def refusal(name: str, module: nn.Module) -> Optional[str]:
             return f"{label}: scale_grad_by_freq=True couples the samples of a batch"
         if module.max_norm is not None:
             return f"{label}: max_norm renormalises the weights in place from the data; use max_norm=None"
-    if isinstance(module, nn.MultiheadAttention):
-        if module.bias_k is not None or module.add_zero_attn:
-            return f"{label}: add_bias_kv and add_zero_attn are not supported"
     if isinstance(module, (nn.RNNBase,)):
         return f"{label}: recurrent layers are not supported yet"
     return None

@@ -3,8 +3,10 @@ clipping needs (:mod:`ppml_fast.privacy.capture`), and the clipped per-sample su
 those records (:meth:`PrivateModule.clipped_sums`) for the DP optimizer.
 
 Every layer with trainable parameters of its own is handled by a rule (ghost norms and
-book-keeping sums; :mod:`ppml_fast.privacy.per_sample`), by the self-attention path
-(:mod:`ppml_fast.privacy.attention`) or by torch.func (:mod:`ppml_fast.privacy.fallback`).
+book-keeping sums; :mod:`ppml_fast.privacy.per_sample`), by the nn.MultiheadAttention path
+(:mod:`ppml_fast.privacy.attention`: self- and cross-attention as linear-rule calls, some on
+disjoint parts of a packed parameter, whose norms add up and whose clipped sums fill their parts)
+or by torch.func (:mod:`ppml_fast.privacy.fallback`).
 Layers that cannot be private (BatchNorm, ...) are refused at construction, naming the layer.
 """
 
@@ -20,7 +22,7 @@ from torch.nn import functional as F
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import attention, fallback
 from ppml_fast.privacy.capture import Batch, Call, Recorder
-from ppml_fast.privacy.layers import UnsupportedModuleError, refusal, rule_for
+from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
 from ppml_fast.privacy.per_sample import Captured, make_rules, weighted_sum
 
 GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize"}
@@ -35,6 +37,25 @@ def _factor_dtype(f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Clip factors in float64 for float64 gradients, else float32: never rounded to a 16-bit
     type, whose 2^-8 rounding could let a clipped gradient exceed the clipping norm."""
     return f if grad.dtype == torch.float64 else f.float()
+
+
+def _disjoint(parts: list) -> bool:
+    """Whether the element ranges ``parts`` ([start, stop), None = the whole parameter) overlap nowhere."""
+    if any(s is None for s in parts):
+        return False
+    parts = sorted(parts)
+    return all(a[1] <= b[0] for a, b in zip(parts, parts[1:]))
+
+
+def _embed(g: torch.Tensor, p: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """Per-sample gradients ``g`` (B, *part) of a part of ``p`` as (B, *p.shape), zero elsewhere."""
+    full = g.new_zeros((g.shape[0], p.numel()))
+    full[:, span[0]:span[1]] = g.reshape(g.shape[0], -1)
+    return full.view((g.shape[0],) + tuple(p.shape))
+
+
+def _linear_or_bias(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, w, b) if w is not None else b.expand(*x.shape[:-1], b.shape[0])
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -93,7 +114,10 @@ class PrivateModule(nn.Module):
             if not own:
                 continue
             spec = rule_for(mod)
-            if spec is not None:
+            functional = functional_forward(mod) if spec is not None else None
+            if functional is not None:
+                self._override_rule(mod, self._rule_call(spec), functional)
+            elif spec is not None:
                 self.recorder.attach(mod, own, self._rule_call(spec))
             else:
                 self.recorder.attach(mod, own, self._func_call(own))
@@ -111,11 +135,32 @@ class PrivateModule(nn.Module):
             seq_first = sequence and not rec.batch_first and x.dim() >= seq_rank
             if seq_first:
                 x = x.movedim(1, 0)
-            params = {role: p for role, p in mod.named_parameters(recurse=False) if p.requires_grad}
+            params = {role: p for role, p in mod._parameters.items()
+                      if p is not None and p.requires_grad}
             cap = Captured(key, x.detach(), params, kwargs_of(mod))
             return Call(mod, params, cap=cap, seq_first=seq_first)
 
         return make
+
+    def _override_rule(self, mod: nn.Module, make, functional) -> None:
+        """Records ``mod``'s calls by replacing its forward (instead of hooks): while a batch is
+        captured, the module's own functional runs on detached trainable parameters, so autograd
+        skips their summed gradients (book-keeping computes the clipped sums) without the hooks'
+        ``requires_grad`` switching; otherwise, and for calls with other arguments than one input,
+        the class's forward runs unchanged. ``remove_hooks()`` restores the module."""
+        rec = self.recorder
+
+        def dp_forward(m, *args, **kwargs):
+            batch = rec._current()
+            if batch is None or len(args) != 1 or kwargs:
+                return type(m).forward(m, *args, **kwargs)
+            call = make(m, args)
+            out = functional(m, args[0], {r: p.detach() for r, p in call.params.items()})
+            batch.calls.append(call)
+            return rec.tap(out, call)
+
+        self._restore.append((mod, mod.__dict__.get("forward")))
+        mod.forward = types.MethodType(dp_forward, mod)
 
     def _func_call(self, own: dict):
         def make(mod: nn.Module, inputs: tuple) -> Call:
@@ -124,19 +169,37 @@ class PrivateModule(nn.Module):
 
         return make
 
-    def _linear(self, owner: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` recorded as a call of the linear rule (the attention projections)."""
-        w, b = params["weight"], params.get("bias")
+    def _linear(self, owner: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` recorded as a call of the linear rule (the attention
+        projections, :data:`attention.LinearCall`). ``weight`` and ``bias`` are each a parameter,
+        an :class:`attention.Part` of one (the packed projections: the call records the part's
+        elements in ``Call.spans`` and gives the rule the part's view) or None; weight None is a
+        bias-only call whose output is the bias broadcast over ``x.shape[:-1]``."""
         batch = self.recorder._current()
-        if batch is None:
-            return F.linear(x, w, b)
-        out = F.linear(x, w.detach(), None if b is None else b.detach())
-        own = {r: p for r, p in params.items() if p is not None and p.requires_grad}
-        call = Call(owner, own, cap=Captured("linear", x.detach(), own, {}))
+        operands = {r: t for r, t in (("weight", weight), ("bias", bias)) if t is not None}
+        full = {r: t.param if isinstance(t, attention.Part) else t for r, t in operands.items()}
+        own = {r: p for r, p in full.items() if p.requires_grad}
+        if batch is None or not own:
+            views = {r: t.view() if isinstance(t, attention.Part) else t for r, t in operands.items()}
+            return _linear_or_bias(x, views.get("weight"), views.get("bias"))
+        views, spans = {}, {}
+        for r, t in operands.items():
+            if isinstance(t, attention.Part):
+                views[r] = t.view(t.param.detach())
+                if r in own:
+                    spans[r] = (t.start, t.stop)
+            else:
+                views[r] = t.detach()
+        out = _linear_or_bias(x, views.get("weight"), views.get("bias"))
+        call = Call(owner, own, cap=Captured("linear", x.detach(), {r: views[r] for r in own}, {}),
+                    spans=spans or None)
         batch.calls.append(call)
         return self.recorder.tap(out, call)
 
     def _override_attention(self, mha: nn.Module) -> None:
+        """Replaces ``mha.forward`` by :func:`attention.forward` (every nn.MultiheadAttention call:
+        self- and cross-attention, kdim/vdim, bias_k/bias_v, add_zero_attn) with its parameters
+        used through :meth:`_linear`; ``remove_hooks()`` restores it."""
         private = self
 
         def dp_forward(mod, query, key, value, key_padding_mask=None, need_weights=True,
@@ -219,11 +282,13 @@ class PrivateModule(nn.Module):
     def _norms(self, batch: Batch) -> dict:
         """Per-sample squared norms per parameter (of the true per-sample gradients)."""
         scale2 = self._scale(batch) ** 2
-        uses: dict[int, int] = {}
+        uses: dict[int, list] = {}  # parameter -> the part each call used (None: all of it)
         for c in batch.calls:
             if c.grad is not None:
-                for p in c.params.values():
-                    uses[id(p)] = uses.get(id(p), 0) + 1
+                spans = c.spans or {}
+                for role, p in c.params.items():
+                    uses.setdefault(id(p), []).append(spans.get(role))
+        shared_ids = {pid for pid, parts in uses.items() if len(parts) > 1 and not _disjoint(parts)}
         per_param: dict[int, torch.Tensor] = {}
         materialised: dict[int, torch.Tensor] = {}  # shared parameters: summed per-sample grads
         states = []
@@ -231,23 +296,27 @@ class PrivateModule(nn.Module):
             if c.grad is None:
                 states.append(None)
                 continue
-            shared = any(uses[id(p)] > 1 for p in c.params.values())
+            shared = any(id(p) in shared_ids for p in c.params.values())
             if c.cap is None or shared:
                 grads = self._per_sample(c)
                 for role, g in grads.items():
                     pid = id(c.params[role])
+                    if c.spans and role in c.spans:  # a part: placed in a full-size gradient
+                        g = _embed(g, c.params[role], c.spans[role])
                     materialised[pid] = g if pid not in materialised else materialised[pid] + g
                 states.append(("materialised", grads))
                 continue
             rule = self.rules[c.cap.op]
             norms, state = rule.norms_sq(c.cap, c.grad)
             for role, n in norms.items():
-                per_param[id(c.params[role])] = n
+                pid = id(c.params[role])  # disjoint parts of one parameter: squared norms add up
+                per_param[pid] = n if pid not in per_param else per_param[pid] + n
             states.append(("rule", state))
         for pid, g in materialised.items():
             flat = g.reshape(g.shape[0], -1)
             flat = flat if flat.dtype == torch.float64 else flat.float()
-            per_param[pid] = torch.linalg.vecdot(flat, flat)
+            n = torch.linalg.vecdot(flat, flat)
+            per_param[pid] = n if pid not in per_param else per_param[pid] + n  # + disjoint rule parts
         for pid in per_param:
             per_param[pid] = per_param[pid].double() * scale2
         b = batch.size
@@ -321,12 +390,12 @@ class PrivateModule(nn.Module):
             if all(f is fs[0] for f in fs):
                 out = self.rules[cap.op].clipped_sum(cap, grad, _factor_dtype(fs[0], grad), state)
                 for role, t in out.items():
-                    self._add(sums, c.params[role], t)
+                    self._add_call(sums, c, role, t)
             else:
                 for role, f in zip(roles, fs):
-                    sub = Captured(cap.op, cap.activation, {role: c.params[role]}, cap.kwargs)
+                    sub = Captured(cap.op, cap.activation, {role: cap.params[role]}, cap.kwargs)
                     out = self.rules[cap.op].clipped_sum(sub, grad, _factor_dtype(f, grad), state)
-                    self._add(sums, c.params[role], out[role])
+                    self._add_call(sums, c, role, out[role])
 
     def _thresholds(self, max_grad_norm, clipping) -> dict[int, float]:
         """per_layer: parameter -> its clipping norm (one per trainable parameter, in
@@ -337,6 +406,17 @@ class PrivateModule(nn.Module):
         if isinstance(max_grad_norm, (int, float)):
             max_grad_norm = [float(max_grad_norm)] * len(params)
         return {id(p): float(c) for p, c in zip(params, max_grad_norm)}
+
+    def _add_call(self, sums: dict, c: Call, role: str, t: torch.Tensor) -> None:
+        """Adds call ``c``'s clipped sum ``t`` for ``role`` (into its part's elements if it has one)."""
+        span = c.spans.get(role) if c.spans else None
+        p = c.params[role]
+        if span is None:
+            self._add(sums, p, t)
+            return
+        if p not in sums:
+            sums[p] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        sums[p].view(-1)[span[0]:span[1]].add_(t.reshape(-1).to(p.dtype))
 
     @staticmethod
     def _add(sums: dict, p: nn.Parameter, t: torch.Tensor) -> None:
