@@ -59,7 +59,7 @@ def _check(ref_model, args, in_dims, y, *, mode, clipping="flat", batch_first=Tr
     assert seen == y.shape[0]
     torch.testing.assert_close(plan["total"].sqrt(), total, rtol=1e-9, atol=1e-12)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(plan["per_param"][id(p)], sq[n], rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(plan["per_param"][id(p)] * plan["scale2"], sq[n], rtol=1e-9, atol=1e-12, msg=n)
         torch.testing.assert_close(sums[p], want[n], rtol=1e-9, atol=1e-12, msg=n)
     return calls, sums, model
 

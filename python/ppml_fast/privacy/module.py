@@ -261,8 +261,11 @@ class PrivateModule(nn.Module):
         plans = [self._norms(b) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
+                if bool(torch.isfinite(plan["total"]).all()):
+                    plan["finite"] = True
+                    continue
                 bad = ~torch.isfinite(plan["total"])
-                if bool(bad.any()):
+                if bad.any():
                     raise NonFiniteGradientError(
                         f"step {step}: the per-sample gradients of samples "
                         f"{bad.nonzero().flatten().tolist()[:10]} of a batch are not finite; "
@@ -280,7 +283,9 @@ class PrivateModule(nn.Module):
         return float(batch.size) if self.loss_reduction == "mean" else 1.0
 
     def _norms(self, batch: Batch) -> dict:
-        """Per-sample squared norms per parameter (of the true per-sample gradients)."""
+        """Per-sample squared norms: ``total`` (float64, of the true per-sample gradients) and
+        ``per_param`` (float32 or float64, of the loss's gradients: times ``scale2`` for the true
+        ones)."""
         scale2 = self._scale(batch) ** 2
         uses: dict[int, list] = {}  # parameter -> the part each call used (None: all of it)
         for c in batch.calls:
@@ -317,15 +322,13 @@ class PrivateModule(nn.Module):
             flat = flat if flat.dtype == torch.float64 else flat.float()
             n = torch.linalg.vecdot(flat, flat)
             per_param[pid] = n if pid not in per_param else per_param[pid] + n  # + disjoint rule parts
-        for pid in per_param:
-            per_param[pid] = per_param[pid].double() * scale2
         b = batch.size
-        if per_param:
-            total = sum(per_param.values())
+        if per_param:  # float64 sum of the (float32 or float64) norms, scaled once
+            total = torch.stack(list(per_param.values())).sum(0, dtype=torch.float64).mul_(scale2)
         else:  # no parameter took a gradient in this batch: zero norms, on the model's device
             first = next(self.parameters(), None)
             total = torch.zeros(b, dtype=torch.float64, device=None if first is None else first.device)
-        return {"per_param": per_param, "total": total, "states": states,
+        return {"per_param": per_param, "scale2": scale2, "total": total, "states": states,
                 "materialised": materialised}
 
     def _per_sample(self, c: Call) -> dict[str, torch.Tensor]:
@@ -337,23 +340,38 @@ class PrivateModule(nn.Module):
     def _accumulate(self, batch, plan, sums, max_grad_norm, clipping, gamma) -> None:
         scale = self._scale(batch)
         per_param, total = plan["per_param"], plan["total"]
-        finite = torch.isfinite(total)
-        if clipping == "per_layer":
-            norms_by_param = {pid: n.sqrt() for pid, n in per_param.items()}
-        else:
-            norm = total.sqrt()
+        known_finite = plan.get("finite", False)  # checked by clipped_sums (nonfinite="raise")
+        finite = None if known_finite else torch.isfinite(total)
+        drop = not known_finite and not bool(finite.all())
         c_of: dict[int, torch.Tensor] = {}
 
         def factors(n: torch.Tensor, threshold: float) -> torch.Tensor:
+            """Clip factors (times ``scale``) from the norms ``n`` (a fresh float64 tensor:
+            changed in place)."""
             if clipping == "automatic":  # Bu et al. 2023, "automatic clipping": C / (||g|| + gamma)
-                f = threshold / (n + gamma)
+                f = threshold / n.add_(gamma)
             else:  # Abadi et al. 2016, Alg. 1: min(1, C / ||g||) (1e-6 guards ||g|| = 0)
-                f = torch.clamp(threshold / (n + 1e-6), max=1.0)
-            return torch.where(finite, f, torch.zeros_like(f)) * scale
+                f = (threshold / n.add_(1e-6)).clamp_(max=1.0)
+            if drop:
+                f = torch.where(finite, f, torch.zeros_like(f))
+            return f.mul_(scale) if scale != 1.0 else f
 
         thresholds = self._thresholds(max_grad_norm, clipping)
-        common = None if clipping == "per_layer" else factors(norm, float(max_grad_norm))
-        drop = not bool(finite.all())
+        if clipping == "per_layer":
+            scale2 = plan["scale2"]
+            norms_by_param = {pid: (n.double() * scale2).sqrt_() for pid, n in per_param.items()}
+            common = None
+        else:
+            common = factors(total.sqrt(), float(max_grad_norm))
+        as_dtype: dict[tuple, torch.Tensor] = {}
+
+        def factor_for(f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            """``_factor_dtype(f, grad)``, converted once per factor tensor and dtype."""
+            key = (id(f), grad.dtype == torch.float64)
+            if key not in as_dtype:
+                as_dtype[key] = _factor_dtype(f, grad)
+            return as_dtype[key]
+
         done: set[int] = set()
         for c, st in zip(batch.calls, plan["states"]):
             if st is None:
@@ -388,13 +406,13 @@ class PrivateModule(nn.Module):
             roles = list(c.params)
             fs = [c_of[id(c.params[r])] for r in roles]
             if all(f is fs[0] for f in fs):
-                out = self.rules[cap.op].clipped_sum(cap, grad, _factor_dtype(fs[0], grad), state)
+                out = self.rules[cap.op].clipped_sum(cap, grad, factor_for(fs[0], grad), state)
                 for role, t in out.items():
                     self._add_call(sums, c, role, t)
             else:
                 for role, f in zip(roles, fs):
                     sub = Captured(cap.op, cap.activation, {role: cap.params[role]}, cap.kwargs)
-                    out = self.rules[cap.op].clipped_sum(sub, grad, _factor_dtype(f, grad), state)
+                    out = self.rules[cap.op].clipped_sum(sub, grad, factor_for(f, grad), state)
                     self._add_call(sums, c, role, out[role])
 
     def _thresholds(self, max_grad_norm, clipping) -> dict[int, float]:
