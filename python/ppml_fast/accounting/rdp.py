@@ -65,6 +65,7 @@ class RDPAccountant:
             raise ValueError(f"orders must be finite numbers > 1; got {orders!r}")
         self.orders = orders
         self._rdp = np.zeros(len(orders))
+        self._base = self._rdp  # the curve of every history entry but the last
         self._history: list[tuple] = []  # (*curve key, count), consecutive equal keys merged
         self._cache: dict[tuple, np.ndarray] = {}
         self._adjacency: Optional[str] = None
@@ -89,17 +90,24 @@ class RDPAccountant:
                     f"{adjacency}; use one accountant per neighbouring relation"
                 )
             adjacency = adjacency or a
-        add = np.zeros_like(self._rdp)
-        for key, n in steps:
-            add += n * self._step_rdp(key)
-        self._rdp = self._rdp + add
-        for key, n in steps:  # consecutive equal keys merged, as the PLD accountant does
-            if self._history and self._history[-1][:-1] == key:
-                self._history[-1] = (*key, self._history[-1][-1] + n)
-            else:
-                self._history.append((*key, n))
+        curves = [self._step_rdp(key) for key, _ in steps]  # before anything changes
+        for (key, n), curve in zip(steps, curves):
+            self._add_entry(key, n, curve)
         self._adjacency = adjacency
         return self
+
+    def _add_entry(self, key: tuple, n: int, curve: np.ndarray) -> None:
+        """Appends ``n`` steps of ``key`` to the history, merged with the last entry when the key
+        is the same (as the PLD accountant does: a long run keeps a short history). The curve is
+        always base + count * curve of the last entry, so a state_dict round trip, which composes
+        each entry once with its count, gives the same numbers to the last bit."""
+        if self._history and self._history[-1][:-1] == key:
+            n = self._history[-1][-1] + n
+            self._history[-1] = (*key, n)
+        else:
+            self._base = self._rdp
+            self._history.append((*key, n))
+        self._rdp = self._base + n * curve
 
     def _step_rdp(self, key: tuple) -> np.ndarray:
         if key not in self._cache:
@@ -154,8 +162,8 @@ class RDPAccountant:
         fresh = RDPAccountant(orders)
         for key, n in history:
             fresh._compose_key(key, n)
-        self.orders, self._rdp, self._history, self._cache, self._adjacency = (
-            fresh.orders, fresh._rdp, fresh._history, fresh._cache, fresh._adjacency,
+        self.orders, self._rdp, self._base, self._history, self._cache, self._adjacency = (
+            fresh.orders, fresh._rdp, fresh._base, fresh._history, fresh._cache, fresh._adjacency,
         )
 
     def _compose_key(self, key: tuple, count: int) -> None:
@@ -164,8 +172,7 @@ class RDPAccountant:
         a = _adjacency(key)
         if a is not None and self._adjacency is not None and a != self._adjacency:
             raise MixedAdjacencyError(f"history mixes {a} and {self._adjacency} adjacency")
-        self._rdp = self._rdp + count * self._step_rdp(key)
-        self._history.append((*key, count))
+        self._add_entry(key, count, self._step_rdp(key))
         self._adjacency = self._adjacency or a
 
 
