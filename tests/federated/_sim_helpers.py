@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ppml_fast import PrivacyBudgetExceeded
@@ -69,3 +70,27 @@ class ShapeClient(Client):
     def fit(self, parameters, config):
         res = super().fit(parameters, config)
         return FitResult(res.update[:-1], res.num_examples, res.metrics)
+
+
+class FailsAfterSteps(Client):
+    """Local DP, full batch: every fit takes ``steps`` DP-SGD steps at sampling rate q = 1 (batch
+    = all its examples, one step per epoch), so each step's loss is computed exactly once; the
+    first ``failing_fits`` fits raise in the loss of step ``fail_at + 1``, after ``fail_at``
+    noisy steps were taken and accounted."""
+
+    steps, fail_at, failing_fits = 4, 2, 1
+
+    def fit(self, parameters, config):
+        calls = 0
+        failing = self.failing_fits > 0
+
+        def loss_fn(out, y):
+            nonlocal calls
+            calls += 1
+            if failing and calls > self.fail_at:
+                self.failing_fits -= 1
+                raise RuntimeError(f"device lost at step {calls}")
+            return F.cross_entropy(out, y)
+
+        return super().fit(parameters, {**config, "batch_size": self.num_examples,
+                                         "local_epochs": self.steps, "loss_fn": loss_fn})

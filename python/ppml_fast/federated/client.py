@@ -137,6 +137,13 @@ class Client:
     def __repr__(self) -> str:
         return f"Client(cid={self.cid}, num_examples={self.num_examples})"
 
+    def local_epsilon(self, delta: float) -> Optional[float]:
+        """ε at ``delta`` that this client's own local-DP accountant has spent: every DP-SGD step
+        it took, those of a fit that raised part-way included; None before its first DP step.
+        The device's own answer (the simulation asks it when a fit fails, see
+        :func:`ppml_fast.federated.backends.base.failed_client_epsilon`)."""
+        return None if self._local_dp is None else self._local_dp.epsilon(delta)
+
     # ------------------------------------------------------------------ fit
 
     def fit(self, parameters: torch.Tensor, config: Mapping[str, Any]) -> FitResult:
@@ -148,9 +155,17 @@ class Client:
         layout.check(parameters, "parameters")
         layout.load(model, parameters)
         local_dp = config.get("local_dp")
-        if local_dp is not None:  # DP-SGD (a first state is kept once a fit completes)
+        if local_dp is not None:  # DP-SGD on the client's own state (local_epsilon reads it)
             state = self._local_dp or LocalDPState(check_local_dp(local_dp).accountant)
-            metrics = local_dp_sgd(model, self._x, self._y, s, local_dp, state)
+            try:
+                metrics = local_dp_sgd(model, self._x, self._y, s, local_dp, state)
+            except BaseException:
+                # a fit that failed part-way has composed its noisy steps (and used its noise):
+                # a first state is kept too, so the client's budget check and its reported ε
+                # count those steps; a refusal before training leaves a new client stateless
+                if state.accountant.history or state.noise_offset:
+                    self._local_dp = state
+                raise
             self._local_dp = state
         else:
             loss_sum, seen = self._local_sgd(model, s)

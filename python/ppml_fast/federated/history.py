@@ -2,11 +2,14 @@
 
 A row (a plain dict, JSON-ready) has ``round`` (1-based), ``loss`` and ``accuracy`` (central
 evaluation on ``eval_dataset``; None on rounds without evaluation), ``epsilon`` (privacy spent
-so far, None when nothing is spent), ``clients`` (the cids whose updates were aggregated),
-``dropped`` (``[{"cid", "reason"}]``: "dropout", "budget", "timeout", "nonfinite", "shape" or
-the exception's ``"Type: message"``), ``skipped`` (True when too few results remained; the
-parameters did not change) and ``skip_reason``, ``train_loss`` (clients' reported training loss,
-weighted by their example counts), ``metrics`` (the strategy's aggregation metrics),
+so far, None when nothing is spent: the strategy's ε, else under local DP the largest ε any
+client has spent, failed clients included — see :mod:`~ppml_fast.federated.simulation`),
+``clients`` (the cids whose updates were aggregated), ``dropped`` (``[{"cid", "reason"}]``:
+"dropout", "budget", "timeout", "nonfinite", "shape" or the exception's ``"Type: message"``;
+under local DP also ``"epsilon"``, what that client has spent, when it reports it),
+``skipped`` (True when too few results remained; the parameters did not change) and
+``skip_reason``, ``train_loss`` (clients' reported training loss, weighted by their example
+counts), ``metrics`` (the strategy's aggregation metrics),
 ``federated`` (``{"loss", "metrics", "failures"}`` of federated evaluation when the strategy asks
 for it, else None)
 and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all rounds ran),

@@ -18,6 +18,13 @@ federated evaluation when the strategy's ``configure_evaluate`` asks for it, and
 rules: accuracy >= ``target_accuracy`` after a round, or, before a round,
 ``strategy.epsilon(delta, rounds_ahead=1) > max_epsilon``.
 
+A round's ``epsilon`` is ``strategy.epsilon(delta)`` when the strategy spends privacy, else,
+under ``local_dp``, the largest ε any client has reported so far (each at ``local_dp.delta``):
+a result's ``metrics["epsilon"]``, also of a result left out (late, non-finite, misshapen), and
+for a client that raised, the ε its own accountant has spent, the steps of the failed fit
+included (``Outcome.epsilon``; it also appears in that client's ``dropped`` entry). Each
+client's own budget (``LocalDP.max_epsilon``) counts those steps as well: the client keeps them.
+
 The same arguments and seed give the same :class:`~ppml_fast.federated.history.History`, wall
 times aside (the initial model is built under ``torch.manual_seed(seed)`` in a forked RNG, so
 the caller's global RNG is untouched).
@@ -118,6 +125,16 @@ def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Opt
     if not (_all_finite(outcome.result.update) if outcome.finite is None else outcome.finite):
         return "nonfinite"
     return None
+
+
+def _client_epsilon(outcome: Outcome) -> Optional[float]:
+    """The ε a client reports having spent (local DP): its result's ``metrics["epsilon"]`` and,
+    for a client that raised, ``outcome.epsilon`` (its accountant's, the failed steps included);
+    the larger when both are there; None when it reports none."""
+    reported = [outcome.epsilon] if outcome.epsilon is not None else []
+    if outcome.result is not None and "epsilon" in outcome.result.metrics:
+        reported.append(outcome.result.metrics["epsilon"])
+    return max(reported) if reported else None
 
 
 def _weighted_loss(results: list) -> Optional[float]:
@@ -302,15 +319,19 @@ class Simulation:
         results, failures = [], []
         for (proxy, _, _), outcome in zip(todo, outcomes):
             reason = _fault(outcome, self.numel, self.client_timeout)
+            # a client's spent epsilon counts even when its result is left out (late, non-finite,
+            # misshapen: it trained all the same; raised part-way: its accountant has the steps)
+            spent = _client_epsilon(outcome)
+            if spent is not None:
+                self._local_epsilon = max(spent, self._local_epsilon or 0.0)
             if reason is None:
                 results.append((proxy, outcome.result))
             else:
-                dropped.append({"cid": proxy.cid, "reason": reason})
+                entry = {"cid": proxy.cid, "reason": reason}
+                if spent is not None:
+                    entry["epsilon"] = spent
+                dropped.append(entry)
                 failures.append((proxy, reason))
-            # a client's reported epsilon counts even when its result is left out (late,
-            # non-finite, misshapen: it trained all the same); a client that raised reports none
-            if outcome.result is not None and "epsilon" in outcome.result.metrics:
-                self._local_epsilon = max(outcome.result.metrics["epsilon"], self._local_epsilon or 0.0)
         if len(results) >= self.required:
             new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
             self.layout.check(new, "strategy.aggregate_fit(...)[0]")

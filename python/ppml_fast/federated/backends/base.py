@@ -9,11 +9,18 @@ those positions of the list from the same flat ``parameters``, client ``indices[
 :class:`~ppml_fast.federated.types.FitResult` or the exception it raised, and the wall time
 attributed to it (the simulation's straggler deadline compares with it). A backend never
 raises for a client's failure; the simulation turns outcomes into results and reasons.
+
+Privacy of a failed client (local DP): a client that raises after some DP-SGD steps has composed
+them into its own accountant (its noise was drawn, its data touched), so its outcome carries
+``epsilon``, what that accountant says it has spent, and the simulation counts it as it counts a
+successful client's ``metrics["epsilon"]``: the record never understates a client's budget,
+although the failed update itself is discarded.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -22,22 +29,26 @@ import torch
 from torch import nn
 
 from ..client import Client
+from ..dp.local import LocalDP
 from ..types import FitResult
 
-__all__ = ["Backend", "Outcome", "fit_one", "make_model"]
+__all__ = ["Backend", "Outcome", "failed_client_epsilon", "fit_one", "make_model"]
 
 
 @dataclass(frozen=True)
 class Outcome:
     """One client's answer: ``result`` (None when it raised), ``error`` (the exception, or
-    None), ``seconds`` (wall time attributed to this client) and ``finite`` (whether every
+    None), ``seconds`` (wall time attributed to this client), ``finite`` (whether every
     entry of the update is finite, when the backend checked it for many clients at once;
-    None: the simulation checks)."""
+    None: the simulation checks) and ``epsilon`` (for a client that raised under local DP:
+    the ε at ``local_dp.delta`` its own accountant has spent, the failed fit's steps included,
+    see :func:`failed_client_epsilon`; None otherwise — a result reports its ε in its metrics)."""
 
     result: Optional[FitResult]
     error: Optional[BaseException]
     seconds: float
     finite: Optional[bool] = None
+    epsilon: Optional[float] = None
 
 
 def make_model(model_fn: Callable[[], nn.Module]) -> nn.Module:
@@ -50,15 +61,33 @@ def make_model(model_fn: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
+def failed_client_epsilon(client: Client, config: Mapping[str, Any]) -> Optional[float]:
+    """What a client whose fit raised has spent, as its own accountant says, at the delta of
+    ``config["local_dp"]``; None without local DP or before the client's first DP step.
+
+    Device-side: the simulated device answers from its own state (``Client.local_epsilon``). If
+    that state cannot be read, the answer is ``inf``: the spent budget is unknown, and the record
+    must not understate it."""
+    local_dp = config.get("local_dp")
+    if not isinstance(local_dp, LocalDP):
+        return None
+    try:
+        return client.local_epsilon(local_dp.delta)
+    except Exception:  # an unreadable accountant: unknown spend, counted as unbounded
+        return math.inf
+
+
 def fit_one(client: Client, parameters: torch.Tensor, config: Mapping[str, Any]) -> Outcome:
-    """``client.fit`` timed with ``time.perf_counter``; an exception becomes the outcome."""
+    """``client.fit`` timed with ``time.perf_counter``; an exception becomes the outcome (with
+    the client's spent ε under local DP: :func:`failed_client_epsilon`)."""
     start = time.perf_counter()
     try:
         result = client.fit(parameters, config)
         if not isinstance(result, FitResult):
             raise TypeError(f"Client.fit must return a FitResult; got {type(result).__name__}")
     except Exception as e:  # a failing client is a fault to report, not a crash
-        return Outcome(None, e, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return Outcome(None, e, seconds, epsilon=failed_client_epsilon(client, config))
     return Outcome(result, None, time.perf_counter() - start)
 
 

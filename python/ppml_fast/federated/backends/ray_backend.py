@@ -6,13 +6,22 @@ The clients (with their data) go to the workers once, in :meth:`RayBackend.setup
 (``ray.put`` of each group); each round only the parameters (one ``ray.put``) and the configs
 travel. A client's state changed by training (a local-DP accountant and noise offset) lives on
 its worker, as on a device, and is copied back to the driver's ``Client`` after each fit, so
-that a later simulation with the same clients composes with it. Ray is optional: ``pip install 'ppml_fast[ray]'``. When Ray is not
-running yet, :meth:`setup` starts a local instance (``ray.init(**init_kwargs)``) and
-:meth:`close` shuts it down again; an instance started by the caller is left running.
+that a later simulation with the same clients composes with it. A client that raised reports,
+from its worker, the ε its accountant has spent (:func:`~.base.failed_client_epsilon`). A worker
+that dies takes its clients' state with it: for each of its clients in that round, the driver
+records the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit` (the
+whole fit composed) as the client's state and spent ε (``inf`` for a client whose class
+overrides ``fit``: how it trains is not known to the driver); in later rounds the dead worker's
+clients fail at once, without being sent to it (nothing trained, nothing more spent).
+
+Ray is optional: ``pip install 'ppml_fast[ray]'``. When Ray is not running yet, :meth:`setup`
+starts a local instance (``ray.init(**init_kwargs)``) and :meth:`close` shuts it down again; an
+instance started by the caller is left running.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import pickle
 import time
@@ -21,7 +30,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..client import Client
+from ..client import Client, fit_settings
+from ..dp.local import LocalDP, LocalDPState, state_after_lost_fit
 from .base import Backend, Outcome, fit_one, make_model
 
 __all__ = ["RayBackend", "import_ray"]
@@ -55,13 +65,32 @@ class _Worker:
         self.model = make_model(model_fn)
 
     def fit(self, local: list[int], parameters: torch.Tensor,
-            configs: list[dict]) -> list[tuple[Any, Optional[BaseException], float, Any]]:
+            configs: list[dict]) -> list[tuple[Any, Optional[BaseException], float, Any, Optional[float]]]:
         out = []
         for j, config in zip(local, configs):
             o = fit_one(self.clients[j], parameters, {**config, "model": self.model})
             out.append((o.result, None if o.error is None else _portable(o.error), o.seconds,
-                        getattr(self.clients[j], "_local_dp", None)))
+                        getattr(self.clients[j], "_local_dp", None), o.epsilon))
         return out
+
+
+def _lost_fit(client: Client, config: Mapping[str, Any]) -> tuple[Optional[LocalDPState], Optional[float]]:
+    """(state, spent ε) to record for a local-DP client whose worker died during its fit: the
+    conservative bound of ``state_after_lost_fit``; (None, None) without local DP. A client
+    whose class overrides ``fit`` may train other than its config says, so its spend is
+    unknown: (None, inf)."""
+    local_dp = config.get("local_dp")
+    if not isinstance(local_dp, LocalDP):
+        return None, None
+    if type(client).fit is not Client.fit:
+        return None, math.inf
+    try:
+        s = fit_settings(config)
+    except Exception:  # Client.fit refuses such a config before training: nothing spent
+        return None, client.local_epsilon(local_dp.delta)
+    state = state_after_lost_fit(client._local_dp, local_dp, client.num_examples, s["batch_size"],
+                                 s["local_epochs"])
+    return state, state.epsilon(local_dp.delta)
 
 
 class RayBackend(Backend):
@@ -84,6 +113,7 @@ class RayBackend(Backend):
         self.cpus_per_worker = int(cpus_per_worker)
         self.init_kwargs = dict(init_kwargs or {"include_dashboard": False, "log_to_driver": False})
         self._workers: list = []
+        self._dead: set[int] = set()  # workers that died (their clients' state went with them)
         self._started_ray = False
 
     def setup(self, clients: Sequence[Client], model_fn: Callable[[], nn.Module]) -> None:
@@ -99,6 +129,7 @@ class RayBackend(Backend):
         self._workers = [
             actor.remote(ray.put(self.clients[w::n]), model_fn, self.cpus_per_worker) for w in range(n)
         ]
+        self._dead = set()
 
     def fit(self, indices: Sequence[int], parameters: torch.Tensor,
             configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
@@ -111,16 +142,24 @@ class RayBackend(Backend):
             plan.setdefault(w, []).append((pos, j, lean))
         calls = {w: self._workers[w].fit.remote([j for _, j, _ in items], params_ref,
                                                 [c for _, _, c in items])
-                 for w, items in plan.items()}
+                 for w, items in plan.items() if w not in self._dead}
         outcomes: list[Optional[Outcome]] = [None] * len(indices)
+        for w in plan.keys() & self._dead:  # sent nothing: these clients did not train
+            error = RuntimeError(f"Ray worker {w} died in an earlier round; its clients cannot train")
+            for pos, _, _ in plan[w]:
+                outcomes[pos] = Outcome(None, error, 0.0)
         for w, ref in calls.items():
             start = time.perf_counter()
             try:
                 answers = ray.get(ref)
-            except Exception as e:  # the worker itself died: its clients all fail with it
-                answers = [(None, _portable(e), time.perf_counter() - start, None)] * len(plan[w])
-            for (pos, _, _), (result, error, seconds, state) in zip(plan[w], answers):
-                outcomes[pos] = Outcome(result, error, seconds)
+            except Exception as e:  # the worker failed: its clients all fail with it
+                if isinstance(e, ray.exceptions.RayActorError):
+                    self._dead.add(w)
+                error, seconds = _portable(e), time.perf_counter() - start
+                answers = [(None, error, seconds, *_lost_fit(self.clients[indices[pos]], config))
+                           for pos, _, config in plan[w]]
+            for (pos, _, _), (result, error, seconds, state, spent) in zip(plan[w], answers):
+                outcomes[pos] = Outcome(result, error, seconds, epsilon=spent)
                 if state is not None:  # the client's local-DP accountant and noise offset: kept on
                     # the driver's Client too, so a later simulation with these clients goes on
                     # from them (not from a fresh accountant and offset 0)

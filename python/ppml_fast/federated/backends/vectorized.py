@@ -25,8 +25,12 @@ What it does not vectorise, by decision:
   cannot match the sequential draws), tied weights, a ``loss_fn`` other than cross-entropy
   (the default) and ``local_dp`` (local DP-SGD needs the sequential or Ray backend);
 - clients whose inputs or targets differ in shape or dtype are trained in separate groups.
-Clients of a group are sorted by their number of examples (similar clients share a chunk: fewer
-padded steps and slots) and cut into chunks of at most ``chunk_size``. Working memory: a few
+Clients of a group are cut into chunks of at most ``chunk_size``; when there is more than one
+chunk, they are first sorted (stably) by their number of examples (similar clients share a
+chunk: fewer padded steps and slots). The chunks write their updates into the consecutive rows
+of one (K, P) CPU matrix (on the CPU, training updates those rows in place); when that order is
+the callers' (one chunk, or clients of equal size), the strategy reads the matrix as it is
+(:func:`~ppml_fast.federated.strategy.base.stack_updates` makes no copy). Working memory: a few
 times ``chunk_size`` x parameters floats plus one batch per client of the chunk; the round's
 results take one float32 row of parameters per client, as with every backend.
 """
@@ -197,11 +201,16 @@ class VectorizedBackend(Backend):
                                  f"got {s['loss_fn']!r}; use backend='sequential'")
             batches.setdefault((where[0], s["batch_size"], s["local_epochs"]), []).append((pos, i, s))
         for (g, b, epochs), items in batches.items():
-            items.sort(key=lambda item: self._where[item[1]][2])  # similar sizes share a chunk
+            if len(items) > self.chunk_size:  # several chunks: similar sizes share one (a stable
+                items.sort(key=lambda item: self._where[item[1]][2])  # sort: equal sizes keep order)
+            # the updates of all chunks: consecutive rows of one CPU matrix, in the callers' order
+            # unless the sort changed it, so that stack_updates hands it over without a copy
+            out = torch.empty((len(items), self._layout.numel), dtype=torch.float32)
             for start in range(0, len(items), self.chunk_size):
                 chunk = items[start:start + self.chunk_size]
                 t0 = time.perf_counter()
-                results, finite = self._train_chunk(self._groups[g], chunk, b, epochs, parameters)
+                results, finite = self._train_chunk(self._groups[g], chunk, b, epochs, parameters,
+                                                    out[start:start + len(chunk)])
                 seconds = (time.perf_counter() - t0) / len(chunk)
                 for (pos, _, _), r, ok in zip(chunk, results, finite):
                     outcomes[pos] = Outcome(r, None, seconds, ok)
@@ -236,9 +245,10 @@ class VectorizedBackend(Backend):
         rows = rows.view(k, t, b)[:, :, :min(b, max(1, int(counts.max())))]
         return rows.to(self.device), (rows != group.pad_row).to(self.device)
 
-    def _train_chunk(self, group: _Group, chunk: list, b: int, epochs: int,
-                     parameters: torch.Tensor) -> tuple[list[FitResult], list[bool]]:
-        """Train one chunk; its results and, per client, whether its update is all finite."""
+    def _train_chunk(self, group: _Group, chunk: list, b: int, epochs: int, parameters: torch.Tensor,
+                     out: torch.Tensor) -> tuple[list[FitResult], list[bool]]:
+        """Train one chunk; its results (their updates: the rows of ``out``, a (k, P) float32 CPU
+        matrix) and, per client, whether its update is all finite."""
         k = len(chunk)
         rows, mask = self._schedule(group, chunk, b, epochs)
         base = self._layout.unflatten(parameters.to(self.device, torch.float32))
@@ -248,7 +258,9 @@ class VectorizedBackend(Backend):
         # matrix itself; a step's parameters are p_received + delta (the first step's: the
         # received ones, stride-0 views, no copy); buffers are not trained: their update is 0
         dtype = next(iter(anchor.values())).dtype if anchor else torch.float32
-        updates = torch.empty((k, self._layout.numel), dtype=torch.float32, device=self.device)
+        # on the CPU the training state is ``out`` itself; elsewhere a device matrix, copied at the end
+        updates = out if out.device == self.device else torch.empty(out.shape, dtype=torch.float32,
+                                                                   device=self.device)
         state = updates if dtype == torch.float32 else torch.zeros(updates.shape, dtype=dtype, device=self.device)
         delta, start = {}, 0
         for n, shape in zip(self._layout.names, self._layout.shapes):
@@ -286,9 +298,10 @@ class VectorizedBackend(Backend):
         if not bool(finite.all()):
             finite = torch.isfinite(updates).all(dim=1)
         finite = finite.tolist()
-        updates = updates.cpu()
-        out = []
-        for (_, i, _), row, loss in zip(chunk, updates.unbind(0), loss_sum.tolist()):
+        if updates is not out:
+            out.copy_(updates)
+        results = []
+        for (_, i, _), row, loss in zip(chunk, out.unbind(0), loss_sum.tolist()):
             n = self._where[i][2]
-            out.append(FitResult(update=row, num_examples=n, metrics={"loss": loss / (epochs * n)} if n else {}))
-        return out, finite
+            results.append(FitResult(update=row, num_examples=n, metrics={"loss": loss / (epochs * n)} if n else {}))
+        return results, finite

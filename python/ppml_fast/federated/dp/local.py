@@ -50,7 +50,7 @@ from ppml_fast.accounting.calibration import ACCOUNTANTS
 
 from ..strategy._hparams import check_positive as _positive
 
-__all__ = ["LocalDP", "LocalDPState", "local_dp_sgd", "local_dp_steps"]
+__all__ = ["LocalDP", "LocalDPState", "local_dp_sgd", "local_dp_steps", "state_after_lost_fit"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,30 @@ def local_dp_steps(num_examples: int, batch_size: int, local_epochs: int) -> tup
         return 1.0, 0
     per_epoch = math.ceil(num_examples / batch_size)
     return 1.0 / per_epoch, local_epochs * per_epoch
+
+
+def state_after_lost_fit(state: Optional[LocalDPState], local_dp: LocalDP, num_examples: int,
+                         batch_size: int, local_epochs: int) -> LocalDPState:
+    """A conservative stand-in for a client's state after a fit whose device was lost with its
+    state (a Ray worker that died mid-round): how many of the fit's steps ran is unknown, so
+    all of them are composed onto ``state`` (the state the fit started from; None: a new
+    client), as if the fit had completed. The true spend is at most this, since a fit composes
+    its steps one by one as they run. Nothing is composed where the client would have refused
+    the fit before training (another accountant; ``max_epsilon`` exceeded, the same check as
+    :func:`local_dp_sgd`). The noise offset is left where it was: the lost fit released
+    nothing, so no noise it drew is released twice. ``state`` itself is not changed."""
+    local_dp = check_local_dp(local_dp)
+    base = LocalDPState(local_dp.accountant) if state is None else state
+    if base.accountant_name != local_dp.accountant:
+        return base  # the client would have raised ValueError before any step
+    q, steps = local_dp_steps(num_examples, batch_size, local_epochs)
+    after = LocalDPState(base.accountant_name)
+    after.load_state_dict(base.state_dict())
+    if steps:
+        after.accountant.compose(PoissonSampledEvent(q, GaussianEvent(local_dp.noise_multiplier)), steps)
+        if local_dp.max_epsilon is not None and after.epsilon(local_dp.delta) > local_dp.max_epsilon:
+            return base  # refused before training (PrivacyBudgetExceeded): nothing spent
+    return after
 
 
 def check_local_dp(value: Any) -> LocalDP:

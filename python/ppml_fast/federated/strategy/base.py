@@ -7,6 +7,11 @@ tensor (:class:`~ppml_fast.federated.parameters.ParameterLayout`); clients answe
 parameters; client sampling takes the round's ``num_clients`` and a seeded
 ``numpy.random.Generator`` from the simulation, so that a run is reproducible; a strategy that
 spends privacy reports it through :meth:`Strategy.epsilon`.
+
+Strategies never write into what they receive: the results' updates, the matrix
+:func:`stack_updates` returns (a view of those updates, not a copy, when they already are the
+rows of one matrix, as the vectorized backend returns them) and ``parameters``. Each works out
+of place or on its own copy (every strategy of this package is tested for it).
 """
 
 from __future__ import annotations
@@ -52,11 +57,40 @@ def check_results(results: FitResults, numel: int) -> None:
                 f"expected {numel}")
 
 
+def _rows_view(updates: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (K, P) matrix whose rows are ``updates``, as a view, when they are the consecutive
+    rows of one float32 matrix in this order (same memory, row j at the first's address plus
+    j P floats, contiguous, no autograd), else None."""
+    first = updates[0]
+    p, k = first.numel(), len(updates)
+    if (first.dtype is not torch.float32 or p == 0 or first.requires_grad
+            or not first.is_contiguous() or first.dim() != 1):
+        return None
+    step, base, device = p * first.element_size(), first.data_ptr(), first.device
+    for j, u in enumerate(updates):
+        if (u.data_ptr() != base + j * step or u.dtype is not torch.float32 or u.numel() != p
+                or u.device != device or u.requires_grad or not u.is_contiguous()):
+            return None
+    # every row's bytes lie inside the first update's storage, so the view reads exactly them
+    if (first.storage_offset() + k * p) * first.element_size() > first.untyped_storage().nbytes():
+        return None
+    return first.as_strided((k, p), (p, 1))
+
+
 def stack_updates(results: FitResults) -> torch.Tensor:
-    """The (K, P) float32 matrix of the results' updates (one row per client)."""
+    """The (K, P) float32 matrix of the results' updates (one row per client), read-only.
+
+    When the updates already are the consecutive rows of one float32 matrix, in the results'
+    order (what the vectorized backend returns for clients trained in one chunk), the matrix is
+    a view of their memory: no copy. Otherwise the updates are copied into a new matrix. Either
+    way the caller must not write into it (see the module docstring)."""
     if not results:
         raise ValueError("results must hold at least one FitResult")
-    return torch.stack([r.update.to(torch.float32) for _, r in results])
+    updates = [r.update for _, r in results]
+    view = _rows_view(updates)
+    if view is not None:
+        return view
+    return torch.stack([u.to(torch.float32) for u in updates])
 
 
 def weighted_mean_update(results: FitResults, *, weighted: bool = True) -> torch.Tensor:
@@ -75,7 +109,12 @@ def weighted_mean_update(results: FitResults, *, weighted: bool = True) -> torch
 
 class Strategy(abc.ABC):
     """Base class: subclasses implement :meth:`aggregate_fit`; the rest has Flower's defaults
-    for a simulation (uniform sampling, no federated evaluation, no privacy spent)."""
+    for a simulation (uniform sampling, no federated evaluation, no privacy spent).
+
+    Contract of :meth:`aggregate_fit`: the results' updates, the matrix of
+    :func:`stack_updates` (which may be a view of them) and ``parameters`` are read-only. A
+    strategy that needs to change them (clip, sort, centre) works out of place or on its own
+    copy: the updates may be rows of the backend's one (K, P) matrix, shared without a copy."""
 
     #: a round whose surviving results are fewer than this is skipped (parameters unchanged)
     min_fit_clients: int = 1
