@@ -95,6 +95,18 @@ def test_history_rows_json_and_final_model():
     assert h.accuracy == h.rounds[-1]["accuracy"] and h.epsilon is None
 
 
+def test_history_json_is_strict_with_infinite_epsilon():
+    # noise multiplier 0 spends epsilon = inf: written as "inf", never as non-standard Infinity
+    h = History(rounds=[{"round": 1, "epsilon": math.inf, "loss": math.nan, "dropped": []}])
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    d = json.loads(h.to_json(), parse_constant=refuse)
+    assert d["rounds"][0]["epsilon"] == "inf" and d["rounds"][0]["loss"] == "nan"
+    assert h.rounds[0]["epsilon"] == math.inf  # the History itself is unchanged
+
+
 def test_same_seed_same_history_and_global_rng_untouched():
     state = torch.get_rng_state()
     a = _run(seed=3, dropout=0.3, eval_dataset=eval_set())

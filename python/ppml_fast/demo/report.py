@@ -9,6 +9,8 @@ import os
 import platform
 from typing import Any, Optional
 
+from ppml_fast.federated.history import json_safe
+
 from .experiment import DemoResult, RunSummary
 
 __all__ = ["comparison_line", "format_table", "to_report", "write_report"]
@@ -72,14 +74,12 @@ def write_report(report: dict[str, Any], directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "report.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=_json_default)
+        json.dump(json_safe(report), f, indent=2, default=_json_default, allow_nan=False)
         f.write("\n")
     return path
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)

@@ -19,6 +19,7 @@ and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all round
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -69,5 +70,18 @@ class History:
                 "settings": dict(self.settings)}
 
     def to_json(self, *, times: bool = True, indent: Optional[int] = None) -> str:
-        """:meth:`to_dict` as JSON."""
-        return json.dumps(self.to_dict(times=times), indent=indent)
+        """:meth:`to_dict` as JSON (strict: an infinite epsilon, e.g. of noise multiplier 0,
+        is written as the string "inf", see :func:`json_safe`)."""
+        return json.dumps(json_safe(self.to_dict(times=times)), indent=indent, allow_nan=False)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan":
+    standard JSON has no such numbers (Python would write the non-standard ``Infinity``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
