@@ -184,6 +184,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("secagg_mask", &secagg_mask, py::arg("device"), py::arg("stream"), py::arg("x"),
         py::arg("n"), py::arg("seeds"), py::arg("signs"), py::arg("num_seeds"),
         py::arg("num_threads"));
+  m.def("_set_clip_simd", &cpu::set_clip_simd, py::arg("enabled"),
+        "Test hook: AVX2 (True) or portable (False) build of the CPU clipping / aggregation "
+        "loops; returns the previous setting. Both give the same bits.");
   m.def("_set_secagg_simd", &cpu::set_secagg_simd, py::arg("enabled"),
         "Test hook: AVX2 (True) or portable (False) CPU mask path; returns the previous setting.");
   // Known-answer hooks for the tests: the raw generators and one Box-Muller pair.

@@ -144,7 +144,7 @@ int pick_threads(const ClipProblem& p, const Layout& lay) {
 
 // Clipping: the factors need the norms first. Rows in cache-sized blocks, two passes each.
 template <typename T>
-void run_two_pass(const ClipProblem& p, const Layout& lay) {
+void run_two_pass(const ClipProblem& p, const Layout& lay, const RowLoops<T>& loops) {
   using A = typename Storage<T>::acc;
   const int64_t B = p.rows, C = lay.C;
   const int L = static_cast<int>(p.seg_widths.size());
@@ -180,7 +180,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
       for (int64_t b = r0; b < r1; ++b) {
         for (int64_t c = c0; c < c1; ++c) {
           const Chunk& ch = lay.chunks[c];
-          partial[b * C + c] = sumsq_stream(rows.at(b, ch.seg) + ch.start, ch.len);
+          partial[b * C + c] = loops.sumsq_stream(rows.at(b, ch.seg) + ch.start, ch.len);
         }
       }
       if (nt > 1) barrier.wait();
@@ -200,7 +200,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
           ++n;
         }
         A* out = static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start;
-        axpy_any(out, gptr.data(), aval.data(), n, ch.len, r0 == 0);
+        loops.axpy(out, gptr.data(), aval.data(), n, ch.len, r0 == 0);
       }
     }
   }, &barrier);
@@ -212,7 +212,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay) {
 // recomputed without it (a second pass, only in that rare case). The additions happen in the
 // same order as run_two_pass, so both give identical results.
 template <typename T>
-void run_one_pass(const ClipProblem& p, const Layout& lay) {
+void run_one_pass(const ClipProblem& p, const Layout& lay, const RowLoops<T>& loops) {
   using A = typename Storage<T>::acc;
   const int64_t B = p.rows, C = lay.C;
   const Rows<T> rows{p, !p.row_ptrs.empty()};
@@ -256,10 +256,11 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
           // the sum first: it reads kGroup rows at once (more memory parallelism than one
           // row's sum of squares), and leaves them in L1/L2 for the sums of squares
           if (n > 0 || first)
-            axpy_any(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, n, ch.len, first);
+            loops.axpy(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, n, ch.len,
+                       first);
           if (with_norms) {
             for (int64_t b = r0; b < r1; ++b)
-              partial[b * C + c] = sumsq_cached(rows.at(b, ch.seg) + ch.start, ch.len);
+              partial[b * C + c] = loops.sumsq_cached(rows.at(b, ch.seg) + ch.start, ch.len);
           }
         }
         if (any) first = false;
@@ -267,7 +268,7 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
       if (first) {  // no row contributed: the outputs still need their zeros
         for (int64_t c = cs; c < ce; ++c) {
           const Chunk& ch = lay.chunks[c];
-          axpy_any(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, 0, ch.len, true);
+          loops.axpy(static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start, gptr, aval, 0, ch.len, true);
         }
       }
     };
@@ -302,17 +303,27 @@ void run_one_pass(const ClipProblem& p, const Layout& lay) {
   }, &barrier);
 }
 
+// The AVX2 build of the row loops is used when the CPU has AVX2, unless PPML_FAST_DISABLE_AVX2
+// is set or the test hook (set_clip_simd) turned it off. Both builds give the same bits.
+std::atomic<bool>& simd_flag() {
+  static std::atomic<bool> on{avx2_on_by_default()};
+  return on;
+}
+
 template <typename T>
 void run(const ClipProblem& p) {
   const Layout lay(p.seg_widths);
+  const RowLoops<T> loops = row_loops<T>(simd_flag().load(std::memory_order_relaxed));
   if (p.mode == ClipMode::kNone && !p.per_layer) {
-    run_one_pass<T>(p, lay);
+    run_one_pass<T>(p, lay, loops);
   } else {
-    run_two_pass<T>(p, lay);
+    run_two_pass<T>(p, lay, loops);
   }
 }
 
 }  // namespace
+
+bool set_clip_simd(bool enabled) { return simd_flag().exchange(enabled && cpu_has_avx2()); }
 
 void clip_accumulate(const ClipProblem& p) {
   if (p.rows == 0) return;  // the Python layer returns zeros without calling the kernel

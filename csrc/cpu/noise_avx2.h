@@ -2,10 +2,13 @@
 // Box-Muller transform of include/ppml/{philox,gaussian}.h on four blocks per vector.
 //
 // Bit-identical to the portable code by construction: the words are the same integer maths, and
-// every floating-point operation of log_positive, sincos_turns and box_muller is the same IEEE
-// operation (+, -, *, /, sqrt, double<->float conversion) on the same operands in the same
-// order, one lane per block. Selections become blends (both sides are computed, one is kept),
-// and a negation becomes a flip of the sign bit, which is what the scalar code's unary minus is.
+// every floating-point operation of log_positive and box_muller is the same IEEE operation
+// (+, -, *, /, sqrt, double<->float conversion) on the same operands in the same order, one lane
+// per block. Selections become blends (both sides are computed, one is kept), and a negation
+// becomes a flip of the sign bit, which is what the scalar code's unary minus is. Two places
+// compute the same numbers with fewer operations, each argued where it is: the angle reduction
+// of sincos_turns (exact steps only; also checked for all 2^32 angle words), and the division
+// by a power-of-two denominator (Scale::kMulReciprocal).
 // No FMA: these functions are compiled for "avx2" only (not "fma"), and the build has
 // -ffp-contract=off, so no multiply-add is ever fused. tests/ops/test_noise_simd.py compares
 // this path with the portable one (PPML_FAST_DISABLE_AVX2=1 or _C._set_noise_simd(False)).
@@ -23,6 +26,7 @@
 
 #include <cstdint>
 
+#include "../include/ppml/gaussian.h"  // kTwo52, kRoundMagic
 #include "../include/ppml/philox.h"
 
 #define PPML_HAVE_NOISE_AVX2 1
@@ -67,8 +71,9 @@ PPML_AVX2_INLINE __m256d add(__m256d a, __m256d b) { return _mm256_add_pd(a, b);
 PPML_AVX2_INLINE __m256d sub(__m256d a, __m256d b) { return _mm256_sub_pd(a, b); }
 PPML_AVX2_INLINE __m256d mul(__m256d a, __m256d b) { return _mm256_mul_pd(a, b); }
 
-// Words w0, w1, w2 (w3 is not used by Box-Muller) of Philox blocks index[i] .. index[i] + 3,
-// each in the low half of a 64-bit lane with a zero high half.
+// Words w0, w1, w2 (w3 is not used by Box-Muller) of Philox blocks index[i] + 0, 2, 1, 3 in
+// lanes 0, 1, 2, 3 (this order lets normals() put the samples in element order with two in-lane
+// unpacks), each in the low half of a 64-bit lane with a zero high half.
 PPML_AVX2_INLINE void philox(const PhiloxKeys& keys, const uint64_t index[kN], __m256i w0[kN],
                              __m256i w1[kN], __m256i w2[kN]) {
   const __m256i m0 = cst64(Philox4x32::kM0);
@@ -78,7 +83,7 @@ PPML_AVX2_INLINE void philox(const PhiloxKeys& keys, const uint64_t index[kN], _
   // product of c2 is 0
   PPML_FOR_N {
     const __m256i idx = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(index[i])),
-                                         _mm256_set_epi64x(3, 2, 1, 0));
+                                         _mm256_set_epi64x(3, 1, 2, 0));
     p0[i] = _mm256_mul_epu32(idx, m0);
     c0[i] = _mm256_xor_si256(_mm256_srli_epi64(idx, 32), keys.k0[0]);
     c1[i] = _mm256_setzero_si256();
@@ -145,16 +150,21 @@ PPML_AVX2_INLINE void log_positive(const __m256d x[kN], __m256d out[kN]) {
   }
 }
 
-// sincos_turns of gaussian.h, lane by lane (a in [0, 1) with at most 32 fractional bits).
-PPML_AVX2_INLINE void sincos_turns(const __m256d a[kN], __m256d s[kN], __m256d c[kN]) {
+// sincos_turns of gaussian.h, lane by lane, for a = w2 * 2^-32, given as y = 4 + 4 a (exact:
+// y's bits are those of 4.0 with w2 << 20 as mantissa). The scalar code computes, exactly,
+// qf = round(4 a) (ties to even, by the magic constant), q = qf mod 4 and r = a - qf / 4, then
+// x = r * 2pi rounded. Here round(y) = qf + 4 (4 is even: the same ties) gives the same q,
+// d = y - round(y) = 4 r exactly, and x = d * (2pi / 4) is the same real product as r * 2pi
+// (2pi / 4 is the double constant 2pi scaled by a power of two, exactly), so the same rounding:
+// three multiplications fewer, the same bits.
+PPML_AVX2_INLINE void sincos_turns(const __m256d y[kN], __m256d s[kN], __m256d c[kN]) {
   __m256i q[kN];
   __m256d x[kN], z[kN], ps[kN], pc[kN];
   PPML_FOR_N {
-    const __m256d shifted = add(mul(a[i], cst(4.0)), cst(kRoundMagic));
-    const __m256d qf = sub(shifted, cst(kRoundMagic));
-    q[i] = pd_bits(shifted);  // quarter turns in the low 2 bits
-    const __m256d r = sub(a[i], mul(qf, cst(0.25)));
-    x[i] = mul(r, cst(6.28318530717958647692));
+    const __m256d shifted = add(y[i], cst(kRoundMagic));
+    const __m256d qf = sub(shifted, cst(kRoundMagic));  // round(y) = round(4 a) + 4
+    q[i] = pd_bits(shifted);  // quarter turns (mod 4) in the low 2 bits
+    x[i] = mul(sub(y[i], qf), cst(6.28318530717958647692 * 0.25));
     z[i] = mul(x[i], x[i]);
   }
   PPML_FOR_N ps[i] = sub(mul(cst(1.58962301576546568060e-10), z[i]), cst(2.50507477628578072866e-8));
@@ -185,15 +195,16 @@ PPML_AVX2_INLINE void sincos_turns(const __m256d a[kN], __m256d s[kN], __m256d c
 // box_muller of gaussian.h on the words of 4 * kN blocks: z0 (cos) and z1 (sin) of each block.
 PPML_AVX2_INLINE void box_muller(const __m256i w0[kN], const __m256i w1[kN], const __m256i w2[kN],
                                  __m256d z0[kN], __m256d z1[kN]) {
-  __m256d u1[kN], a[kN], lg[kN], s[kN], c[kN];
+  __m256d u1[kN], y[kN], lg[kN], s[kN], c[kN];
   PPML_FOR_N {
     const __m256i k = _mm256_xor_si256(_mm256_slli_epi64(w0[i], 20), _mm256_srli_epi64(w1[i], 12));
     u1[i] = add(sub(bits_pd(_mm256_or_si256(cst64(0x3ff0000000000000ull), k)), cst(1.0)),
                 cst(1.1102230246251565e-16));
-    a[i] = mul(u52_to_double(w2[i]), cst(2.3283064365386963e-10));
+    // y = 4 + 4 a with a = w2 * 2^-32 (gaussian.h's angle in turns), see sincos_turns
+    y[i] = bits_pd(_mm256_or_si256(cst64(0x4010000000000000ull), _mm256_slli_epi64(w2[i], 20)));
   }
   log_positive(u1, lg);
-  sincos_turns(a, s, c);
+  sincos_turns(y, s, c);
   PPML_FOR_N {
     const __m256d radius = _mm256_sqrt_pd(mul(cst(-2.0), lg[i]));
     z0[i] = mul(radius, c[i]);
@@ -202,7 +213,8 @@ PPML_AVX2_INLINE void box_muller(const __m256i w0[kN], const __m256i w1[kN], con
 }
 
 // The samples of blocks index + 4 i .. index + 4 i + 3 in element order: e[2 i] = (z0, z1) of
-// the first two blocks, e[2 i + 1] those of the last two.
+// the first two blocks, e[2 i + 1] those of the last two. The lanes hold blocks 0, 2, 1, 3
+// (philox), so each is one in-lane unpack.
 PPML_AVX2_INLINE void normals(const PhiloxKeys& keys, uint64_t index, __m256d e[2 * kN]) {
   uint64_t idx[kN];
   PPML_FOR_N idx[i] = index + 4 * static_cast<uint64_t>(i);
@@ -211,53 +223,58 @@ PPML_AVX2_INLINE void normals(const PhiloxKeys& keys, uint64_t index, __m256d e[
   __m256d z0[kN], z1[kN];
   box_muller(w0, w1, w2, z0, z1);
   PPML_FOR_N {
-    const __m256d lo = _mm256_unpacklo_pd(z0[i], z1[i]);  // blocks 0, 2
-    const __m256d hi = _mm256_unpackhi_pd(z0[i], z1[i]);  // blocks 1, 3
-    e[2 * i] = _mm256_permute2f128_pd(lo, hi, 0x20);
-    e[2 * i + 1] = _mm256_permute2f128_pd(lo, hi, 0x31);
+    e[2 * i] = _mm256_unpacklo_pd(z0[i], z1[i]);      // lanes 0, 2 of each: blocks 0, 1
+    e[2 * i + 1] = _mm256_unpackhi_pd(z0[i], z1[i]);  // lanes 1, 3: blocks 2, 3
   }
 }
 
-// apply_noise of noise.h on four doubles: (x + std * z) [/ den].
-template <bool kDivide>
-PPML_AVX2_INLINE __m256d update(__m256d x, __m256d z, __m256d stddev, __m256d den) {
+// How the update scales x + std * z: not at all (add_gaussian_noise_), by dividing by the
+// denominator (noisy_scale_), or by multiplying by its reciprocal when the denominator is a power
+// of two (exact_reciprocal): then 1 / den is exact, and v * (1 / den) is the same real number
+// as v / den, rounded once, so the same bits (subnormal results, zeros' signs, infinities and
+// NaNs included), without a division (one vdivpd per four elements, the divider also serving
+// log's division and the square root).
+enum class Scale { kNone, kDivide, kMulReciprocal };
+
+// apply_noise of noise.h on four doubles: (x + std * z) [/ den]; f is den or 1 / den (kScale).
+template <Scale kScale>
+PPML_AVX2_INLINE __m256d update(__m256d x, __m256d z, __m256d stddev, __m256d f) {
   __m256d v = add(x, mul(stddev, z));
-  if (kDivide) v = _mm256_div_pd(v, den);
+  if (kScale == Scale::kDivide) v = _mm256_div_pd(v, f);
+  if (kScale == Scale::kMulReciprocal) v = mul(v, f);
   return v;
 }
 
 constexpr int kGroupBlocks = 4 * kN;  // blocks per iteration
 
 // x[0 .. 2 * kGroupBlocks * groups), all of whose elements exist, from Philox blocks index ...
-template <bool kDivide>
+// Each vector of samples covers four elements: they are converted straight from memory (the
+// load folds into vcvtps2pd) and stored back as four floats, no 256-bit shuffles.
+template <Scale kScale>
 PPML_AVX2_INLINE void update_groups(float* x, uint64_t index, int64_t groups,
-                                    const PhiloxKeys& keys, double stddev, double den) {
-  const __m256d sd = cst(stddev), dn = cst(den);
+                                    const PhiloxKeys& keys, double stddev, double f) {
+  const __m256d sd = cst(stddev), fv = cst(f);
   for (int64_t j = 0; j < groups; ++j) {
     __m256d e[2 * kN];
     normals(keys, index + kGroupBlocks * static_cast<uint64_t>(j), e);
     float* p = x + 2 * kGroupBlocks * j;
-    PPML_FOR_N {
-      const __m256 xs = _mm256_loadu_ps(p + 8 * i);
-      const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(xs));
-      const __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(xs, 1));
-      const __m128 y0 = _mm256_cvtpd_ps(update<kDivide>(x0, e[2 * i], sd, dn));
-      const __m128 y1 = _mm256_cvtpd_ps(update<kDivide>(x1, e[2 * i + 1], sd, dn));
-      _mm256_storeu_ps(p + 8 * i, _mm256_insertf128_ps(_mm256_castps128_ps256(y0), y1, 1));
+    for (int v = 0; v < 2 * kN; ++v) {
+      const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(p + 4 * v));
+      _mm_storeu_ps(p + 4 * v, _mm256_cvtpd_ps(update<kScale>(xv, e[v], sd, fv)));
     }
   }
 }
 
-template <bool kDivide>
+template <Scale kScale>
 PPML_AVX2_INLINE void update_groups(double* x, uint64_t index, int64_t groups,
-                                    const PhiloxKeys& keys, double stddev, double den) {
-  const __m256d sd = cst(stddev), dn = cst(den);
+                                    const PhiloxKeys& keys, double stddev, double f) {
+  const __m256d sd = cst(stddev), fv = cst(f);
   for (int64_t j = 0; j < groups; ++j) {
     __m256d e[2 * kN];
     normals(keys, index + kGroupBlocks * static_cast<uint64_t>(j), e);
     double* p = x + 2 * kGroupBlocks * j;
     for (int v = 0; v < 2 * kN; ++v)
-      _mm256_storeu_pd(p + 4 * v, update<kDivide>(_mm256_loadu_pd(p + 4 * v), e[v], sd, dn));
+      _mm256_storeu_pd(p + 4 * v, update<kScale>(_mm256_loadu_pd(p + 4 * v), e[v], sd, fv));
   }
 }
 

@@ -1,6 +1,9 @@
 // The vectorised inner loops of the clipping / aggregation kernel (clip_accumulate.cpp): sums
-// of squares of a row chunk, and clipped rows added into an output chunk. Each is compiled for
-// AVX2 and for the baseline ISA (target.h) and reached through an overload per dtype.
+// of squares of a row chunk, and clipped rows added into an output chunk. Each is compiled
+// twice per dtype, as explicit functions for AVX2 (PPML_TARGET_AVX2) and for the baseline ISA,
+// and the kernel takes one set per call as a RowLoops table (row_loops<T>(avx2)). Both sets run
+// the same operations in the same order (no reassociation, no contraction: target.h), so they
+// give the same bits; tests/ops/test_clip_simd.py compares them.
 #pragma once
 
 #include <algorithm>
@@ -14,7 +17,7 @@ namespace {
 
 // Sums of squares in double, two variants with the same accuracy contract (norms within a few
 // float32 ulps for 16/32-bit inputs, a few double ulps for float64) and a fixed combination
-// order, so each gives the same result on every thread count and ISA clone:
+// order, so each gives the same result on every thread count and in both builds:
 // - sumsq_stream, for data read from memory (pass 1 of the clipping kernel): 8 chains. Measured
 //   faster there than the wider variant (bench/RESULTS.md), the loop pacing the stream.
 // - sumsq_cached, for data already in L1/L2 (the one-pass kernel): 32 chains, and for 16/32-bit
@@ -53,26 +56,15 @@ PPML_ALWAYS_INLINE double sumsq(const T* x, int64_t n) {
   return acc[0];
 }
 
-// The float stage overflows for |x| >~ 1.8e19 and loses tiny squares to underflow: a chunk
-// whose float-stage result is non-finite or below 2^-60 is recomputed in double only (then
-// the loss from flushed squares is < 4096 * 2^-126 / 2^-60, negligible).
-#define PPML_SUMSQ_CLONES(T, suffix)                                                      \
-  PPML_TARGET_CLONES double sumsq_stream_##suffix(const T* x, int64_t n) {                \
-    return sumsq<T, 8, false>(x, n);                                                      \
-  }                                                                                       \
-  PPML_TARGET_CLONES double sumsq_cached_##suffix(const T* x, int64_t n) {                \
-    double r = sumsq<T, 32, true>(x, n);                                                  \
-    if (!(r >= 8.673617379884035e-19 && r <= 1.0e300)) r = sumsq<T, 8, false>(x, n);      \
-    return r;                                                                             \
-  }                                                                                       \
-  double sumsq_stream(const T* x, int64_t n) { return sumsq_stream_##suffix(x, n); }      \
-  double sumsq_cached(const T* x, int64_t n) { return sumsq_cached_##suffix(x, n); }
-
-PPML_SUMSQ_CLONES(float, f32)
-PPML_SUMSQ_CLONES(double, f64)
-PPML_SUMSQ_CLONES(Half, f16)
-PPML_SUMSQ_CLONES(BFloat16, bf16)
-#undef PPML_SUMSQ_CLONES
+// sumsq_cached: the float stage overflows for |x| >~ 1.8e19 and loses tiny squares to
+// underflow: a chunk whose float-stage result is non-finite or below 2^-60 is recomputed in
+// double only (then the loss from flushed squares is < 4096 * 2^-126 / 2^-60, negligible).
+template <typename T>
+PPML_ALWAYS_INLINE double sumsq_cached_body(const T* x, int64_t n) {
+  double r = sumsq<T, 32, true>(x, n);
+  if (!(r >= 8.673617379884035e-19 && r <= 1.0e300)) r = sumsq<T, 8, false>(x, n);
+  return r;
+}
 
 // out[j] (+)= sum over the given rows, in order, of a[r] * g_r[j]. Up to 4 rows per sweep; the
 // additions stay in row order for every j.
@@ -108,20 +100,48 @@ PPML_ALWAYS_INLINE void axpy_rows(A* out, const T* const* g, const A* a, int nro
   }
 }
 
-#define PPML_AXPY_CLONES(T, A, suffix)                                                    \
-  PPML_TARGET_CLONES void axpy_##suffix(A* o, const T* const* g, const A* a, int r,        \
-                                        int64_t n, bool init) {                           \
-    axpy_rows(o, g, a, r, n, init);                                                       \
-  }                                                                                       \
-  void axpy_any(A* o, const T* const* g, const A* a, int r, int64_t n, bool init) {       \
-    axpy_##suffix(o, g, a, r, n, init);                                                   \
-  }
+// The two builds of the three loops. Templates in an unnamed namespace: every instance is local
+// to clip_accumulate.cpp, so no other translation unit can hold a copy built for another ISA.
+template <typename T>
+double sumsq_stream_portable(const T* x, int64_t n) { return sumsq<T, 8, false>(x, n); }
+template <typename T>
+double sumsq_cached_portable(const T* x, int64_t n) { return sumsq_cached_body(x, n); }
+template <typename T, typename A>
+void axpy_portable(A* out, const T* const* g, const A* a, int nrows, int64_t n, bool init) {
+  axpy_rows(out, g, a, nrows, n, init);
+}
 
-PPML_AXPY_CLONES(float, float, f32)
-PPML_AXPY_CLONES(double, double, f64)
-PPML_AXPY_CLONES(Half, float, f16)
-PPML_AXPY_CLONES(BFloat16, float, bf16)
-#undef PPML_AXPY_CLONES
+#if PPML_HAVE_AVX2_TARGET
+template <typename T>
+PPML_TARGET_AVX2 double sumsq_stream_avx2(const T* x, int64_t n) { return sumsq<T, 8, false>(x, n); }
+template <typename T>
+PPML_TARGET_AVX2 double sumsq_cached_avx2(const T* x, int64_t n) { return sumsq_cached_body(x, n); }
+template <typename T, typename A>
+PPML_TARGET_AVX2 void axpy_avx2(A* out, const T* const* g, const A* a, int nrows, int64_t n,
+                                bool init) {
+  axpy_rows(out, g, a, nrows, n, init);
+}
+#endif
+
+// One build of the loops for storage type T (plain function pointers: an indirect call per
+// chunk of kChunk elements costs nothing measurable).
+template <typename T>
+struct RowLoops {
+  using A = typename Storage<T>::acc;
+  double (*sumsq_stream)(const T*, int64_t);   // pass 1 of the two-pass kernel
+  double (*sumsq_cached)(const T*, int64_t);   // rows already in L1/L2 (one-pass kernel)
+  void (*axpy)(A*, const T* const*, const A*, int, int64_t, bool);  // axpy_rows
+};
+
+// The AVX2 build when avx2 is true (the caller checked the CPU), else the portable one.
+template <typename T>
+RowLoops<T> row_loops(bool avx2) {
+  using A = typename Storage<T>::acc;
+#if PPML_HAVE_AVX2_TARGET
+  if (avx2) return {&sumsq_stream_avx2<T>, &sumsq_cached_avx2<T>, &axpy_avx2<T, A>};
+#endif
+  return {&sumsq_stream_portable<T>, &sumsq_cached_portable<T>, &axpy_portable<T, A>};
+}
 
 }  // namespace
 }  // namespace ppml::cpu

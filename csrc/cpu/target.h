@@ -1,36 +1,49 @@
-// Hot loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time.
-// Floating-point contraction is off in the whole build, so both clones round identically.
+// Run-time choice between an AVX2 and a portable build of a hot loop.
+//
+// A kernel with an AVX2 path compiles it as explicit functions marked PPML_TARGET_AVX2, next to
+// portable functions built for the baseline ISA, and picks one set per call by a switch that
+// starts as avx2_on_by_default() (each kernel keeps its own switch, flipped by the tests).
+// No target_clones: GNU IFUNC resolvers run while the shared object is being relocated, and
+// clones of functions from a header under LTO and -fvisibility=hidden were the main suspect of
+// a crash of the clipping kernel on a g++ 13 / AVX-512 host (bench/RESULTS.md, Vectorisation).
+// The library must contain no IFUNC symbol (tests/ops/test_clip_simd.py checks the .so).
+// Floating-point contraction is off in the whole build and "avx2" does not enable FMA, so both
+// builds of a loop round identically.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(PPML_NO_CLONES)
-#define PPML_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#include <cstdlib>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PPML_HAVE_AVX2_TARGET 1
+#define PPML_TARGET_AVX2 __attribute__((target("avx2")))
 #else
-#define PPML_TARGET_CLONES
+#define PPML_HAVE_AVX2_TARGET 0
+#define PPML_TARGET_AVX2
 #endif
 
-// Bodies called from a cloned function must be inlined into it to get the clone's ISA.
+// Bodies shared by both builds: always inlined into the function that carries the target, so
+// that they are compiled for its ISA (a function's own target decides its code, never the
+// caller's), and no out-of-line copy with one ISA is shared between the two.
 #if defined(__GNUC__)
 #define PPML_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define PPML_ALWAYS_INLINE inline
 #endif
 
-#include <cstdlib>
-
 namespace ppml::cpu {
 
-// Whether the CPU running this has AVX2, for kernels that choose their AVX2 path explicitly
-// (the noise and the secure-aggregation masks; each keeps its own switch for the tests).
+// Whether the CPU running this has AVX2 (libgcc's CPU model, filled in by its constructor when
+// the library is loaded; called from ordinary code, after relocation, never from a resolver).
 inline bool cpu_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if PPML_HAVE_AVX2_TARGET
   return __builtin_cpu_supports("avx2");
 #else
   return false;
 #endif
 }
 
-// The initial state of such a switch: on where the CPU has AVX2, unless PPML_FAST_DISABLE_AVX2
-// is set in the environment.
+// The initial state of a kernel's switch: on where the CPU has AVX2, unless
+// PPML_FAST_DISABLE_AVX2 is set in the environment.
 inline bool avx2_on_by_default() { return cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2"); }
 
 }  // namespace ppml::cpu

@@ -89,6 +89,37 @@ def test_avx2_path_equals_portable_path_16_bit(restore, dtype):
                 assert torch.equal(a, b)
 
 
+# Powers of two take the AVX2 path's multiplication by the exact reciprocal instead of the
+# division (csrc/cpu/noise_avx2.h, Scale): results that overflow, are subnormal in float64 or in
+# float32, and a denominator whose reciprocal is not finite (2^-1074: division kept); beside them
+# values that are not powers of two.
+DENOMINATORS = [256.0, 1.0, 0.5, 2.0**-1022, 2.0**-1000, 2.0**60, 2.0**140, 2.0**1023, 2.0**-1074,
+                256.0 + 2.0**-44, 3.0 * 2.0**-1030]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("denominator", DENOMINATORS, ids=lambda d: float(d).hex())
+def test_power_of_two_denominators_equal_the_portable_division(restore, dtype, denominator):
+    sizes = [1001, 80, 3]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-310, -3e38],
+                           dtype=torch.float64)
+    for offset in (0, 2**32 - 5):
+        for threads in (1, 2):
+            got = []
+            for simd in (True, False):
+                _C._set_noise_simd(simd)
+                torch.set_num_threads(threads)
+                gen = torch.Generator().manual_seed(offset % 1000 + 3)
+                xs = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
+                xs[0][: special.numel()] = special
+                xs[1] *= 1e-300  # tiny inputs: subnormal float64 results for large denominators
+                xs = [x.to(dtype) for x in xs]
+                noisy_scale_(xs, 0.73, denominator, seed=2**63 + 11, offset=offset)
+                got.append([x.view(INT_VIEW[dtype]) for x in xs])
+            for a, b in zip(*got):
+                assert torch.equal(a, b), (dtype, denominator, offset, threads)
+
+
 def test_disable_avx2_environment_variable_selects_the_portable_path(restore):
     code = (
         "import hashlib, torch\n"

@@ -78,6 +78,9 @@ void gaussian_noise(const NoiseProblem& p);
 // Test hook: turns the AVX2 path of the reproducible noise on (where the CPU has AVX2) or off
 // (the portable path); returns the previous setting. Both give the same bits.
 bool set_noise_simd(bool enabled);
+// Test hook: the AVX2 (true, where the CPU has it) or the portable (false) build of the
+// clipping kernel's row loops; returns the previous setting. Both give the same bits.
+bool set_clip_simd(bool enabled);
 }  // namespace cpu
 
 namespace cuda {
