@@ -351,3 +351,18 @@ def test_privacy_engine_step(kind, grad_sample_mode):
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all() and not torch.equal(p, before[n]), n
     assert opt.steps == 1 and engine.get_epsilon(1e-5) > 0
+
+
+def test_returned_weights_are_the_dropped_out_ones_as_torch_returns_them():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+    x, mem = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    torch.manual_seed(1)
+    want = mha(x, mem, mem)
+    private = PrivateModule(mha)
+    torch.manual_seed(1)
+    got = mha(x, mem, mem)
+    private.remove_hooks()
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    assert not torch.allclose(got[1].sum(-1), torch.ones(2, 3))  # dropout did act on them

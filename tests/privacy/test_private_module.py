@@ -4,6 +4,7 @@ model, for every supported layer, both grad-sample modes and every clipping mode
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -235,4 +236,120 @@ def test_bfloat16_model_clips_with_float32_factors():
     private = PrivateModule(model, loss_reduction="sum")
     private((torch.randn(8, 16) * 10).to(torch.bfloat16)).float().pow(2).sum().backward()
     sums, _ = private.clipped_sums(max_grad_norm=1.0)
-    assert sums[model.weight].dtype == torch.bfloat16 and torch.isfinite(sums[model.weight].float()).all()
+    assert sums[model.weight].dtype == torch.float32 and torch.isfinite(sums[model.weight]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_low_precision_sums_keep_the_sensitivity(dtype, mode):
+    # Neighbouring batches (the second lacks the last sample) of 64 gradients in one orthant, each
+    # clipped to C = 1: the clipped sums must differ by at most C. Rounded to 16 bits before the
+    # noise, sums of size ~60 would move by up to 2^-8 of their size: the difference exceeds C.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).to(dtype)
+    x = (torch.rand(64, 4, generator=torch.Generator().manual_seed(1)) + 2.0).to(dtype)
+
+    def sums_of(batch):
+        private = PrivateModule(model, grad_sample_mode=mode, loss_reduction="sum")
+        private(batch).float().sum().backward()
+        s, _ = private.clipped_sums(max_grad_norm=1.0)
+        private.remove_hooks()
+        return s[model.weight]
+
+    full, neighbour = sums_of(x), sums_of(x[:-1])
+    assert float((full.float() - neighbour.float()).norm()) <= 1.0 + 1e-5
+    assert full.dtype == torch.float32
+    assert 50.0 < float(full.norm()) < 64.0
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, keyword=True):
+        h = torch.tanh(self.a(x))
+        return self.b(input=h) if keyword else self.b(h)
+
+
+def _sums(model, x, **kw):
+    private = PrivateModule(model, loss_reduction="sum")
+    private(x, **kw).pow(2).sum().backward()
+    sums, _ = private.clipped_sums(max_grad_norm=0.5)
+    private.remove_hooks()
+    return sums
+
+
+def test_keyword_input_is_captured_and_other_signatures_refused():
+    torch.manual_seed(4)
+    model = _KeywordCall().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    by_keyword, positional = _sums(model, x, keyword=True), _sums(model, x, keyword=False)
+    assert set(by_keyword) == set(model.parameters())
+    for p in model.parameters():
+        torch.testing.assert_close(by_keyword[p], positional[p], rtol=0, atol=0)
+    private = PrivateModule(model)
+    private.recorder.start_batch(5)  # inside a captured forward pass
+    with pytest.raises(TypeError, match="takes one argument, 'input'"):
+        private.module.b(x=torch.zeros(5, 4, dtype=torch.float64))
+    private.remove_hooks()
+
+
+def test_user_patched_forward_is_kept_and_clipped_by_torch_func():
+    torch.manual_seed(5)
+    ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model = copy.deepcopy(ref)
+    for m in (ref, model):  # an adapter-style patch on one instance
+        m[2].forward = types.MethodType(lambda s, i: nn.Linear.forward(s, i) * 5 + 1, m[2])
+    x = torch.randn(6, 3, dtype=torch.float64)
+    private = PrivateModule(model, loss_reduction="sum")
+    out = private(x)
+    torch.testing.assert_close(out, ref(x))
+    out.pow(2).sum().backward()
+    sums, _ = private.clipped_sums(max_grad_norm=0.5)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(ref, p, (xi[None],)).pow(2).sum()
+
+    g = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    norms = sum(g[n].flatten(1).pow(2).sum(1) for n in g).sqrt()
+    f = torch.clamp(0.5 / (norms + 1e-6), max=1.0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p], torch.einsum("b,b...->...", f, g[n]), msg=n)
+    private.remove_hooks()
+    assert "forward" in model[2].__dict__  # the user's patch stays
+    mha = nn.MultiheadAttention(4, 2)
+    mha.forward = types.MethodType(lambda s, q, k, v, **kw: nn.MultiheadAttention.forward(s, q, k, v, **kw), mha)
+    with pytest.raises(UnsupportedModuleError, match="forward was replaced"):
+        PrivateModule(mha)
+
+
+def test_wrapping_twice_is_refused_and_remove_hooks_keeps_later_patches():
+    model = nn.Sequential(nn.Linear(3, 2))
+    first = PrivateModule(model)
+    with pytest.raises(ValueError, match="already wrapped by a PrivateModule"):
+        PrivateModule(model)
+    mine = types.MethodType(lambda s, i: nn.Linear.forward(s, i), model[0])
+    model[0].forward = mine  # replaced by the user after wrapping
+    first.remove_hooks()
+    assert model[0].__dict__["forward"] is mine
+    del model[0].forward
+    second = PrivateModule(model)  # after remove_hooks, wrapping again works
+    second.remove_hooks()
+
+
+def test_functional_call_and_frozen_layers():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    private = PrivateModule(model)
+    x = torch.randn(5, 3)
+    swapped = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    out = functional_call(private, {"_module." + n: t for n, t in swapped.items()}, (x,))
+    grads = torch.autograd.grad(out.sum(), list(swapped.values()))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # plain autograd through it
+    private.discard()
+    model[2].requires_grad_(False)  # a whole layer frozen after wrapping
+    private(x).sum().backward()
+    sums, seen = private.clipped_sums(max_grad_norm=1.0)
+    assert seen == 5 and set(sums) == {model[0].weight, model[0].bias}

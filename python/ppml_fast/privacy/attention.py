@@ -192,7 +192,9 @@ def forward(
         if mask is not None:
             scores = scores + mask
         weights = scores.softmax(dim=-1)
-        attn = (F.dropout(weights, dropout) if dropout > 0 else weights) @ v
+        if dropout > 0:  # the returned weights are the dropped-out ones, as torch returns them
+            weights = F.dropout(weights, dropout)
+        attn = weights @ v
         weights = weights.mean(dim=1) if average_attn_weights else weights
         if not batched:
             weights = weights.squeeze(0)

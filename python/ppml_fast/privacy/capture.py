@@ -1,10 +1,14 @@
 """Capture of what per-sample clipping needs, without per-sample gradients: each supported
-layer's input (forward hook) and the gradient of the loss with respect to its output (a tensor
-hook), per forward pass of the model (one physical batch).
+layer's input and the gradient of the loss with respect to its output (a tensor hook), per
+forward pass of the model (one physical batch).
 
-While a layer runs forward, its own trainable parameters are switched to ``requires_grad=False``
-(and back right after, also when forward raises), so autograd never computes their summed,
-unclipped gradients — the work DP-SGD would throw away. Gradients still flow to earlier layers;
+Autograd must never compute a captured layer's summed, unclipped parameter gradients (the work
+DP-SGD would throw away). The rule layers with a known functional (Linear, Conv, Embedding,
+LayerNorm, GroupNorm, RMSNorm) and attention have their forward replaced by
+:class:`~ppml_fast.privacy.module.PrivateModule`, which runs it on detached parameters; the other
+layers are captured by the forward hooks of :meth:`Recorder.attach`, which switch the layer's own
+trainable parameters to ``requires_grad=False`` while it runs (and back right after, also when
+forward raises). Gradients still flow to earlier layers;
 a layer whose output would then not require a gradient (the first layer) is attached to the
 graph by adding a zero "anchor" scalar. The clipped sums are computed later from the captured
 tensors (book-keeping, Bu et al. 2023), by the rules of :mod:`ppml_fast.privacy.per_sample`, or

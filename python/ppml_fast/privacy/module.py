@@ -12,6 +12,7 @@ Layers that cannot be private (BatchNorm, ...) are refused at construction, nami
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Optional, Sequence
 
@@ -23,8 +24,9 @@ from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import attention, fallback
 from ppml_fast.privacy.capture import Batch, Call, Recorder
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
-from ppml_fast.privacy.per_sample import Captured, make_rules, weighted_sum
+from ppml_fast.privacy.per_sample import Captured, make_rules, sum_dtype, weighted_sum
 
+_MARK = "_ppml_fast_private_forward"  # set on the forwards a PrivateModule installs
 GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize"}
 _SEQUENCE_OPS = ("linear", "layer_norm", "rms_norm")
 
@@ -65,6 +67,28 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
+def _refuse_nested_aliases(root: nn.Module) -> None:
+    """Raises UnsupportedModuleError when a module registers, as its own, a trainable parameter
+    that one of its submodules also registers (Opacus's DPLSTM does, to rename its parameters):
+    both would record the calls of one computation, and the outer one switches the inner one's
+    parameters off. Tying between modules that do not contain each other is fine (shared
+    parameters are materialised)."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(name)
+    for names in owners.values():
+        for outer in names:
+            inner = next((n for n in names if n != outer and n.startswith(outer + "." if outer else "")), None)
+            if inner is not None:
+                raise UnsupportedModuleError(
+                    f"{outer or 'the model'} ({type(root.get_submodule(outer)).__name__}) registers "
+                    f"a parameter of its submodule {inner} as its own (an alias, as Opacus's "
+                    "DPLSTM does to rename parameters); ppml_fast needs each trainable parameter "
+                    "registered by one module, or by modules that do not contain each other")
+
+
 class PrivateModule(nn.Module):
     """Wraps ``module`` for DP training; calling it calls ``module``.
 
@@ -97,23 +121,36 @@ class PrivateModule(nn.Module):
         self.loss_reduction = loss_reduction
         self.rules = make_rules(GRAD_SAMPLE_MODES[grad_sample_mode])
         self.recorder = Recorder(batch_first)
-        self._restore: list[tuple[nn.Module, object]] = []
+        self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
         self._attach(module)
 
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, root: nn.Module) -> None:
+        for name, mod in root.named_modules():
+            if getattr(getattr(mod.__dict__.get("forward"), "__func__", None), _MARK, False):
+                raise ValueError(
+                    f"{name or 'the model'} ({type(mod).__name__}) is already wrapped by a "
+                    "PrivateModule (make_private called twice on one model?); call remove_hooks() "
+                    "on that one first")
+        _refuse_nested_aliases(root)
         claimed: set[int] = set()
-        for _, mod in root.named_modules():
+        for name, mod in root.named_modules():
             if id(mod) in claimed:
                 continue
+            patched = "forward" in mod.__dict__  # a forward replaced on the instance by the user
             if isinstance(mod, nn.MultiheadAttention):
+                if patched:
+                    raise UnsupportedModuleError(
+                        f"{name or 'the model'} (MultiheadAttention): its forward was replaced on "
+                        "the instance; ppml_fast computes attention's per-sample gradients from "
+                        "the stock forward")
                 claimed.update(id(m) for m in mod.modules())
                 self._override_attention(mod)
                 continue
             own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
-            spec = rule_for(mod)
+            spec = None if patched else rule_for(mod)  # patched: torch.func runs the user's forward
             functional = functional_forward(mod) if spec is not None else None
             if functional is not None:
                 self._override_rule(mod, self._rule_call(spec), functional)
@@ -149,18 +186,36 @@ class PrivateModule(nn.Module):
         ``requires_grad`` switching; otherwise, and for calls with other arguments than one input,
         the class's forward runs unchanged. ``remove_hooks()`` restores the module."""
         rec = self.recorder
+        input_name = list(inspect.signature(type(mod).forward).parameters)[1]
 
         def dp_forward(m, *args, **kwargs):
             batch = rec._current()
-            if batch is None or len(args) != 1 or kwargs:
+            if batch is None or any(not isinstance(p, nn.Parameter)
+                                    for p in m._parameters.values() if p is not None):
+                # not captured, or torch.func.functional_call swapped the parameters in
                 return type(m).forward(m, *args, **kwargs)
-            call = make(m, args)
-            out = functional(m, args[0], {r: p.detach() for r, p in call.params.items()})
+            if len(args) == 1 and not kwargs:
+                x = args[0]
+            elif not args and list(kwargs) == [input_name]:
+                x = kwargs[input_name]
+            else:
+                raise TypeError(
+                    f"{type(m).__name__}.forward takes one argument, {input_name!r}; got "
+                    f"{len(args)} positional and keyword {sorted(kwargs)} (ppml_fast records "
+                    "the call of the stock forward)")
+            call = make(m, (x,))
+            out = functional(m, x, {r: p.detach() for r, p in call.params.items()})
             batch.calls.append(call)
             return rec.tap(out, call)
 
-        self._restore.append((mod, mod.__dict__.get("forward")))
-        mod.forward = types.MethodType(dp_forward, mod)
+        self._set_forward(mod, dp_forward)
+
+    def _set_forward(self, mod: nn.Module, fn) -> None:
+        """Replaces ``mod``'s forward by ``fn`` (marked as this wrapper's), for remove_hooks()."""
+        setattr(fn, _MARK, True)
+        bound = types.MethodType(fn, mod)
+        self._restore.append((mod, mod.__dict__.get("forward"), bound))
+        mod.forward = bound
 
     def _func_call(self, own: dict):
         def make(mod: nn.Module, inputs: tuple) -> Call:
@@ -207,13 +262,14 @@ class PrivateModule(nn.Module):
             return attention.forward(mod, private._linear, query, key, value, key_padding_mask,
                                      need_weights, attn_mask, average_attn_weights, is_causal)
 
-        self._restore.append((mha, mha.__dict__.get("forward")))
-        mha.forward = types.MethodType(dp_forward, mha)
+        self._set_forward(mha, dp_forward)
 
     def remove_hooks(self) -> nn.Module:
         """Detaches everything; returns the original module, as it was."""
         self.recorder.detach()
-        for mod, before in self._restore:
+        for mod, before, ours in self._restore:
+            if mod.__dict__.get("forward") is not ours:
+                continue  # replaced since (by the user): left as it is
             if before is None:
                 del mod.forward
             else:
@@ -404,6 +460,8 @@ class PrivateModule(nn.Module):
                 if state is None:
                     _, state = self.rules[cap.op].norms_sq(cap, grad)
             roles = list(c.params)
+            if not roles:  # every parameter of the layer was frozen after wrapping
+                continue
             fs = [c_of[id(c.params[r])] for r in roles]
             if all(f is fs[0] for f in fs):
                 out = self.rules[cap.op].clipped_sum(cap, grad, factor_for(fs[0], grad), state)
@@ -433,12 +491,14 @@ class PrivateModule(nn.Module):
             self._add(sums, p, t)
             return
         if p not in sums:
-            sums[p] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        sums[p].view(-1)[span[0]:span[1]].add_(t.reshape(-1).to(p.dtype))
+            sums[p] = torch.zeros(p.shape, dtype=sum_dtype(p), device=p.device)
+        sums[p].view(-1)[span[0]:span[1]].add_(t.reshape(-1).to(sums[p].dtype))
 
     @staticmethod
     def _add(sums: dict, p: nn.Parameter, t: torch.Tensor) -> None:
-        t = t.to(p.dtype)
+        """Adds ``t`` to ``p``'s clipped sum, kept in ``sum_dtype(p)`` (float32 for a 16-bit
+        parameter: it is rounded to ``p``'s dtype only after the noise)."""
+        t = t.to(sum_dtype(p))
         if p in sums:
             sums[p].add_(t)
         else:

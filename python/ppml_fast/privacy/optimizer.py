@@ -26,6 +26,7 @@ from ppml_fast.ops import noise
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded
 from ppml_fast.privacy.module import PrivateModule
+from ppml_fast.privacy.per_sample import sum_dtype
 
 CLIPPING = ("flat", "per_layer", "automatic")
 NONFINITE = ("raise", "drop")
@@ -191,7 +192,7 @@ class DPOptimizer:
         out = []
         for p in self.params:
             s = self._summed.get(p)
-            out.append(torch.zeros_like(p) if s is None else s)
+            out.append(torch.zeros_like(p, dtype=sum_dtype(p)) if s is None else s)
         return out
 
     def add_noise(self, grads: list[torch.Tensor]) -> None:
@@ -289,8 +290,8 @@ class DPOptimizer:
         grads = self._grads()
         self._reduce(grads)
         self._noise_and_scale(grads)
-        for p, g in zip(self.params, grads):
-            p.grad = g
+        for p, g in zip(self.params, grads):  # 16-bit parameters: rounded after the noise
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         if self.noise_multiplier == 0:
             self.unnoised_steps += 1  # no event: a Gaussian with sigma 0 has no finite epsilon
         elif self.accountant is not None and self.sample_rate is not None:

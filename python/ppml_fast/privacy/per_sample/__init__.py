@@ -21,8 +21,9 @@ of the roles, e.g. one call per role under per-layer clipping) or ``None`` (book
 vectorised over the batch; an empty batch (B = 0) gives empty norms and zero sums.
 
 Dtypes: norms are float64 when the activation or ``grad_out`` is float64, else float32 (bfloat16 and
-float16 inputs are computed in float32); per-sample gradients and clipped sums have the parameter's
-dtype.
+float16 inputs are computed in float32); per-sample gradients have the parameter's dtype, clipped
+sums :func:`sum_dtype` (the parameter's, float32 for 16-bit parameters: the noise must be added to
+an unrounded sum).
 
 Paths: every rule takes ``mode`` = ``"auto"`` (cost model), ``"ghost"`` or ``"materialize"``, at
 construction or per call (``norms_sq(..., mode=...)``). Rules whose per-sample gradients are always
@@ -112,11 +113,27 @@ def sq_norms(per_sample: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(flat, dim=1).square()  # measured 1.5-2x faster than vecdot
 
 
+def sum_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of a clipped sum for ``param``: float32 for a 16-bit parameter, else its own.
+
+    A sum rounded to 16 bits before the noise is added would be a different mechanism: rounding
+    moves the sum by up to 2^-8 of its size (bfloat16), so two neighbouring batches' rounded sums
+    could differ by more than the clipping norm C (by up to C + 2^-7 |sum|), and the noise is
+    calibrated to C. The DP optimizer adds the noise to the float32 sum and rounds after
+    (post-processing). float32 itself rounds the sum by up to 2^-24 of its size, as every
+    float32 DP-SGD implementation does (Opacus included); not accounted for."""
+    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
+
 def weighted_sum(per_sample: Tensor, factors: Tensor, like: Tensor) -> Tensor:
-    """``sum_i factors[i] * per_sample[i]`` with the shape and dtype of ``like`` (one matvec)."""
+    """``sum_i factors[i] * per_sample[i]`` with the shape of ``like`` and the dtype
+    :func:`sum_dtype` gives it (one matvec)."""
     flat = per_sample.flatten(1)
+    dt = sum_dtype(like)
+    if flat.dtype != dt and flat.dtype != torch.float64:
+        flat = flat.to(dt)
     out = factors.to(flat.dtype) @ flat
-    return out.reshape(like.shape).to(like.dtype)
+    return out.reshape(like.shape).to(dt)
 
 
 def norms_from(per_sample: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

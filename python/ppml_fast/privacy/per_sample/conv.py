@@ -253,9 +253,9 @@ class ConvRule:
         geo, shape, x, g = self._prepare(cap, grad_out)
         w = cap.params["weight"]
         if x.shape[0] == 0:
-            out["weight"] = torch.zeros_like(w)
+            out["weight"] = torch.zeros_like(w, dtype=_ps.sum_dtype(w))
             if want_bias:
-                out["bias"] = torch.zeros_like(cap.params["bias"])
+                out["bias"] = torch.zeros_like(cap.params["bias"], dtype=_ps.sum_dtype(cap.params["bias"]))
             return out
         # Book-keeping: the factors folded into grad_out, one native weight-gradient call.
         gf = g * factors.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
@@ -265,9 +265,9 @@ class ConvRule:
             list(geo.stride), list(pad), list(geo.dilation), False, [0] * self.n, geo.groups,
             [False, True, want_bias],
         )
-        out["weight"] = gw.to(w.dtype)
+        out["weight"] = gw.to(_ps.sum_dtype(w))
         if want_bias:
-            out["bias"] = gb.to(cap.params["bias"].dtype)
+            out["bias"] = gb.to(_ps.sum_dtype(cap.params["bias"]))
         return out
 
     def per_sample(self, cap: _ps.Captured, grad_out: Tensor) -> dict[str, Tensor]:

@@ -145,7 +145,7 @@ class EmbeddingRule:
         total = scaled.new_zeros(num, dim).index_add_(0, idx2.reshape(-1), scaled)
         if pad is not None:
             total[pad] = 0
-        return {"weight": total.to(weight.dtype)}
+        return {"weight": total.to(_ps.sum_dtype(weight))}
 
     def per_sample(self, cap: _ps.Captured, grad_out: Tensor) -> dict[str, Tensor]:
         _ps.check_batch(cap, grad_out)

@@ -149,9 +149,9 @@ class LinearRule:
         if "weight" in params and "weight" not in out:
             w = params["weight"]
             total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
-            out["weight"] = total if total.dtype == w.dtype else total.to(w.dtype)
+            out["weight"] = total.to(_ps.sum_dtype(w))
         if "bias" in params and "bias" not in out:
-            out["bias"] = gf.sum(0).to(params["bias"].dtype)
+            out["bias"] = gf.sum(0).to(_ps.sum_dtype(params["bias"]))
         return out
 
     def per_sample(self, cap: _ps.Captured, grad_out: Tensor) -> dict[str, Tensor]:
