@@ -65,3 +65,20 @@ def test_bad_demo_config_names_the_argument(kw, name):
 def test_bad_cli_value_exits_2(capsys):
     assert main(["demo", "--rounds", "0", "--no-progress"]) == 2
     assert "rounds" in capsys.readouterr().err
+
+
+def test_report_json_is_strict_for_numpy_and_torch_non_finite_values(tmp_path):
+    import numpy as np
+    import torch
+
+    from ppml_fast.demo.report import write_report
+
+    path = write_report({"epsilon": np.float32("inf"), "loss": torch.tensor(float("nan")),
+                         "curve": np.array([1.0, np.inf]), "plain": float("-inf")}, str(tmp_path))
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    with open(path) as f:
+        d = json.load(f, parse_constant=refuse)
+    assert d == {"epsilon": "inf", "loss": "nan", "curve": [1.0, "inf"], "plain": "-inf"}

@@ -3,7 +3,6 @@ same results as eager mode (the noise stream is fixed by seed and offset)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ppml_fast.ops import (

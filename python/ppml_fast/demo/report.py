@@ -80,6 +80,6 @@ def write_report(report: dict[str, Any], directory: str) -> str:
 
 
 def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
+    if hasattr(o, "tolist"):  # numpy / torch values: non-finite ones become strings too
+        return json_safe(o.tolist())
     return str(o)

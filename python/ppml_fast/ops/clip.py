@@ -104,7 +104,6 @@ def _(grads, max_norms, clipping, eps, gamma):
     batch = grads[0].shape[0]
     for g in grads:
         torch._check(g.shape[0] == batch, lambda: "per_sample_grads must share the batch size")
-    acc = accumulation_dtype(grads[0].dtype)
     sums = [g.new_empty(g.shape[1:]) for g in grads]
     shape = (len(grads), batch) if clipping == "per_layer" else (batch,)
     return sums, grads[0].new_empty(shape, dtype=torch.float64)
