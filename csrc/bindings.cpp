@@ -187,6 +187,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_clip_simd", &cpu::set_clip_simd, py::arg("enabled"),
         "Test hook: AVX2 (True) or portable (False) build of the CPU clipping / aggregation "
         "loops; returns the previous setting. Both give the same bits.");
+  m.def("_set_clip_f16c", &cpu::set_clip_f16c, py::arg("enabled"),
+        "Test hook: within the AVX2 build, F16C (True) or plain AVX2 (False) float16 clipping / "
+        "aggregation loops; returns the previous setting. All give the same bits.");
   m.def("_set_secagg_simd", &cpu::set_secagg_simd, py::arg("enabled"),
         "Test hook: AVX2 (True) or portable (False) CPU mask path; returns the previous setting.");
   // Known-answer hooks for the tests: the raw generators and one Box-Muller pair.
@@ -210,6 +213,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_noise_simd", &cpu::set_noise_simd, py::arg("enabled"),
         "Test hook: AVX2 (True) or portable (False) CPU noise path; returns the previous "
         "setting. Both give the same bits.");
+  m.def("_set_noise_f16c", &cpu::set_noise_f16c, py::arg("enabled"),
+        "Test hook: within the AVX2 noise path, F16C (True) or element-by-element (False) "
+        "float16 updates; returns the previous setting. Both give the same bits.");
   m.def("sincos_turns", [](double a) {
     double s, c;
     sincos_turns(a, &s, &c);

@@ -310,10 +310,19 @@ std::atomic<bool>& simd_flag() {
   return on;
 }
 
+// Within the AVX2 build, float16 takes the F16C loops where the CPU has F16C, unless
+// PPML_FAST_DISABLE_F16C is set or set_clip_f16c turned them off (the AVX2 build without F16C
+// then runs). All builds give the same bits.
+std::atomic<bool>& f16c_flag() {
+  static std::atomic<bool> on{f16c_on_by_default()};
+  return on;
+}
+
 template <typename T>
 void run(const ClipProblem& p) {
   const Layout lay(p.seg_widths);
-  const RowLoops<T> loops = row_loops<T>(simd_flag().load(std::memory_order_relaxed));
+  const RowLoops<T> loops = row_loops<T>(simd_flag().load(std::memory_order_relaxed),
+                                         f16c_flag().load(std::memory_order_relaxed));
   if (p.mode == ClipMode::kNone && !p.per_layer) {
     run_one_pass<T>(p, lay, loops);
   } else {
@@ -324,6 +333,7 @@ void run(const ClipProblem& p) {
 }  // namespace
 
 bool set_clip_simd(bool enabled) { return simd_flag().exchange(enabled && cpu_has_avx2()); }
+bool set_clip_f16c(bool enabled) { return f16c_flag().exchange(enabled && cpu_has_f16c()); }
 
 void clip_accumulate(const ClipProblem& p) {
   if (p.rows == 0) return;  // the Python layer returns zeros without calling the kernel

@@ -6,7 +6,7 @@
 // block space from a shared counter.
 //
 // Two paths give the same bits: with AVX2 (noise_avx2.h) Philox, Box-Muller and the update run
-// four blocks per vector; elsewhere, or with PPML_FAST_DISABLE_AVX2=1, the portable code of
+// four blocks per vector (16-bit storage: where the CPU also has F16C); elsewhere, or with PPML_FAST_DISABLE_AVX2=1, the portable code of
 // include/ppml (eight Philox blocks at a time, then Box-Muller per block), built for the baseline
 // ISA (and for AVX2, which secure mode uses where the CPU has it). Secure mode (ChaCha20) always
 // takes the portable code.
@@ -33,6 +33,14 @@ constexpr int kLanes = 8;  // blocks generated together by the portable path (ph
 // compare both paths; set_noise_simd switches it for them in-process).
 std::atomic<bool>& simd_flag() {
   static std::atomic<bool> on{avx2_on_by_default()};
+  return on;
+}
+
+// Within the AVX2 path, float16 and bfloat16 tensors are updated by vectors where the CPU has
+// F16C (the conversions of f16c.h), unless PPML_FAST_DISABLE_F16C is set or set_noise_f16c
+// turned it off: then element by element, as before. Both give the same bits.
+std::atomic<bool>& f16c_flag() {
+  static std::atomic<bool> on{f16c_on_by_default()};
   return on;
 }
 
@@ -103,20 +111,40 @@ __attribute__((target("avx2"), noinline)) void update_groups_avx2(T* x, uint64_t
   avx2::update_groups<kScale>(x, index, groups, keys, stddev, f);
 }
 
+// The same for 16-bit storage (avx2::update_groups_16), compiled for "avx2,f16c": float16 needs
+// F16C's conversions; bfloat16's are AVX2 integer code but share the loop (every AVX2 CPU has
+// F16C; where a hypervisor hides it, both 16-bit types are updated element by element).
+template <avx2::Scale kScale, typename T>
+__attribute__((target("avx2,f16c"), noinline)) void update_groups_16_f16c(
+    T* x, uint64_t index, int64_t groups, const avx2::PhiloxKeys& keys, double stddev, double f) {
+  avx2::update_groups_16<kScale>(x, index, groups, keys, stddev, f);
+}
+
+template <avx2::Scale kScale, typename T>
+void update_groups_any(T* x, uint64_t index, int64_t groups, const avx2::PhiloxKeys& keys,
+                       double stddev, double f) {
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+    update_groups_16_f16c<kScale>(x, index, groups, keys, stddev, f);
+  } else {
+    update_groups_avx2<kScale>(x, index, groups, keys, stddev, f);
+  }
+}
+
 // AVX2 path of the reproducible stream, same arguments as noise_range. Whole groups of
-// avx2::kGroupBlocks blocks whose elements all exist go through avx2::update_groups; the rest (the
-// range's last partial group, a tensor's odd last element, 16-bit storage) computes the same
-// samples a group at a time and updates element by element with the scalar apply_noise, which
-// performs the same operations.
+// avx2::kGroupBlocks blocks whose elements all exist go through avx2::update_groups (16-bit
+// storage: update_groups_16, where f16c); the rest (the range's last partial group, a tensor's
+// odd last element, 16-bit storage without F16C) computes the same samples a group at a time and
+// updates element by element with the scalar apply_noise, which performs the same operations.
 template <typename T>
 __attribute__((target("avx2"))) void noise_range_avx2(T* x, int64_t numel, uint64_t first_block,
                                                       uint64_t b0, uint64_t b1,
                                                       const NoiseProblem& p,
-                                                      const avx2::PhiloxKeys& keys) {
+                                                      const avx2::PhiloxKeys& keys, bool f16c) {
   constexpr uint64_t kG = avx2::kGroupBlocks;
+  constexpr bool k16 = std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>;
   const uint64_t index = p.offset + first_block;  // Philox block of local block 0
   uint64_t b = b0;
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+  if (!k16 || f16c) {
     // blocks [b0, full) have both elements
     const uint64_t full = std::min<uint64_t>(b1, static_cast<uint64_t>(numel) / 2);
     if (full > b0) {
@@ -124,13 +152,13 @@ __attribute__((target("avx2"))) void noise_range_avx2(T* x, int64_t numel, uint6
       T* xb = x + 2 * b0;
       double inv;
       if (!p.divide) {
-        update_groups_avx2<avx2::Scale::kNone>(xb, index + b0, groups, keys, p.stddev, 1.0);
+        update_groups_any<avx2::Scale::kNone>(xb, index + b0, groups, keys, p.stddev, 1.0);
       } else if (exact_reciprocal(p.denominator, &inv)) {
-        update_groups_avx2<avx2::Scale::kMulReciprocal>(xb, index + b0, groups, keys, p.stddev,
-                                                        inv);
+        update_groups_any<avx2::Scale::kMulReciprocal>(xb, index + b0, groups, keys, p.stddev,
+                                                       inv);
       } else {
-        update_groups_avx2<avx2::Scale::kDivide>(xb, index + b0, groups, keys, p.stddev,
-                                                 p.denominator);
+        update_groups_any<avx2::Scale::kDivide>(xb, index + b0, groups, keys, p.stddev,
+                                                p.denominator);
       }
       b = b0 + kG * static_cast<uint64_t>(groups);
     }
@@ -152,11 +180,11 @@ __attribute__((target("avx2"))) void noise_range_avx2(T* x, int64_t numel, uint6
 // on the portable code, its AVX2 build when avx2 is true.
 template <typename T>
 void noise_typed(T* x, int64_t numel, uint64_t first, uint64_t b0, uint64_t b1,
-                 const NoiseProblem& p, const void* simd_keys, bool avx2) {
+                 const NoiseProblem& p, const void* simd_keys, bool avx2, bool f16c) {
 #if defined(PPML_HAVE_NOISE_AVX2)
   if (simd_keys)
     return noise_range_avx2(x, numel, first, b0, b1, p,
-                            *static_cast<const avx2::PhiloxKeys*>(simd_keys));
+                            *static_cast<const avx2::PhiloxKeys*>(simd_keys), f16c);
 #endif
 #if PPML_HAVE_AVX2_TARGET
   if (avx2) return noise_portable_avx2(x, numel, first, b0, b1, p);
@@ -165,17 +193,20 @@ void noise_typed(T* x, int64_t numel, uint64_t first, uint64_t b0, uint64_t b1,
 }
 
 void noise_tensor(const NoiseTensor& t, uint64_t first, uint64_t b0, uint64_t b1,
-                  const NoiseProblem& p, const void* simd_keys, bool avx2) {
+                  const NoiseProblem& p, const void* simd_keys, bool avx2, bool f16c) {
   switch (t.dtype) {
     case DType::kFloat32:
-      return noise_typed(static_cast<float*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2);
+      return noise_typed(static_cast<float*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2,
+                         f16c);
     case DType::kFloat64:
-      return noise_typed(static_cast<double*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2);
+      return noise_typed(static_cast<double*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2,
+                         f16c);
     case DType::kFloat16:
-      return noise_typed(static_cast<Half*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2);
+      return noise_typed(static_cast<Half*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2,
+                         f16c);
     case DType::kBFloat16:
       return noise_typed(static_cast<BFloat16*>(t.ptr), t.numel, first, b0, b1, p, simd_keys,
-                         avx2);
+                         avx2, f16c);
   }
 }
 
@@ -185,6 +216,8 @@ bool set_noise_simd(bool enabled) {
   return simd_flag().exchange(enabled && cpu_has_avx2());
 }
 
+bool set_noise_f16c(bool enabled) { return f16c_flag().exchange(enabled && cpu_has_f16c()); }
+
 void gaussian_noise(const NoiseProblem& p) {
   // first block of each tensor, relative to the stream's start (offset, or 0 in secure mode)
   std::vector<uint64_t> first(p.tensors.size() + 1, 0);
@@ -193,6 +226,7 @@ void gaussian_noise(const NoiseProblem& p) {
   const uint64_t total = first.back();
   if (total == 0) return;
   const bool simd = simd_flag().load(std::memory_order_relaxed);
+  const bool f16c = simd && f16c_flag().load(std::memory_order_relaxed);
   const void* simd_keys = nullptr;
 #if defined(PPML_HAVE_NOISE_AVX2)
   avx2::PhiloxKeys keys;
@@ -207,7 +241,8 @@ void gaussian_noise(const NoiseProblem& p) {
     for (; k < p.tensors.size() && first[k] < g1; ++k) {
       uint64_t lo = std::max(g0, first[k]), hi = std::min(g1, first[k + 1]);
       if (lo >= hi) continue;
-      noise_tensor(p.tensors[k], first[k], lo - first[k], hi - first[k], p, simd_keys, simd);
+      noise_tensor(p.tensors[k], first[k], lo - first[k], hi - first[k], p, simd_keys, simd,
+                   f16c);
     }
   };
   int nthreads = p.num_threads;

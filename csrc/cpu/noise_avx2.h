@@ -25,9 +25,11 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../include/ppml/gaussian.h"  // kTwo52, kRoundMagic
 #include "../include/ppml/philox.h"
+#include "f16c.h"
 
 #define PPML_HAVE_NOISE_AVX2 1
 #define PPML_AVX2_INLINE inline __attribute__((target("avx2"), always_inline))
@@ -277,6 +279,43 @@ PPML_AVX2_INLINE void update_groups(double* x, uint64_t index, int64_t groups,
       _mm256_storeu_pd(p + 4 * v, update<kScale>(_mm256_loadu_pd(p + 4 * v), e[v], sd, fv));
   }
 }
+
+// 16-bit storage: each pair of sample vectors covers 8 elements, loaded as 8 floats (exact), then
+// as in apply_noise: float -> double (exact), the double update, double -> float (vcvtpd2ps,
+// MXCSR's rounding like the scalar cvtsd2ss), float -> 16 bits by the same rounding as
+// float_to_half / float_to_bf16 (f16c.h): the portable path also rounds twice, through float.
+// kGroupBlocks is even (4 * kN), so a group is whole pairs of vectors.
+template <Scale kScale, typename T>
+PPML_F16C_INLINE void update_groups_16(T* x, uint64_t index, int64_t groups,
+                                       const PhiloxKeys& keys, double stddev, double f) {
+  const __m256d sd = cst(stddev), fv = cst(f);
+  for (int64_t j = 0; j < groups; ++j) {
+    __m256d e[2 * kN];
+    normals(keys, index + kGroupBlocks * static_cast<uint64_t>(j), e);
+    T* p = x + 2 * kGroupBlocks * j;
+    for (int v = 0; v < 2 * kN; v += 2) {
+      T* q = p + 4 * v;
+      __m256 xf;
+      if constexpr (std::is_same_v<T, Half>) {
+        xf = f16c::load8(q);
+      } else {
+        xf = f16c::bf16_load8(q);
+      }
+      const __m256d lo = update<kScale>(_mm256_cvtps_pd(_mm256_castps256_ps128(xf)), e[v], sd, fv);
+      const __m256d hi =
+          update<kScale>(_mm256_cvtps_pd(_mm256_extractf128_ps(xf, 1)), e[v + 1], sd, fv);
+      const __m256 r = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+      __m128i bits;
+      if constexpr (std::is_same_v<T, Half>) {
+        bits = f16c::to_half8(r);
+      } else {
+        bits = f16c::to_bf16_8(r);
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), bits);
+    }
+  }
+}
+static_assert(kGroupBlocks % 2 == 0, "16-bit updates take pairs of sample vectors");
 
 #undef PPML_FOR_N
 

@@ -7,8 +7,8 @@
 // clones of functions from a header under LTO and -fvisibility=hidden were the main suspect of
 // a crash of the clipping kernel on a g++ 13 / AVX-512 host (bench/RESULTS.md, Vectorisation).
 // The library must contain no IFUNC symbol (tests/ops/test_clip_simd.py checks the .so).
-// Floating-point contraction is off in the whole build and "avx2" does not enable FMA, so both
-// builds of a loop round identically.
+// Floating-point contraction is off in the whole build, and neither "avx2" nor "avx2,f16c"
+// enables FMA, so both builds of a loop round identically.
 #pragma once
 
 #include <cstdlib>
@@ -45,5 +45,20 @@ inline bool cpu_has_avx2() {
 // The initial state of a kernel's switch: on where the CPU has AVX2, unless
 // PPML_FAST_DISABLE_AVX2 is set in the environment.
 inline bool avx2_on_by_default() { return cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2"); }
+
+// Whether the CPU has AVX2 and F16C (the float16 <-> float conversions, a CPUID bit of its own;
+// every AVX2 CPU shipped has it, but a hypervisor may mask it). The float16 loops compiled for
+// "avx2,f16c" (f16c.h) run only where this holds; elsewhere the AVX2 build without F16C does.
+inline bool cpu_has_f16c() {
+#if PPML_HAVE_AVX2_TARGET
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// The initial state of a kernel's F16C switch (used only while its AVX2 switch is on): on where
+// the CPU has AVX2 and F16C, unless PPML_FAST_DISABLE_F16C is set in the environment.
+inline bool f16c_on_by_default() { return cpu_has_f16c() && !std::getenv("PPML_FAST_DISABLE_F16C"); }
 
 }  // namespace ppml::cpu

@@ -81,6 +81,10 @@ bool set_noise_simd(bool enabled);
 // Test hook: the AVX2 (true, where the CPU has it) or the portable (false) build of the
 // clipping kernel's row loops; returns the previous setting. Both give the same bits.
 bool set_clip_simd(bool enabled);
+// Test hooks: the F16C build of the float16 loops (true, where the CPU has AVX2 and F16C) or the
+// AVX2 build without F16C (false), used while the AVX2 switch is on; return the previous setting.
+bool set_clip_f16c(bool enabled);
+bool set_noise_f16c(bool enabled);
 }  // namespace cpu
 
 namespace cuda {
