@@ -2,6 +2,7 @@
 # One-shot GPU check of ppml_fast on a lent CUDA machine (the device tool's `run`), in the repo
 # root of a fresh copy of the working tree. Whatever it writes under $OUT comes back:
 #   device_check.log          everything this script prints (versions, build, steps, statuses)
+#   tests_cpu_clip.log        pytest of the CPU clipping kernel's builds (the crash of machine B)
 #   tests.log                 pytest of the CUDA tests (ops and the DP engine)
 #   bench_dp_step_cuda.json   `ppml-fast bench --only dp-step --device cuda --json` (M1, M2, M3)
 #   dp_step_memory_cuda.json  peak CUDA memory of one DP step per impl (allocator statistics)
@@ -13,7 +14,8 @@
 #   a. machine, driver, compiler and Python package versions
 #   e. carried wheels: .whl/*.whl (Opacus 1.6.0, for the baselines) into /tmp/site
 #   b. the extension with the CUDA kernels for sm_90 only (build/gpu), copied into python/ppml_fast
-#   c. every test marked cuda (tests/ops/test_cuda.py, tests/privacy/test_cuda_engine.py, ...)
+#   c. the CPU clipping tests, then every test marked cuda (tests/ops/test_cuda.py,
+#      tests/privacy/test_cuda_engine.py, ...)
 #   d. the DP-step and op benchmarks on the GPU
 # Exit status: 0 when every step that ran succeeded, else 1.
 # Environment: PYTHON (default python3), OUT (default ./device-out), PPML_CHECK_BUILD=0 skips the
@@ -130,14 +132,21 @@ print('ppml_fast', ppml_fast.__file__, '| CUDA kernels:', cuda_available(),
 # every test marked cuda (tests/ops/test_cuda.py, tests/privacy/test_cuda_engine.py, ...); no -x:
 # one run must bring back every failure
 cuda_tests() {
-  local files
+  local files cpu_rc
+  # first the CPU clipping kernel on this host's CPU and compiler (it crashed on an AVX-512 /
+  # g++ 13 host before its target_clones dispatch was removed): both builds, bit for bit
+  "$PY" -m pytest tests/ops/test_clip_simd.py tests/ops/test_clip_and_accumulate.py -q -rfEs \
+    -p no:cacheprovider 2>&1 | tee "$OUT/tests_cpu_clip.log"
+  cpu_rc=${PIPESTATUS[0]}
   mapfile -t files < <(grep -rl --include='test_*.py' 'mark\.cuda' tests | sort)
   echo "files: ${files[*]}"
   # each step runs in a fresh bash, where the parent's pipefail does not hold: take pytest's
   # own status, so that a crash (a signal) or a failure marks the step FAILED
   "$PY" -m pytest "${files[@]}" -m cuda -q -rfEs --durations=15 -p no:cacheprovider \
     ${PPML_CHECK_PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
-  return "${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  ((rc == 0)) && rc=$cpu_rc
+  return "$rc"
 }
 
 # bench FILE ARGS...: `ppml-fast bench ARGS --json` into $OUT/FILE (stderr into the log)
