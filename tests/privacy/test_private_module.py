@@ -353,3 +353,23 @@ def test_functional_call_and_frozen_layers():
     private(x).sum().backward()
     sums, seen = private.clipped_sums(max_grad_norm=1.0)
     assert seen == 5 and set(sums) == {model[0].weight, model[0].bias}
+
+
+def test_deep_copy_of_a_wrapped_model_is_a_plain_model():
+    # e.g. an EMA or evaluation copy: its layers carry the wrapper's forwards and hooks, but they
+    # must neither record into the original's pending batch nor switch its parameters
+    torch.manual_seed(7)
+    model = Mixed().double()
+    private = PrivateModule(model)
+    img, tokens, y = _inputs()
+    nn.functional.cross_entropy(private(img, tokens), y).backward()  # a pending batch
+    calls = len(private.recorder.batches[0].calls)
+    clone = copy.deepcopy(model)
+    nn.functional.cross_entropy(clone(img, tokens), y).backward()
+    assert len(private.recorder.batches) == 1 and len(private.recorder.batches[0].calls) == calls
+    assert all(p.grad is not None for p in clone.parameters())  # plain autograd in the copy
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    sums, seen = private.clipped_sums(max_grad_norm=0.7)
+    want, _ = _reference_sums(model, img, tokens, y, 0.7, "flat")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)

@@ -95,7 +95,9 @@ class Recorder:
         switched: list[list[nn.Parameter]] = []  # a stack: a module may run inside itself
 
         def pre(mod, inputs):
-            off = [p for p in own if p.requires_grad] if self._current() is not None else []
+            # a deep copy of the module carries these hooks: it is not recorded (nor switched)
+            mine = mod is module and self._current() is not None
+            off = [p for p in own if p.requires_grad] if mine else []
             for p in off:
                 p.requires_grad_(False)
             switched.append(off)
@@ -104,7 +106,7 @@ class Recorder:
             batch = self._current()
             for p in switched.pop() if switched else ():
                 p.requires_grad_(True)
-            if batch is None or not isinstance(output, torch.Tensor):
+            if batch is None or mod is not module or not isinstance(output, torch.Tensor):
                 return None
             call = make_call(mod, inputs)
             batch.calls.append(call)

@@ -190,9 +190,10 @@ class PrivateModule(nn.Module):
 
         def dp_forward(m, *args, **kwargs):
             batch = rec._current()
-            if batch is None or any(not isinstance(p, nn.Parameter)
-                                    for p in m._parameters.values() if p is not None):
-                # not captured, or torch.func.functional_call swapped the parameters in
+            if batch is None or m is not mod or any(not isinstance(p, nn.Parameter)
+                                                    for p in m._parameters.values() if p is not None):
+                # not captured, a deep copy of the module (not recorded), or
+                # torch.func.functional_call swapped the parameters in
                 return type(m).forward(m, *args, **kwargs)
             if len(args) == 1 and not kwargs:
                 x = args[0]
@@ -259,6 +260,10 @@ class PrivateModule(nn.Module):
 
         def dp_forward(mod, query, key, value, key_padding_mask=None, need_weights=True,
                        attn_mask=None, average_attn_weights=True, is_causal=False):
+            if mod is not mha:  # a deep copy of the module: not recorded
+                return nn.MultiheadAttention.forward(
+                    mod, query, key, value, key_padding_mask, need_weights, attn_mask,
+                    average_attn_weights, is_causal)
             return attention.forward(mod, private._linear, query, key, value, key_padding_mask,
                                      need_weights, attn_mask, average_attn_weights, is_causal)
 
