@@ -373,3 +373,23 @@ def test_deep_copy_of_a_wrapped_model_is_a_plain_model():
     want, _ = _reference_sums(model, img, tokens, y, 0.7, "flat")
     for n, p in model.named_parameters():
         torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_layers_frozen_when_wrapped_are_clipped_once_unfrozen():
+    # a fine-tuning schedule: layers frozen at make_private, unfrozen later (also the hooked
+    # InstanceNorm and the torch.func Scale), must then be clipped, not left to the noise alone
+    torch.manual_seed(8)
+    model = Mixed().double()
+    for m in (model.conv, model.inorm, model.scale, model.head):
+        m.requires_grad_(False)
+    private = PrivateModule(model, loss_reduction="mean")
+    img, tokens, y = _inputs()
+    nn.functional.cross_entropy(private(img, tokens), y).backward()
+    sums, _ = private.clipped_sums(max_grad_norm=0.7)
+    assert model.head.weight not in sums and model.scale.w not in sums
+    model.requires_grad_(True)
+    nn.functional.cross_entropy(private(img, tokens), y).backward()
+    sums, _ = private.clipped_sums(max_grad_norm=0.7)
+    want, _ = _reference_sums(model, img, tokens, y, 0.7, "flat")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)

@@ -89,15 +89,16 @@ class Recorder:
         return self.batches[-1]
 
     # -- hooks ----------------------------------------------------------------------------------
-    def attach(self, module: nn.Module, params: dict[str, nn.Parameter], make_call) -> None:
-        """Hooks ``module``: ``make_call(module, inputs) -> Call`` builds the record of a call."""
-        own = list(params.values())
+    def attach(self, module: nn.Module, make_call) -> None:
+        """Hooks ``module``: ``make_call(module, inputs) -> Call`` builds the record of a call
+        (of the parameters trainable at that call; a call with none is not recorded)."""
         switched: list[list[nn.Parameter]] = []  # a stack: a module may run inside itself
 
         def pre(mod, inputs):
             # a deep copy of the module carries these hooks: it is not recorded (nor switched)
             mine = mod is module and self._current() is not None
-            off = [p for p in own if p.requires_grad] if mine else []
+            off = [p for p in mod._parameters.values()
+                   if p is not None and p.requires_grad] if mine else []
             for p in off:
                 p.requires_grad_(False)
             switched.append(off)
@@ -109,6 +110,8 @@ class Recorder:
             if batch is None or mod is not module or not isinstance(output, torch.Tensor):
                 return None
             call = make_call(mod, inputs)
+            if not call.params:  # frozen: nothing to record
+                return None
             batch.calls.append(call)
             return self.tap(output, call)
 

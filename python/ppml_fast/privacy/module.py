@@ -67,6 +67,11 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
+def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
+    """``mod``'s own parameters that require a gradient now (role -> parameter)."""
+    return {role: p for role, p in mod._parameters.items() if p is not None and p.requires_grad}
+
+
 def _refuse_nested_aliases(root: nn.Module) -> None:
     """Raises UnsupportedModuleError when a module registers, as its own, a trainable parameter
     that one of its submodules also registers (Opacus's DPLSTM does, to rename its parameters):
@@ -147,17 +152,18 @@ class PrivateModule(nn.Module):
                 claimed.update(id(m) for m in mod.modules())
                 self._override_attention(mod)
                 continue
-            own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
+            if not any(p is not None for p in mod._parameters.values()):
                 continue
+            # every layer with parameters, also frozen ones: which of them are trainable is read
+            # at each call (a layer unfrozen later is then clipped, not left to the noise alone)
             spec = None if patched else rule_for(mod)  # patched: torch.func runs the user's forward
             functional = functional_forward(mod) if spec is not None else None
             if functional is not None:
                 self._override_rule(mod, self._rule_call(spec), functional)
             elif spec is not None:
-                self.recorder.attach(mod, own, self._rule_call(spec))
+                self.recorder.attach(mod, self._rule_call(spec))
             else:
-                self.recorder.attach(mod, own, self._func_call(own))
+                self.recorder.attach(mod, self._func_call())
 
     def _rule_call(self, spec):
         key, kwargs_of, activation_of = spec
@@ -172,8 +178,7 @@ class PrivateModule(nn.Module):
             seq_first = sequence and not rec.batch_first and x.dim() >= seq_rank
             if seq_first:
                 x = x.movedim(1, 0)
-            params = {role: p for role, p in mod._parameters.items()
-                      if p is not None and p.requires_grad}
+            params = trainable(mod)
             cap = Captured(key, x.detach(), params, kwargs_of(mod))
             return Call(mod, params, cap=cap, seq_first=seq_first)
 
@@ -204,6 +209,8 @@ class PrivateModule(nn.Module):
                     f"{type(m).__name__}.forward takes one argument, {input_name!r}; got "
                     f"{len(args)} positional and keyword {sorted(kwargs)} (ppml_fast records "
                     "the call of the stock forward)")
+            if not any(p is not None and p.requires_grad for p in m._parameters.values()):
+                return type(m).forward(m, x)  # frozen now: nothing to record
             call = make(m, (x,))
             out = functional(m, x, {r: p.detach() for r, p in call.params.items()})
             batch.calls.append(call)
@@ -218,9 +225,9 @@ class PrivateModule(nn.Module):
         self._restore.append((mod, mod.__dict__.get("forward"), bound))
         mod.forward = bound
 
-    def _func_call(self, own: dict):
+    def _func_call(self):
         def make(mod: nn.Module, inputs: tuple) -> Call:
-            return Call(mod, dict(own), inputs=tuple(
+            return Call(mod, trainable(mod), inputs=tuple(
                 a.detach() if isinstance(a, torch.Tensor) else a for a in inputs))
 
         return make
