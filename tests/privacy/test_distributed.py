@@ -49,6 +49,7 @@ def _worker(rank, world, init_file, out_file):
         shard = [(x[rank::world], y[rank::world]) for x, y in _batches()]
         params = _train(DistributedDPOptimizer, model, shard)
         torch.save(params, f"{out_file}.{rank}")
+        dist.barrier()  # both ranks done before gloo shuts down (a rank could abort otherwise)
     finally:
         dist.destroy_process_group()
 

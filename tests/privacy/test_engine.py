@@ -375,3 +375,47 @@ def test_zero_noise_trains_and_reports_infinite_epsilon():
     with pytest.raises(PrivacyBudgetExceeded):  # a budget makes a sigma-0 step refuse at once
         e2, m2, o2, _ = _setup(noise_multiplier=0.0, max_epsilon=1.0, delta=1e-5)
         _train(m2, o2, DataLoader(_data(), batch_size=16), 1)
+
+
+def test_per_layer_noise_covers_every_clipped_parameter():
+    # per-layer clipping with one number C for K parameters: one sample's clipped gradient can
+    # have norm C sqrt(K), so the noise std must be sigma C sqrt(K) (it was sigma C)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.Linear(40, 30))  # K = 4 parameters
+    private = PrivateModule(model, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=private,
+                      noise_multiplier=2.0, max_grad_norm=3.0, expected_batch_size=1.0, seed=5,
+                      clipping="per_layer")
+    assert opt.noise_std == pytest.approx(2.0 * 3.0 * 2.0)
+    private(torch.randn(1, 50) * 100).pow(2).sum().backward()  # one sample, every layer clipped
+    sums, _ = private.clipped_sums(max_grad_norm=3.0, clipping="per_layer")
+    norm = math.sqrt(sum(float(s.pow(2).sum()) for s in sums.values()))
+    assert norm == pytest.approx(6.0, rel=1e-5) and norm <= opt.noise_std / 2.0 * (1 + 1e-6)
+    (private(torch.randn(4, 50)) * 0.0).sum().backward()
+    opt.step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()]).double().numpy()
+    assert stats.kstest(noise / 12.0, "norm").pvalue > 1e-4
+
+
+def test_per_layer_norms_stay_bound_to_their_parameters():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    model[0].bias.requires_grad_(False)  # frozen when the optimizer is built
+    private = PrivateModule(model, loss_reduction="sum")
+    norms = [0.1, 0.2, 0.3]  # weight 0, weight 2, bias 2
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=private,
+                      noise_multiplier=1.0, max_grad_norm=norms, expected_batch_size=1.0,
+                      clipping="per_layer")
+    model[1].weight.requires_grad_(False)  # frozen later: the others keep their own norms
+    assert opt.noise_std == pytest.approx(math.sqrt(0.1 ** 2 + 0.3 ** 2))
+    private(torch.randn(1, 5) * 100).pow(2).sum().backward()
+    opt.clip_and_accumulate()
+    got = {k: float(v.norm()) for k, v in zip(["w0", "b1"], [opt._summed[model[0].weight],
+                                                              opt._summed[model[1].bias]])}
+    assert got == pytest.approx({"w0": 0.1, "b1": 0.3}, rel=1e-5)
+    opt.zero_grad()
+    model[0].bias.requires_grad_(True)  # unfrozen: it has no per-layer norm
+    private(torch.randn(2, 5)).sum().backward()
+    with pytest.raises(ValueError, match="per-layer max_grad_norm"):
+        opt.step()
+    assert private.pending_batches() == 1 and opt.steps == 0  # nothing changed

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ppml_fast.audit import _checks
+from ppml_fast.privacy.per_sample import sum_dtype
 
 INPUT_KINDS = ("mislabelled", "ood")
 
@@ -146,7 +147,7 @@ class DiracCanaryMixin:
             sel = idx[self.canaries.param_index[idx] == k]
             if sel.numel() == 0:
                 continue
-            summed[p] = summed[p].contiguous() if p in summed else torch.zeros_like(p)
+            summed[p] = summed[p].contiguous() if p in summed else torch.zeros_like(p, dtype=sum_dtype(p))
             flat = summed[p].view(-1)
             flat.index_add_(0, self.canaries.flat_index[sel], self.canary_norm[sel].to(flat.dtype))
         self._samples += int(idx.numel())  # type: ignore[attr-defined]

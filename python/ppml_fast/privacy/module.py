@@ -315,7 +315,7 @@ class PrivateModule(nn.Module):
     def clipped_sums(
         self,
         *,
-        max_grad_norm: float | Sequence[float],
+        max_grad_norm: float | Sequence[float] | dict[int, float],
         clipping: str = "flat",
         nonfinite: str = "raise",
         step: int = 0,
@@ -486,10 +486,13 @@ class PrivateModule(nn.Module):
                     self._add_call(sums, c, role, out[role])
 
     def _thresholds(self, max_grad_norm, clipping) -> dict[int, float]:
-        """per_layer: parameter -> its clipping norm (one per trainable parameter, in
-        ``parameters()`` order, as Opacus takes them; a single number applies to each)."""
+        """per_layer: id(parameter) -> its clipping norm: ``max_grad_norm`` as such a dict (what
+        the DP optimizer passes), or one per trainable parameter, in ``parameters()`` order, as
+        Opacus takes them, or a single number for each."""
         if clipping != "per_layer":
             return {}
+        if isinstance(max_grad_norm, dict):
+            return {k: float(v) for k, v in max_grad_norm.items()}
         params = self.trainable_parameters()
         if isinstance(max_grad_norm, (int, float)):
             max_grad_norm = [float(max_grad_norm)] * len(params)

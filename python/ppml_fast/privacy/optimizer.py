@@ -47,8 +47,11 @@ class DPOptimizer:
         noise_multiplier: sigma, the noise std as a multiple of the clipping norm (>= 0; 0 means
             no noise and no privacy: such steps are counted in ``unnoised_steps`` and the
             engine's ``get_epsilon`` reports infinity once one has run).
-        max_grad_norm: C; for ``clipping="per_layer"`` one per trainable parameter (noise uses
-            the L2 norm of the list, as Opacus does).
+        max_grad_norm: C; for ``clipping="per_layer"`` either one per trainable parameter (bound
+            to the parameters trainable now, in ``parameters()`` order, as Opacus takes them) or
+            one number for every parameter. Per-layer noise uses the L2 norm of the norms of the
+            parameters it is added to (one sample's clipped gradient has at most that norm), as
+            Opacus does: one number C for K parameters gives noise std sigma * C * sqrt(K).
         expected_batch_size: the denominator of the average (q N for Poisson sampling).
         clipping: "flat", "per_layer" or "automatic" (Bu et al. 2023: C / (||g|| + gamma)).
         accountant, sample_rate: each step composes PoissonSampled(sample_rate, Gaussian(sigma)).
@@ -115,6 +118,11 @@ class DPOptimizer:
         self.module = module
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = max_grad_norm
+        # per_layer with a list: each norm bound to its parameter now (a parameter frozen or
+        # unfrozen later must not shift the list onto other parameters)
+        self._layer_norms: dict[int, float] = (
+            {id(p): c for p, c in zip(module.trainable_parameters(), max_grad_norm)}
+            if isinstance(max_grad_norm, list) else {})
         self.expected_batch_size = expected_batch_size
         self.clipping = clipping
         self.accountant = accountant
@@ -172,13 +180,33 @@ class DPOptimizer:
     # -- the stages -----------------------------------------------------------------------------
     @property
     def noise_std(self) -> float:
-        c = self.max_grad_norm
-        norm = math.sqrt(sum(x * x for x in c)) if isinstance(c, list) else c
-        return self.noise_multiplier * norm
+        """sigma times the largest norm one sample's clipped gradient of the noised parameters
+        can have: C, or for per-layer clipping the L2 norm of their per-parameter norms."""
+        if self.clipping != "per_layer":
+            return self.noise_multiplier * self.max_grad_norm
+        norms = self._per_layer_norms(self.params)
+        return self.noise_multiplier * math.sqrt(sum(c * c for c in norms.values()))
+
+    def _per_layer_norms(self, params) -> dict[int, float]:
+        """per_layer: id(parameter) -> its clipping norm, for ``params``."""
+        if not isinstance(self.max_grad_norm, list):
+            return {id(p): self.max_grad_norm for p in params}
+        missing = [i for i, p in enumerate(params) if id(p) not in self._layer_norms]
+        if missing:
+            raise ValueError(
+                f"step {self.steps}: per-layer max_grad_norm was given for the "
+                f"{len(self._layer_norms)} parameters trainable when the optimizer was built; "
+                f"trainable parameters {missing[:10]} (in parameters() order) were not among them "
+                "(unfrozen since?); pass one max_grad_norm for all, or rebuild the optimizer")
+        return {id(p): self._layer_norms[id(p)] for p in params}
 
     def clip_and_accumulate(self) -> None:
+        norms = self.max_grad_norm
+        if self.clipping == "per_layer":  # checked before anything changes
+            norms = self._per_layer_norms(self.module.trainable_parameters())
+            self._per_layer_norms(self.params)
         sums, seen = self.module.clipped_sums(
-            max_grad_norm=self.max_grad_norm, clipping=self.clipping, nonfinite=self.nonfinite,
+            max_grad_norm=norms, clipping=self.clipping, nonfinite=self.nonfinite,
             step=self.steps, gamma=self.gamma)
         for p, s in sums.items():
             if p in self._summed:
