@@ -393,3 +393,20 @@ def test_layers_frozen_when_wrapped_are_clipped_once_unfrozen():
     want, _ = _reference_sums(model, img, tokens, y, 0.7, "flat")
     for n, p in model.named_parameters():
         torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_deep_copies_can_be_wrapped_and_a_wrapper_copies_itself():
+    torch.manual_seed(9)
+    model = Mixed().double()
+    private = PrivateModule(model)
+    img, tokens, y = _inputs()
+    want, _ = _reference_sums(model, img, tokens, y, 0.7, "flat")
+    for copied in (PrivateModule(copy.deepcopy(model)), copy.deepcopy(private)):
+        assert isinstance(copied, PrivateModule) and copied.module is not model
+        nn.functional.cross_entropy(copied(img, tokens), y).backward()
+        sums, seen = copied.clipped_sums(max_grad_norm=0.7)
+        assert seen == 6 and private.pending_batches() == 0
+        for n, p in copied.module.named_parameters():
+            torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)
+        inner = copied.remove_hooks()
+        assert not any("forward" in m.__dict__ for m in inner.modules())  # a plain model again

@@ -12,6 +12,7 @@ Layers that cannot be private (BatchNorm, ...) are refused at construction, nami
 
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 from typing import Optional, Sequence
@@ -26,7 +27,20 @@ from ppml_fast.privacy.capture import Batch, Call, Recorder
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
 from ppml_fast.privacy.per_sample import Captured, make_rules, sum_dtype, weighted_sum
 
-_MARK = "_ppml_fast_private_forward"  # set on the forwards a PrivateModule installs
+_MARK = "_ppml_fast_private_forward"  # on the forwards a PrivateModule installs: their module
+
+
+def _installed_for(mod: nn.Module):
+    """The module a PrivateModule installed ``mod``'s instance forward for (``mod`` itself, or
+    the original of which ``mod`` is a deep copy), or None when it has no such forward."""
+    return getattr(getattr(mod.__dict__.get("forward"), "__func__", None), _MARK, None)
+
+
+def _own_forward(mod: nn.Module):
+    """``mod``'s instance forward, unless it is one a PrivateModule installed on another module
+    (``mod`` is a deep copy of that one): such a stale forward records nothing and is replaced."""
+    owner = _installed_for(mod)
+    return None if owner is not None and owner is not mod else mod.__dict__.get("forward")
 GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize"}
 _SEQUENCE_OPS = ("linear", "layer_norm", "rms_norm")
 
@@ -132,7 +146,7 @@ class PrivateModule(nn.Module):
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, root: nn.Module) -> None:
         for name, mod in root.named_modules():
-            if getattr(getattr(mod.__dict__.get("forward"), "__func__", None), _MARK, False):
+            if _installed_for(mod) is mod:
                 raise ValueError(
                     f"{name or 'the model'} ({type(mod).__name__}) is already wrapped by a "
                     "PrivateModule (make_private called twice on one model?); call remove_hooks() "
@@ -142,7 +156,7 @@ class PrivateModule(nn.Module):
         for name, mod in root.named_modules():
             if id(mod) in claimed:
                 continue
-            patched = "forward" in mod.__dict__  # a forward replaced on the instance by the user
+            patched = _own_forward(mod) is not None  # a forward the user replaced on the instance
             if isinstance(mod, nn.MultiheadAttention):
                 if patched:
                     raise UnsupportedModuleError(
@@ -220,9 +234,9 @@ class PrivateModule(nn.Module):
 
     def _set_forward(self, mod: nn.Module, fn) -> None:
         """Replaces ``mod``'s forward by ``fn`` (marked as this wrapper's), for remove_hooks()."""
-        setattr(fn, _MARK, True)
+        setattr(fn, _MARK, mod)
         bound = types.MethodType(fn, mod)
-        self._restore.append((mod, mod.__dict__.get("forward"), bound))
+        self._restore.append((mod, _own_forward(mod), bound))
         mod.forward = bound
 
     def _func_call(self):
@@ -275,6 +289,16 @@ class PrivateModule(nn.Module):
                                      need_weights, attn_mask, average_attn_weights, is_causal)
 
         self._set_forward(mha, dp_forward)
+
+    def __deepcopy__(self, memo: dict) -> "PrivateModule":
+        """A new PrivateModule, with the same settings, around a deep copy of the model (the
+        copy's layers would otherwise keep forwards and hooks that record into this one's
+        recorder); batches captured but not yet clipped are not copied."""
+        inner = copy.deepcopy(self._module, memo)
+        new = PrivateModule(inner, grad_sample_mode=self.grad_sample_mode,
+                            batch_first=self.recorder.batch_first, loss_reduction=self.loss_reduction)
+        memo[id(self)] = new
+        return new
 
     def remove_hooks(self) -> nn.Module:
         """Detaches everything; returns the original module, as it was."""
