@@ -202,8 +202,10 @@ class PrivateModule(nn.Module):
         """Records ``mod``'s calls by replacing its forward (instead of hooks): while a batch is
         captured, the module's own functional runs on detached trainable parameters, so autograd
         skips their summed gradients (book-keeping computes the clipped sums) without the hooks'
-        ``requires_grad`` switching; otherwise, and for calls with other arguments than one input,
-        the class's forward runs unchanged. ``remove_hooks()`` restores the module."""
+        ``requires_grad`` switching. Outside a captured pass (and for a deep copy of the module,
+        or under ``torch.func.functional_call``) the class's forward runs unchanged; inside one,
+        a call with other arguments than the one input raises TypeError (skipping it would leave
+        the layer to the noise alone). ``remove_hooks()`` restores the module."""
         rec = self.recorder
         input_name = list(inspect.signature(type(mod).forward).parameters)[1]
 
