@@ -410,3 +410,16 @@ def test_deep_copies_can_be_wrapped_and_a_wrapper_copies_itself():
             torch.testing.assert_close(sums[p], want[n], rtol=1e-8, atol=1e-10, msg=n)
         inner = copied.remove_hooks()
         assert not any("forward" in m.__dict__ for m in inner.modules())  # a plain model again
+
+
+def test_parametrized_layer_is_refused_naming_it():
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w + w.T
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    with pytest.raises(UnsupportedModuleError, match="0 \\(ParametrizedLinear\\): parametrized"):
+        PrivateModule(model)

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from ppml_fast.accounting.errors import PrivacyError
 
@@ -112,6 +113,10 @@ def refusal(name: str, module: nn.Module) -> Optional[str]:
             return f"{label}: scale_grad_by_freq=True couples the samples of a batch"
         if module.max_norm is not None:
             return f"{label}: max_norm renormalises the weights in place from the data; use max_norm=None"
+    if parametrize.is_parametrized(module):
+        return (f"{label}: parametrized parameters (torch.nn.utils.parametrize, e.g. "
+                "weight_norm / spectral_norm / orthogonal) are not supported: the trainable "
+                "tensor is not the one the layer computes with; remove the parametrization")
     if isinstance(module, (nn.RNNBase,)):
         return f"{label}: recurrent layers are not supported yet"
     return None
