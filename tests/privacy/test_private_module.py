@@ -224,7 +224,7 @@ def test_bad_arguments():
 
 
 def test_bfloat16_model_clips_with_float32_factors():
-    from ppml_fast.privacy.module import _factor_dtype
+    from ppml_fast.privacy.clipping import _factor_dtype
 
     f = torch.tensor([0.99951171875 + 2**-12], dtype=torch.float64)  # rounds up to 1.0 in bf16
     g16 = torch.zeros(1, dtype=torch.bfloat16)
