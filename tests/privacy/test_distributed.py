@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ppml_fast.privacy import DPOptimizer, PrivateModule
-from ppml_fast.privacy.optimizer import DistributedDPOptimizer
+from ppml_fast.privacy.distributed import DistributedDPOptimizer
 
 STEPS = 3
 
@@ -37,7 +37,7 @@ def _train(opt_cls, model, batches, **kw):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, world, init_file, out_file):
+def _worker(rank, world, init_file, out_file, secure=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -47,7 +47,7 @@ def _worker(rank, world, init_file, out_file):
                 for p in model.parameters():
                     p.add_(1.0)
         shard = [(x[rank::world], y[rank::world]) for x, y in _batches()]
-        params = _train(DistributedDPOptimizer, model, shard)
+        params = _train(DistributedDPOptimizer, model, shard, secure_mode=secure)
         torch.save(params, f"{out_file}.{rank}")
         dist.barrier()  # both ranks done before gloo shuts down (a rank could abort otherwise)
     finally:
@@ -62,6 +62,18 @@ def test_two_ranks_equal_one_process(tmp_path):
     for a, b, c in zip(rank0, rank1, single):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the ranks agree exactly
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # and match one process
+
+
+def test_secure_mode_ranks_share_rank_zeros_noise(tmp_path):
+    # secure noise cannot be drawn alike on two ranks: rank 0 draws it and broadcasts the noisy
+    # gradient, so the ranks still agree exactly (and differ from any other noise draw)
+    out = str(tmp_path / "params")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out, True), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    single = _train(DPOptimizer, _model(), _batches())
+    for a, b in zip(rank0, rank1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.allclose(a, c) for a, c in zip(rank0, single))
 
 
 def test_needs_an_initialised_process_group():

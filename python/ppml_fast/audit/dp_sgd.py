@@ -48,7 +48,8 @@ from ppml_fast.audit.distinguish import distinguishing_test
 from ppml_fast.audit.one_run import one_run_audit
 from ppml_fast.audit.result import AuditResult
 from ppml_fast.privacy.engine import PrivacyEngine
-from ppml_fast.privacy.optimizer import DistributedDPOptimizer, DPOptimizer
+from ppml_fast.privacy.distributed import DistributedDPOptimizer
+from ppml_fast.privacy.optimizer import DPOptimizer
 
 CANARY_KINDS = ("dirac",) + INPUT_KINDS
 OBSERVE = ("gradients", "model")

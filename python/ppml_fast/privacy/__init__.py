@@ -13,7 +13,8 @@ from ppml_fast.privacy.data import BatchMemoryManager, DPDataLoader
 from ppml_fast.privacy.engine import PrivacyEngine
 from ppml_fast.privacy.layers import UnsupportedModuleError, fix_module
 from ppml_fast.privacy.module import NonFiniteGradientError, PrivateModule
-from ppml_fast.privacy.optimizer import DistributedDPOptimizer, DPOptimizer
+from ppml_fast.privacy.distributed import DistributedDPOptimizer
+from ppml_fast.privacy.optimizer import DPOptimizer
 from ppml_fast.privacy.schedulers import ExponentialNoise, LambdaNoise, NoiseScheduler, StepNoise
 
 __all__ = [

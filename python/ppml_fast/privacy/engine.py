@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from ppml_fast.accounting import calibration
 from ppml_fast.privacy.data import DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
-from ppml_fast.privacy.optimizer import DistributedDPOptimizer, DPOptimizer, warn_not_poisson
+from ppml_fast.privacy.distributed import DistributedDPOptimizer
+from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
 
 
 class PrivacyEngine:
@@ -78,7 +79,7 @@ class PrivacyEngine:
         mode); ``generator`` seeds the Poisson sampler. ``distributed=True``: data-parallel
         training over ``torch.distributed`` ranks, each with its own shard in ``data_loader``
         (e.g. a DistributedSampler); clipped sums are all-reduced and the noise added once per
-        logical step (:class:`~ppml_fast.privacy.optimizer.DistributedDPOptimizer`).
+        logical step (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`).
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
