@@ -203,9 +203,9 @@ class PrivateModule(ClippedSums, nn.Module):
                     f"{type(m).__name__}.forward takes one argument, {input_name!r}; got "
                     f"{len(args)} positional and keyword {sorted(kwargs)} (ppml_fast records "
                     "the call of the stock forward)")
-            if not any(p is not None and p.requires_grad for p in m._parameters.values()):
-                return type(m).forward(m, x)  # frozen now: nothing to record
             call = make(m, (x,))
+            if not call.params:
+                return type(m).forward(m, x)  # frozen now: nothing to record
             out = functional(m, x, {r: p.detach() for r, p in call.params.items()})
             batch.calls.append(call)
             return rec.tap(out, call)
