@@ -69,6 +69,7 @@ class PrivacyEngine:
         nonfinite: str = "raise",
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
+        optimizer_class: Optional[type] = None,
     ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
         """Returns (private module, DP optimizer, data loader) — always three.
 
@@ -80,9 +81,17 @@ class PrivacyEngine:
         training over ``torch.distributed`` ranks, each with its own shard in ``data_loader``
         (e.g. a DistributedSampler); clipped sums are all-reduced and the noise added once per
         logical step (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`).
+        ``optimizer_class``: a :class:`DPOptimizer` subclass to build instead of the default (a
+        :class:`DistributedDPOptimizer` subclass with ``distributed=True``), e.g. to check one's
+        own subclass with :func:`ppml_fast.audit.check_sensitivity`.
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
+        if optimizer_class is not None:
+            base = DistributedDPOptimizer if distributed else DPOptimizer
+            if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, base)):
+                raise TypeError(f"optimizer_class must be a subclass of {base.__name__}"
+                                f"{' (distributed=True)' if distributed else ''}; got {optimizer_class!r}")
         if max_epsilon is not None and delta is None:
             raise ValueError("delta is required with max_epsilon")
         if poisson_sampling:
@@ -106,6 +115,8 @@ class PrivacyEngine:
             cls = DistributedDPOptimizer
             if dist.is_available() and dist.is_initialized():
                 expected *= dist.get_world_size()  # the global expected batch size
+        if optimizer_class is not None:
+            cls = optimizer_class
         dp_optimizer = cls(
             optimizer, module=private, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
