@@ -50,6 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
+from ppml_fast.privacy.per_sample import bounds
+
+# State key of the records whose ghost norm the error bound could not vouch for:
+# (record indices (k,), their materialised weight gradients (k, *weight shape), accumulation dtype).
+FLAGGED = "weight:flagged"
 
 KAPPA = 0.1
 KAPPA_MEMORY_SCALE = 1e6
@@ -206,6 +211,35 @@ class ConvRule:
         g = grad_out.to(dtype)
         return g.flatten(2).sum(2)
 
+    def _ghost(self, x: Tensor, g: Tensor, geo: _Geometry, shape):
+        """Upper bounds of the squared weight-gradient norms and the flagged records, as
+        :func:`~ppml_fast.privacy.per_sample.linear.ghost_weight_norms` with the unfolded columns
+        ``u_t`` (d = C_in/groups * prod(kernel)) as the inputs over L positions, per group:
+        ``sum_groups sum_{s,t} (u_s.u_t)(g_s.g_t)``, error at most ``coef * sum_groups S_group^2``
+        (products summed in float64 in two stages, ``(groups + 1) L`` terms; :mod:`bounds`)."""
+        batch, positions = x.shape[0], math.prod(g.shape[2:])
+        d, p = math.prod(shape[1:]), shape[0] // geo.groups
+        u = bounds.unit_roundoff(x.dtype)
+        cols = unfold(x, geo)
+        g3 = g.reshape(batch, geo.groups, p, positions)
+        with bounds.full_precision():
+            uu = torch.matmul(cols.transpose(-1, -2), cols)
+            gg = torch.matmul(g3.transpose(-1, -2), g3)
+        # float64 sums of L, then groups * L terms (gamma_{(groups + 1) L}, not gamma_{groups L^2})
+        computed = (uu * gg).sum(-1, dtype=torch.float64).flatten(1).sum(1)
+        nu = torch.linalg.vector_norm(cols, dim=-2).double()  # (B, groups, L)
+        ng = torch.linalg.vector_norm(g3, dim=-2).double()
+        s2 = (nu * ng).sum(-1).square().sum(-1)
+        terms = (geo.groups + 1) * positions
+        scale = bounds.gram_coef(d, p, terms, u) * bounds.norm_slack((d, p), u, positions) ** 2
+        norms, flags = bounds.upper_and_flags(computed, s2 * scale, x.dtype)
+        if not bool(flags.any()):
+            return norms, None
+        rows = flags.nonzero().flatten()
+        grads = self._per_sample_weight(x[rows], g[rows], geo, shape)
+        norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
+        return norms, (rows, grads)
+
     def norms_sq(
         self, cap: _ps.Captured, grad_out: Tensor, *, mode: str | None = None
     ) -> tuple[dict[str, Tensor], object]:
@@ -227,11 +261,9 @@ class ConvRule:
             if mode == "auto":
                 path = choose_path(batch, geo.groups, positions, d, p)
             if path == "ghost":
-                cols = unfold(x, geo)
-                g3 = g.reshape(batch, geo.groups, p, positions)
-                uu = torch.matmul(cols.transpose(-1, -2), cols).flatten(1)
-                gg = torch.matmul(g3.transpose(-1, -2), g3).flatten(1)
-                norms["weight"] = (uu * gg).sum(1)
+                norms["weight"], flagged = self._ghost(x, g, geo, shape)
+                if flagged is not None:
+                    state[FLAGGED] = flagged
             else:
                 state["weight"] = self._per_sample_weight(x, g, geo, shape)
                 norms["weight"] = _ps.sq_norms(state["weight"], dt)
@@ -257,8 +289,21 @@ class ConvRule:
             if want_bias:
                 out["bias"] = torch.zeros_like(cap.params["bias"], dtype=_ps.sum_dtype(cap.params["bias"]))
             return out
+        flagged = kept.get(FLAGGED)
+        f = factors.to(g.dtype)
+        if flagged is not None:
+            # Flagged records: factor exactly 0 in the book-keeping call, their clipped
+            # materialised gradients added on their own (bounds module docstring); the bias then
+            # from the per-sample bias gradients with the full factors.
+            rows, grads = flagged
+            extra = _ps.weighted_sum(grads, f[rows], w)
+            if want_bias:
+                b = self._bias_per_sample(grad_out, x.dtype)
+                out["bias"] = _ps.weighted_sum(b, factors, cap.params["bias"])
+                want_bias = False
+            f = bounds.split_factors(f, rows)
         # Book-keeping: the factors folded into grad_out, one native weight-gradient call.
-        gf = g * factors.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
+        gf = g * f.reshape((-1,) + (1,) * (g.dim() - 1))
         xp, pad = geo.padded(x)
         _, gw, gb = torch.ops.aten.convolution_backward(
             gf, xp, w.detach().to(x.dtype), [shape[0]] if want_bias else None,
@@ -266,6 +311,8 @@ class ConvRule:
             [False, True, want_bias],
         )
         out["weight"] = gw.to(_ps.sum_dtype(w))
+        if flagged is not None:
+            out["weight"] = out["weight"] + extra
         if want_bias:
             out["bias"] = gb.to(_ps.sum_dtype(cap.params["bias"]))
         return out

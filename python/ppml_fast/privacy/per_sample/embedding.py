@@ -32,6 +32,11 @@ import torch
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
+from ppml_fast.privacy.per_sample import bounds
+
+# State key of the records whose norm the error bound could not vouch for: (record indices (k,),
+# (row record (m,) as an index into those, vocabulary row (m,), summed gradient rows (m, D))).
+FLAGGED = "weight:flagged"
 
 # "auto" uses the Gram formula below this many indices per sample, else rows.
 GRAM_MAX_SEQ = 32
@@ -106,19 +111,57 @@ class EmbeddingRule:
             dense = self._dense(idx2, g2, pad, num)
             return {"weight": _ps.sq_norms(dense, g2.dtype)}, {"weight": dense}
         path = "ghost" if mode == "ghost" else choose_path(idx2.shape[1])
+        nrm = bounds.row_norms(g2)  # (B, T) float64
+        if pad is not None:
+            nrm = nrm.masked_fill(idx2 == pad, 0.0)
+        u = bounds.unit_roundoff(g2.dtype)
+        seq, dim = idx2.shape[1], g2.shape[-1]
         if path == "ghost":
             same = idx2[:, :, None] == idx2[:, None, :]
             if pad is not None:
                 same &= (idx2 != pad)[:, :, None]
-            gram = torch.bmm(g2, g2.transpose(1, 2))
-            return {"weight": (gram * same).flatten(1).sum(1)}, None
-        uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
-        rows = g2.reshape(-1, g2.shape[-1])
-        sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse.reshape(-1), rows)
-        sq = torch.linalg.vector_norm(sums, dim=1).square()
+            with bounds.full_precision():
+                gram = torch.bmm(g2, g2.transpose(1, 2))
+            # Higham Lemma 3.1 on each g_s.g_t (the 0/1 mask is exact), float64 sums of T then T
+            # terms: |N'^2 - N^2| <= coef * sum_{s,t same} ||g_s|| ||g_t|| (bounds module).
+            computed = (gram * same).sum(2, dtype=torch.float64).sum(1)
+            s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
+            scale = bounds.gram_coef(dim, 0, 2 * seq, u) * bounds.norm_slack((dim,), u, seq) ** 2
+            norms, flags = bounds.upper_and_flags(computed, s2 * scale, g2.dtype)
+        else:
+            uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
+            rows = g2.reshape(-1, g2.shape[-1])
+            sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse.reshape(-1), rows)
+            sq = torch.linalg.vector_norm(sums, dim=1).double().square()
+            if pad is not None:
+                sq = sq.masked_fill(uniq % num == pad, 0)
+            computed = sq.new_zeros(batch).index_add_(0, uniq // num, sq)
+            # The row sums r'_v are rounded: ||r' - r|| <= gamma_T sum_t ||g_t|| (Higham Lemma 3.1
+            # per element, any order: CUDA atomics too), so N <= ||r'|| + gamma_T S, with ||r'||
+            # from a float32 norm (gamma_{D+1}) and a float64 sum.
+            low = (1.0 - bounds.gamma(dim + 1, u)) * (1.0 - u) ** 2 * (1.0 - bounds.gamma(seq, bounds.U64))
+            up = (computed / low).sqrt() + nrm.sum(1) * (
+                bounds.gamma(seq, u) * bounds.norm_slack((dim,), u, seq))
+            norms, flags = bounds.upper_and_flags(computed, up.square() - computed, g2.dtype)
+        if not bool(flags.any()):
+            return {"weight": norms}, None
+        flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())
+        norms[flagged[0]] = bounds.exact_sq_norms_rows(flagged[1], flagged[0].shape[0], g2.dtype)
+        return {"weight": norms}, {FLAGGED: flagged}
+
+    @staticmethod
+    def _flagged(idx2: Tensor, g2: Tensor, pad: int | None, num: int, recs: Tensor):
+        """The flagged records' gradients as summed rows: (recs, (row record in 0..k-1, vocabulary
+        row, rows)); padding positions dropped (they contribute nothing)."""
+        idx, g = idx2[recs], g2[recs]
+        keys = _keys(idx, num)
+        rows = g.reshape(-1, g.shape[-1])
         if pad is not None:
-            sq = sq.masked_fill(uniq % num == pad, 0)
-        return {"weight": rows.new_zeros(batch).index_add_(0, uniq // num, sq)}, None
+            keep = idx.reshape(-1) != pad
+            keys, rows = keys[keep], rows[keep]
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse, rows)
+        return recs, (uniq // num, uniq % num, sums)
 
     @staticmethod
     def _dense(idx2: Tensor, g2: Tensor, pad: int | None, num: int) -> Tensor:
@@ -134,15 +177,25 @@ class EmbeddingRule:
     ) -> dict[str, Tensor]:
         _ps.check_batch(cap, grad_out, factors)
         if isinstance(state, dict) and "weight" in state:
-            return _ps.clipped_from(state, factors, cap.params)
+            return _ps.clipped_from({"weight": state["weight"]}, factors, cap.params)
         prep = _prepare(cap, grad_out)
         if prep is None:
             return {}
         idx2, g2, pad, num = prep
         weight = cap.params["weight"]
         dim = g2.shape[-1]
-        scaled = (g2 * factors.to(g2.dtype)[:, None, None]).reshape(-1, dim)
+        f = factors.to(g2.dtype)
+        flagged = state.get(FLAGGED) if isinstance(state, dict) else None
+        if flagged is not None:
+            # Flagged records: factor exactly 0 in the batch's index_add, their summed rows
+            # (clipped) added on their own (bounds module docstring).
+            recs, (rec, vocab, rows) = flagged
+            f_rows = f[recs][rec]
+            f = bounds.split_factors(f, recs)
+        scaled = (g2 * f[:, None, None]).reshape(-1, dim)
         total = scaled.new_zeros(num, dim).index_add_(0, idx2.reshape(-1), scaled)
+        if flagged is not None:
+            total.index_add_(0, vocab, rows * f_rows[:, None])
         if pad is not None:
             total[pad] = 0
         return {"weight": total.to(_ps.sum_dtype(weight))}

@@ -40,9 +40,43 @@ import torch
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
+from ppml_fast.privacy.per_sample import bounds
 
 # Ghost iff T (d + p) < KAPPA d p (see the module docstring for the fit).
 KAPPA = 0.35
+
+# State key of the records whose ghost norm the error bound could not vouch for:
+# (record indices (k,), their materialised weight gradients (k, p, d) in the accumulation dtype).
+FLAGGED = "weight:flagged"
+
+
+def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Upper bounds of the squared weight-gradient norms of ``x`` (B, T, d), ``g`` (B, T, p), and
+    the flagged records ``(rows, materialised gradients)`` or None.
+
+    Ghost norm ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` from two Gram matrices (IEEE precision), products
+    summed in float64, plus its rounding bound ``coef * S^2`` (:mod:`bounds`, Higham Lemma 3.1);
+    records with ``bound > TAU * N'^2`` are materialised (``G_i = g_i^T x_i``, only those) and get
+    the float64 norm of that gradient, which is what ``clipped_sum`` then adds for them."""
+    batch, seq, d = x.shape
+    p = g.shape[-1]
+    u = bounds.unit_roundoff(x.dtype)
+    with bounds.full_precision():
+        xx = torch.bmm(x, x.transpose(1, 2))
+        gg = torch.bmm(g, g.transpose(1, 2))
+    # float64 sums of T, then T terms: gamma_{2T}(2^-53), not gamma_{T^2} (which is 4e-12 at
+    # T = 196, above the float64 error of the Gram entries themselves).
+    computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
+    s = (bounds.row_norms(x) * bounds.row_norms(g)).sum(1)
+    scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
+    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, x.dtype)
+    if not bool(flags.any()):
+        return norms, None
+    rows = flags.nonzero().flatten()
+    with bounds.full_precision():
+        grads = torch.bmm(g[rows].transpose(1, 2), x[rows])
+    norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
+    return norms, (rows, grads)
 
 
 def choose_path(batch: int, seq: int, d: int, p: int) -> str:
@@ -119,9 +153,9 @@ class LinearRule:
             if mode == "auto":
                 path = choose_path(x.shape[0], seq, x.shape[-1], g.shape[-1])
             if path == "ghost":
-                xx = torch.bmm(x, x.transpose(1, 2)).flatten(1)
-                gg = torch.bmm(g, g.transpose(1, 2)).flatten(1)
-                norms["weight"] = (xx * gg).sum(1)
+                norms["weight"], flagged = ghost_weight_norms(x, g)
+                if flagged is not None:
+                    state[FLAGGED] = flagged
             else:
                 state["weight"] = torch.bmm(g.transpose(1, 2), x)
                 norms["weight"] = _ps.sq_norms(state["weight"], x.dtype)
@@ -138,6 +172,16 @@ class LinearRule:
             return out
         x, g, seq = _views(cap, grad_out)
         f = factors if factors.dtype == x.dtype else factors.to(x.dtype)
+        flagged = kept.get(FLAGGED)
+        if flagged is not None and "weight" in params and "weight" not in out:
+            # Flagged records: factor exactly 0 in the book-keeping matmul, their clipped
+            # materialised gradients added on their own (bounds module docstring).
+            rows, grads = flagged
+            w = params["weight"]
+            extra = _ps.weighted_sum(grads, f[rows], w)
+            f = bounds.split_factors(f, rows)
+            if "bias" in params and "bias" not in out:  # never here after norms_sq (kept)
+                out["bias"] = _ps.weighted_sum(g.sum(1) if g.dim() == 3 else g, factors.to(x.dtype), params["bias"])
         if seq == 1:
             x, g = _flat(x, g)
         else:
@@ -150,6 +194,8 @@ class LinearRule:
             w = params["weight"]
             total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
             out["weight"] = total.to(_ps.sum_dtype(w))
+            if flagged is not None:
+                out["weight"] = out["weight"] + extra
         if "bias" in params and "bias" not in out:
             out["bias"] = gf.sum(0).to(_ps.sum_dtype(params["bias"]))
         return out

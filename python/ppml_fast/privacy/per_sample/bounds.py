@@ -1,0 +1,192 @@
+"""Rigorous floating-point error bounds for ghost (Gram-matrix) norms, and which records they
+cannot vouch for (privacy invariant 2, "bounded norms": a clip factor only comes from a norm whose
+rounding error is bounded).
+
+Why. A ghost norm ``N^2 = sum_{s,t} (x_s.x_t)(g_s.g_t)`` is a sum of T^2 signed terms; a record
+crafted so that they cancel (``x_1 = (M, a)``, ``x_2 = (-M, a)``, equal output gradients) has a true
+norm ``~a`` while every term is ``~M^2``: the computed norm is rounding noise (~0 in float32 *and*
+float64), the record escapes clipping and one step moved by 1.4e3 C (issue 14, item 2).
+
+The bound (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., Lemma 3.1 and eq.
+(3.5): ``|fl(x.y) - x.y| <= gamma_n |x|.|y|``, ``gamma_n = n u / (1 - n u)``, for any summation
+order, FMA included). With ``A_st = ||x_s|| ||x_t||``, ``B_st = ||g_s|| ||g_t||`` (Cauchy-Schwarz:
+``|x_s|.|x_t| <= A_st``), Gram entries computed with dot lengths d and p, their products rounded
+in the working precision ``u_w`` and the T^2 products summed in float64 (``u_64 = 2^-53``) in two
+stages (T row sums of T terms, then their sum: ``n = 2T`` in the bound of a recursive sum, any
+order within a stage; ``(groups + 1) L`` for a convolution)::
+
+    |a'b' - ab| <= (gamma_d + gamma_p + gamma_d gamma_p) A B
+    |fl(a'b') - a'b'| <= u_w (1 + gamma_d)(1 + gamma_p) A B
+    |fl64(sum c') - sum c'| <= gamma_n(u_64) sum |c'|
+    => |N'^2 - N^2| <= coef * sum_{s,t} A_st B_st = coef * S^2,   S = sum_t ||x_t|| ||g_t||,
+
+    coef = gamma_d + gamma_p + gamma_d gamma_p + (u_w + gamma_n(u_64)(1 + u_w))(1 + gamma_d)(1 + gamma_p).
+
+(:func:`gram_coef`). ``S`` is computed from float norms: each ``||v||`` comes from a sum of squares
+(relative error ``gamma_len`` on the square) and a square root, so the true ``S`` is at most the
+computed one times :func:`norm_slack`. Every Python-float constant here is rounded upward by a
+factor ``1 + 2^-50`` (:func:`_up`), far above float64's own rounding of those few operations.
+
+Unit roundoff ``u`` is that of the dtype the Gram matmuls really ran in: float64 ``2^-53``, float32
+``2^-24`` (16-bit inputs are converted to float32 first: exact, then float32 arithmetic). TF32 /
+bf16 matmul modes (``torch.set_float32_matmul_precision('high' | 'medium')``, the backends'
+``fp32_precision``) round the *inputs* to 10 or 7 mantissa bits, which the formula above does not
+cover: the Gram matmuls run inside :func:`full_precision`, which switches float32 matmuls to
+IEEE precision for their duration (a no-op in the default 'highest' setting). The book-keeping
+matmul keeps the user's setting (its rounding never decides a clip factor).
+
+What the rules do with the bound: the norm they return is ``N'^2 + bound`` (an upper bound of the
+true squared norm of the record's exact gradient, which is what book-keeping sums), and a record
+whose bound exceeds ``TAU * N'^2`` is *flagged*: its per-sample gradient is materialised (only
+those records), its norm taken from that gradient (float64 sum of squares), and the clipped sum
+adds ``f_i G_i`` for it separately while its factor in the book-keeping matmul is exactly 0. The
+latter matters as much as the norm: with ``M = 2^30`` the book-keeping matmul's own rounding of the
+cancelling ``+-M`` terms (``~u M``) moves the sum by ~32 C even with a correct norm.
+
+``TAU = 1e-2``. For an unflagged record ``bound <= TAU N'^2`` and ``N'^2 <= N^2 + bound``, so
+``N'^2 <= N^2 / (1 - TAU)`` and the returned ``N_up <= sqrt((1 + TAU)/(1 - TAU)) N ~ (1 + 0.01) N``:
+a clipped honest record is scaled by at least ``0.99x`` its exact factor (as if C were at most 1%
+smaller; only clipped records, i.e. those with ``N > C``, are affected at all). Unflagged records
+also have ``S / N' <= sqrt(TAU / coef)`` (~13 for float32 at d + p = 1000), which keeps the
+book-keeping matmul's rounding of their terms at the usual float32 level, ``~u * 13 * C``, not ``u M``.
+Measured flag rates of honest records are in the report of issue 14 and ``test_ghost_bounds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+# Flag a record when its ghost-norm error bound exceeds TAU times its computed squared norm.
+TAU = 1e-2
+
+U64 = 2.0**-53
+U32 = 2.0**-24
+
+
+def _up(v: float) -> float:
+    """``v`` rounded upward with margin (covers float64 rounding of the few operations here)."""
+    return v * (1.0 + 2.0**-50)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of the arithmetic a rule runs in: 2^-53 for float64, else 2^-24 (16-bit inputs are
+    converted to float32 before any arithmetic)."""
+    return U64 if dtype == torch.float64 else U32
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)`` (inf when ``n u >= 1``: no bound)."""
+    nu = max(int(n), 0) * u
+    return math.inf if nu >= 1.0 else _up(nu / (1.0 - nu))
+
+
+def gram_coef(d: int, p: int, terms: int, u: float) -> float:
+    """``coef`` of the module docstring: |N'^2 - N^2| <= coef * S^2 for a ghost norm from Gram
+    matrices with dot lengths ``d`` and ``p`` (p = 0: one Gram matrix, the embedding's, whose
+    other factor is an exact 0/1 mask), products in precision ``u`` and ``terms`` products summed
+    in float64."""
+    gd, gp = gamma(d, u), (gamma(p, u) if p > 0 else 0.0)
+    gn = gamma(terms, U64)
+    return _up(gd + gp + gd * gp + (u + gn * (1.0 + u)) * (1.0 + gd) * (1.0 + gp))
+
+
+def norm_slack(lengths: tuple[int, ...], u: float, terms: int = 1) -> float:
+    """Factor by which a true ``S = sum_t prod_k ||v_k,t||`` can exceed the computed one, when
+    each ``||v_k,t||`` (length ``lengths[k]``) came from ``vector_norm`` in precision ``u`` (sum of
+    squares: relative error ``gamma_len`` on the square; square root: ``u``) and the ``terms``
+    products were formed and summed in float64."""
+    low = 1.0
+    for n in lengths:
+        low *= math.sqrt(max(1.0 - gamma(n + 1, u), 0.0)) * (1.0 - u)
+    low *= 1.0 - gamma(terms + len(lengths), U64)
+    return math.inf if low <= 0.0 else _up(1.0 / low)
+
+
+def row_norms(v: Tensor) -> Tensor:
+    """Float64 L2 norms over the last dimension of ``v`` (computed in ``v``'s dtype, then
+    widened: the rounding is what :func:`norm_slack` accounts for)."""
+    return torch.linalg.vector_norm(v, dim=-1).double()
+
+
+def upper_and_flags(
+    computed: Tensor, bound: Tensor, out_dtype: torch.dtype, tau: float = TAU
+) -> tuple[Tensor, Tensor]:
+    """(``computed + bound`` rounded upward to ``out_dtype``, flags): ``computed`` (float64) is
+    each record's computed squared norm, ``bound`` (float64) its error bound. A record is flagged
+    when ``bound > tau * computed`` or either is not finite (NaN compares false: such a record
+    goes to the stable path, which reports it non-finite if it really is)."""
+    flags = ~(bound <= tau * computed.clamp(min=0.0))
+    up = (computed.clamp(min=0.0) + bound) * (1.0 + 2.0**-50)
+    return round_up(up, out_dtype), flags
+
+
+def round_up(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``v`` (float64) converted to ``dtype``, never below ``v`` (next float up where the
+    conversion rounded down)."""
+    if dtype == torch.float64:
+        return v
+    w = v.to(dtype)
+    low = w.double() < v
+    if bool(low.any()):
+        w = torch.where(low, torch.nextafter(w, torch.full_like(w, math.inf)), w)
+    return w
+
+
+def scaled_up(v: Tensor, factor: float) -> Tensor:
+    """``v * factor`` never below the exact product (float64 product, rounded up to v's dtype)."""
+    return round_up(v.double() * _up(factor), v.dtype)
+
+
+@contextlib.contextmanager
+def full_precision():
+    """IEEE float32 matmuls inside (no TF32 / bf16 input rounding, which the Gram bound does not
+    cover); the caller's settings are restored after. A no-op under torch's default 'highest'."""
+    backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
+                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    saved = [(b, b.fp32_precision) for b in backends]
+    prec = torch.get_float32_matmul_precision()
+    if prec == "highest" and all(v in ("none", "ieee") for _, v in saved):
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        for b, v in saved:
+            b.fp32_precision = v
+
+
+def split_factors(factors: Tensor, flagged: Tensor | None) -> Tensor:
+    """The factors for the book-keeping matmul: exactly 0 for the ``flagged`` records (whose
+    clipped gradients are added separately from their materialised gradients)."""
+    if flagged is None or flagged.numel() == 0:
+        return factors
+    f = factors.clone()
+    f[flagged] = 0
+    return f
+
+
+def exact_sq_norms(grads: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Squared norms of materialised per-sample gradients ``grads`` (k, ...), summed in float64
+    (the squares of float32 numbers are exact there; relative error ``gamma_n(2^-53)``, covered)
+    and rounded upward to ``out_dtype``: the norm of exactly what the clipped sum adds."""
+    flat = grads.flatten(1).double()
+    sq = flat.square().sum(1) * _up(1.0 + gamma(flat.shape[1] + 1, U64))
+    return round_up(sq, out_dtype)
+
+
+def exact_sq_norms_rows(rows: tuple[Tensor, Tensor, Tensor], k: int, out_dtype: torch.dtype) -> Tensor:
+    """:func:`exact_sq_norms` for gradients stored as summed rows ``(record (m,), vocabulary row
+    (m,), rows (m, D))`` of ``k`` records (the embedding's sparse per-sample gradients)."""
+    rec, _, vals = rows
+    flat = vals.double()
+    per_row = flat.square().sum(1)
+    sq = per_row.new_zeros(k).index_add_(0, rec, per_row)
+    sq = sq * _up(1.0 + gamma(flat.shape[1] + rec.shape[0] + 1, U64))
+    return round_up(sq, out_dtype)
