@@ -121,13 +121,20 @@ uint64_t gaussian_noise(int device, intptr_t stream, const std::vector<uintptr_t
   p.offset = offset;
   p.num_threads = num_threads;
   uint64_t blocks = 0;
-  for (auto& t : p.tensors) blocks += noise_blocks(t.numel);
+  for (auto& t : p.tensors) {
+    if (t.numel < 0) throw std::invalid_argument(name + ": a tensor has a negative size");
+    blocks += noise_blocks(t.numel);  // < 2^63 in total: each numel < 2^63, and memory bounds it
+  }
+  // Philox counters and ChaCha20 block indices are 64-bit; the call's blocks are
+  // [offset, offset + blocks), which must not wrap (it would repeat noise)
+  if (blocks > UINT64_MAX - offset)
+    throw std::invalid_argument(name + ": noise offset " + std::to_string(offset) + " + " +
+                                std::to_string(blocks) +
+                                " blocks passes 2^64: the counter would wrap and repeat noise");
   if (secure) {
     if (key_words.size() != 11) throw std::invalid_argument("secure mode needs 11 key words");
     for (int i = 0; i < 8; ++i) p.key.key[i] = key_words[i];
     for (int i = 0; i < 3; ++i) p.key.nonce[i] = key_words[8 + i];
-    if (blocks > 0xffffffffull)
-      throw std::invalid_argument("secure noise is limited to 2^33 elements per call");
   }
   {
     py::gil_scoped_release release;

@@ -45,7 +45,7 @@ std::atomic<bool>& f16c_flag() {
 }
 
 // Portable path: local blocks [b0, b1) of a tensor of numel elements whose stream starts at
-// block first_block (relative to p.offset, or to 0 in secure mode).
+// block first_block (relative to p.offset, in both modes).
 template <typename T>
 PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, uint64_t b0,
                                     uint64_t b1, const NoiseProblem& p) {
@@ -55,8 +55,7 @@ PPML_ALWAYS_INLINE void noise_range(T* x, int64_t numel, uint64_t first_block, u
     const int lanes = static_cast<int>(std::min<uint64_t>(kLanes, b1 - b));
     if (p.secure) {
       for (int v = 0; v < lanes; ++v)
-        secure_normal_pair(p.key, static_cast<uint32_t>(first_block + b + v), &z[2 * v],
-                           &z[2 * v + 1]);
+        secure_normal_pair(p.key, p.offset + first_block + b + v, &z[2 * v], &z[2 * v + 1]);
     } else {
       uint32_t w[4][kLanes];
       philox_x8_scalar(p.seed, p.offset + first_block + b, w);
@@ -219,7 +218,7 @@ bool set_noise_simd(bool enabled) {
 bool set_noise_f16c(bool enabled) { return f16c_flag().exchange(enabled && cpu_has_f16c()); }
 
 void gaussian_noise(const NoiseProblem& p) {
-  // first block of each tensor, relative to the stream's start (offset, or 0 in secure mode)
+  // first block of each tensor, relative to the stream's start (p.offset)
   std::vector<uint64_t> first(p.tensors.size() + 1, 0);
   for (size_t k = 0; k < p.tensors.size(); ++k)
     first[k + 1] = first[k] + noise_blocks(p.tensors[k].numel);

@@ -2,7 +2,7 @@
 //
 // Same numbers as csrc/cpu/gaussian_noise.cpp, bit for bit: element i of tensor k gets sample
 // (i & 1) of Philox block offset + first_k + i / 2, where first_k is the blocks of the tensors
-// before k (secure mode: ChaCha20 block first_k + i / 2, no offset). The sampler and the update
+// before k (secure mode: ChaCha20 block offset + first_k + i / 2, with a fresh key). The sampler and the update
 // are the PPML_HD functions of include/ppml/noise.h, built with --fmad=false so every double
 // operation rounds as on the CPU; which thread computes a block does not matter.
 //
@@ -50,8 +50,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t block = static_cast<uint64_t>(q) - g.local[k];  // block within tensor k
     double z0, z1;
     if constexpr (kSecure) {
-      // the Python layer checks that the whole call fits in 2^32 blocks
-      secure_normal_pair(a.key, static_cast<uint32_t>(g.first[k] + block), &z0, &z1);
+      // 64-bit block index (a nonce per 2^32 blocks, include/ppml/chacha.h)
+      secure_normal_pair(a.key, a.offset + g.first[k] + block, &z0, &z1);
     } else {
       philox_normal_pair(a.seed, a.offset + g.first[k] + block, &z0, &z1);
     }

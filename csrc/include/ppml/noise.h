@@ -2,7 +2,8 @@
 //
 // Reproducible stream (secure = false): element i of a tensor whose stream starts at block b
 // gets sample (i & 1) of Box-Muller(Philox4x32-10(key = seed, counter = b + i / 2)).
-// Secure stream: ChaCha20 words, and each sample is (z1 + z2 + z3 + z4) / 2, a sum of four
+// Secure stream: ChaCha20 block offset + b + i / 2 (a fresh key per call; the offset only
+// places the call in the 2^64 blocks of the stream), and each sample is (z1 + z2 + z3 + z4) / 2, a sum of four
 // independent normals, which defeats the floating-point attack on Box-Muller samples
 // (Mironov, "On significance of the least significant bits for differential privacy",
 // CCS 2012) as proposed by Holohan & Braghin, "Secure random sampling in differential
@@ -23,10 +24,12 @@ PPML_HD void philox_normal_pair(uint64_t seed, uint64_t index, double* z0, doubl
   box_muller(w[0], w[1], w[2], w[3], z0, z1);
 }
 
-// Two secure samples from ChaCha20 block `index` (16 words -> 8 normals -> 2 sums of four).
-PPML_HD void secure_normal_pair(const ChaCha20Key& key, uint32_t index, double* z0, double* z1) {
+// Two secure samples from ChaCha20 block `index` (16 words -> 8 normals -> 2 sums of four);
+// 64-bit block index (chacha20_block64: a fresh nonce per 2^32 blocks), so one call may draw
+// more than 2^33 samples.
+PPML_HD void secure_normal_pair(const ChaCha20Key& key, uint64_t index, double* z0, double* z1) {
   uint32_t w[16];
-  chacha20_block(key, index, w);
+  chacha20_block64(key, index, w);
   double n[8];
   box_muller(w[0], w[1], w[2], w[3], &n[0], &n[1]);
   box_muller(w[4], w[5], w[6], w[7], &n[2], &n[3]);

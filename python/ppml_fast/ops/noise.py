@@ -3,8 +3,11 @@
 Reproducible mode: counter-based Philox4x32-10 keyed by ``seed``; element i of the k-th tensor
 uses block ``offset + (blocks of tensors before k) + i // 2``, two samples per block, so a
 (seed, offset, sizes) gives the same numbers on CPU, on CUDA and for any thread count, and each
-call returns the next unused offset. Secure mode: ChaCha20 keyed from ``os.urandom`` and each
-sample is a sum of four normals over 2, after Holohan & Braghin, ESORICS 2021, section 5.
+call returns the next unused offset. Secure mode: ChaCha20 keyed from ``os.urandom`` for every
+call (block ``offset + ...`` of a 2^64-block stream: a nonce per 2^32 blocks, so a call has no
+2^33-element limit) and each sample is a sum of four normals over 2, after Holohan & Braghin,
+ESORICS 2021, section 5. Offsets are 64-bit counters: a call whose blocks would pass 2^63 is
+refused (``noise_keys.reserve_range``) instead of wrapping onto noise already drawn.
 Details and the truncation bound are in ``csrc/include/ppml/gaussian.h`` and ``noise.h``.
 """
 
@@ -17,6 +20,7 @@ from typing import Sequence, Union
 import torch
 
 from ppml_fast import _C
+from ppml_fast.noise_keys import reserve_range
 from ppml_fast.ops import _checks
 from ppml_fast.ops._native import DTYPE_TAGS, device_and_stream, noise_blocks, num_threads
 
@@ -69,6 +73,7 @@ def run_noise(
     argument named in errors."""
     if not tensors:
         return
+    reserve_range(offset, blocks(tensors))  # refuses a range that would wrap
     dev, stream = device_and_stream(tensors[0].device)
     work = _contiguous_work(name, tensors)
     key_words: list[int] = []
@@ -139,11 +144,12 @@ def add_gaussian_noise_(
         seed: Philox key, in [0, 2**64).
         offset: first Philox block to use (>= 0); pass the value the previous call returned.
         secure: draw from ChaCha20 keyed by ``os.urandom`` and use the sum-of-four-normals
-            sampler (not reproducible by design; ``seed``/``offset`` are then ignored except
-            for the return value).
+            sampler (not reproducible by design; ``seed`` is then ignored, ``offset`` only
+            places the call's blocks in the 2^64-block ChaCha20 stream).
 
     Returns:
-        The next unused offset: ``offset + sum(ceil(t.numel() / 2))``.
+        The next unused offset: ``offset + sum(ceil(t.numel() / 2))``, at most 2**63 (a call
+        that would pass it raises ValueError before any tensor is touched).
 
     The noise is computed and added in double precision and rounded to the tensor's dtype
     (float16/bfloat16: through float32). Box-Muller's radius is bounded by sqrt(2 * 53 * ln 2)

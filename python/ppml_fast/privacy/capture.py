@@ -23,7 +23,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from ppml_fast.privacy.fallback import Rerun, detach_tree, output_leaves, tappable
 from ppml_fast.privacy.per_sample import Captured
 
 
@@ -34,12 +36,16 @@ class Call:
     module: nn.Module
     params: dict[str, nn.Parameter]  # role -> trainable parameter
     cap: Optional[Captured] = None  # rule path
-    inputs: Optional[tuple] = None  # torch.func path: the module's positional inputs
+    inputs: Optional[tuple] = None  # torch.func path: the module's positional inputs (detached)
     grad: Optional[torch.Tensor] = None  # d loss / d output, batch first
     seq_first: bool = False  # the output is (T, B, ...): its gradient is moved to batch first
     # role -> [start, stop) of the parameter's flattened elements when the call uses only that part
     # of it (the packed attention projections); ``cap.params[role]`` is then that part's view
     spans: Optional[dict[str, tuple[int, int]]] = None
+    kwargs: Optional[dict] = None  # torch.func path: the module's keyword inputs (detached)
+    # torch.func path: what reruns the call (inputs, tapped outputs, batch size); ``grad`` is
+    # then a list, one gradient (or None: none reached it) per tapped output
+    rerun: Optional[Rerun] = None
 
 
 @dataclass
@@ -89,34 +95,71 @@ class Recorder:
         return self.batches[-1]
 
     # -- hooks ----------------------------------------------------------------------------------
-    def attach(self, module: nn.Module, make_call) -> None:
-        """Hooks ``module``: ``make_call(module, inputs) -> Call`` builds the record of a call
-        (of the parameters trainable at that call; a call with none is not recorded)."""
+    def attach(self, module: nn.Module, make_call, owned=None, label: str = "") -> None:
+        """Hooks ``module``. Rule path (``owned`` None): ``make_call(module, inputs) -> Call``
+        builds the record of a call of one tensor output. torch.func path: ``owned(module)``
+        gives the parameters the call records (role -> parameter: the module's own and its
+        parameter containers', :func:`~ppml_fast.privacy.ownership.owned_parameters`); inputs
+        (positional and keyword) and outputs are pytrees, every floating-point output is tapped.
+        Only the parameters trainable at the call are recorded (a call with none is not)."""
+        params_of = owned or (lambda m: {r: p for r, p in m._parameters.items() if p is not None})
         switched: list[list[nn.Parameter]] = []  # a stack: a module may run inside itself
 
-        def pre(mod, inputs):
+        def pre(mod, args, kwargs):
             # a deep copy of the module carries these hooks: it is not recorded (nor switched)
             mine = mod is module and self._current() is not None
-            off = [p for p in mod._parameters.values()
-                   if p is not None and p.requires_grad] if mine else []
+            off = [p for p in params_of(mod).values() if p.requires_grad] if mine else []
             for p in off:
                 p.requires_grad_(False)
             switched.append(off)
 
-        def post(mod, inputs, output):
+        def post(mod, args, kwargs, output):
             batch = self._current()
-            for p in switched.pop() if switched else ():
+            on = switched.pop() if switched else []
+            for p in on:
                 p.requires_grad_(True)
-            if batch is None or mod is not module or not isinstance(output, torch.Tensor):
+            if batch is None or mod is not module or not on:
                 return None
-            call = make_call(mod, inputs)
-            if not call.params:  # frozen: nothing to record
-                return None
-            batch.calls.append(call)
-            return self.tap(output, call)
+            if owned is None:
+                if not isinstance(output, torch.Tensor):
+                    return None
+                call = make_call(mod, args)
+                if not call.params:  # frozen: nothing to record
+                    return None
+                batch.calls.append(call)
+                return self.tap(output, call)
+            params = {r: p for r, p in params_of(mod).items() if any(p is q for q in on)}
+            return self._tap_tree(mod, params, args, kwargs, output, batch, label)
 
-        self._handles.append(module.register_forward_pre_hook(pre))
-        self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _tap_tree(self, mod, params, args, kwargs, output, batch: Batch, label: str):
+        """Records a torch.func call: taps each floating-point tensor of ``output`` (a pytree)
+        through a fresh node (so that each tap sees only the uses of what it returns, also when
+        outputs alias each other) and returns the output rebuilt around the taps."""
+        leaves, spec = output_leaves(label or type(mod).__name__, output)
+        where = [i for i, a in enumerate(leaves) if tappable(a)]
+        if not where:  # nothing a gradient can reach: nothing to record
+            return None
+        rerun = Rerun(detach_tree(tuple(args)), detach_tree(dict(kwargs)),
+                      [leaves[i].detach() for i in where], batch.size, label)
+        call = Call(mod, params, inputs=rerun.args, kwargs=rerun.kwargs, rerun=rerun)
+        batch.calls.append(call)
+        n = len(where)
+        for k, i in enumerate(where):
+            leaves[i] = leaves[i] + self._anchor.to(leaves[i].dtype)
+            leaves[i].register_hook(self._sink(call, k, n))
+        return pytree.tree_unflatten(leaves, spec)
+
+    @staticmethod
+    def _sink(call: Call, k: int, n: int):
+        def sink(grad: torch.Tensor) -> None:
+            if call.grad is None:
+                call.grad = [None] * n
+            call.grad[k] = grad if call.grad[k] is None else call.grad[k] + grad
+
+        return sink
 
     def tap(self, output: torch.Tensor, call: Call) -> torch.Tensor:
         """Connects ``output`` to the graph if needed and records its gradient into ``call``."""

@@ -48,7 +48,8 @@ def _embed(g: torch.Tensor, p: torch.Tensor, span: tuple[int, int]) -> torch.Ten
 
 class ClippedSums:
     """Mixin of :class:`~ppml_fast.privacy.module.PrivateModule` (which provides ``recorder``,
-    ``rules``, ``loss_reduction``, ``parameters()`` and ``trainable_parameters()``)."""
+    ``parameter_watch``, ``rules``, ``loss_reduction``, ``parameters()`` and
+    ``trainable_parameters()``)."""
 
     def clipped_sums(
         self,
@@ -62,7 +63,11 @@ class ClippedSums:
         """Clips every captured sample's gradient and sums them, batch by batch; forgets the
         batches. Returns (param -> clipped sum, number of samples seen). Raises
         NonFiniteGradientError (nothing forgotten) for a non-finite per-sample gradient unless
-        ``nonfinite="drop"``, which zeroes those samples."""
+        ``nonfinite="drop"``, which zeroes those samples, and UnownedParameterError (nothing
+        forgotten) when a trainable parameter got a gradient outside its module's calls."""
+        # a parameter used outside its module's calls (ppml_fast.privacy.ownership): refused
+        # before anything is forgotten or changed
+        self.parameter_watch.check(step)
         batches = [b for b in self.recorder.batches if b.backpropagated]
         plans = [self._norms(b) for b in batches]
         if nonfinite == "raise":
@@ -141,7 +146,7 @@ class ClippedSums:
         if c.cap is not None:
             return self.rules[c.cap.op].per_sample(c.cap, c.grad)
         with self.recorder.paused():
-            return fallback.per_sample_grads(c.module, c.params, c.inputs, c.grad)
+            return fallback.per_sample_grads(c.module, c.params, c.rerun, c.grad)
 
     def _accumulate(self, batch, plan, sums, max_grad_norm, clipping, gamma) -> None:
         scale = self._scale(batch)

@@ -1,34 +1,150 @@
 """Per-sample gradients of any module's own parameters by torch.func, from the inputs and the
-output gradient the recorder captured: for sample i, the vector-Jacobian product of the module
-applied to sample i alone with grad_out[i]. Exact for every module whose samples do not interact
-(BatchNorm is refused before it gets here); it reruns the module's forward, so it is the slow
-path, used only where no rule applies.
+output gradients the recorder captured: for record i, the vector-Jacobian product of the module
+applied to record i alone with the gradients of record i's outputs. Exact for every module whose
+records do not interact (BatchNorm is refused before it gets here); it reruns the module's
+forward, so it is the slow path, used only where no rule applies.
+
+Inputs and outputs are pytrees (``torch.utils._pytree``): positional and keyword arguments,
+tuples, lists, dicts, ``None`` (an LSTMCell's first ``hx``). Which input leaves are per-record
+is decided by shape, and that is ambiguous: a tensor leaf whose dim 0 equals the batch size B of
+the forward pass is taken as per-record (record i gets its row i), any other leaf is shared (each
+record gets all of it). A shared tensor that happens to have B rows, or a per-record tensor whose
+batch dimension is not dim 0 (``batch_first=False``), would be split wrongly; so each rerun's
+outputs are compared with the outputs the forward pass produced, and a mismatch is refused
+(:class:`~ppml_fast.privacy.layers.UnsupportedModuleError`, naming the module) instead of giving
+a wrong gradient. The same check refuses modules whose records interact.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
+
+from ppml_fast.privacy.cells import cell_forward
+from ppml_fast.privacy.layers import UnsupportedModuleError
+
+# leaves an output may hold besides tensors (anything else may hide tensors the hooks cannot see)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+          torch.Size, torch.memory_format, torch.layout)
 
 
-def per_sample_grads(
-    module: nn.Module, params: dict[str, nn.Parameter], inputs: tuple, grad_out: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """name -> (B, *param.shape) for the module's own parameters ``params`` (name -> parameter)."""
+@dataclass
+class Rerun:
+    """What the torch.func path needs to rerun one call of a module: its inputs (detached), the
+    floating-point outputs the recorder tapped (detached; compared with the rerun's) and the
+    batch size B of the forward pass (which input leaves are per-record)."""
+
+    args: tuple
+    kwargs: dict
+    outputs: list[torch.Tensor]  # the tapped output leaves, in tree_flatten order
+    batch_size: int
+    label: str = ""  # the module's qualified name and class, for error messages
+
+
+def detach_tree(tree: Any) -> Any:
+    return pytree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, tree)
+
+
+def output_leaves(label: str, output: Any) -> tuple[list, Any]:
+    """(leaves, spec) of a module's output; raises UnsupportedModuleError when a leaf is an
+    object of an unregistered type (a container the recorder cannot look into: the tensors in it
+    would get no gradient record, so the module's parameters would train on noise alone)."""
+    leaves, spec = pytree.tree_flatten(output)
+    odd = [type(a).__name__ for a in leaves if not isinstance(a, (torch.Tensor,) + _PLAIN)]
+    if odd:
+        raise UnsupportedModuleError(
+            f"{label}: its output holds a {odd[0]} object, which ppml_fast cannot look into for "
+            "tensors (their gradients would be missed); return tensors in tuples, lists, dicts "
+            "or dataclasses registered with torch.utils._pytree.register_pytree_node")
+    return leaves, spec
+
+
+def tappable(a: Any) -> bool:
+    """Whether an output leaf is one whose gradient the recorder captures."""
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: Rerun,
+                     grads_out: list[Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """name -> (B, *param.shape) for the module's own parameters ``params`` (dotted name, as
+    ``functional_call`` takes it -> parameter), from the gradients of the tapped outputs
+    (``None``: the output got no gradient, i.e. zeros)."""
+    label = rerun.label or type(module).__name__
+    b = rerun.batch_size
     names = list(params)
     values = tuple(p.detach() for p in params.values())
-    batched = tuple(0 if isinstance(a, torch.Tensor) else None for a in inputs)
+    live = []  # (index of a tapped output, its gradient): the outputs that got a gradient
+    for k, (out, g) in enumerate(zip(rerun.outputs, grads_out)):
+        if g is None:
+            continue
+        if out.dim() == 0 or out.shape[0] != b:
+            if bool((g != 0).any()):
+                raise UnsupportedModuleError(
+                    f"{label}: output {k} has shape {tuple(out.shape)}, not one row per record of "
+                    f"the batch of {b}, and its gradient is not zero: its per-record gradients "
+                    "are not defined")
+            continue
+        live.append((k, g))
+    leaves, spec = pytree.tree_flatten((rerun.args, rerun.kwargs))
+    per_record = [i for i, a in enumerate(leaves)
+                  if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == b]
+    checked = [k for k, out in enumerate(rerun.outputs) if out.dim() > 0 and out.shape[0] == b]
 
-    def loss(vals, args, g):
-        args = tuple(a.unsqueeze(0) if isinstance(a, torch.Tensor) else a for a in args)
-        out = functional_call(module, dict(zip(names, vals)), args)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"{type(module).__name__}: the torch.func path needs a module that returns one "
-                f"tensor; got {type(out).__name__}"
-            )
-        return (out * g.unsqueeze(0)).sum()
+    cell = cell_forward(module)
+    frozen = {r: p.detach() for r, p in module._parameters.items() if p is not None}
 
-    grads = vmap(grad(loss), in_dims=(None, batched, 0))(values, inputs, grad_out)
+    def loss(vals, rows, gs):
+        full = list(leaves)
+        for i, r in zip(per_record, rows):
+            full[i] = r.unsqueeze(0)
+        args, kwargs = pytree.tree_unflatten(full, spec)
+        if cell is not None:  # vmap cannot run the recurrent cells' own kernels
+            out = cell(module, {**frozen, **dict(zip(names, vals))}, *args, **kwargs)
+        else:
+            out = functional_call(module, dict(zip(names, vals)), args, kwargs, strict=False)
+        outs = [a for a in pytree.tree_flatten(out)[0] if tappable(a)]
+        if len(outs) != len(rerun.outputs):
+            raise UnsupportedModuleError(
+                f"{label}: rerun on one record, it returned {len(outs)} floating-point tensors, "
+                f"on the batch {len(rerun.outputs)}; its records are not independent")
+        total = sum(((outs[k] * g.unsqueeze(0)).sum() for (k, _), g in zip(live, gs)),
+                    start=torch.zeros((), dtype=values[0].dtype if values else torch.float32))
+        return total, [outs[k] for k in checked]
+
+    rows = [leaves[i] for i in per_record]
+    gs = [g for _, g in live]
+    try:
+        grads, outs = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0))(values, rows, gs)
+    except UnsupportedModuleError:
+        raise
+    except Exception as e:  # e.g. a shape error: an input split into records wrongly
+        raise UnsupportedModuleError(
+            f"{label}: rerun record by record (the torch.func path; input leaves with {b} rows "
+            f"taken as per-record, the others as shared), it failed: {type(e).__name__}: {e}") from e
+    for k, got in zip(checked, outs):
+        _check_same(label, k, got, rerun.outputs[k])
     return dict(zip(names, grads))
+
+
+def _check_same(label: str, k: int, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Raises unless the per-record reruns (B, 1, ...) reproduce the batch's output ``want``
+    (B, ...) to within rounding (sqrt(eps) of its dtype, relative to its largest element)."""
+    if got.shape[1:2] == (1,):
+        got = got.squeeze(1)
+    ok = got.shape == want.shape
+    if ok:
+        g64, w64 = got.double(), want.double()
+        tol = math.sqrt(torch.finfo(want.dtype).eps) * (1.0 + float(w64.abs().max()) if w64.numel() else 1.0)
+        ok = bool(((g64 - w64).abs() <= tol).all())
+    if not ok:
+        raise UnsupportedModuleError(
+            f"{label}: rerun record by record (the torch.func path), it does not reproduce its "
+            f"output {k} of the batch: its records interact, or an input's rows were taken as "
+            "per-record (dim 0 equal to the batch size) or as shared (any other dim 0) wrongly; "
+            "per-record gradients of this module are not defined as it is called")

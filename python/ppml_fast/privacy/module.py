@@ -26,6 +26,7 @@ from ppml_fast.privacy import attention
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
+from ppml_fast.privacy.ownership import ParameterWatch, is_container, owned_parameters
 from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
@@ -60,8 +61,10 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 
 
 def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
-    """``mod``'s own parameters that require a gradient now (role -> parameter)."""
-    return {role: p for role, p in mod._parameters.items() if p is not None and p.requires_grad}
+    """``mod``'s own parameters (with those of its ParameterDict / ParameterList children,
+    :func:`~ppml_fast.privacy.ownership.owned_parameters`) that require a gradient now (role ->
+    parameter)."""
+    return {role: p for role, p in owned_parameters(mod).items() if p.requires_grad}
 
 
 def _refuse_nested_aliases(root: nn.Module) -> None:
@@ -120,6 +123,8 @@ class PrivateModule(ClippedSums, nn.Module):
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
         self._attach(module)
+        # after _attach (which may refuse): flags parameters used outside their module's calls
+        self.parameter_watch = ParameterWatch(module, lambda: bool(self.recorder.batches))
 
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, root: nn.Module) -> None:
@@ -132,7 +137,7 @@ class PrivateModule(ClippedSums, nn.Module):
         _refuse_nested_aliases(root)
         claimed: set[int] = set()
         for name, mod in root.named_modules():
-            if id(mod) in claimed:
+            if id(mod) in claimed or is_container(mod):  # a container's parameters: its parent's
                 continue
             patched = _own_forward(mod) is not None  # a forward the user replaced on the instance
             if isinstance(mod, nn.MultiheadAttention):
@@ -144,18 +149,22 @@ class PrivateModule(ClippedSums, nn.Module):
                 claimed.update(id(m) for m in mod.modules())
                 self._override_attention(mod)
                 continue
-            if not any(p is not None for p in mod._parameters.values()):
+            owned = owned_parameters(mod)
+            if not owned:
                 continue
             # every layer with parameters, also frozen ones: which of them are trainable is read
             # at each call (a layer unfrozen later is then clipped, not left to the noise alone)
-            spec = None if patched else rule_for(mod)  # patched: torch.func runs the user's forward
+            # patched, or parameters in containers: torch.func runs the user's forward
+            in_containers = len(owned) > sum(p is not None for p in mod._parameters.values())
+            spec = None if patched or in_containers else rule_for(mod)
             functional = functional_forward(mod) if spec is not None else None
             if functional is not None:
                 self._override_rule(mod, self._rule_call(spec), functional)
             elif spec is not None:
                 self.recorder.attach(mod, self._rule_call(spec))
             else:
-                self.recorder.attach(mod, self._func_call())
+                self.recorder.attach(mod, None, owned=owned_parameters,
+                                     label=f"{name or 'the model'} ({type(mod).__name__})")
 
     def _rule_call(self, spec):
         key, kwargs_of, activation_of = spec
@@ -219,13 +228,6 @@ class PrivateModule(ClippedSums, nn.Module):
         self._restore.append((mod, _own_forward(mod), bound))
         mod.forward = bound
 
-    def _func_call(self):
-        def make(mod: nn.Module, inputs: tuple) -> Call:
-            return Call(mod, trainable(mod), inputs=tuple(
-                a.detach() if isinstance(a, torch.Tensor) else a for a in inputs))
-
-        return make
-
     def _linear(self, owner: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` recorded as a call of the linear rule (the attention
         projections, :data:`attention.LinearCall`). ``weight`` and ``bias`` are each a parameter,
@@ -283,6 +285,7 @@ class PrivateModule(ClippedSums, nn.Module):
     def remove_hooks(self) -> nn.Module:
         """Detaches everything; returns the original module, as it was."""
         self.recorder.detach()
+        self.parameter_watch.remove()
         for mod, before, ours in self._restore:
             if mod.__dict__.get("forward") is not ours:
                 continue  # replaced since (by the user): left as it is
@@ -312,5 +315,7 @@ class PrivateModule(ClippedSums, nn.Module):
         return len(self.recorder.batches)
 
     def discard(self) -> None:
-        """Forgets captured batches (zero_grad)."""
+        """Forgets captured batches (zero_grad) and parameters flagged as used outside their
+        module's calls."""
         self.recorder.take()
+        self.parameter_watch.clear()

@@ -1,0 +1,100 @@
+"""Which module a parameter belongs to for capture, and a watch that refuses a DP step when a
+trainable parameter was used outside every captured call.
+
+Per-record gradients are recorded per module call (:mod:`ppml_fast.privacy.capture`): a call's
+record covers the parameters of the module that ran. A parameter is *owned* by the module that
+registers it, or, when it sits in a ``nn.ParameterDict`` / ``nn.ParameterList`` child (a
+container that has no forward of its own; peft's LoRA layers keep ``lora_embedding_A`` there),
+by that container's parent, the nearest module that actually runs it (dotted names such as
+``lora_embedding_A.default`` work with ``torch.func.functional_call``).
+
+A parameter used anywhere else (``x @ self.fc.weight.T`` in a parent of ``fc``) is in no record:
+its gradient would be neither per-record nor clipped. Captured calls never let autograd reach a
+trainable parameter (rule layers compute on detached parameters, hooked layers switch
+``requires_grad`` off while they run, the torch.func path works on detached copies), so a
+gradient that reaches one while a batch is captured is such a use. :class:`ParameterWatch` hooks
+every trainable parameter, zeroes what reaches it (no unclipped gradient lands in ``.grad``) and
+remembers its name; the DP step (``clipped_sums``) then raises :class:`UnownedParameterError`
+before it changes anything.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ppml_fast.privacy.layers import UnsupportedModuleError
+
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+class UnownedParameterError(UnsupportedModuleError):
+    """A trainable parameter got a gradient outside every captured module call."""
+
+
+def is_container(mod: nn.Module) -> bool:
+    """Whether ``mod`` only holds parameters for its parent (ParameterDict / ParameterList)."""
+    return isinstance(mod, _CONTAINERS)
+
+
+def owned_parameters(mod: nn.Module) -> dict[str, nn.Parameter]:
+    """``mod``'s own parameters and those of its ParameterDict / ParameterList children, by the
+    (dotted) name ``functional_call`` takes: role -> parameter (None entries left out)."""
+    out = {role: p for role, p in mod._parameters.items() if p is not None}
+    for name, child in mod._modules.items():
+        if child is not None and is_container(child):
+            for sub, p in child.named_parameters():
+                out[f"{name}.{sub}"] = p
+    return out
+
+
+class ParameterWatch:
+    """Hooks on the trainable parameters of ``root`` (those trainable when it is built: a
+    parameter unfrozen later is not watched) that flag a gradient reaching one while
+    ``captured()`` is true."""
+
+    def __init__(self, root: nn.Module, captured: Callable[[], bool]) -> None:
+        self.flagged: dict[int, str] = {}  # id(parameter) -> its qualified name
+        self._handles = []
+        names: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for name, p in root.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(id(p), []).append(name)
+                params[id(p)] = p
+        for pid, p in params.items():
+            self._handles.append(p.register_hook(self._hook(pid, " = ".join(names[pid]), captured)))
+
+    def _hook(self, pid: int, name: str, captured: Callable[[], bool]):
+        def hook(grad: torch.Tensor):
+            if not captured():
+                return None
+            self.flagged[pid] = name
+            return torch.zeros_like(grad)  # the unclipped gradient does not reach .grad
+
+        return hook
+
+    def check(self, step: int = 0) -> None:
+        """Raises UnownedParameterError naming the flagged parameters (nothing is changed)."""
+        if not self.flagged:
+            return
+        names = sorted(self.flagged.values())
+        raise UnownedParameterError(
+            f"step {step}: trainable parameter(s) {', '.join(names[:10])} received a gradient "
+            "outside every call of the module that owns them (e.g. `x @ self.fc.weight.T` in a "
+            "parent of fc, or a parameter of one module read in another's forward): that "
+            "gradient is not per-record, so it cannot be clipped. Use each parameter through a "
+            "call of its own module (fc(x)), move it into the module whose forward uses it, or "
+            "tie it by assigning the same Parameter to two modules; call zero_grad() before "
+            "the next step")
+
+    def clear(self) -> None:
+        self.flagged.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.flagged.clear()
