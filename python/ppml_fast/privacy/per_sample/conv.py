@@ -53,7 +53,7 @@ from ppml_fast.privacy import per_sample as _ps
 from ppml_fast.privacy.per_sample import bounds
 
 # State key of the records whose ghost norm the error bound could not vouch for:
-# (record indices (k,), their materialised weight gradients (k, *weight shape), accumulation dtype).
+# (record indices (k,), their materialised weight gradients (k, *weight shape) in float64).
 FLAGGED = "weight:flagged"
 
 KAPPA = 0.1
@@ -236,7 +236,8 @@ class ConvRule:
         if not bool(flags.any()):
             return norms, None
         rows = flags.nonzero().flatten()
-        grads = self._per_sample_weight(x[rows], g[rows], geo, shape)
+        # float64 also for float32 inputs: see linear.ghost_weight_norms
+        grads = self._per_sample_weight(x[rows].double(), g[rows].double(), geo, shape)
         norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
         return norms, (rows, grads)
 

@@ -151,9 +151,9 @@ class EmbeddingRule:
 
     @staticmethod
     def _flagged(idx2: Tensor, g2: Tensor, pad: int | None, num: int, recs: Tensor):
-        """The flagged records' gradients as summed rows: (recs, (row record in 0..k-1, vocabulary
-        row, rows)); padding positions dropped (they contribute nothing)."""
-        idx, g = idx2[recs], g2[recs]
+        """The flagged records' gradients as summed rows (float64): (recs, (row record in
+        0..k-1, vocabulary row, rows)); padding positions dropped (they contribute nothing)."""
+        idx, g = idx2[recs], g2[recs].double()  # float64: see linear.ghost_weight_norms
         keys = _keys(idx, num)
         rows = g.reshape(-1, g.shape[-1])
         if pad is not None:
@@ -195,7 +195,8 @@ class EmbeddingRule:
         scaled = (g2 * f[:, None, None]).reshape(-1, dim)
         total = scaled.new_zeros(num, dim).index_add_(0, idx2.reshape(-1), scaled)
         if flagged is not None:
-            total.index_add_(0, vocab, rows * f_rows[:, None])
+            extra = rows.new_zeros(num, dim).index_add_(0, vocab, rows * f_rows.double()[:, None])
+            total = (total.double() + extra).to(total.dtype)
         if pad is not None:
             total[pad] = 0
         return {"weight": total.to(_ps.sum_dtype(weight))}

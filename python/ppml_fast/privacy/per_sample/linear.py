@@ -46,7 +46,7 @@ from ppml_fast.privacy.per_sample import bounds
 KAPPA = 0.35
 
 # State key of the records whose ghost norm the error bound could not vouch for:
-# (record indices (k,), their materialised weight gradients (k, p, d) in the accumulation dtype).
+# (record indices (k,), their materialised weight gradients (k, p, d) in float64).
 FLAGGED = "weight:flagged"
 
 
@@ -56,8 +56,8 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
 
     Ghost norm ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` from two Gram matrices (IEEE precision), products
     summed in float64, plus its rounding bound ``coef * S^2`` (:mod:`bounds`, Higham Lemma 3.1);
-    records with ``bound > TAU * N'^2`` are materialised (``G_i = g_i^T x_i``, only those) and get
-    the float64 norm of that gradient, which is what ``clipped_sum`` then adds for them."""
+    records with ``bound > TAU * N'^2`` are materialised in float64 (``G_i = g_i^T x_i``, only
+    those) and get the norm of that gradient, which is what ``clipped_sum`` then adds for them."""
     batch, seq, d = x.shape
     p = g.shape[-1]
     u = bounds.unit_roundoff(x.dtype)
@@ -73,8 +73,9 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     if not bool(flags.any()):
         return norms, None
     rows = flags.nonzero().flatten()
-    with bounds.full_precision():
-        grads = torch.bmm(g[rows].transpose(1, 2), x[rows])
+    # In float64 (also for float32 inputs): a materialised float32 gradient of such a record
+    # still rounds its +-M terms against the others (||G' - G|| <= gamma_T S, Higham 3.5).
+    grads = torch.bmm(g[rows].double().transpose(1, 2), x[rows].double())
     norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
     return norms, (rows, grads)
 
