@@ -184,14 +184,15 @@ def engine_sums(case: Case, model: nn.Module, inputs, target) -> dict[str, torch
             dp.zero_grad()
             case.run_loss(private, inputs, target).backward()
             dp.step()
-        else:
-            chunks = [list(range(i, min(i + case.chunk, b))) for i in range(0, b, case.chunk)]
-            for k, idx in enumerate(chunks):
-                dp.zero_grad()
-                dp.signal_skip_step(k < len(chunks) - 1)  # what BatchMemoryManager does
-                x, y = select(case, inputs, target, idx)
-                case.run_loss(private, x, y).backward()
-                dp.step()
+        else:  # virtual batches: the logical batch in physical chunks of case.chunk records
+            assert not isinstance(inputs, dict) and case.record_dim == 0
+            logical = DataLoader(TensorDataset(*inputs, target), batch_size=b)
+            with BatchMemoryManager(data_loader=logical, max_physical_batch_size=case.chunk,
+                                    optimizer=dp) as physical:
+                for *x, y in physical:
+                    dp.zero_grad()
+                    case.run_loss(private, tuple(x), y).backward()
+                    dp.step()
     except PrivacyError:
         for n, p in model.named_parameters():
             assert torch.equal(p.detach(), before[n]), f"{case.name}: refused after changing {n}"
@@ -212,10 +213,11 @@ def per_record_grads(case: Case, model64: nn.Module, inputs, target) -> dict[str
     rows: dict[str, list] = {n: [] for n in params}
     for i in range(int(target.shape[0])):
         x, y = select(case, inputs, target, [i])
-        loss = case.run_loss(model64, x, y)
-        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (n, p), g in zip(params.items(), gs):
-            rows[n].append(torch.zeros_like(p) if g is None else g.detach())
+        for p in params.values():
+            p.grad = None
+        case.run_loss(model64, x, y).backward()  # not autograd.grad: reentrant checkpointing refuses it
+        for n, p in params.items():
+            rows[n].append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
     return {n: torch.stack(r) for n, r in rows.items()}
 
 
