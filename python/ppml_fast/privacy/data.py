@@ -1,11 +1,14 @@
 """Data for DP-SGD: Poisson sampling (each record joins each batch independently with
-probability q — the sampling the accountants assume) and virtual batches (one logical batch in
-memory-bounded physical chunks, what Opacus's BatchMemoryManager does).
+probability q — the sampling the accountants assume), its distributed form (disjoint shards, one
+per ``torch.distributed`` rank, each Poisson-sampled with q), and virtual batches (one logical
+batch in memory-bounded physical chunks, what Opacus's BatchMemoryManager does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import os
 from typing import Iterator, Optional
 
 import torch
@@ -69,11 +72,15 @@ class DPDataLoader(DataLoader):
         self.sample_rate = float(sample_rate)
         super().__init__(
             dataset,
-            batch_sampler=PoissonBatchSampler(n, self.sample_rate, num_batches, generator),
+            batch_sampler=self._batch_sampler(n, num_batches, generator),
             collate_fn=_CollateWithEmpty(dataset, collate_fn or default_collate),
             generator=generator,
             **kwargs,
         )
+
+    def _batch_sampler(self, num_samples: int, num_batches: int,
+                       generator: Optional[torch.Generator]) -> Sampler[list[int]]:
+        return PoissonBatchSampler(num_samples, self.sample_rate, num_batches, generator)
 
     @property
     def expected_batch_size(self) -> float:
@@ -89,6 +96,166 @@ class DPDataLoader(DataLoader):
             raise ValueError("data_loader has no batches")
         return cls(data_loader.dataset, sample_rate=1 / num_batches, num_batches=num_batches,
                    collate_fn=data_loader.collate_fn, generator=generator,
+                   num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
+
+
+def _rank_generator(generator: Optional[torch.Generator], rank: int, num_replicas: int) -> torch.Generator:
+    """The sampling stream of rank ``rank``: a fresh CPU generator.
+
+    ``None``: seeded from OS entropy (``os.urandom``), so ranks and runs never share masks, even
+    when every rank called ``torch.manual_seed`` alike. A user ``generator`` (typically the same
+    seed on every rank): seeded with SHA-256(its state, rank, num_replicas), so the ranks get
+    distinct, reproducible streams instead of drawing the same masks; the user's generator is
+    read, not advanced. Streams of torch's Mersenne Twister from distinct hashed seeds are not
+    proven independent, only practically so; it is no CSPRNG (secure mode needs one).
+    """
+    if generator is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    elif isinstance(generator, torch.Generator):
+        h = hashlib.sha256(b"ppml_fast.DistributedPoissonBatchSampler\0")
+        h.update(generator.get_state().cpu().numpy().tobytes())
+        h.update(rank.to_bytes(8, "little") + num_replicas.to_bytes(8, "little"))
+        seed = int.from_bytes(h.digest()[:8], "little")
+    else:
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _check_int(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+    return int(v)
+
+
+class DistributedPoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling over ``num_replicas`` ranks, this sampler being rank ``rank``'s part.
+
+    The dataset is cut into disjoint shards that cover it once — record ``j`` belongs to rank
+    ``j % num_replicas`` (no padding, no repeated record, unlike ``DistributedSampler``) — and
+    each rank includes each record of its own shard in each of its ``num_batches`` batches
+    independently with probability ``sample_rate``. Batch ``i`` of every rank together form
+    logical step ``i``: each record is in it with probability ``sample_rate`` and in at most
+    one rank's batch, which is the Poisson subsampling the accountant composes
+    (PoissonSampled(q); Abadi et al. 2016 §3.1, Mironov et al. 2019 "Rényi DP of the Sampled
+    Gaussian Mechanism" §3). Every rank yields ``num_batches`` batches (some possibly empty), so
+    the ranks step in lockstep.
+
+    Inclusion is decided on 53-bit integers: record in iff ``k < floor(q 2^53)`` with ``k``
+    uniform in [0, 2^53), a probability in (q - 2^-53, q] — never above the accounted ``q``.
+    Randomness: see :func:`_rank_generator` (``generator=None``: OS entropy; a user generator
+    yields a distinct stream per rank).
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, num_batches: int, *, num_replicas: int,
+                 rank: int, generator: Optional[torch.Generator] = None) -> None:
+        num_samples = _check_int("num_samples", num_samples, 1)
+        num_batches = _check_int("num_batches", num_batches, 1)
+        num_replicas = _check_int("num_replicas", num_replicas, 1)
+        rank = _check_int("rank", rank, 0)
+        if rank >= num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}); got {rank}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+        self.num_samples, self.sample_rate, self.num_batches = num_samples, float(sample_rate), num_batches
+        self.num_replicas, self.rank = num_replicas, rank
+        self.generator = _rank_generator(generator, rank, num_replicas)
+        self._threshold = int(self.sample_rate * 2.0**53)  # exact: a power-of-two scaling, then floor
+
+    @property
+    def shard(self) -> torch.Tensor:
+        """This rank's records: ``rank, rank + num_replicas, ...``."""
+        return torch.arange(self.rank, self.num_samples, self.num_replicas)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = self.shard
+        for _ in range(self.num_batches):
+            # randint over a power-of-two range is exactly uniform (torch reduces 64 random bits mod 2^53)
+            bits = torch.randint(0, 2**53, (len(shard),), generator=self.generator, dtype=torch.int64)
+            yield shard[bits < self._threshold].tolist()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed Poisson sampling needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group) or num_replicas and rank given")
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _distributed_sampler(data_loader: DataLoader):
+    from torch.utils.data.distributed import DistributedSampler
+
+    for s in (data_loader.sampler, getattr(data_loader.batch_sampler, "sampler", None)):
+        if isinstance(s, DistributedSampler):
+            return s
+    return None
+
+
+class DistributedDPDataLoader(DPDataLoader):
+    """Rank ``rank``'s loader of distributed Poisson sampling
+    (:class:`DistributedPoissonBatchSampler`): ``num_batches`` batches per epoch drawn from this
+    rank's shard at rate ``sample_rate``. ``expected_batch_size`` is the global one, q N (N the
+    whole dataset: the denominator of the all-reduced gradient);
+    ``local_expected_batch_size`` is this rank's share. Every rank must hold the same whole
+    dataset (not a rank-local part). ``num_replicas``/``rank`` default to torch.distributed's.
+    """
+
+    def __init__(self, dataset: Dataset, *, sample_rate: float, num_batches: Optional[int] = None,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None, collate_fn=None,
+                 generator: Optional[torch.Generator] = None, **kwargs) -> None:
+        if num_replicas is None or rank is None:
+            world, me = _world()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = me if rank is None else rank
+        self.num_replicas, self.rank = num_replicas, rank
+        super().__init__(dataset, sample_rate=sample_rate, num_batches=num_batches, collate_fn=collate_fn,
+                         generator=generator, **kwargs)
+
+    def _batch_sampler(self, num_samples: int, num_batches: int,
+                       generator: Optional[torch.Generator]) -> Sampler[list[int]]:
+        return DistributedPoissonBatchSampler(num_samples, self.sample_rate, num_batches,
+                                              num_replicas=self.num_replicas, rank=self.rank,
+                                              generator=generator)
+
+    @property
+    def local_expected_batch_size(self) -> float:
+        return self.sample_rate * len(self.batch_sampler.shard)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_data_loader(cls, data_loader: DataLoader, *, generator=None) -> "DistributedDPDataLoader":
+        """Distributed Poisson sampling with Opacus's rate q = 1 / len(data_loader) (the per-rank
+        loader's number of batches: with a DistributedSampler of batch size B, q ~ B W / N, a
+        global expected batch of about B W; without one, q ~ B / N). A DistributedSampler's
+        ``num_replicas``/``rank`` must match torch.distributed; its partition and padding are
+        not used. Collective: every rank calls it (it checks that the ranks agree on the
+        dataset size and the number of batches)."""
+        import torch.distributed as dist
+
+        if not isinstance(data_loader, DataLoader):
+            raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
+        world, rank = _world()
+        sampler = _distributed_sampler(data_loader)
+        if sampler is not None and (sampler.num_replicas, sampler.rank) != (world, rank):
+            raise ValueError(
+                f"data_loader's DistributedSampler has num_replicas={sampler.num_replicas}, rank={sampler.rank}; "
+                f"torch.distributed has world_size={world}, rank={rank}: they must match")
+        num_batches = len(data_loader)
+        if num_batches == 0:
+            raise ValueError("data_loader has no batches")
+        mine = (len(data_loader.dataset), num_batches)  # type: ignore[arg-type]
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if any(o != mine for o in everyone):
+            raise ValueError("every rank must pass a loader over the same whole dataset with the same number "
+                             f"of batches; (len(dataset), len(data_loader)) per rank: {everyone}")
+        return cls(data_loader.dataset, sample_rate=1 / num_batches, num_batches=num_batches,
+                   num_replicas=world, rank=rank, collate_fn=data_loader.collate_fn, generator=generator,
                    num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting import calibration
-from ppml_fast.privacy.data import DPDataLoader
+from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
 from ppml_fast.privacy.distributed import DistributedDPOptimizer
 from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
@@ -78,9 +78,13 @@ class PrivacyEngine:
         (and ``delta``), the step that would spend more raises ``PrivacyBudgetExceeded`` before
         any parameter changes. ``noise_seed`` makes the noise reproducible (ignored in secure
         mode); ``generator`` seeds the Poisson sampler. ``distributed=True``: data-parallel
-        training over ``torch.distributed`` ranks, each with its own shard in ``data_loader``
-        (e.g. a DistributedSampler); clipped sums are all-reduced and the noise added once per
-        logical step (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`).
+        training over ``torch.distributed`` ranks; every rank passes a loader over the same
+        whole dataset (with or without a DistributedSampler) and gets
+        :class:`~ppml_fast.privacy.data.DistributedDPDataLoader`: disjoint shards, each
+        Poisson-sampled with q = 1 / len(data_loader) from its own stream (OS entropy; a
+        ``generator`` given alike on every rank is turned into a distinct stream per rank);
+        clipped sums are all-reduced and the noise added once per logical step
+        (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`, denominator q N).
         ``optimizer_class``: a :class:`DPOptimizer` subclass to build instead of the default (a
         :class:`DistributedDPOptimizer` subclass with ``distributed=True``), e.g. to check one's
         own subclass with :func:`ppml_fast.audit.check_sensitivity`.
@@ -95,7 +99,8 @@ class PrivacyEngine:
         if max_epsilon is not None and delta is None:
             raise ValueError("delta is required with max_epsilon")
         if poisson_sampling:
-            loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+            loader_cls = DistributedDPDataLoader if distributed else DPDataLoader
+            loader = loader_cls.from_data_loader(data_loader, generator=generator)
             sample_rate = loader.sample_rate
             expected = loader.expected_batch_size
         else:
@@ -113,8 +118,10 @@ class PrivacyEngine:
             import torch.distributed as dist
 
             cls = DistributedDPOptimizer
-            if dist.is_available() and dist.is_initialized():
-                expected *= dist.get_world_size()  # the global expected batch size
+            # the denominator is the global expected batch size: with Poisson sampling the loader's
+            # is already global (q N, N the whole dataset); a fixed per-rank batch_size is not
+            if not poisson_sampling and dist.is_available() and dist.is_initialized():
+                expected *= dist.get_world_size()
         if optimizer_class is not None:
             cls = optimizer_class
         dp_optimizer = cls(
