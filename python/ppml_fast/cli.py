@@ -277,12 +277,85 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_audit)
 
 
+def _load_factory(spec: str):
+    """``MODULE:FACTORY`` -> the factory function (MODULE a dotted module path or a .py file)."""
+    import importlib
+    import importlib.util
+    import os
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ValueError(f"expected MODULE:FACTORY (e.g. mymodels.py:make or pkg.models:make); got {spec!r}")
+    try:
+        if path.endswith(".py") or os.sep in path:
+            if not os.path.isfile(path):
+                raise ValueError(f"no such file: {path}")
+            mod_spec = importlib.util.spec_from_file_location(
+                os.path.splitext(os.path.basename(path))[0], path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:  # a module path, also one in the current directory (as python -m finds it)
+            import sys
+
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(path)
+    except ImportError as e:
+        raise ValueError(f"cannot import {path}: {e}") from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"{path} has no callable {name!r}")
+    return factory
+
+
+def _check_model(args: argparse.Namespace) -> int:
+    from ppml_fast.audit import check_sensitivity
+
+    spec = _load_factory(args.factory)()
+    if not isinstance(spec, dict) or not {"model", "loss_fn", "batch"} <= set(spec):
+        raise ValueError(f"{args.factory}() must return a dict with keys model, loss_fn, batch "
+                         "(and optionally make_private, max_grad_norm, optimizer_class); got "
+                         + (f"keys {sorted(spec)}" if isinstance(spec, dict) else type(spec).__name__))
+    unknown = set(spec) - {"model", "loss_fn", "batch", "make_private", "max_grad_norm", "optimizer_class"}
+    if unknown:
+        raise ValueError(f"{args.factory}() returned unknown keys {sorted(unknown)}")
+    kwargs = dict(spec.get("make_private") or {})
+    c = args.max_grad_norm if args.max_grad_norm is not None else spec.get("max_grad_norm", 1.0)
+    report = check_sensitivity(spec["model"], spec["loss_fn"], spec["batch"], max_grad_norm=c,
+                               trials=args.trials, neighbours=args.neighbours,
+                               optimizer_class=spec.get("optimizer_class"), **kwargs)
+    print(report.to_json() if args.json else report)
+    return 0 if report.ok else 1
+
+
+def _add_check_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-model", help="measure one record's effect on a DP step of your model (sensitivity)",
+        description="Import MODULE (a dotted module path or a .py file), call FACTORY(), which "
+        "returns a dict with keys model, loss_fn and batch ((inputs, target); see "
+        "ppml_fast.audit.check_sensitivity) and optionally make_private (a dict of "
+        "PrivacyEngine.make_private keywords: grad_sample_mode, clipping, batch_first, "
+        "loss_reduction, ...), max_grad_norm and optimizer_class (a DPOptimizer subclass); run "
+        "one noise-free DP step on the batch and on crafted neighbouring batches and print the "
+        "largest ||dtheta(B) - dtheta(B')|| in units of the bound (C, or 2C for replace). Exit "
+        "status 0 when it is within the bound, 1 when it exceeds it or the engine refuses the model.")
+    p.add_argument("factory", metavar="MODULE:FACTORY")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clipping norm C (default: the factory's max_grad_norm, else 1.0)")
+    p.add_argument("--neighbours", choices=("remove", "replace"), default="remove",
+                   help="add/remove one record (bound C, default) or replace one (bound 2C)")
+    p.add_argument("--trials", type=int, default=8, help="neighbouring batches to try (default 8)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_check_model)
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_bench,
     _add_epsilon,
     _add_noise_multiplier,
     _add_audit,
+    _add_check_model,
 )
 
 

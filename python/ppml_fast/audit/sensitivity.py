@@ -133,8 +133,6 @@ def _plan(records: Records, order: list[int], neighbours: str, trials: int) -> l
         else:
             out += [(f"replace {c}", r) for c in crafted[:1] + (["negated"] if crafted[:1] else [])
                     + crafted[1:]] + [("replace other", r)]
-        if len(out) >= trials:
-            break
     seen, plan = set(), []
     for t in out:
         if t not in seen:

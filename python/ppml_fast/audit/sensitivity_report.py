@@ -117,8 +117,9 @@ class SensitivityReport:
     def __str__(self) -> str:
         if self.refused is not None:
             return f"sensitivity check: REFUSED by the engine: {self.refused}"
-        verdict = ("ok" if self.ok else "EXCEEDS THE BOUND: one record moves the step by more "
-                   "than the accountant assumes")
+        verdict = ("ok" if self.ok else "NOT CHECKED: no trial completed" if not math.isfinite(
+            self.max_ratio) else "EXCEEDS THE BOUND: one record moves the step by more than the "
+            "accountant assumes")
         lines = [f"sensitivity check ({self.neighbours} one record, bound {self.bound:g} = "
                  f"{'C' if self.neighbours == 'remove' else '2C'}, {self.trials} trials, "
                  f"batch of {self.expected_batch_size:g}): max ratio {self.max_ratio:.6g} "
