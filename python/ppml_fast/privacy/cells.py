@@ -18,13 +18,23 @@ def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     return torch.nn.functional.linear(x, w, b)
 
 
+def _gates(p: dict, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_ih x + b_ih, W_hh h + b_hh)."""
+    gx = _affine(x, p["weight_ih"], p.get("bias_ih"))
+    return gx, _affine(h, p["weight_hh"], p.get("bias_hh"))
+
+
 def _batched(m: nn.Module, x: torch.Tensor, hx):
     """(input as (N, in), hx as a tuple of (N, hidden) or None, whether to squeeze back)."""
     if x.dim() == 1:
         x = x.unsqueeze(0)
-        hx = None if hx is None else tuple(h.unsqueeze(0) for h in (hx if isinstance(hx, tuple) else (hx,)))
+        hx = None if hx is None else tuple(h.unsqueeze(0) for h in _states(hx))
         return x, hx, True
-    return x, (None if hx is None else (hx if isinstance(hx, tuple) else (hx,))), False
+    return x, (None if hx is None else _states(hx)), False
+
+
+def _states(hx) -> tuple:
+    return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
 
 
 def _zeros(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +44,8 @@ def _zeros(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def lstm_cell(m: nn.LSTMCell, p: dict, input: torch.Tensor, hx=None):
     x, hx, squeeze = _batched(m, input, hx)
     h, c = hx if hx is not None else (_zeros(m, x), _zeros(m, x))
-    gates = _affine(x, p["weight_ih"], p.get("bias_ih")) + _affine(h, p["weight_hh"], p.get("bias_hh"))
+    gx, gh = _gates(p, x, h)
+    gates = gx + gh
     i, f, g, o = gates.chunk(4, dim=1)
     c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h2 = torch.sigmoid(o) * torch.tanh(c2)
@@ -44,8 +55,8 @@ def lstm_cell(m: nn.LSTMCell, p: dict, input: torch.Tensor, hx=None):
 def gru_cell(m: nn.GRUCell, p: dict, input: torch.Tensor, hx=None):
     x, hx, squeeze = _batched(m, input, hx)
     h = hx[0] if hx is not None else _zeros(m, x)
-    xr, xz, xn = _affine(x, p["weight_ih"], p.get("bias_ih")).chunk(3, dim=1)
-    hr, hz, hn = _affine(h, p["weight_hh"], p.get("bias_hh")).chunk(3, dim=1)
+    gx, gh = _gates(p, x, h)
+    (xr, xz, xn), (hr, hz, hn) = gx.chunk(3, dim=1), gh.chunk(3, dim=1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
     h2 = (1 - z) * n + z * h
@@ -55,7 +66,8 @@ def gru_cell(m: nn.GRUCell, p: dict, input: torch.Tensor, hx=None):
 def rnn_cell(m: nn.RNNCell, p: dict, input: torch.Tensor, hx=None):
     x, hx, squeeze = _batched(m, input, hx)
     h = hx[0] if hx is not None else _zeros(m, x)
-    pre = _affine(x, p["weight_ih"], p.get("bias_ih")) + _affine(h, p["weight_hh"], p.get("bias_hh"))
+    gx, gh = _gates(p, x, h)
+    pre = gx + gh
     h2 = torch.tanh(pre) if m.nonlinearity == "tanh" else torch.relu(pre)
     return h2.squeeze(0) if squeeze else h2
 

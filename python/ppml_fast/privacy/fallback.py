@@ -57,11 +57,13 @@ def output_leaves(label: str, output: Any) -> tuple[list, Any]:
     would get no gradient record, so the module's parameters would train on noise alone)."""
     leaves, spec = pytree.tree_flatten(output)
     odd = [type(a).__name__ for a in leaves if not isinstance(a, (torch.Tensor,) + _PLAIN)]
+    odd += [f"complex tensor ({a.dtype})" for a in leaves
+            if isinstance(a, torch.Tensor) and a.is_complex()]
     if odd:
         raise UnsupportedModuleError(
-            f"{label}: its output holds a {odd[0]} object, which ppml_fast cannot look into for "
-            "tensors (their gradients would be missed); return tensors in tuples, lists, dicts "
-            "or dataclasses registered with torch.utils._pytree.register_pytree_node")
+            f"{label}: its output holds a {odd[0]} object, whose gradient ppml_fast cannot "
+            "record (it would be missed); return real tensors in tuples, lists, dicts or "
+            "dataclasses registered with torch.utils._pytree.register_pytree_node")
     return leaves, spec
 
 
@@ -124,9 +126,13 @@ def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: 
     except UnsupportedModuleError:
         raise
     except Exception as e:  # e.g. a shape error: an input split into records wrongly
+        hint = (" (random operations such as dropout cannot be replayed record by record: move "
+                "them into a module without parameters, e.g. nn.Dropout, called outside it)"
+                if "random" in str(e) else "")
         raise UnsupportedModuleError(
             f"{label}: rerun record by record (the torch.func path; input leaves with {b} rows "
-            f"taken as per-record, the others as shared), it failed: {type(e).__name__}: {e}") from e
+            f"taken as per-record, the others as shared), it failed: {type(e).__name__}: {e}"
+            f"{hint}") from e
     for k, got in zip(checked, outs):
         _check_same(label, k, got, rerun.outputs[k])
     return dict(zip(names, grads))
@@ -140,7 +146,8 @@ def _check_same(label: str, k: int, got: torch.Tensor, want: torch.Tensor) -> No
     ok = got.shape == want.shape
     if ok:
         g64, w64 = got.double(), want.double()
-        tol = math.sqrt(torch.finfo(want.dtype).eps) * (1.0 + float(w64.abs().max()) if w64.numel() else 1.0)
+        scale = 1.0 + (float(w64.abs().max()) if w64.numel() else 0.0)
+        tol = math.sqrt(torch.finfo(want.dtype).eps) * scale
         ok = bool(((g64 - w64).abs() <= tol).all())
     if not ok:
         raise UnsupportedModuleError(

@@ -51,25 +51,38 @@ def owned_parameters(mod: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class ParameterWatch:
-    """Hooks on the trainable parameters of ``root`` (those trainable when it is built: a
-    parameter unfrozen later is not watched) that flag a gradient reaching one while
-    ``captured()`` is true."""
+    """Hooks on the trainable parameters of ``root`` that flag a gradient reaching one while
+    ``captured()`` is true. Parameters that become trainable later (unfrozen, or new Parameters
+    assigned to a module) are hooked at the next forward of ``root``."""
 
     def __init__(self, root: nn.Module, captured: Callable[[], bool]) -> None:
         self.flagged: dict[int, str] = {}  # id(parameter) -> its qualified name
-        self._handles = []
+        self._hooked: dict[int, tuple] = {}  # id(parameter) -> (parameter, handle)
+        self._root, self._captured = root, captured
+        self.refresh()
+
+        def pre(mod, args):  # a closure (deep copies of root share it): copies are not watched
+            if mod is root:
+                self.refresh()
+
+        self._pre = root.register_forward_pre_hook(pre, prepend=True)  # before the switches
+
+    def refresh(self) -> None:
+        """Hooks the trainable parameters not hooked yet."""
         names: dict[int, list[str]] = {}
         params: dict[int, nn.Parameter] = {}
-        for name, p in root.named_parameters(remove_duplicate=False):
-            if p.requires_grad:
+        for name, p in self._root.named_parameters(remove_duplicate=False):
+            # not Parameter: swapped in by torch.func.functional_call (the fallback's reruns)
+            if p.requires_grad and isinstance(p, nn.Parameter):
                 names.setdefault(id(p), []).append(name)
                 params[id(p)] = p
         for pid, p in params.items():
-            self._handles.append(p.register_hook(self._hook(pid, " = ".join(names[pid]), captured)))
+            if pid not in self._hooked or self._hooked[pid][0] is not p:
+                self._hooked[pid] = (p, p.register_hook(self._hook(pid, " = ".join(names[pid]))))
 
-    def _hook(self, pid: int, name: str, captured: Callable[[], bool]):
+    def _hook(self, pid: int, name: str):
         def hook(grad: torch.Tensor):
-            if not captured():
+            if not self._captured():
                 return None
             self.flagged[pid] = name
             return torch.zeros_like(grad)  # the unclipped gradient does not reach .grad
@@ -84,8 +97,9 @@ class ParameterWatch:
         raise UnownedParameterError(
             f"step {step}: trainable parameter(s) {', '.join(names[:10])} received a gradient "
             "outside every call of the module that owns them (e.g. `x @ self.fc.weight.T` in a "
-            "parent of fc, or a parameter of one module read in another's forward): that "
-            "gradient is not per-record, so it cannot be clipped. Use each parameter through a "
+            "parent of fc, a parameter of one module read in another's forward, or a penalty on "
+            "it added to the loss): that gradient is not per-record, so it cannot be clipped. "
+            "Use each parameter through a "
             "call of its own module (fc(x)), move it into the module whose forward uses it, or "
             "tie it by assigning the same Parameter to two modules; call zero_grad() before "
             "the next step")
@@ -94,7 +108,8 @@ class ParameterWatch:
         self.flagged.clear()
 
     def remove(self) -> None:
-        for h in self._handles:
+        self._pre.remove()
+        for _, h in self._hooked.values():
             h.remove()
-        self._handles.clear()
+        self._hooked.clear()
         self.flagged.clear()
