@@ -162,6 +162,38 @@ def test_a_subclass_that_skips_clipping_is_flagged(neighbours):
     assert "EXCEEDS" in str(report)
 
 
+class OwnScale(DPOptimizer):
+    """Noise-and-scale of its own (the checker cannot read the sums before their rounding)."""
+
+    def _noise_and_scale(self, grads):
+        for g in grads:
+            g.div_(self.expected_batch_size)
+
+
+class ExtraStep(DPOptimizer):
+    """Moves the parameters by 9 more gradients after the wrapped optimizer's step."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        with torch.no_grad():
+            for p in self.params:
+                p.sub_(9 * p.grad)
+        return out
+
+
+def test_16_bit_gradients_read_after_rounding_get_that_rounding_in_the_tolerance():
+    report = check_sensitivity(mlp(torch.bfloat16), CE, mlp_batch(torch.bfloat16), max_grad_norm=C,
+                               optimizer_class=OwnScale)
+    assert report.tol > tolerance(torch.bfloat16) and any("after rounding" in n for n in report.notes)
+    assert report.ok and report.max_ratio > 0.98, str(report)
+
+
+def test_parameters_moved_besides_the_gradient_are_measured():
+    report = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, optimizer_class=ExtraStep)
+    assert not report.ok and 9.9 < report.max_ratio < 10.1, str(report)
+    assert any("moved by more than" in n for n in report.notes)
+
+
 def test_bfloat16_parameters_are_measured_before_their_rounding():
     report = check_sensitivity(mlp(torch.bfloat16), CE, mlp_batch(torch.bfloat16), max_grad_norm=C)
     assert report.tol == tolerance(torch.bfloat16) == 2.0**-7  # no rounding allowance added

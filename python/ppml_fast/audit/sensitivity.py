@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import numbers
 import warnings
@@ -163,7 +164,8 @@ class _Stepper:
         self.loss_fn, self.seed = loss_fn, seed
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        self.start = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+        self.tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+        self.start = {n: t.detach().clone() for n, t in self.tensors.items()}
         sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         loader = DataLoader(list(range(records.size)), batch_size=records.size)
         with warnings.catch_warnings():
@@ -185,10 +187,9 @@ class _Stepper:
         self.moved_elsewhere: set[str] = set()
 
     def run(self, batch: tuple) -> tuple[dict[str, torch.Tensor], set[str]]:
-        with torch.no_grad():
-            state = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():  # parameters and buffers (non-persistent ones too) as they started
             for n, v in self.start.items():
-                state[n].copy_(v)
+                self.tensors[n].copy_(v)
         self.opt.zero_grad(set_to_none=True)
         self.captured.clear()
         torch.manual_seed(self.seed)

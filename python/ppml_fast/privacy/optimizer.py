@@ -15,13 +15,12 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ppml_fast import ops
+from ppml_fast import noise_keys, ops
 from ppml_fast.ops import noise
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded
@@ -104,10 +103,9 @@ class DPOptimizer:
             max_epsilon = _positive("max_epsilon", max_epsilon)
             if delta is None or accountant is None or sample_rate is None:
                 raise ValueError("max_epsilon needs delta, an accountant and sample_rate")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
+        # a seed is an error in secure mode; None: a key from OS entropy (noise_keys)
+        seed_given = noise_keys.noise_seed("seed", seed, secure=bool(secure_mode)) is not None
+        seed = noise_keys.os_key() if seed is None else seed
         own = {id(p) for p in module.trainable_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -131,6 +129,9 @@ class DPOptimizer:
         self.delta = delta
         self.seed = int(seed)
         self.offset = 0
+        # a forked child (DataLoader worker, multiprocessing) gets its own key: fresh from OS
+        # entropy, or derived from a user seed and the fork number (ppml_fast.noise_keys)
+        noise_keys.rekey_after_fork(self, "seed", user_seeded=seed_given)
         self.secure_mode = bool(secure_mode)
         self.nonfinite = nonfinite
         self.gamma = gamma
