@@ -137,6 +137,27 @@ def _refusals(world: int, rank: int) -> list[str]:
     return msgs
 
 
+def _empty_batch_step(world: int, rank: int) -> list[torch.Tensor]:
+    """One step where only rank 0 drew records (a Poisson batch may be empty on any rank): the
+    empty ranks still join the all-reduce, and every rank ends with the same parameters."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    private, opt, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(torch.arange(8)), batch_size=2), noise_multiplier=0.0,
+        max_grad_norm=C, distributed=True, loss_reduction="sum")
+    x, y = _EMPTY_STEP_DATA
+    if rank != 0:
+        x, y = x[:0], y[:0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(private(x), y, reduction="sum").backward()
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+_EMPTY_STEP_DATA = (torch.randn(4, 3, generator=torch.Generator().manual_seed(9)), torch.tensor([0, 1, 1, 0]))
+
+
 def _worker(proc: int, init_prefix: str, out_prefix: str) -> None:
     """Processes 0-1 form a 2-rank group, processes 2-4 a 3-rank group (one spawn for both)."""
     world, rank = (2, proc) if proc < 2 else (3, proc - 2)
@@ -145,7 +166,7 @@ def _worker(proc: int, init_prefix: str, out_prefix: str) -> None:
     try:
         torch.manual_seed(0)  # ranks seeded alike
         mine = {"inclusion": _inclusion(world, rank), "sensitivity": _sensitivity(world, rank),
-                "refusals": _refusals(world, rank)}
+                "refusals": _refusals(world, rank), "empty_step": _empty_batch_step(world, rank)}
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
@@ -232,6 +253,24 @@ def test_a_distributed_sampler_that_disagrees_with_torch_distributed_is_refused(
     world, results = ranks
     for r in results:
         assert all("DistributedSampler" in m and "must match" in m for m in r["refusals"]), r["refusals"]
+
+
+def test_a_rank_with_an_empty_batch_still_steps_with_the_others(ranks):
+    world, results = ranks
+    from ppml_fast.privacy import DPOptimizer, PrivateModule
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    private = PrivateModule(model, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), module=private, noise_multiplier=0.0,
+                      max_grad_norm=C, expected_batch_size=8 / 4)  # q N of the workers' loader
+    x, y = _EMPTY_STEP_DATA
+    opt.zero_grad()
+    nn.functional.cross_entropy(private(x), y, reduction="sum").backward()
+    opt.step()
+    for r in results:
+        for a, b in zip(r["empty_step"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
 
 
 # -- single process ------------------------------------------------------------------------------
