@@ -49,7 +49,10 @@ def rtol(dtype: torch.dtype, kappa: float = 1.0) -> float:
     Stability, 2nd ed., ch. 3); with kappa_model <= 2^6 for these tiny models that is <= 2^11 u.
     A record whose gradient is the cancellation of terms ``kappa`` times larger than itself
     (x1 = M r + a, x2 = -M r + a: kappa = M / |a|) adds 2^4 u kappa: any order of summation,
-    the reference's included, rounds at the size of the cancelled terms. float64 is floored at
+    the reference's included, rounds at the size of the cancelled terms; and its norm, if taken
+    from a Gram matrix, may be over-estimated by that sum's proven rounding bound (sound: it clips
+    more; ~u kappa^2 of the norm, Higham Lemma 3.1), up to 2^-7 (past which a sound engine
+    recomputes the record on a stable path; ppml_fast's threshold is 1e-2). float64 is floored at
     1e-9; the 16-bit types, whose every activation is rounded, get 16 u per layer of a <= 4-layer
     model instead of 2^11 u: bf16 6%, fp16 0.8%. Where the result exceeds 1/4 the computed
     gradient of such a record carries no digit (that dtype cannot represent the record's
@@ -57,18 +60,22 @@ def rtol(dtype: torch.dtype, kappa: float = 1.0) -> float:
     """
     u = UNIT_ROUNDOFF[dtype]
     model = 16 * u if dtype in (torch.bfloat16, torch.float16) else 2.0**11 * u
-    return max(model + 2.0**4 * u * kappa, 1e-9)
+    gram = min(2.0**-7, 2.0**4 * u * kappa * kappa) if kappa > 1 else 0.0
+    return max(model + 2.0**4 * u * kappa + gram, 1e-9)
 
 
-def sens_tol(dtype: torch.dtype, sums_norm: float, bound: float, kappa: float = 1.0) -> float:
+def sens_tol(dtype: torch.dtype, sums_norm: float, bound: float) -> float:
     """Relative slack of ||sum(B) - sum(B')|| <= bound (1 + tol): the clip factor's rounding
-    (float32 factors for 16-bit models: 2^8 u32; float64: 1e-9), the other records' sums, which
-    the two runs may round differently (2^4 u kappa (||S|| + ||S'||) / bound: batch-size
-    dependent matmul blocking), and for 16-bit parameters the rounding of both sums to the
-    parameter's dtype when p.grad is written (u (||S|| + ||S'||) / bound)."""
+    (float32 factors for 16-bit models: 2^8 u32; float64: 1e-9), the other records' clipped
+    gradients, which the two runs may round differently (batch-size dependent matmul blocking:
+    2^4 u (||S|| + ||S'||) / bound), and for 16-bit parameters the rounding of both sums to the
+    parameter's dtype when p.grad is written (u (||S|| + ||S'||) / bound). No allowance for
+    cancellation records: however the engine computed a record's gradient, the contribution it
+    sums must be clipped by the norm of that very contribution, and a record's contribution must
+    not depend on which other records share its batch beyond rounding at the size of C."""
     u = UNIT_ROUNDOFF[dtype]
     base = 1e-9 if dtype == torch.float64 else 2.0**8 * 2.0**-24
-    rounding = 2.0**4 * u * kappa * sums_norm / bound
+    rounding = 2.0**4 * u * sums_norm / bound
     grad_round = u * sums_norm / bound if dtype in (torch.bfloat16, torch.float16) else 0.0
     return base + rounding + grad_round
 
@@ -291,7 +298,7 @@ def neighbour_ratio(case: Case, model64: nn.Module, full: dict, drop: int,
     else:
         bound, per, detail = k * case.C, {}, ""
     ratio = flat_norm(delta) / bound
-    tol = sens_tol(case.dtype, flat_norm(full) + flat_norm(other), bound, case.kappa)
+    tol = sens_tol(case.dtype, flat_norm(full) + flat_norm(other), bound)
     if per:
         ratio = max(ratio, max(per.values()))
     return ratio, tol, detail
