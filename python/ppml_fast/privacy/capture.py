@@ -54,6 +54,9 @@ class Batch:
 
     size: int
     calls: list[Call] = field(default_factory=list)
+    # why this batch's rows cannot be tied to its records (ppml_fast.privacy.records): the DP
+    # step refuses it, naming the layer, before anything changes; None when they can
+    refusal: Optional[str] = None
 
     @property
     def backpropagated(self) -> bool:

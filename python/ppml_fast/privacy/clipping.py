@@ -18,6 +18,7 @@ from torch import nn
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
 from ppml_fast.privacy.capture import Batch, Call
+from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, sum_dtype, weighted_sum
 
 
@@ -46,6 +47,24 @@ def _embed(g: torch.Tensor, p: torch.Tensor, span: tuple[int, int]) -> torch.Ten
     return full.view((g.shape[0],) + tuple(p.shape))
 
 
+def check_records(batches: list[Batch], step: int) -> None:
+    """Raises (before anything changes) unless the backpropagated forwards since the last step
+    are one batch of records whose layers' rows were tied to them (DESIGN.md invariant 1)."""
+    for b in batches:
+        if b.refusal:
+            raise UnsupportedModuleError(f"step {step}: {b.refusal}")
+    if len(batches) > 1:
+        raise PrivacyError(
+            f"step {step}: {len(batches)} forward passes of the model were backpropagated before "
+            "one optimizer step, and ppml_fast cannot tell whether they hold the same records "
+            "(two views of one batch) or different ones. Accumulating several sampled batches "
+            "into one step would put a record in it twice while the accountant counts one "
+            "sampling: use BatchMemoryManager (or optimizer.signal_skip_step() and step() after "
+            "each part of one sampled batch) instead. For several forwards of the same records "
+            "(two views, a consistency loss), run them inside `with model.same_records():` so "
+            "that each record's gradients are clipped together.")
+
+
 class ClippedSums:
     """Mixin of :class:`~ppml_fast.privacy.module.PrivateModule` (which provides ``recorder``,
     ``parameter_watch``, ``rules``, ``loss_reduction``, ``parameters()`` and
@@ -69,6 +88,7 @@ class ClippedSums:
         # before anything is forgotten or changed
         self.parameter_watch.check(step)
         batches = [b for b in self.recorder.batches if b.backpropagated]
+        check_records(batches, step)
         plans = [self._norms(b) for b in batches]
         if nonfinite == "raise":
             for plan in plans:

@@ -13,6 +13,7 @@ Layers that cannot be private (BatchNorm, ...) are refused at construction, nami
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import types
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppml_fast.privacy import attention
+from ppml_fast.privacy import attention, records
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
@@ -122,6 +123,9 @@ class PrivateModule(ClippedSums, nn.Module):
         self.rules = make_rules(GRAD_SAMPLE_MODES[grad_sample_mode])
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
+        # input layout -> None (rows proven to be records) or why they are not
+        self._verified: dict[tuple, Optional[str]] = {}
+        self._same_records: Optional[list] = None  # [the batch] inside same_records()
         self._attach(module)
         # after _attach (which may refuse): flags parameters used outside their module's calls
         self.parameter_watch = ParameterWatch(module, lambda: bool(self.recorder.batches))
@@ -159,7 +163,8 @@ class PrivateModule(ClippedSums, nn.Module):
             spec = None if patched or in_containers else rule_for(mod)
             functional = functional_forward(mod) if spec is not None else None
             if functional is not None:
-                self._override_rule(mod, self._rule_call(spec), functional)
+                self._override_rule(mod, self._rule_call(spec), functional,
+                                    broadcast=spec[0] == "embedding")
             elif spec is not None:
                 self.recorder.attach(mod, self._rule_call(spec))
             else:
@@ -180,12 +185,37 @@ class PrivateModule(ClippedSums, nn.Module):
             if seq_first:
                 x = x.movedim(1, 0)
             params = trainable(mod)
+            batch = rec._current()
+            if params and batch is not None and (x.dim() == 0 or x.shape[0] != batch.size):
+                batch.refusal = batch.refusal or (
+                    f"{self._name(mod)}: its input has {x.shape[0] if x.dim() else 'no'} rows "
+                    f"{'(after moving the sequence dimension) ' if seq_first else ''}in a forward "
+                    f"of {batch.size} records: per-sample clipping needs one row per record (a "
+                    "reshape of (B, T, d) to (B*T, d), or a sequence-first input under "
+                    "batch_first=True? pass batch_first=False to make_private for (T, B, ...) "
+                    "inputs)")
             cap = Captured(key, x.detach(), params, kwargs_of(mod))
             return Call(mod, params, cap=cap, seq_first=seq_first)
 
         return make
 
-    def _override_rule(self, mod: nn.Module, make, functional) -> None:
+    def _name(self, mod: nn.Module) -> str:
+        """``mod``'s qualified name in the model and its class, for error messages."""
+        name = next((n for n, m in self._module.named_modules() if m is mod), None)
+        return f"{name or 'the model'} ({type(mod).__name__})" if name is not None else type(mod).__name__
+
+    def _broadcast(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """An embedding index tensor shared by the batch (Hugging Face's default position_ids
+        (1, T), broadcast over the records) expanded to one row per record: each record's
+        per-sample gradient is then the gradient of its own rows, as the broadcast defines it."""
+        d = 0 if self.recorder.batch_first or x.dim() < 2 else 1
+        if x.dim() > d and x.shape[d] == 1 and batch.size > 1:
+            shape = list(x.shape)
+            shape[d] = batch.size
+            return x.expand(shape)
+        return x
+
+    def _override_rule(self, mod: nn.Module, make, functional, broadcast: bool = False) -> None:
         """Records ``mod``'s calls by replacing its forward (instead of hooks): while a batch is
         captured, the module's own functional runs on detached trainable parameters, so autograd
         skips their summed gradients (book-keeping computes the clipped sums) without the hooks'
@@ -212,6 +242,8 @@ class PrivateModule(ClippedSums, nn.Module):
                     f"{type(m).__name__}.forward takes one argument, {input_name!r}; got "
                     f"{len(args)} positional and keyword {sorted(kwargs)} (ppml_fast records "
                     "the call of the stock forward)")
+            if broadcast and trainable(m):
+                x = self._broadcast(x, batch)
             call = make(m, (x,))
             if not call.params:
                 return type(m).forward(m, x)  # frozen now: nothing to record
@@ -249,6 +281,11 @@ class PrivateModule(ClippedSums, nn.Module):
                     spans[r] = (t.start, t.stop)
             else:
                 views[r] = t.detach()
+        if x.shape[0] != batch.size:  # attention works batch first (its own batch_first flag)
+            batch.refusal = batch.refusal or (
+                f"{self._name(owner)}: its batch-first input has {x.shape[0]} rows in a forward of "
+                f"{batch.size} records (a sequence-first model under batch_first=True? pass "
+                "batch_first=False to make_private for (T, B, ...) inputs)")
         out = _linear_or_bias(x, views.get("weight"), views.get("bias"))
         call = Call(owner, own, cap=Captured("linear", x.detach(), {r: views[r] for r in own}, {}),
                     spans=spans or None)
@@ -303,10 +340,56 @@ class PrivateModule(ClippedSums, nn.Module):
 
     def forward(self, *args, **kwargs):
         x = _first_tensor(args, kwargs)
+        rec = self.recorder
         if x is not None and x.dim() > 0:
-            dim = 0 if self.recorder.batch_first or x.dim() < 2 else 1
-            self.recorder.start_batch(x.shape[dim])
+            size = x.shape[records.record_dim(x, rec.batch_first)]
+            why = None
+            if rec.enabled and torch.is_grad_enabled():
+                why = self._verify_records(args, kwargs, size)
+                same = self._same_records
+                if same is not None and same[0] is not None and rec.batches and rec.batches[-1] is same[0]:
+                    if size != same[0].size:  # not the same records: refused at the step
+                        same[0].refusal = same[0].refusal or (
+                            f"forwards of {same[0].size} and {size} records inside one "
+                            "same_records() block: they cannot hold the same records")
+                else:
+                    rec.start_batch(size)
+                    if same is not None and rec.batches:
+                        same[0] = rec.batches[-1]
+            if why and rec.batches:
+                rec.batches[-1].refusal = rec.batches[-1].refusal or why
         return self._module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def same_records(self):
+        """Forwards of the model inside this block hold the same records, row for row (two
+        views of one batch, a consistency loss, a model run twice): their gradients are one
+        record's and clipped together. Without it, two backpropagated forwards before one step
+        are refused (they could be two sampled batches)::
+
+            with model.same_records():
+                loss = crit(model(view1), y) + crit(model(view2), y)
+            loss.backward()
+        """
+        before, self._same_records = self._same_records, [None]
+        try:
+            yield self
+        finally:
+            self._same_records = before
+
+    def _verify_records(self, args: tuple, kwargs: dict, size: int) -> Optional[str]:
+        """Proves, once per input layout, that every captured call's rows are records
+        (:mod:`ppml_fast.privacy.records`); returns why not (naming the layer), or None. The
+        DP step refuses a batch with a reason (the forward itself runs, e.g. for evaluation)."""
+        key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
+        if size < 2 or key in self._verified:
+            return self._verified.get(key)
+        try:
+            records.verify(self, args, kwargs, size)
+            self._verified[key] = None
+        except UnsupportedModuleError as e:
+            self._verified[key] = str(e)
+        return self._verified[key]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._module.parameters() if p.requires_grad]

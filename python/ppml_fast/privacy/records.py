@@ -1,0 +1,244 @@
+"""Records, not rows (DESIGN.md, privacy invariant 1): a proof, per model and input layout, that
+every captured call's leading dimension is the batch of records of the forward it belongs to.
+
+Per-sample norms are taken per row of each captured call (its activation and its output
+gradient, batch dimension first). That is a norm per *record* only if row j of the call depends
+on record j alone, and row j of the call's output feeds record j's output alone. Shapes cannot
+prove it: a model that reshapes (B, T, d) to (B*T, d) before a Linear, a sequence-first tensor
+under ``batch_first=True`` or an operation that mixes the records of a batch (``x - x.mean(0)``)
+all give layers whose rows are not records, and when B = T the shapes even agree.
+
+:func:`verify` runs the user's model on the batch itself, three ways, before the real forward of
+a new input layout (same RNG state for each, so dropout draws the same masks; buffers and
+gradients restored afterwards):
+
+1. forward and backward with a cotangent on record k's rows of the model's outputs only: the
+   output gradient every captured call receives must vanish outside row k (else a row of that
+   layer feeds several records: e.g. ``pos_emb(ids)[0]`` broadcast to every record);
+2. forward with record k's input perturbed: every captured call's rows other than k, and every
+   input of a call that is not per record (leading size != B), must be unchanged (else the layer
+   mixes records);
+3. the same with another record.
+
+A call whose rows cannot be tied to records raises :class:`UnsupportedModuleError` naming the
+layer, before any gradient exists. A layout is verified once (the input tensors' ranks, dtypes and
+non-record sizes, and the training flag); batches of fewer than two records are not evidence and
+are checked again later. The cost is two extra forwards and one backward per new layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ppml_fast.privacy.layers import UnsupportedModuleError
+
+_EXACT = {torch.float64: 1e-9, torch.float32: 1e-5}  # relative change that counts as "changed"
+
+
+def leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (tensors, lists, tuples, dicts, Hugging Face ModelOutputs), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
+        return [t for v in obj.values() for t in leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in leaves(v)]
+    return []
+
+
+def record_dim(t: torch.Tensor, batch_first: bool) -> int:
+    return 0 if batch_first or t.dim() < 2 else 1
+
+
+def primary(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The input tensor whose leading (record) dimension gives the batch size."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool) -> tuple:
+    """What identifies a verified input layout: every input tensor's rank, dtype and sizes other
+    than the record dimension, and the training flag."""
+    sig = []
+    for t in leaves(list(args) + list(kwargs.values())):
+        d = record_dim(t, batch_first)
+        sig.append((t.dtype, tuple(s if i != d else -1 for i, s in enumerate(t.shape))))
+    return tuple(sig), bool(training)
+
+
+def _perturbed(x: torch.Tensor, dim: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``x`` with record ``k`` (index ``k`` along ``dim``) changed; other records untouched."""
+    y = x.detach().clone()
+    row = y.select(dim, k)
+    if y.dtype == torch.bool:
+        row.logical_not_()
+    elif y.is_floating_point() or y.is_complex():
+        scale = float(row.abs().max()) + 1.0 if row.numel() else 1.0
+        row.add_(torch.randn(row.shape, generator=gen).to(row) * scale)
+    elif row.numel():  # token ids: values taken from elsewhere in the batch (valid ids)
+        pick = torch.randint(0, x.numel(), row.shape, generator=gen)
+        row.copy_(x.detach().reshape(-1).cpu()[pick].to(row))
+    return y
+
+
+def _replace(args: tuple, kwargs: dict, old: torch.Tensor, new: torch.Tensor):
+    return (tuple(new if a is old else a for a in args),
+            {n: new if a is old else a for n, a in kwargs.items()})
+
+
+def _call_tensors(call) -> list[torch.Tensor]:
+    """What a captured call ran on: the rule's activation, or the torch.func path's inputs."""
+    if call.cap is not None:
+        return [call.cap.activation]
+    return leaves([getattr(call, "inputs", None) or (), getattr(call, "kwargs", None) or {}])
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per leading row: whether ``b`` differs from ``a`` beyond rounding (any shape, B >= 1)."""
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape:
+        return torch.ones(a.shape[0] if a.dim() else 1, dtype=torch.bool)
+    if a.dim() == 0:
+        a, b = a.reshape(1), b.reshape(1)
+    if not a.is_floating_point():
+        return (a != b).reshape(a.shape[0], -1).any(1).cpu()
+    diff = (a.double() - b.double()).abs().reshape(a.shape[0], -1)
+    scale = max(float(a.double().abs().max()) if a.numel() else 0.0, 1e-30)
+    tol = _EXACT.get(a.dtype, 1e-2) * scale
+    return (diff > tol).any(1).cpu() if diff.shape[1] else torch.zeros(a.shape[0], dtype=torch.bool)
+
+
+class _Probe:
+    """The calls of one probe forward (into a batch of the recorder of its own)."""
+
+    def __init__(self, private, args, kwargs, size: int, rng, then=None) -> None:
+        rec = private.recorder
+        saved, rec.batches = rec.batches, []
+        try:
+            _set_rng(rng)
+            rec.start_batch(size)
+            with torch.enable_grad():
+                self.output = private._module(*args, **kwargs)
+            self.calls = list(rec.batches[0].calls) if rec.batches else []
+            if then is not None:  # while the probe's batch is the recorder's (recomputations)
+                then(self)
+        finally:
+            rec.batches = saved
+
+
+def _get_rng(devices) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for i, s in enumerate(cuda):
+        torch.cuda.set_rng_state(s, i)
+
+
+@contextlib.contextmanager
+def _restored(module: nn.Module):
+    """Buffers, parameter gradients and RNG states as they were before the probe runs."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    grads = [(p, p.grad) for p in module.parameters()]
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        try:
+            yield _get_rng(devices)
+        finally:
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
+            for p, g in grads:
+                p.grad = g
+
+
+def verify(private, args: tuple, kwargs: dict, size: int) -> None:
+    """Raises UnsupportedModuleError when the rows of a captured call of ``private``'s model on
+    this input are not its records (see the module docstring); returns quietly otherwise."""
+    bf = private.recorder.batch_first
+    x = primary(args, kwargs)
+    dim = record_dim(x, bf)
+    names = {id(m): n or "the model" for n, m in private._module.named_modules()}
+    gen = torch.Generator().manual_seed(size)
+    ks = sorted({size - 1, size // 2})
+    with _restored(private._module) as rng:
+        base = _Probe(private, args, kwargs, size, rng,
+                      then=lambda probe: _check_gradients(probe, ks[0], size, bf, names))
+        for k in ks:
+            a2, k2 = _replace(args, kwargs, x, _perturbed(x, dim, k, gen))
+            other = _Probe(private, a2, k2, size, rng)
+            _check_rows(base, other, k, size, bf, names)
+
+
+def _label(call, names) -> str:
+    return f"{names.get(id(call.module), '?')} ({type(call.module).__name__})"
+
+
+def _check_gradients(probe: _Probe, k: int, size: int, bf: bool, names) -> None:
+    outs = [t for t in leaves(probe.output) if t.is_floating_point() and t.requires_grad
+            and t.dim() > 0 and t.shape[record_dim(t, bf)] == size]
+    if not outs:
+        return  # no per-record output (e.g. only a batch loss): the forward checks remain
+    cots = []
+    for t in outs:
+        c = torch.zeros_like(t)
+        c.select(record_dim(t, bf), k).normal_()
+        cots.append(c)
+    torch.autograd.backward(outs, cots)
+    for call in probe.calls:
+        for g in leaves(call.grad):
+            if g is None or g.dim() == 0:
+                continue
+            if g.shape[0] != size:
+                raise _refuse(call, names, "its output is not per record (leading size "
+                              f"{g.shape[0]}, batch of {size} records) and reaches record {k}'s output")
+            rows = (g.detach().reshape(size, -1).abs().amax(1) > 0).cpu()
+            rows[k] = False
+            if bool(rows.any()):
+                raise _refuse(call, names, f"row(s) {rows.nonzero().flatten().tolist()[:5]} of its "
+                              f"output reach the output of record {k}: its rows are not records")
+
+
+def _check_rows(base: _Probe, other: _Probe, k: int, size: int, bf: bool, names) -> None:
+    if [id(c.module) for c in base.calls] != [id(c.module) for c in other.calls]:
+        raise UnsupportedModuleError(
+            "the model's layers ran differently when one record of the batch changed (data-"
+            "dependent control flow across records): ppml_fast cannot tie the rows of its layers "
+            "to records")
+    for cb, co in zip(base.calls, other.calls):
+        for a, b in zip(_call_tensors(cb), _call_tensors(co)):
+            if a.dim() and a.shape[0] == size:
+                rows = _changed(a, b)
+                rows[k] = False
+                if bool(rows.any()):
+                    raise _refuse(cb, names, f"row(s) {rows.nonzero().flatten().tolist()[:5]} of its "
+                                  f"input changed when only record {k} changed")
+            elif bool(_changed(a.reshape(1, -1), b.reshape(1, -1)).any()):
+                raise _refuse(cb, names, f"an input that is not per record (shape "
+                              f"{tuple(a.shape)}, batch of {size}) changed when record {k} changed")
+    for a, b in zip(leaves(base.output), leaves(other.output)):
+        if a.dim() and a.shape[record_dim(a, bf)] == size:
+            rows = _changed(a.movedim(record_dim(a, bf), 0), b.movedim(record_dim(b, bf), 0))
+            rows[k] = False
+            if bool(rows.any()):
+                raise UnsupportedModuleError(
+                    f"the model's output rows {rows.nonzero().flatten().tolist()[:5]} changed when "
+                    f"only record {k} of the batch changed: the model mixes the records of a batch "
+                    "(per-sample gradients do not exist)")
+
+
+def _refuse(call, names, why: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"{_label(call, names)}: {why}. Per-sample clipping needs every row of a layer's input "
+        "to belong to one record: a reshape of (B, T, d) to (B*T, d), a sequence-first input "
+        "under batch_first=True (pass batch_first=False to make_private, or build the layers "
+        "with batch_first=True) or an operation that mixes the records of a batch make rows "
+        "that are not records")
