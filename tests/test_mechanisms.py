@@ -66,9 +66,11 @@ def test_noise_source_never_repeats():
 
 
 def test_secure_source_is_not_reproducible():
-    a = NoiseSource(1, secure=True).normal((64,))
-    b = NoiseSource(1, secure=True).normal((64,))
+    a = NoiseSource(secure=True).normal((64,))
+    b = NoiseSource(secure=True).normal((64,))
     assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="secure mode"):  # a seed there was silently ignored
+        NoiseSource(1, secure=True)
 
 
 @pytest.mark.parametrize("k, eps", [(2, 1.0), (10, 2.0)])

@@ -14,7 +14,6 @@ never modified; a tensor in gives a tensor out, a numpy array a numpy array, a f
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -23,41 +22,65 @@ import torch
 from ppml_fast.accounting import _checks
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma
 from ppml_fast.accounting.events import Event, GaussianEvent, LaplaceEvent, RandomizedResponseEvent
+from ppml_fast.laplace_sampling import unbounded_exponential, unbounded_laplace
+from ppml_fast.noise_keys import NoiseStream
 from ppml_fast.ops import add_gaussian_noise_
+from ppml_fast.ops._native import noise_blocks
 
 Value = Union[torch.Tensor, np.ndarray, float]
 
 
 class NoiseSource:
-    """Standard normals from the native op, never the same numbers twice.
+    """Standard normals from the native op, never the same numbers twice: not across calls,
+    threads sharing the source (offsets are reserved atomically) or forked processes (the key is
+    re-keyed in a forked child; :mod:`ppml_fast.noise_keys`).
 
     Args:
-        seed: Philox key in [0, 2**64); None draws one from ``os.urandom`` (not reproducible).
-        secure: ChaCha20 keyed from OS entropy, and the sum-of-four-normals sampler (Holohan &
-            Braghin 2021, Sec. 5) against floating-point attacks on the Gaussian; ``seed`` is
-            then ignored.
+        seed: Philox key in [0, 2**64), for reproducible noise (then
+            ``noise_keys.REPRODUCIBLE_NOISE``: no privacy against whoever knows the seed);
+            None draws the key from ``os.urandom``.
+        secure: ChaCha20 keyed from OS entropy on every call, and the sum-of-four-normals
+            sampler (Holohan & Braghin 2021, Sec. 5) against floating-point attacks on the
+            Gaussian; a ``seed`` with ``secure=True`` is an error.
     """
 
     def __init__(self, seed: Optional[int] = None, *, secure: bool = False) -> None:
         if not isinstance(secure, bool):
             raise TypeError(f"secure must be a bool; got {type(secure).__name__}")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
-        self.seed, self.secure, self.offset = int(seed), secure, 0
+        self.secure = secure
+        self.stream = NoiseStream(seed, name="seed", secure=secure)
+
+    @property
+    def seed(self) -> int:
+        """The Philox key (unused in secure mode)."""
+        return self.stream.seed
+
+    @property
+    def offset(self) -> int:
+        """The next unreserved Philox block."""
+        return self.stream.offset
+
+    @property
+    def reproducible(self) -> bool:
+        """True when the noise was keyed from a user-given seed."""
+        return self.stream.reproducible
 
     def normal(self, shape: Tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """A fresh tensor of N(0, 1) samples; advances the offset by what it consumed."""
+        """A fresh tensor of N(0, 1) samples; reserves the offsets it consumes first."""
         out = torch.zeros(shape, dtype=dtype)
         if out.numel():
-            self.offset = add_gaussian_noise_(out, 1.0, seed=self.seed, offset=self.offset, secure=self.secure)
+            key, start = self.stream.reserve(noise_blocks(out.numel()))
+            add_gaussian_noise_(out, 1.0, seed=key, offset=start, secure=self.secure)
         return out
 
     def uniform(self, shape: Tuple[int, ...]) -> torch.Tensor:
         """Uniform(0, 1) samples as Phi(Z) of standard normals, in float64. (The normals'
         radius bound of 8.57 moves at most 2^-53 of probability mass.)"""
         return torch.special.ndtr(self.normal(shape))
+
+    def exponential(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        """Exp(1) samples without an upper bound (see :func:`ppml_fast.laplace_sampling`)."""
+        return unbounded_exponential(self.normal, shape)
 
 
 def _as_tensor(name: str, value: Value) -> Tuple[torch.Tensor, str]:
@@ -154,10 +177,13 @@ def laplace_mechanism(
     Returns:
         (noisy value, ``LaplaceEvent(scale)``).
 
-    Laplace(0, 1) is drawn as (Z1^2 + Z2^2 - Z3^2 - Z4^2) / 2 from four standard normals (a
-    difference of two Exp(1) variables). ``secure`` sources draw the normals from ChaCha20; the
-    floating-point defence of Holohan & Braghin is proven for their Gaussian sampler, not for this
-    construction: do not treat secure Laplace as hardened against floating-point attacks.
+    Laplace(0, 1) is the difference of two Exp(1) samples drawn without an upper bound
+    (:mod:`ppml_fast.laplace_sampling`: inversion -ln Φ(Z) of standard normals, redrawing the
+    tail above 20 by memorylessness), so the noise has the full Laplace tail that pure ε-DP
+    needs (the former sampler stopped at 73.4 scale units). ``secure`` sources draw the normals
+    from ChaCha20; the floating-point defence of Holohan & Braghin is proven for their Gaussian
+    sampler, not for this construction: do not treat secure Laplace as hardened against
+    floating-point attacks.
     """
     t, kind = _as_tensor("value", value)
     sensitivity = _checks.positive("sensitivity", sensitivity)
@@ -165,8 +191,7 @@ def laplace_mechanism(
     if epsilon is not None:
         scale = 1.0 / _checks.positive("epsilon", epsilon)
     event = LaplaceEvent(scale)
-    z = _rng(rng).normal((4,) + tuple(t.shape))
-    lap = (z[0] ** 2 + z[1] ** 2 - z[2] ** 2 - z[3] ** 2) / 2
+    lap = unbounded_laplace(_rng(rng).normal, tuple(t.shape))
     out = (t.double() + lap * (event.scale * sensitivity)).to(t.dtype)
     return _back(out, kind), event
 

@@ -37,7 +37,7 @@ def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data, give
     runs = []
     for _ in range(2):
         strategy = DPFedAvgFixed(FedAvg(), noise_multiplier=sigma, clip_norm=0.5,
-                                 sampling_rate=q if given_rate else None)
+                                 sampling_rate=q if given_rate else None, seed=12)
         runs.append(run_simulation(
             _model, clients, strategy, rounds=10, clients_per_round=10, lr=0.1, batch_size=16,
             seed=3, max_epsilon=(eps[1] + eps[2]) / 2, delta=delta, eval_dataset=test,
@@ -49,7 +49,7 @@ def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data, give
         assert row["metrics"]["dp_noise_std"] == pytest.approx(sigma * 0.5 / 10)
         assert 0.0 <= row["accuracy"] <= 1.0
     assert [r["epsilon"] for r in runs[1].rounds] == [r["epsilon"] for r in h.rounds]
-    assert torch.equal(runs[1].parameters, h.parameters)  # same seed, same noise, same model
+    assert torch.equal(runs[1].parameters, h.parameters)  # same noise seed, same noise, same model
 
 
 def test_local_dp_clients_report_epsilon_and_refuse_past_their_budget(data):

@@ -103,3 +103,19 @@ def test_philox_noise_is_unchanged_by_the_counter_change():
     add_gaussian_noise_(x, 1.0, seed=7, offset=2**32 - 2)
     np.testing.assert_allclose(x.numpy(), gaussian_noise_ref([9], 7, 2**32 - 2)[0], rtol=1e-12,
                                atol=1e-12)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _C.cuda_available()),
+                    reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("offset", [0, 2**32 - 3, 2**40 + 7])
+def test_secure_cuda_kernel_matches_cpu_across_the_boundary(offset):
+    # the secure sampler is the same PPML_HD code on both devices (built with --fmad=false)
+    x = torch.zeros(4100, dtype=torch.float64, device="cuda")
+    _C.gaussian_noise(device=x.device.index or 0, stream=int(torch.cuda.current_stream().cuda_stream),
+                      ptrs=[x.data_ptr()], numels=[x.numel()], dtypes=[DTYPE_TAGS[torch.float64]],
+                      stddev=1.0, denominator=1.0, divide=False, secure=True, seed=0, offset=offset,
+                      key_words=KEY + NONCE, num_threads=1)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(x.cpu().numpy(), _secure_kernel(4100, offset))
+    np.testing.assert_allclose(x[:12].cpu().numpy(), _secure_reference(12, offset), rtol=1e-12,
+                               atol=1e-12)

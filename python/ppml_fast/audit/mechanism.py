@@ -101,11 +101,12 @@ def audit_gaussian_mechanism(
 ) -> AuditResult:
     """Audits :func:`ppml_fast.mechanisms.gaussian_mechanism` (the native noise op) against its
     exact epsilon (:func:`gaussian_epsilon`). ``seed`` keys the Philox noise and the split;
-    ``secure=True`` audits the ChaCha20 sampler instead (not reproducible)."""
+    ``secure=True`` audits the ChaCha20 sampler instead (not reproducible; ``seed`` then keys
+    the split only: a secure noise source cannot be seeded)."""
     sigma = _checks.positive("noise_multiplier", noise_multiplier)
     delta = _checks.open_unit("delta", delta)
     seed = _checks.seed("seed", seed)
-    rng = NoiseSource(seed, secure=secure)
+    rng = NoiseSource(None if secure else seed, secure=secure)
 
     def mechanism(x: torch.Tensor) -> torch.Tensor:
         out, _ = gaussian_mechanism(x, sensitivity=sensitivity, noise_multiplier=sigma, rng=rng)

@@ -13,7 +13,9 @@ counts), ``metrics`` (the strategy's aggregation metrics),
 ``federated`` (``{"loss", "metrics", "failures"}`` of federated evaluation when the strategy asks
 for it, else None)
 and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all rounds ran),
-``"target_accuracy"`` or ``"max_epsilon"``; ``stop_message`` says it in words.
+``"target_accuracy"`` or ``"max_epsilon"``; ``stop_message`` says it in words. ``notes`` holds
+what the run must say about itself: ``noise_keys.REPRODUCIBLE_NOISE`` when its noise was keyed
+from a user-given seed (the strategy's or ``LocalDP.noise_seed``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class History:
     stop_message: str = ""
     parameters: Optional[torch.Tensor] = None
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     model_fn: Optional[Callable[[], nn.Module]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -67,7 +70,7 @@ class History:
         not included (``history.parameters`` holds them)."""
         rows = [dict(r) if times else {k: v for k, v in r.items() if k != "seconds"} for r in self.rounds]
         return {"rounds": rows, "stopped": self.stopped, "stop_message": self.stop_message,
-                "settings": dict(self.settings)}
+                "settings": dict(self.settings), "notes": list(self.notes)}
 
     def to_json(self, *, times: bool = True, indent: Optional[int] = None) -> str:
         """:meth:`to_dict` as JSON (strict: an infinite epsilon, e.g. of noise multiplier 0,

@@ -127,6 +127,27 @@ def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Opt
     return None
 
 
+def _noise_notes(strategy: Strategy, local_dp: Any) -> list[str]:
+    """What the run says about seeded randomness: ``noise_keys.REPRODUCIBLE_NOISE`` when a DP
+    strategy (or one it wraps) or ``local_dp`` keys its noise from a user-given seed, and each
+    wrapper's own ``reproducible_noise`` message (secure aggregation's seeded masks). The
+    simulation's own ``seed`` never keys noise (DESIGN.md, privacy invariant 3)."""
+    from ppml_fast.noise_keys import REPRODUCIBLE_NOISE
+
+    notes = []
+    if local_dp is not None and getattr(local_dp, "noise_seed", None) is not None:
+        notes.append(REPRODUCIBLE_NOISE)
+    s: Any = strategy
+    for _ in range(16):  # wrappers: SecAggFedAvg(DPFedAvgFixed(FedAvg())) and the like
+        if s is None:
+            break
+        note = getattr(s, "reproducible_noise", None)
+        if isinstance(note, str) and note not in notes:
+            notes.append(note)
+        s = getattr(s, "strategy", None)
+    return notes
+
+
 def _client_epsilon(outcome: Outcome) -> Optional[float]:
     """The ε a client reports having spent (local DP): its result's ``metrics["epsilon"]`` and,
     for a client that raised, ``outcome.epsilon`` (its accountant's, the failed steps included);
@@ -260,6 +281,7 @@ class Simulation:
             "seed": self.seed, "target_accuracy": target_accuracy, "max_epsilon": max_epsilon,
             "delta": self.delta, "eval_every": self.eval_every, "min_clients": min_clients,
             "client_timeout": client_timeout, "local_dp": None if local_dp is None else repr(local_dp)})
+        self.history.notes = _noise_notes(strategy, local_dp)
         self.history.stopped, self.history.stop_message = "rounds", f"all {self.rounds} rounds ran"
         self.round = 0
         self.done = False

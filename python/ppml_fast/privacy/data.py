@@ -15,24 +15,36 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from ppml_fast.secure_random import bernoulli_mask
+
 
 class PoissonBatchSampler(Sampler[list[int]]):
     """``num_batches`` batches per epoch; each index is in each batch with probability
-    ``sample_rate``, independently (batches may be empty)."""
+    ``sample_rate``, independently (batches may be empty). ``secure=True``: inclusion drawn from
+    the OS CSPRNG (:func:`ppml_fast.secure_random.bernoulli_mask`), not torch's generator; a
+    ``generator`` is then an error."""
 
     def __init__(self, num_samples: int, sample_rate: float, num_batches: int,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, *, secure: bool = False) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+        if secure is not False and secure is not True:
+            raise TypeError(f"secure must be a bool; got {type(secure).__name__}")
+        if secure and generator is not None:
+            raise ValueError("generator was passed with secure=True: secure-mode sampling draws "
+                             "from the OS CSPRNG and cannot be seeded; pass generator=None")
         self.num_samples, self.sample_rate, self.num_batches = num_samples, sample_rate, num_batches
-        self.generator = generator
+        self.generator, self.secure = generator, secure
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.num_batches):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            if self.secure:
+                mask = bernoulli_mask(self.num_samples, self.sample_rate)
+            else:
+                mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield mask.nonzero().flatten().tolist()
 
 
@@ -62,7 +74,8 @@ class DPDataLoader(DataLoader):
     batch size ``sample_rate * len(dataset)``."""
 
     def __init__(self, dataset: Dataset, *, sample_rate: float, num_batches: Optional[int] = None,
-                 collate_fn=None, generator: Optional[torch.Generator] = None, **kwargs) -> None:
+                 collate_fn=None, generator: Optional[torch.Generator] = None, secure: bool = False,
+                 **kwargs) -> None:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ValueError("dataset must not be empty")
@@ -70,6 +83,7 @@ class DPDataLoader(DataLoader):
             raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
         num_batches = num_batches if num_batches is not None else max(1, round(1 / sample_rate))
         self.sample_rate = float(sample_rate)
+        self.secure = secure  # PoissonBatchSampler(secure=): the OS CSPRNG
         super().__init__(
             dataset,
             batch_sampler=self._batch_sampler(n, num_batches, generator),
@@ -80,22 +94,25 @@ class DPDataLoader(DataLoader):
 
     def _batch_sampler(self, num_samples: int, num_batches: int,
                        generator: Optional[torch.Generator]) -> Sampler[list[int]]:
-        return PoissonBatchSampler(num_samples, self.sample_rate, num_batches, generator)
+        return PoissonBatchSampler(num_samples, self.sample_rate, num_batches, generator,
+                                   secure=self.secure)
 
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * len(self.dataset)  # type: ignore[arg-type]
 
     @classmethod
-    def from_data_loader(cls, data_loader: DataLoader, *, generator=None) -> "DPDataLoader":
-        """Poisson sampling with the rate of ``data_loader``'s batches: q = 1 / len(data_loader)."""
+    def from_data_loader(cls, data_loader: DataLoader, *, generator=None,
+                         secure: bool = False) -> "DPDataLoader":
+        """Poisson sampling with the rate of ``data_loader``'s batches: q = 1 / len(data_loader)
+        (``secure``: from the OS CSPRNG, see :class:`PoissonBatchSampler`)."""
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
         num_batches = len(data_loader)
         if num_batches == 0:
             raise ValueError("data_loader has no batches")
         return cls(data_loader.dataset, sample_rate=1 / num_batches, num_batches=num_batches,
-                   collate_fn=data_loader.collate_fn, generator=generator,
+                   collate_fn=data_loader.collate_fn, generator=generator, secure=secure,
                    num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting import calibration
+from ppml_fast.noise_keys import noise_seed as noise_seed_check
 from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
 from ppml_fast.privacy.distributed import DistributedDPOptimizer
@@ -76,8 +77,9 @@ class PrivacyEngine:
         ``noise_multiplier`` is sigma (noise std / max_grad_norm); ``max_grad_norm`` is C (a
         list of one per trainable parameter with ``clipping="per_layer"``). With ``max_epsilon``
         (and ``delta``), the step that would spend more raises ``PrivacyBudgetExceeded`` before
-        any parameter changes. ``noise_seed`` makes the noise reproducible (ignored in secure
-        mode); ``generator`` seeds the Poisson sampler. ``distributed=True``: data-parallel
+        any parameter changes. ``noise_seed`` makes the noise reproducible (and then not
+        private against whoever knows it); ``generator`` seeds the Poisson sampler. In secure
+        mode both are errors: the sampler draws from the OS CSPRNG, the noise from ChaCha20. ``distributed=True``: data-parallel
         training over ``torch.distributed`` ranks; every rank passes a loader over the same
         whole dataset (with or without a DistributedSampler) and gets
         :class:`~ppml_fast.privacy.data.DistributedDPDataLoader`: disjoint shards, each
@@ -98,9 +100,16 @@ class PrivacyEngine:
                                 f"{' (distributed=True)' if distributed else ''}; got {optimizer_class!r}")
         if max_epsilon is not None and delta is None:
             raise ValueError("delta is required with max_epsilon")
+        if self.secure_mode:  # DESIGN.md invariant 3: secure randomness cannot be seeded
+            noise_seed_check("noise_seed", noise_seed, secure=True)
+            if generator is not None:
+                raise ValueError("generator was passed with secure_mode=True: secure-mode Poisson "
+                                 "sampling draws from the OS CSPRNG and cannot be seeded; pass "
+                                 "generator=None")
         if poisson_sampling:
             loader_cls = DistributedDPDataLoader if distributed else DPDataLoader
-            loader = loader_cls.from_data_loader(data_loader, generator=generator)
+            secure = {} if distributed else {"secure": self.secure_mode}  # the OS CSPRNG
+            loader = loader_cls.from_data_loader(data_loader, generator=generator, **secure)
             sample_rate = loader.sample_rate
             expected = loader.expected_batch_size
         else:

@@ -23,8 +23,9 @@ quantile of the norms that C tracks; Flower's name, the meaning of Andrew et al.
 
 Simulation: the server computes the indicators from the update norms it sees (the norms the
 native ``weighted_aggregate`` op returns); on real devices each client would compute its own
-b_i and send it with the update. The count noise comes from the same Philox stream as the
-update noise (seeded, its offset moving on) or from ChaCha20 in ``secure_mode``.
+b_i and send it with the update. The count noise comes from the same noise stream as the
+update noise (its own reserved offset range; the key as in
+:class:`~ppml_fast.federated.dp.fixed.DPFedAvgFixed`) or from ChaCha20 in ``secure_mode``.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
 
     def _after_aggregate(self, norms: torch.Tensor, clip_norm: float) -> dict[str, float]:
         centred = torch.tensor([float((norms <= clip_norm).sum()) - 0.5 * norms.numel()], dtype=torch.float64)
-        self.offset = add_gaussian_noise_(centred, self.count_stddev(), seed=self.seed,
-                                          offset=self.offset, secure=self.secure_mode)
+        key, start = self._noise_range([centred])
+        add_gaussian_noise_(centred, self.count_stddev(), seed=key, offset=start,
+                            secure=self.secure_mode)
         unclipped = float(centred) / self.expected_clients + 0.5
         self.clip_norm = clip_norm * math.exp(-self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
         return {"dp_unclipped_fraction": unclipped, "dp_next_clip_norm": self.clip_norm}

@@ -22,10 +22,15 @@ Each round (server-side noise; the server is trusted with the individual updates
 
 Every client counts the same (user-level DP): example counts are not used as weights. A
 client that fails or is dropped contributes a zero update; the denominator does not change.
-Noise: Philox keyed by ``seed`` (None: drawn once from the first round's seeded rng, so a
-simulation with a seed is reproducible), the offset moving on every round so that no two
-rounds share noise; ``secure_mode=True``: ChaCha20 keyed from OS entropy (not reproducible).
-Without ``secure_mode`` the noise does not defend against floating-point attacks.
+Noise (DESIGN.md, privacy invariant 3): Philox keyed from OS entropy, or from ``seed`` when the
+user passes one (reproducible, and then no privacy against whoever knows the seed: the History
+says so, ``noise_keys.REPRODUCIBLE_NOISE``); the simulation's seed (data, client sampling,
+initialisation) never keys the noise. Each release reserves its offset range atomically
+(:class:`~ppml_fast.noise_keys.NoiseStream`), so no two rounds share noise.
+``secure_mode=True``: ChaCha20 keyed from OS entropy on every release, and the clients are
+sampled from the OS CSPRNG (:func:`ppml_fast.secure_random.bernoulli_mask`) instead of the
+simulation's seeded numpy generator; a ``seed`` is then an error. Without ``secure_mode`` the
+noise does not defend against floating-point attacks.
 
 ``min_fit_clients`` is 0: a round with no surviving result still releases noise / (qN) and is
 accounted. A simulation that skipped such a round instead would reveal that nobody took part.
@@ -36,7 +41,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -44,7 +48,10 @@ import torch
 
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.calibration import ACCOUNTANTS
+from ppml_fast.noise_keys import REPRODUCIBLE_NOISE, NoiseStream
 from ppml_fast.ops import noisy_scale_, weighted_aggregate
+from ppml_fast.ops.noise import blocks as noise_blocks
+from ppml_fast.secure_random import bernoulli_mask
 
 from ..strategy._hparams import check_positive as _positive
 from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_results, stack_updates
@@ -82,8 +89,10 @@ class DPFedAvgFixed(StrategyWrapper):
             by each ``configure_fit``. When given, ``configure_fit`` refuses a round whose q
             differs.
         accountant: "rdp" or "pld".
-        secure_mode: ChaCha20 noise keyed from OS entropy instead of seeded Philox.
-        seed: the Philox key of the noise, in [0, 2**64); None: drawn from the first round's rng.
+        secure_mode: ChaCha20 noise keyed from OS entropy, and client sampling from the OS
+            CSPRNG (a ``seed`` is then an error).
+        seed: a noise seed in [0, 2**64) for reproducible noise (no privacy against whoever
+            knows it); None (the default): the noise key comes from OS entropy.
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip_norm: float,
@@ -102,20 +111,37 @@ class DPFedAvgFixed(StrategyWrapper):
             raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}; got {accountant!r}")
         if not isinstance(secure_mode, bool):
             raise TypeError(f"secure_mode must be a bool; got {type(secure_mode).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**64):
-            raise ValueError(f"seed must be None or an int in [0, 2**64); got {seed!r}")
         self.sampling_rate = sampling_rate
         self.accountant_name = accountant
         self.accountant = ACCOUNTANTS[accountant]()
         self.secure_mode = secure_mode
-        self.seed = None if seed is None else int(seed)
-        self.offset = 0
+        self.noise = NoiseStream(seed, name="seed", secure=secure_mode)
         self.rounds = 0
         self.min_fit_clients = 0
         self.expected_clients: Optional[float] = None  # qN of the last configured round
         #: each update's L2 norm before clipping in the last aggregated round (server-side)
         self.last_update_norms = torch.empty(0, dtype=torch.float64)
+
+    # -- noise ----------------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        """The Philox key of the noise (from OS entropy unless the user gave a seed)."""
+        return self.noise.seed
+
+    @property
+    def offset(self) -> int:
+        """The next unreserved block of the noise stream."""
+        return self.noise.offset
+
+    @property
+    def reproducible_noise(self) -> Optional[str]:
+        """``noise_keys.REPRODUCIBLE_NOISE`` when the noise is keyed from a user-given seed,
+        else None (a simulation puts it in its History)."""
+        return REPRODUCIBLE_NOISE if self.noise.reproducible and not self.secure_mode else None
+
+    def _noise_range(self, tensors) -> tuple[int, int]:
+        """(key, first offset) of a release on ``tensors``, reserved before the draw."""
+        return self.noise.reserve(noise_blocks(tensors))
 
     # -- what the subclass (adaptive clipping) changes -------------------------------------------
     def round_clip_norm(self) -> float:
@@ -167,8 +193,8 @@ class DPFedAvgFixed(StrategyWrapper):
                              f"sampling_rate={self.sampling_rate:.6g} given to the strategy")
         self._check_round(int(num_clients), n)
         order = sorted(clients, key=lambda c: c.cid)
-        picked = rng.random(n) < q
-        seed = int(rng.integers(0, 2**63)) if self.seed is None else self.seed  # unused in secure mode
+        # secure mode: the OS CSPRNG, not the simulation's seeded generator
+        picked = bernoulli_mask(n, q).numpy() if self.secure_mode else rng.random(n) < q
         sampled = [c for c, keep in zip(order, picked) if keep]
         out = []
         if sampled:
@@ -179,7 +205,7 @@ class DPFedAvgFixed(StrategyWrapper):
                                  "Poisson-sampled clients; a DP wrapper needs it to keep them all")
             out = [(c, dict(extras[c.cid])) for c in sampled]
         # the round's state only once nothing can fail
-        self.seed, self.sampling_rate, self.expected_clients = seed, q, q * n
+        self.sampling_rate, self.expected_clients = q, q * n
         return out
 
     def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
@@ -212,10 +238,9 @@ class DPFedAvgFixed(StrategyWrapper):
             raise ValueError("release_sum before configure_fit: the round's sampling rate q and "
                              "expected number of clients qN are unknown")
         clip, sigma = self.round_clip_norm(), self.update_noise_multiplier()
-        if self.seed is None:  # a state loaded without one
-            self.seed = int.from_bytes(os.urandom(8), "little")
-        self.offset = noisy_scale_(total, sigma * clip, self.expected_clients, seed=self.seed,
-                                   offset=self.offset, secure=self.secure_mode)
+        key, start = self._noise_range([total])
+        noisy_scale_(total, sigma * clip, self.expected_clients, seed=key, offset=start,
+                     secure=self.secure_mode)
         self.last_update_norms = norms
         self.accountant.compose(self._event(self.sampling_rate))
         self.rounds += 1
@@ -249,7 +274,8 @@ class DPFedAvgFixed(StrategyWrapper):
     def state_dict(self) -> dict:
         """The privacy state: accountant history, noise seed and offset, rounds, q and qN."""
         return {"accountant_name": self.accountant_name, "accountant": self.accountant.state_dict(),
-                "seed": self.seed, "offset": self.offset, "rounds": self.rounds,
+                "seed": self.seed, "offset": self.offset, "seed_given": self.noise.user_seeded,
+                "rounds": self.rounds,
                 "sampling_rate": self.sampling_rate, "expected_clients": self.expected_clients,
                 "clip_norm": self.clip_norm}
 
@@ -262,6 +288,9 @@ class DPFedAvgFixed(StrategyWrapper):
             acc = ACCOUNTANTS[self.accountant_name]()
             acc.load_state_dict(state["accountant"])
             seed = None if state["seed"] is None else int(state["seed"])
+            # states written before "seed_given" existed: their seed may have come from the
+            # simulation's seed, so they count as reproducible
+            seed_given = bool(state.get("seed_given", seed is not None))
             offset, rounds = int(state["offset"]), int(state["rounds"])
             q = None if state["sampling_rate"] is None else float(state["sampling_rate"])
             expected = None if state["expected_clients"] is None else float(state["expected_clients"])
@@ -270,11 +299,17 @@ class DPFedAvgFixed(StrategyWrapper):
             raise ValueError(f"state must be a {type(self).__name__}.state_dict(); {e!r}") from e
         if offset < 0 or rounds < 0:
             raise ValueError(f"state: offset and rounds must be >= 0; got {offset}, {rounds}")
+        if seed is not None and not 0 <= seed < 2**64:
+            raise ValueError(f"state: seed must be None or in [0, 2**64); got {seed}")
+        noise = NoiseStream(None, secure=self.secure_mode)
+        if seed is not None and not self.secure_mode:  # secure mode keys every release afresh
+            noise.seed, noise.user_seeded = seed, seed_given
+        noise.advance_to(offset)
         if q is not None and not 0 < q <= 1:
             raise ValueError(f"state: sampling_rate must be in (0, 1]; got {q}")
         if expected is not None and not expected > 0:
             raise ValueError(f"state: expected_clients must be > 0; got {expected}")
-        self.accountant, self.seed, self.offset, self.rounds = acc, seed, offset, rounds
+        self.accountant, self.noise, self.rounds = acc, noise, rounds
         self.sampling_rate, self.expected_clients, self.clip_norm = q, expected, clip
 
     def __repr__(self) -> str:

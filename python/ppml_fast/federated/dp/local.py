@@ -15,15 +15,17 @@ Against whom, by ``LocalDP.secure_mode``:
 
 - ``secure_mode=True`` (for real deployments): record-level DP towards everyone outside the
   device, the server included. The noise comes from ChaCha20 keyed from the OS's entropy on the
-  device, and the Poisson sampler from a generator seeded from ``os.urandom`` on the device, so
-  neither the server nor anyone else can regenerate the noise or know the batches.
-- ``secure_mode=False`` (the default, for reproducible simulations): the noise is Philox keyed by
-  ``config["seed"]`` (the offset carried over from the client's previous fit, so a seed reused
-  across rounds never repeats noise) and the sampler is
-  ``torch.Generator().manual_seed(config["seed"])``; same seed and same client history → same
-  update. The simulated server chose that seed, so this mode gives DP towards third parties who
-  see the released model but **not towards the server**, which could subtract the noise: use it
-  to study utility, not to protect clients from the server.
+  device, and the Poisson sampler from the OS CSPRNG on the device
+  (:mod:`ppml_fast.secure_random`), so neither the server nor anyone else can regenerate the
+  noise or know the batches. ``noise_seed`` is then an error.
+- ``secure_mode=False`` (the default, for simulations): the noise is Philox keyed from OS
+  entropy on the device (DESIGN.md, privacy invariant 3: the server's ``config["seed"]`` never
+  keys noise), unless ``LocalDP(noise_seed=...)`` asks for reproducible noise: then the key is
+  SHA-256(noise_seed, config["seed"]), one stream per client and round, and the History says
+  ``noise_keys.REPRODUCIBLE_NOISE`` (whoever knows ``noise_seed`` can subtract the noise). The
+  Poisson sampler is ``torch.Generator().manual_seed(config["seed"])``: the server, which chose
+  that seed, knows the batches, so towards the server this mode has no amplification by
+  sampling. Use it to study utility; use ``secure_mode`` to protect clients from the server.
 
 What is treated as public, as in Opacus and DP-SGD practice: the client's example count n (it
 fixes q and the number of steps, and ``num_examples`` in the result, FedAvg's weight). The
@@ -37,7 +39,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -47,6 +48,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, PrivacyBudgetExceeded
 from ppml_fast.accounting.calibration import ACCOUNTANTS
+
+from ppml_fast.noise_keys import derived_key, noise_seed
 
 from ..strategy._hparams import check_positive as _positive
 
@@ -64,7 +67,10 @@ class LocalDP:
         max_epsilon: a client refuses (``PrivacyBudgetExceeded``, before training) a fit after
             which its ε at ``delta`` would exceed this; None: no limit.
         accountant: "rdp" or "pld" (the client's accountant; fixed at its first DP fit).
-        secure_mode: ChaCha20 noise keyed from OS entropy (not reproducible by design).
+        secure_mode: ChaCha20 noise keyed from OS entropy and Poisson sampling from the OS
+            CSPRNG (not reproducible by design).
+        noise_seed: reproducible noise (no privacy against whoever knows it; not with
+            ``secure_mode``); None (the default): the noise key comes from OS entropy.
     """
 
     noise_multiplier: float
@@ -73,6 +79,7 @@ class LocalDP:
     max_epsilon: Optional[float] = None
     accountant: str = "rdp"
     secure_mode: bool = False
+    noise_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier))
@@ -89,6 +96,8 @@ class LocalDP:
             raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}; got {self.accountant!r}")
         if not isinstance(self.secure_mode, bool):
             raise TypeError(f"secure_mode must be a bool; got {type(self.secure_mode).__name__}")
+        object.__setattr__(self, "noise_seed", noise_seed("noise_seed", self.noise_seed,
+                                                         secure=self.secure_mode))
 
 
 class LocalDPState:
@@ -204,13 +213,14 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Mapping[str, A
     engine.accountant = state.accountant  # the client's accountant: ε composes across its fits
     loader = DataLoader(TensorDataset(x, y), batch_size=s["batch_size"])
     base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    if local_dp.secure_mode:  # the device's own secrets: the server knows config["seed"]
-        sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    else:
-        sampler = torch.Generator().manual_seed(seed)
+    # secure mode: the engine samples from the OS CSPRNG and keys the noise from OS entropy (the
+    # server knows config["seed"]); else the batches follow config["seed"] and the noise key is
+    # OS entropy, or the user's noise_seed mixed with config["seed"] (one stream per fit)
+    sampler = None if local_dp.secure_mode else torch.Generator().manual_seed(seed)
+    key = None if local_dp.noise_seed is None else derived_key(local_dp.noise_seed, int(seed))
     private, opt, dp_loader = engine.make_private(
         module=model, optimizer=base, data_loader=loader, noise_multiplier=local_dp.noise_multiplier,
-        max_grad_norm=local_dp.max_grad_norm, noise_seed=seed, generator=sampler)
+        max_grad_norm=local_dp.max_grad_norm, noise_seed=key, generator=sampler)
     opt.offset = state.noise_offset
     params = opt.params
     anchors = [p.detach().clone() for p in params] if mu > 0 else None

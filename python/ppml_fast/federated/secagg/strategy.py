@@ -123,6 +123,10 @@ class SecAggFedAvg(StrategyWrapper):
             raise ValueError(f"on_abort must be 'raise' or 'skip'; got {on_abort!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be None or an int; got {type(seed).__name__}")
+        if seed is not None and self.dp and strategy.secure_mode:
+            # DESIGN.md invariant 3: in secure mode every secret comes from the OS CSPRNG
+            raise ValueError(f"seed={seed!r} was passed with a secure-mode DP strategy: secure-mode "
+                             "randomness (here the masks' secrets) cannot be seeded; pass seed=None")
         if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int)
                                        or neighbours < 2 or neighbours % 2):
             raise ValueError(f"neighbours must be None or an even int >= 2; got {neighbours!r}")
@@ -133,6 +137,14 @@ class SecAggFedAvg(StrategyWrapper):
         self.on_abort = on_abort
         self.seed = None if seed is None else int(seed)
         self._sampled: dict[int, list[int]] = {}
+
+    @property
+    def reproducible_noise(self) -> Optional[str]:
+        """What a simulation's History says when the masks' secrets come from ``seed``."""
+        if self.seed is None:
+            return None
+        return ("reproducible secure-aggregation masks: no secrecy of single updates against "
+                "anyone who knows the seed")
 
     @property
     def min_fit_clients(self) -> int:  # type: ignore[override]
