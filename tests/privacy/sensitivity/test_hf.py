@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import warnings
 
+import peft  # in the test extra (pyproject.toml): imported, never skipped
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from tests.privacy.sensitivity._harness import Case, check_case
-
-transformers = pytest.importorskip("transformers")  # in the test extra: never skipped in CI
-peft = pytest.importorskip("peft")
 
 B, T, V, K = 4, 8, 64, 3
 
