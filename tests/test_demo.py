@@ -30,6 +30,9 @@ def test_demo_writes_the_table_report_and_plot(tmp_path, capsys, restore_threads
     assert all(a < b for a, b in zip(eps, eps[1:])) and eps[-1] <= 8.0 + 1e-9  # calibrated to 8
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
     assert report["baseline"]["noise_multiplier"] is None and len(report["sweep"]) == 2
+    # the demo keys DP-FedAvg's noise with its seed (repeatable runs) and says so (issue 15)
+    assert report["notes"] == ["reproducible noise: no privacy against anyone who knows the seed"]
+    assert report["main"]["notes"] == report["notes"] and report["baseline"]["notes"] == []
     pytest.importorskip("matplotlib")
     png = (tmp_path / "privacy_utility.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -40,6 +43,7 @@ def test_demo_without_privacy_has_no_epsilon(tmp_path, capsys, restore_threads):
                  "--output", str(tmp_path), "--no-progress", "--no-plot"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(r["epsilon"] is None for r in report["main"]["rounds"]) and report["sweep"] == []
+    assert report["notes"] == []
     assert "no privacy: test accuracy" in capsys.readouterr().out
 
 

@@ -33,6 +33,9 @@ class RunSummary:
     final_epsilon: Optional[float]
     stopped: Optional[str]
     seconds: float
+    #: what the run says about itself (History.notes), e.g. noise_keys.REPRODUCIBLE_NOISE: the
+    #: demo keys DP-FedAvg's noise with its --seed so that a run can be repeated
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,7 +110,8 @@ def _one_run(cfg: DemoConfig, clients, test, sigma: Optional[float], label: str,
         label=label, noise_multiplier=sigma, rounds=rows,
         final_accuracy=float(evaluated[-1]["accuracy"]) if evaluated else float("nan"),
         final_epsilon=rows[-1].get("epsilon") if rows else None,
-        stopped=getattr(history, "stopped", None), seconds=seconds)
+        stopped=getattr(history, "stopped", None), seconds=seconds,
+        notes=list(getattr(history, "notes", [])))
 
 
 def run_experiment(cfg: DemoConfig, *, progress: bool = True,

@@ -57,6 +57,8 @@ def to_report(result: DemoResult, *, seconds: float) -> dict[str, Any]:
     return {
         "configuration": cfg,
         "seed": result.config.seed,
+        # e.g. "reproducible noise: no privacy against anyone who knows the seed"
+        "notes": sorted({n for r in (result.main, result.baseline, *result.sweep) for n in r.notes}),
         "delta": result.delta,
         "accountant": result.config.accountant,
         "privacy_unit": {"dp-fedavg": "user (client)", "local-dp": "example, per client",
