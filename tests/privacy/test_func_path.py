@@ -404,3 +404,16 @@ def test_complex_output_refused():
     private = PrivateModule(Net())
     with pytest.raises(UnsupportedModuleError, match=r"\bc \(Complexish\).*complex"):
         private(torch.randn(3, 4)).sum().backward()
+
+
+def test_nonfinite_output_is_left_to_the_nonfinite_check():
+    """A record whose output is not finite is the non-finite check's (raise or drop), not a
+    rerun mismatch."""
+    torch.manual_seed(11)
+    model = RootParam().double()
+    private = PrivateModule(model)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    x[2, 0] = float("nan")
+    nn.functional.cross_entropy(private(x), y).backward()
+    sums, seen = private.clipped_sums(max_grad_norm=C, nonfinite="drop")
+    assert seen == 5 and all(bool(torch.isfinite(s).all()) for s in sums.values())

@@ -140,15 +140,18 @@ def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: 
 
 def _check_same(label: str, k: int, got: torch.Tensor, want: torch.Tensor) -> None:
     """Raises unless the per-record reruns (B, 1, ...) reproduce the batch's output ``want``
-    (B, ...) to within rounding (sqrt(eps) of its dtype, relative to its largest element)."""
+    (B, ...) to within rounding (sqrt(eps) of its dtype, relative to its largest finite element;
+    non-finite elements must be the same: they are the non-finite check's to handle)."""
     if got.shape[1:2] == (1,):
         got = got.squeeze(1)
     ok = got.shape == want.shape
     if ok:
         g64, w64 = got.double(), want.double()
-        scale = 1.0 + (float(w64.abs().max()) if w64.numel() else 0.0)
+        finite = torch.isfinite(w64)
+        scale = 1.0 + (float(w64[finite].abs().max()) if bool(finite.any()) else 0.0)
         tol = math.sqrt(torch.finfo(want.dtype).eps) * scale
-        ok = bool(((g64 - w64).abs() <= tol).all())
+        same = torch.where(finite, (g64 - w64).abs() <= tol, (g64 == w64) | (g64.isnan() & w64.isnan()))
+        ok = bool(same.all())
     if not ok:
         raise UnsupportedModuleError(
             f"{label}: rerun record by record (the torch.func path), it does not reproduce its "
