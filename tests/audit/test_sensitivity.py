@@ -135,6 +135,7 @@ def test_honest_models_pass_and_reach_the_bound(name):
     assert report.trials >= 4 and all(r["error"] is None for r in report.results), str(report)
     if report.neighbours == "remove":  # a removed, clipped record moves the sum by C itself
         assert report.max_ratio > 0.99, str(report)
+    assert report.matches_reference, str(report)  # the sum of each record's own clipped gradient
     kinds = {r["kind"] for r in report.results}
     if name in ("encoder", "seq-linear-ghost"):
         assert "add cancel" in kinds
@@ -160,6 +161,28 @@ def test_a_subclass_that_skips_clipping_is_flagged(neighbours):
     worst = math.sqrt(sum(v * v for v in report.per_parameter.values()))
     assert worst == pytest.approx(report.max_ratio, rel=1e-9)
     assert "EXCEEDS" in str(report)
+
+
+class HalfClip(DPOptimizer):
+    """Clips to C / 2: within the bound, but not the gradient the user asked for."""
+
+    def clip_and_accumulate(self):
+        c, self.max_grad_norm = self.max_grad_norm, 0.5 * self.max_grad_norm
+        try:
+            super().clip_and_accumulate()
+        finally:
+            self.max_grad_norm = c
+
+
+def test_a_sum_that_is_not_the_per_record_reference_is_reported():
+    report = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, optimizer_class=HalfClip)
+    assert report.ok and 0.49 < report.max_ratio < 0.51, str(report)
+    assert report.matches_reference is False and report.reference_gap > 0.5  # |S_ref| / 2C, S_ref ~ C sqrt(8)+
+    assert "WARNING" in str(report) and json.loads(report.to_json())["matches_reference"] is False
+    leaky = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, optimizer_class=NoClip)
+    assert leaky.matches_reference is False
+    dropout = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, train=True)
+    assert dropout.reference_gap is None and dropout.matches_reference is None
 
 
 class OwnScale(DPOptimizer):

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting.errors import PrivacyError
+from ppml_fast.audit import sensitivity_reference as reference
 from ppml_fast.audit.neighbours import Records
 from ppml_fast.audit.sensitivity_report import UNIT_ROUNDOFF, SensitivityReport, tolerance
 from ppml_fast.privacy.engine import PrivacyEngine
@@ -219,11 +220,12 @@ class _Stepper:
         return out, rounded
 
 
-def _rank(model: nn.Module, loss_fn: Callable, records: Records, notes: list) -> list[int]:
-    """Record indices, largest per-record gradient norm first (measured without the engine on
-    the first 64 records, one at a time); raises ValueError if the model and loss fail on the
-    batch without the engine."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _rank(model: nn.Module, loss_fn: Callable, records: Records, notes: list):
+    """(record indices, largest per-record gradient norm first; each record's gradient or None).
+    Measured without the engine, one record at a time: on every record where the float64 copies
+    fit (:mod:`~ppml_fast.audit.sensitivity_reference`), else on the first 64 (no reference).
+    Raises ValueError if the model and loss fail on the batch without the engine."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("module has no trainable parameter: nothing to check")
     try:
@@ -231,21 +233,26 @@ def _rank(model: nn.Module, loss_fn: Callable, records: Records, notes: list) ->
     except Exception as e:
         raise ValueError(f"module and loss_fn fail on batch without the engine: "
                          f"{type(e).__name__}: {e}") from e
-    norms = []
+    keep = reference.keep_grads(records.size, sum(p.numel() for p in params.values()))
+    norms, grads = [], []
     try:
-        for i in range(min(records.size, _RANKED)):
-            for p in params:
+        for i in range(records.size if keep else min(records.size, _RANKED)):
+            for p in params.values():
                 p.grad = None
             model_loss(model, loss_fn, records.select([i])).backward()
-            sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+            g = reference.per_record_grad(params)
+            sq = sum(float(v.pow(2).sum()) for v in g.values())
             norms.append((-sq if math.isfinite(sq) else -math.inf, i))
+            if keep:
+                grads.append(g)
     except Exception as e:  # a model that needs more than one record: the batch's order
-        notes.append(f"records taken in batch order (a one-record batch failed: {type(e).__name__})")
-        norms = [(0.0, i) for i in range(records.size)]
-    for p in params:
+        notes.append(f"records taken in batch order, no per-record reference (a one-record "
+                     f"batch failed: {type(e).__name__})")
+        norms, keep = [(0.0, i) for i in range(records.size)], False
+    for p in params.values():
         p.grad = None
     ranked = [i for _, i in sorted(norms)]
-    return ranked + [i for i in range(records.size) if i not in ranked]
+    return ranked + [i for i in range(records.size) if i not in ranked], (grads if keep else None)
 
 
 def _least_precise(params: Sequence[torch.Tensor]) -> torch.dtype:
@@ -297,7 +304,10 @@ def check_sensitivity(
 
     Returns:
         A :class:`SensitivityReport`; ``report.ok`` when every ratio is at most 1 + tol, and
-        ``report.refused`` holds the engine's message when it refuses the model.
+        ``report.refused`` holds the engine's message when it refuses the model;
+        ``report.matches_reference`` compares the engine's clipped sum on the batch with each
+        record's own gradient, computed alone and clipped in float64
+        (:mod:`~ppml_fast.audit.sensitivity_reference`; None with ``train=True``).
     Raises:
         TypeError, ValueError: bad arguments, or module/loss_fn failing on batch without the engine.
     """
@@ -316,7 +326,7 @@ def check_sensitivity(
         torch.manual_seed(seed)
         model = copy.deepcopy(module)
         model.train(train)
-        order = _rank(model, loss_fn, records, notes)
+        order, grads = _rank(model, loss_fn, records, notes)
         trainable = [p for p in model.parameters() if p.requires_grad]
         bound = _bound(max_grad_norm, kwargs.get("clipping", "flat"), len(trainable), neighbours)
         report = SensitivityReport(
@@ -334,6 +344,11 @@ def check_sensitivity(
         except Exception as e:  # ran without the engine (_rank): the engine refuses it
             report.refused = f"step on the batch: {type(e).__name__}: {e}"
             return report
+        if grads is not None and not train:  # dropout on: a one-record pass draws other masks
+            e, c = report.expected_batch_size, report.bound / (1 if neighbours == "remove" else 2)
+            ref = reference.clipped_sum(grads, list(base), max_grad_norm=max_grad_norm,
+                                        clipping=kwargs.get("clipping", "flat"), gamma=stepper.opt.gamma)
+            report.reference_gap = reference.gap({k: v * e for k, v in base.items()}, ref, c)
         _measure(report, stepper, records, order, base, base_rounded, again, trials, seed)
     return report
 

@@ -83,6 +83,10 @@ class SensitivityReport:
         refused: the engine's message when it refused the model (at ``make_private`` or at the
             step on the batch itself; ``ok`` is then False), else None.
         notes: what else the user should know (settings overridden, nondeterminism, ...).
+        reference_gap: ``||S − S_ref|| / C``: the engine's clipped sum S on the batch against the
+            sum of the records' own gradients, each computed alone and clipped in float64 (None
+            where not computed). Not part of ``ok`` (a wrong gradient is not a leak by itself):
+            see :attr:`matches_reference`.
     """
 
     max_ratio: float
@@ -99,6 +103,16 @@ class SensitivityReport:
     results: list = dataclasses.field(default_factory=list)
     refused: Optional[str] = None
     notes: list = dataclasses.field(default_factory=list)
+    reference_gap: Optional[float] = None
+
+    @property
+    def matches_reference(self) -> Optional[bool]:
+        """Whether the engine's clipped sum on the batch equals the per-record reference
+        (:mod:`~ppml_fast.audit.sensitivity_reference`) within ``tol`` C per record; None where
+        no reference was computed (train mode, a model that fails on one record, too large)."""
+        if self.reference_gap is None:
+            return None
+        return self.reference_gap <= self.tol * self.expected_batch_size
 
     @property
     def ok(self) -> bool:
@@ -109,6 +123,7 @@ class SensitivityReport:
         """A strict-JSON-ready dict (non-finite numbers as "inf"/"nan" strings)."""
         d = dataclasses.asdict(self)
         d["ok"] = self.ok
+        d["matches_reference"] = self.matches_reference
         return _strict(d)
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -133,5 +148,11 @@ class SensitivityReport:
         for res in self.results:
             what = f"ratio {res['ratio']:.6g}" if res.get("error") is None else f"error: {res['error']}"
             lines.append(f"  trial {res['kind']} record {res['record']}: {what}")
+        if self.matches_reference is False:
+            lines.append(f"  WARNING: the clipped sum differs from the per-record reference by "
+                         f"{self.reference_gap:.4g} C: the engine's per-sample gradients are not the "
+                         "records' own, or the model or loss mixes records")
+        elif self.matches_reference:
+            lines.append(f"  clipped sum = per-record reference within {self.reference_gap:.2g} C")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
