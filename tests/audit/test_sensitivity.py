@@ -121,6 +121,10 @@ HONEST = {
     "encoder-seq-first": lambda: (Encoder(False), (torch.randn(5, 8, 8, generator=_gen()), _y()),
                                   {"batch_first": False}),
     "embedding": lambda: (Bag(), (torch.randint(0, 20, (8, 6), generator=_gen()), _y()), {}),
+    "embedding-replace": lambda: (Bag(), (torch.randint(0, 20, (8, 6), generator=_gen()), _y()),
+                                  {"neighbours": "replace"}),
+    "encoder-replace": lambda: (Encoder(), (torch.randn(8, 5, 8, generator=_gen()), _y()),
+                                {"neighbours": "replace"}),
     "seq-linear-ghost": lambda: (SeqLinear(), (torch.randn(8, 4, 64, generator=_gen()), _y()), {}),
 }
 
@@ -141,6 +145,10 @@ def test_honest_models_pass_and_reach_the_bound(name):
         assert "add cancel" in kinds
     if name == "embedding":
         assert {"add repeat", "add mixed"} <= kinds
+    if name == "embedding-replace":
+        assert {"replace repeat", "replace mixed", "replace other"} <= kinds
+    if name == "encoder-replace":
+        assert {"replace scaled", "replace negated", "replace cancel", "replace other"} <= kinds
 
 
 def test_float64_is_measured_to_1e9():

@@ -124,7 +124,8 @@ def _bound(max_grad_norm, clipping: str, n_params: int, neighbours: str) -> floa
 def _plan(records: Records, order: list[int], neighbours: str, trials: int) -> list[tuple[str, int]]:
     """The trials, most telling first: the largest-gradient records removed, and crafted records
     made from them added (remove) or put in their place (replace)."""
-    crafted = (["scaled"] if records.has_float() else []) + (["cancel"] if records.has_sequence() else []) \
+    floats = ["scaled", "negated"] if records.has_float() else []
+    crafted = floats[:1] + (["cancel"] if records.has_sequence() else []) \
         + (["repeat", "mixed"] if records.has_tokens() else [])
     out: list[tuple[str, int]] = []
     for k, r in enumerate(order):
@@ -133,8 +134,8 @@ def _plan(records: Records, order: list[int], neighbours: str, trials: int) -> l
             if k == 0:
                 out += [("remove", j) for j in order[1:3]] + [("add copy", r)]
         else:
-            out += [(f"replace {c}", r) for c in crafted[:1] + (["negated"] if crafted[:1] else [])
-                    + crafted[1:]] + [("replace other", r)]
+            out += [(f"replace {c}", r) for c in floats + crafted[len(floats[:1]):]]
+            out += [("replace other", r)]
     seen, plan = set(), []
     for t in out:
         if t not in seen:
