@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from ppml_fast.privacy.layers import refusal, rule_for
+from ppml_fast.privacy.ownership import is_container, owned_parameters
 
 __all__ = ["LayerPlan", "MigrationReport", "migration_report"]
 
@@ -155,10 +156,14 @@ def _plan(model: nn.Module) -> list[LayerPlan]:
             claimed.update(id(m) for m in mod.modules())
             plans.append(LayerPlan(name, kind, "attention", "projections by the linear rule (any call)"))
             continue
-        own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if is_container(mod):  # a ParameterDict/List: its parameters are its parent's
+            continue
+        owned = owned_parameters(mod)
+        own = [n for n, p in owned.items() if p.requires_grad]
         if not own:
             continue
-        spec = rule_for(mod)
+        in_containers = len(owned) > sum(p is not None for p in mod._parameters.values())
+        spec = None if in_containers else rule_for(mod)
         if spec is not None:
             plans.append(LayerPlan(name, kind, "rule", spec[0]))
         else:

@@ -150,7 +150,8 @@ def _check_same(label: str, k: int, got: torch.Tensor, want: torch.Tensor) -> No
         finite = torch.isfinite(w64)
         scale = 1.0 + (float(w64[finite].abs().max()) if bool(finite.any()) else 0.0)
         tol = math.sqrt(torch.finfo(want.dtype).eps) * scale
-        same = torch.where(finite, (g64 - w64).abs() <= tol, (g64 == w64) | (g64.isnan() & w64.isnan()))
+        close = (g64 - w64).abs() <= tol
+        same = torch.where(finite, close, (g64 == w64) | (g64.isnan() & w64.isnan()))
         ok = bool(same.all())
     if not ok:
         raise UnsupportedModuleError(
