@@ -3,7 +3,8 @@
 Every rank calls ``torch.manual_seed(0)`` (ranks seeded alike, the common setup). Checked:
 (a) over many logical steps each record's inclusion count is Binomial(steps, q) — two-sided
     thresholds from the exact binomial distribution at a family-wise false-alarm rate of 1e-6 —
-    and no record is in two ranks' batches in one step; with a user generator given alike on
+    and no record is in two ranks' batches in one step (also in secure mode, masks from the OS
+    CSPRNG); with a user generator given alike on
     every rank, the ranks' masks are independent (co-inclusions Binomial(., q^2));
 (b) the sensitivity of one all-reduced step, noise removed, SGD(lr=1): for neighbouring datasets
     (record r removed = its gradient made exactly zero, the same sampling randomness),
@@ -53,9 +54,9 @@ def _binom_interval(n: int, p: float, alpha: float) -> tuple[int, int]:
 
 
 # -- the worker -----------------------------------------------------------------------------------
-def _private(loader, **kw):
+def _private(loader, secure_mode: bool = False, **kw):
     model = nn.Linear(3, 2, bias=False)
-    return PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+    return PrivacyEngine(secure_mode=secure_mode).make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                         data_loader=loader, noise_multiplier=1.0, max_grad_norm=C,
                                         distributed=True, **kw)
 
@@ -75,8 +76,10 @@ def _inclusion(world: int, rank: int) -> dict:
     out = {}
     for name, user_loader, kw in (("default", plain, {}),
                                   ("generator", plain, {"generator": torch.Generator().manual_seed(7)}),
-                                  ("distributed_sampler", sharded, {})):
+                                  ("distributed_sampler", sharded, {}),
+                                  ("secure", plain, {"secure_mode": True})):
         _, _, loader = _private(user_loader, **kw)
+        assert loader.batch_sampler.secure == (name == "secure")
         out[name] = {"q": 1 / len(user_loader), "draws": _draws(loader, EPOCHS)}
     return out
 
@@ -189,7 +192,7 @@ def ranks(request, _spawned):
 
 
 # -- (a) inclusion frequencies, disjointness, independence ----------------------------------------
-@pytest.mark.parametrize("config", ["default", "generator", "distributed_sampler"])
+@pytest.mark.parametrize("config", ["default", "generator", "distributed_sampler", "secure"])
 def test_each_record_in_at_most_one_rank_with_probability_q(ranks, config):
     world, results = ranks
     q = results[0]["inclusion"][config]["q"]
@@ -289,6 +292,25 @@ def test_the_sampler_alone_gives_disjoint_covering_shards_and_keeps_the_user_gen
     for step in zip(*masks):
         flat = sum(step, [])
         assert len(flat) == len(set(flat))
+
+
+def test_secure_masks_come_from_the_os_csprng_not_torch(monkeypatch):
+    with pytest.raises(ValueError, match="generator was passed with secure=True"):
+        DistributedPoissonBatchSampler(10, 0.5, 2, num_replicas=2, rank=0, secure=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+    def no_torch_rng(*args, **kwargs):
+        raise AssertionError("secure sampling drew from torch's generator")
+
+    monkeypatch.setattr(torch, "randint", no_torch_rng)
+    monkeypatch.setattr(torch, "rand", no_torch_rng)
+    torch.manual_seed(0)
+    a = [list(DistributedPoissonBatchSampler(40, 0.5, 20, num_replicas=2, rank=r, secure=True)) for r in range(2)]
+    torch.manual_seed(0)
+    b = [list(DistributedPoissonBatchSampler(40, 0.5, 20, num_replicas=2, rank=r, secure=True)) for r in range(2)]
+    assert a != b  # P(equal) = 2^-800
+    for step in zip(*a):
+        assert not set(step[0]) & set(step[1]) and all(j % 2 == r for r in range(2) for j in step[r])
 
 
 def test_bad_arguments_are_named():

@@ -162,11 +162,13 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
     Inclusion is decided on 53-bit integers: record in iff ``k < floor(q 2^53)`` with ``k``
     uniform in [0, 2^53), a probability in (q - 2^-53, q] — never above the accounted ``q``.
     Randomness: see :func:`_rank_generator` (``generator=None``: OS entropy; a user generator
-    yields a distinct stream per rank).
+    yields a distinct stream per rank). ``secure=True``: every mask from the OS CSPRNG
+    (:func:`ppml_fast.secure_random.bernoulli_mask`, the same 53-bit rule), each rank reading
+    its own fresh bytes; a ``generator`` is then an error (DESIGN.md invariant 3).
     """
 
     def __init__(self, num_samples: int, sample_rate: float, num_batches: int, *, num_replicas: int,
-                 rank: int, generator: Optional[torch.Generator] = None) -> None:
+                 rank: int, generator: Optional[torch.Generator] = None, secure: bool = False) -> None:
         num_samples = _check_int("num_samples", num_samples, 1)
         num_batches = _check_int("num_batches", num_batches, 1)
         num_replicas = _check_int("num_replicas", num_replicas, 1)
@@ -175,9 +177,14 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}); got {rank}")
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+        if secure is not False and secure is not True:
+            raise TypeError(f"secure must be a bool; got {type(secure).__name__}")
+        if secure and generator is not None:
+            raise ValueError("generator was passed with secure=True: secure-mode sampling draws "
+                             "from the OS CSPRNG and cannot be seeded; pass generator=None")
         self.num_samples, self.sample_rate, self.num_batches = num_samples, float(sample_rate), num_batches
-        self.num_replicas, self.rank = num_replicas, rank
-        self.generator = _rank_generator(generator, rank, num_replicas)
+        self.num_replicas, self.rank, self.secure = num_replicas, rank, secure
+        self.generator = None if secure else _rank_generator(generator, rank, num_replicas)
         self._threshold = int(self.sample_rate * 2.0**53)  # exact: a power-of-two scaling, then floor
 
     @property
@@ -191,9 +198,12 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         shard = self.shard
         for _ in range(self.num_batches):
-            # randint over a power-of-two range is exactly uniform (torch reduces 64 random bits mod 2^53)
-            bits = torch.randint(0, 2**53, (len(shard),), generator=self.generator, dtype=torch.int64)
-            yield shard[bits < self._threshold].tolist()
+            if self.secure:
+                mask = bernoulli_mask(len(shard), self.sample_rate)
+            else:  # randint over a power-of-two range is exactly uniform (64 random bits mod 2^53)
+                bits = torch.randint(0, 2**53, (len(shard),), generator=self.generator, dtype=torch.int64)
+                mask = bits < self._threshold
+            yield shard[mask].tolist()
 
 
 def _world() -> tuple[int, int]:
@@ -238,20 +248,21 @@ class DistributedDPDataLoader(DPDataLoader):
                        generator: Optional[torch.Generator]) -> Sampler[list[int]]:
         return DistributedPoissonBatchSampler(num_samples, self.sample_rate, num_batches,
                                               num_replicas=self.num_replicas, rank=self.rank,
-                                              generator=generator)
+                                              generator=generator, secure=self.secure)
 
     @property
     def local_expected_batch_size(self) -> float:
         return self.sample_rate * len(self.batch_sampler.shard)  # type: ignore[attr-defined]
 
     @classmethod
-    def from_data_loader(cls, data_loader: DataLoader, *, generator=None) -> "DistributedDPDataLoader":
+    def from_data_loader(cls, data_loader: DataLoader, *, generator=None,
+                         secure: bool = False) -> "DistributedDPDataLoader":
         """Distributed Poisson sampling with Opacus's rate q = 1 / len(data_loader) (the per-rank
         loader's number of batches: with a DistributedSampler of batch size B, q ~ B W / N, a
         global expected batch of about B W; without one, q ~ B / N). A DistributedSampler's
         ``num_replicas``/``rank`` must match torch.distributed; its partition and padding are
         not used. Collective: every rank calls it (it checks that the ranks agree on the
-        dataset size and the number of batches)."""
+        dataset size and the number of batches). ``secure``: masks from the OS CSPRNG."""
         import torch.distributed as dist
 
         if not isinstance(data_loader, DataLoader):
@@ -273,7 +284,7 @@ class DistributedDPDataLoader(DPDataLoader):
                              f"of batches; (len(dataset), len(data_loader)) per rank: {everyone}")
         return cls(data_loader.dataset, sample_rate=1 / num_batches, num_batches=num_batches,
                    num_replicas=world, rank=rank, collate_fn=data_loader.collate_fn, generator=generator,
-                   num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
+                   secure=secure, num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
 
 
 def _split(batch, max_size: int) -> list:

@@ -108,8 +108,8 @@ class PrivacyEngine:
                                  "generator=None")
         if poisson_sampling:
             loader_cls = DistributedDPDataLoader if distributed else DPDataLoader
-            secure = {} if distributed else {"secure": self.secure_mode}  # the OS CSPRNG
-            loader = loader_cls.from_data_loader(data_loader, generator=generator, **secure)
+            loader = loader_cls.from_data_loader(data_loader, generator=generator,
+                                                 secure=self.secure_mode)  # secure: the OS CSPRNG
             sample_rate = loader.sample_rate
             expected = loader.expected_batch_size
         else:
