@@ -189,8 +189,12 @@ def test_a_sum_that_is_not_the_per_record_reference_is_reported():
     assert "WARNING" in str(report) and json.loads(report.to_json())["matches_reference"] is False
     leaky = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, optimizer_class=NoClip)
     assert leaky.matches_reference is False
-    dropout = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, train=True)
-    assert dropout.reference_gap is None and dropout.matches_reference is None
+    in_train = check_sensitivity(mlp(), CE, mlp_batch(), max_grad_norm=C, train=True)
+    assert in_train.reference_gap is None and in_train.matches_reference is None
+    assert not in_train.notes  # no dropout: nothing to warn about
+    dropout = check_sensitivity(Encoder(), CE, (torch.randn(8, 5, 8, generator=_gen()), _y()),
+                                max_grad_norm=C, train=True, trials=1)
+    assert any("dropout" in n for n in dropout.notes)
 
 
 class OwnScale(DPOptimizer):

@@ -327,6 +327,11 @@ def check_sensitivity(
         torch.manual_seed(seed)
         model = copy.deepcopy(module)
         model.train(train)
+        if train and any(getattr(m, "p", 0) or getattr(m, "dropout", 0) for m in model.modules()
+                         if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))):
+            notes.append("train=True with dropout: B and B' draw different masks for the records "
+                         "they share, so a ratio above 1 may be the masks, not a leak; train=False "
+                         "checks each fixed draw")
         order, grads = _rank(model, loss_fn, records, notes)
         trainable = [p for p in model.parameters() if p.requires_grad]
         bound = _bound(max_grad_norm, kwargs.get("clipping", "flat"), len(trainable), neighbours)
