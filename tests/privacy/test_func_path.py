@@ -417,3 +417,16 @@ def test_nonfinite_output_is_left_to_the_nonfinite_check():
     nn.functional.cross_entropy(private(x), y).backward()
     sums, seen = private.clipped_sums(max_grad_norm=C, nonfinite="drop")
     assert seen == 5 and all(bool(torch.isfinite(s).all()) for s in sums.values())
+
+
+def test_unrolled_lstm_float32_matches_float64_reference():
+    torch.manual_seed(12)
+    ref = Unrolled("lstm").double()
+    model = copy.deepcopy(ref).float()
+    private = PrivateModule(model)
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64) * 2, torch.randint(0, 3, (6,))
+    nn.functional.cross_entropy(private(x.float()), y).backward()
+    sums, _ = private.clipped_sums(max_grad_norm=C)
+    want, _ = reference(ref, (x,), y)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sums[p].double(), want[n], rtol=2e-4, atol=2e-5, msg=n)
