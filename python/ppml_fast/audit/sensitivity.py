@@ -323,7 +323,7 @@ def check_sensitivity(
         module = module.module
     records = Records(batch, batch_first=kwargs.get("batch_first", True))
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(seed)
         model = copy.deepcopy(module)
         model.train(train)
