@@ -79,14 +79,15 @@ class PrivacyEngine:
         (and ``delta``), the step that would spend more raises ``PrivacyBudgetExceeded`` before
         any parameter changes. ``noise_seed`` makes the noise reproducible (and then not
         private against whoever knows it); ``generator`` seeds the Poisson sampler. In secure
-        mode both are errors: the sampler draws from the OS CSPRNG, the noise from ChaCha20. ``distributed=True``: data-parallel
-        training over ``torch.distributed`` ranks; every rank passes a loader over the same
-        whole dataset (with or without a DistributedSampler) and gets
-        :class:`~ppml_fast.privacy.data.DistributedDPDataLoader`: disjoint shards, each
-        Poisson-sampled with q = 1 / len(data_loader) from its own stream (OS entropy; a
-        ``generator`` given alike on every rank is turned into a distinct stream per rank);
-        clipped sums are all-reduced and the noise added once per logical step
-        (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`, denominator q N).
+        mode both are errors: the sampler draws from the OS CSPRNG, the noise from ChaCha20.
+        ``distributed=True``: data-parallel training over ``torch.distributed`` ranks; every
+        rank passes a loader over the same whole dataset (with or without a DistributedSampler)
+        and gets :class:`~ppml_fast.privacy.data.DistributedDPDataLoader`: disjoint shards, each
+        Poisson-sampled with q = 1 / len(data_loader) from its own stream (OS entropy, the OS
+        CSPRNG in secure mode; a ``generator`` given alike on every rank is turned into a
+        distinct stream per rank); clipped sums are all-reduced and the noise added once per
+        logical step (:class:`~ppml_fast.privacy.distributed.DistributedDPOptimizer`,
+        denominator q N).
         ``optimizer_class``: a :class:`DPOptimizer` subclass to build instead of the default (a
         :class:`DistributedDPOptimizer` subclass with ``distributed=True``), e.g. to check one's
         own subclass with :func:`ppml_fast.audit.check_sensitivity`.
