@@ -405,3 +405,28 @@ def test_second_engine_on_a_private_module_is_refused_and_the_same_engine_contin
         sum_loss(private(bx), by).backward()
         opt2.step()
     assert eng.get_epsilon(1e-5) > eps  # the same accountant, continued
+
+
+def test_records_of_an_input_nested_in_a_dict():
+    """The batch size comes from the first tensor also inside a dict argument (else nothing was
+    captured and the step trained on noise alone)."""
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, batch):
+            return self.fc(batch["x"])
+
+    torch.manual_seed(0)
+    model = DictModel()
+    x, y = torch.randn(6, 4) * 3, torch.randint(0, 3, (6,))
+    plain = nn.Sequential()
+    plain.add_module("fc", copy.deepcopy(model.fc))
+    want = reference_sum(plain, x, y, sum_loss)
+    _, private, opt = engine(model, x, y, sum_loss)
+    opt.zero_grad()
+    sum_loss(private({"x": x}), y).backward()
+    opt.step()
+    got = {n: p.grad.double() * 6 for n, p in model.named_parameters()}
+    assert_sums(got, want)

@@ -54,13 +54,6 @@ def _linear_or_bias(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torc
     return F.linear(x, w, b) if w is not None else b.expand(*x.shape[:-1], b.shape[0])
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a
-    return None
-
-
 def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
     """``mod``'s own parameters (with those of its ParameterDict / ParameterList children,
     :func:`~ppml_fast.privacy.ownership.owned_parameters`) that require a gradient now (role ->
@@ -339,7 +332,7 @@ class PrivateModule(ClippedSums, nn.Module):
         return self._module
 
     def forward(self, *args, **kwargs):
-        x = _first_tensor(args, kwargs)
+        x = records.primary(args, kwargs)
         rec = self.recorder
         if x is not None and x.dim() > 0:
             size = x.shape[records.record_dim(x, rec.batch_first)]

@@ -55,11 +55,9 @@ def record_dim(t: torch.Tensor, batch_first: bool) -> int:
 
 
 def primary(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """The input tensor whose leading (record) dimension gives the batch size."""
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a
-    return None
+    """The input tensor whose leading (record) dimension gives the batch size: the first tensor
+    of at least one dimension in the inputs, also inside lists, tuples and dicts."""
+    return next((t for t in leaves(list(args) + list(kwargs.values())) if t.dim() > 0), None)
 
 
 def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool) -> tuple:
@@ -87,9 +85,21 @@ def _perturbed(x: torch.Tensor, dim: int, k: int, gen: torch.Generator) -> torch
     return y
 
 
+def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    if obj is old:
+        return new
+    if isinstance(obj, dict):
+        return type(obj)({k: _swap(v, old, new) for k, v in obj.items()}) if type(obj) is dict \
+            else {k: _swap(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_swap(v, old, new) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap(v, old, new) for v in obj)
+    return obj
+
+
 def _replace(args: tuple, kwargs: dict, old: torch.Tensor, new: torch.Tensor):
-    return (tuple(new if a is old else a for a in args),
-            {n: new if a is old else a for n, a in kwargs.items()})
+    return tuple(_swap(a, old, new) for a in args), {n: _swap(a, old, new) for n, a in kwargs.items()}
 
 
 def _call_tensors(call) -> list[torch.Tensor]:
@@ -236,6 +246,9 @@ def _check_rows(base: _Probe, other: _Probe, k: int, size: int, bf: bool, names)
 
 
 def _refuse(call, names, why: str) -> UnsupportedModuleError:
+    if call.cap is None:  # the torch.func path: per-record inputs are the ones of leading size B
+        why += (" (a layer without a per-sample rule, rerun by torch.func, needs its per-record "
+                "inputs and outputs batch first, also under batch_first=False)")
     return UnsupportedModuleError(
         f"{_label(call, names)}: {why}. Per-sample clipping needs every row of a layer's input "
         "to belong to one record: a reshape of (B, T, d) to (B*T, d), a sequence-first input "
