@@ -190,3 +190,28 @@ def exact_sq_norms_rows(rows: tuple[Tensor, Tensor, Tensor], k: int, out_dtype: 
     sq = per_row.new_zeros(k).index_add_(0, rec, per_row)
     sq = sq * _up(1.0 + gamma(flat.shape[1] + rec.shape[0] + 1, U64))
     return round_up(sq, out_dtype)
+
+
+# A Gram path runs in float64 when float32's bound would reach TAU / GRAM64_MARGIN of the norm
+# of a typical honest record (see gram_dtype).
+GRAM64_MARGIN = 8
+
+
+def gram_dtype(dtype: torch.dtype, positions: int, lengths: tuple[int, ...]) -> torch.dtype:
+    """The dtype to form the Gram matrices in: float64 for float64 inputs; for float32 inputs
+    float32 while ``GRAM64_MARGIN * (sum_k gamma_len_k) * positions <= TAU``, else float64.
+
+    Why: for honest records the terms do not cancel on purpose, but they are not aligned either:
+    with positions of independent directions ``N^2 ~ sum_t ||x_t||^2 ||g_t||^2 >= S^2 / T`` (equality
+    at equal sizes), so the bound is ``~ coef * T`` of N'^2. Measured on random data: the
+    over-estimate was (gamma_d + gamma_p) T within 2% at the shapes of linear.py's table. Where that
+    product nears TAU (long sequences and wide layers: B=8 T=128 d=p=1024 in float32 gives 0.016),
+    every honest record would be flagged and materialised in float64; forming the Gram matrices in
+    float64 instead costs ~2.7x the float32 Gram matmuls on the dev CPU (8.8 vs 3.2 ms at that
+    shape; the same peak rate on A100/H100, whose float32 runs without TF32 here anyway) and makes
+    the bound ~1e-13 relative."""
+    if dtype == torch.float64:
+        return torch.float64
+    u = unit_roundoff(dtype)
+    predicted = sum(gamma(n, u) for n in lengths) * positions
+    return torch.float32 if GRAM64_MARGIN * predicted <= TAU else torch.float64

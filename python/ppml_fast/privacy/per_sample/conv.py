@@ -219,6 +219,9 @@ class ConvRule:
         (products summed in float64 in two stages, ``(groups + 1) L`` terms; :mod:`bounds`)."""
         batch, positions = x.shape[0], math.prod(g.shape[2:])
         d, p = math.prod(shape[1:]), shape[0] // geo.groups
+        out_dtype = x.dtype
+        if bounds.gram_dtype(x.dtype, positions, (d, p)) != x.dtype:  # many positions: float64
+            x, g = x.double(), g.double()
         u = bounds.unit_roundoff(x.dtype)
         cols = unfold(x, geo)
         g3 = g.reshape(batch, geo.groups, p, positions)
@@ -232,13 +235,13 @@ class ConvRule:
         s2 = (nu * ng).sum(-1).square().sum(-1)
         terms = (geo.groups + 1) * positions
         scale = bounds.gram_coef(d, p, terms, u) * bounds.norm_slack((d, p), u, positions) ** 2
-        norms, flags = bounds.upper_and_flags(computed, s2 * scale, x.dtype)
+        norms, flags = bounds.upper_and_flags(computed, s2 * scale, out_dtype)
         if not bool(flags.any()):
             return norms, None
         rows = flags.nonzero().flatten()
         # float64 also for float32 inputs: see linear.ghost_weight_norms
         grads = self._per_sample_weight(x[rows].double(), g[rows].double(), geo, shape)
-        norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
+        norms[rows] = bounds.exact_sq_norms(grads, out_dtype)
         return norms, (rows, grads)
 
     def norms_sq(

@@ -120,13 +120,16 @@ class EmbeddingRule:
             same = idx2[:, :, None] == idx2[:, None, :]
             if pad is not None:
                 same &= (idx2 != pad)[:, :, None]
+            gg2, u_gram = g2, u
+            if bounds.gram_dtype(g2.dtype, seq, (dim,)) != g2.dtype:  # wide rows: float64 Gram
+                gg2, u_gram = g2.double(), bounds.U64
             with bounds.full_precision():
-                gram = torch.bmm(g2, g2.transpose(1, 2))
+                gram = torch.bmm(gg2, gg2.transpose(1, 2))
             # Higham Lemma 3.1 on each g_s.g_t (the 0/1 mask is exact), float64 sums of T then T
             # terms: |N'^2 - N^2| <= coef * sum_{s,t same} ||g_s|| ||g_t|| (bounds module).
             computed = (gram * same).sum(2, dtype=torch.float64).sum(1)
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
-            scale = bounds.gram_coef(dim, 0, 2 * seq, u) * bounds.norm_slack((dim,), u, seq) ** 2
+            scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u, seq) ** 2
             norms, flags = bounds.upper_and_flags(computed, s2 * scale, g2.dtype)
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)

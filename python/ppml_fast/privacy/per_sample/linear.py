@@ -54,12 +54,16 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     """Upper bounds of the squared weight-gradient norms of ``x`` (B, T, d), ``g`` (B, T, p), and
     the flagged records ``(rows, materialised gradients)`` or None.
 
-    Ghost norm ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` from two Gram matrices (IEEE precision), products
-    summed in float64, plus its rounding bound ``coef * S^2`` (:mod:`bounds`, Higham Lemma 3.1);
+    Ghost norm ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` from two Gram matrices (IEEE precision; in float64
+    where float32's bound would flag honest records, :func:`bounds.gram_dtype`), products summed
+    in float64, plus its rounding bound ``coef * S^2`` (:mod:`bounds`, Higham Lemma 3.1);
     records with ``bound > TAU * N'^2`` are materialised in float64 (``G_i = g_i^T x_i``, only
     those) and get the norm of that gradient, which is what ``clipped_sum`` then adds for them."""
     batch, seq, d = x.shape
     p = g.shape[-1]
+    out_dtype = x.dtype
+    if bounds.gram_dtype(x.dtype, seq, (d, p)) != x.dtype:  # long sequences: float64 Gram
+        x, g = x.double(), g.double()
     u = bounds.unit_roundoff(x.dtype)
     with bounds.full_precision():
         xx = torch.bmm(x, x.transpose(1, 2))
@@ -69,14 +73,14 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
     s = (bounds.row_norms(x) * bounds.row_norms(g)).sum(1)
     scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
-    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, x.dtype)
+    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype)
     if not bool(flags.any()):
         return norms, None
     rows = flags.nonzero().flatten()
     # In float64 (also for float32 inputs): a materialised float32 gradient of such a record
     # still rounds its +-M terms against the others (||G' - G|| <= gamma_T S, Higham 3.5).
     grads = torch.bmm(g[rows].double().transpose(1, 2), x[rows].double())
-    norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
+    norms[rows] = bounds.exact_sq_norms(grads, out_dtype)
     return norms, (rows, grads)
 
 
