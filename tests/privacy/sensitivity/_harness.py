@@ -107,7 +107,7 @@ class Case:
     loss: Callable = default_loss
     mode: str = "ghost"
     clipping: str = "flat"
-    C: float = 1.0
+    C: Any = 1.0  # per_layer: also a list, one per trainable parameter in named_parameters() order
     dtype: torch.dtype = torch.float64
     record_dim: int = 0
     loss_reduction: str = "mean"
@@ -228,18 +228,28 @@ def per_record_grads(case: Case, model64: nn.Module, inputs, target) -> dict[str
     return {n: torch.stack(r) for n, r in rows.items()}
 
 
+def layer_norms(case: Case, names: list[str]) -> dict[str, float]:
+    """per_layer: name -> C_p; ``case.C`` one number for all, or a list in the order of the
+    trainable parameters (``named_parameters()``, as the engine binds it)."""
+    if isinstance(case.C, (list, tuple)):
+        assert len(case.C) == len(names), f"{case.name}: {len(case.C)} norms for {len(names)} parameters"
+        return {n: float(c) for n, c in zip(names, case.C)}
+    return {n: float(case.C) for n in names}
+
+
 def clip_and_sum(case: Case, per_record: dict[str, torch.Tensor], gamma: float = 0.01):
     """(name -> clipped sum, per-record norms of the clipped gradients), float64."""
     sq = {n: g.flatten(1).pow(2).sum(1) for n, g in per_record.items()}
     total = torch.stack(list(sq.values())).sum(0).sqrt()
     factors = {}
+    thresholds = layer_norms(case, list(per_record))
     for n in per_record:
         if case.clipping == "flat":
             factors[n] = (case.C / (total + FLAT_EPS)).clamp(max=1.0)
         elif case.clipping == "automatic":
             factors[n] = case.C / (total + gamma)
         else:
-            factors[n] = (case.C / (sq[n].sqrt() + FLAT_EPS)).clamp(max=1.0)
+            factors[n] = (thresholds[n] / (sq[n].sqrt() + FLAT_EPS)).clamp(max=1.0)
     sums = {n: torch.einsum("b,b...->...", factors[n], g) for n, g in per_record.items()}
     clipped_sq = sum(factors[n] ** 2 * sq[n] for n in per_record)
     return sums, clipped_sq.sqrt()
@@ -291,8 +301,9 @@ def neighbour_ratio(case: Case, model64: nn.Module, full: dict, drop: int,
     delta = {n: full[n] - other[n] for n in full}
     k = 2.0 if replace_with is not None else 1.0
     if case.clipping == "per_layer":
-        bound = k * case.C * math.sqrt(len(full))
-        per = {n: float(d.norm()) / (k * case.C) for n, d in delta.items()}
+        cs = layer_norms(case, list(full))
+        bound = k * math.sqrt(sum(c * c for c in cs.values()))
+        per = {n: float(d.norm()) / (k * cs[n]) for n, d in delta.items()}
         worst_p = max(per, key=per.get)
         detail = f"worst parameter {worst_p}: {per[worst_p]:.4f} C_p"
     else:

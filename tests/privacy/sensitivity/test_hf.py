@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 (tied LM head) and BERT built from tiny configs (no download), with their
+"""Hugging Face GPT-2 (tied LM head) and BERT (classifier; masked LM with tied head) built from tiny configs (no download), with their
 default position_ids ((1, T), broadcast over the batch; issue 14 item 8), fully trained and with
 peft LoRA (on the attention projections, and on an nn.Embedding: issue 14 item 7). Adversarial
 records: one token repeated over the whole sequence, and a record that attends to one position."""
@@ -52,6 +52,24 @@ def bert(lora_targets=None):
     return build
 
 
+def bert_mlm():
+    def build():
+        _quiet()
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0, tie_word_embeddings=True)
+        model = transformers.BertForMaskedLM(cfg)
+        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
+        return model.double()
+    return build
+
+
+def mlm_loss(model, inputs, labels):
+    logits = model(**inputs).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
 def _lora(model, targets):
     # init_lora_weights=False: B random too (B = 0 would make every A gradient zero)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
@@ -92,6 +110,8 @@ CASES = {
     "gpt2_lora_c_attn": _gpt2_case(build=gpt2(["c_attn"])),
     "gpt2_lora_embedding": _gpt2_case(build=gpt2(["wte"])),
     "bert": _bert_case(build=bert()),
+    "bert_mlm_tied_head": dict(_bert_case(build=bert_mlm()), target=_tokens().flip(1).contiguous(),
+                               forward_loss=mlm_loss),
     "bert_lora_query_value": _bert_case(build=bert(["query", "value"])),
 }
 
