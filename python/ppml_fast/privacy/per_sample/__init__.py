@@ -17,6 +17,13 @@ The engine captures, for each call of a functional op whose parameters are track
 of the roles, e.g. one call per role under per-layer clipping) or ``None`` (book-keeping from
 ``grad_out``, or recomputation for the normalisation layers).
 
+Bounded norms (privacy invariant 2): a ghost norm (Gram matrices: linear on T >= 2 positions,
+convolutions, embedding) is returned as an upper bound ``N'^2 + bound`` of the record's exact
+squared norm, its rounding error bounded by :mod:`~ppml_fast.privacy.per_sample.bounds`; records
+whose bound is too large against ``N'^2`` (cancelling terms, crafted or not) are materialised on
+their own in float64 and leave the book-keeping sum (their factor there is exactly 0). Their
+state entry is ``"weight:flagged"``; ``clipped_sum`` handles it for every subset of roles.
+
 ``g_i`` is the gradient of sample i's term of a loss that is a sum over samples. Every rule is
 vectorised over the batch; an empty batch (B = 0) gives empty norms and zero sums.
 

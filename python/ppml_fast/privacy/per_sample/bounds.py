@@ -112,6 +112,14 @@ def row_norms(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v, dim=-1).double()
 
 
+def diag_norms(gram: Tensor) -> Tensor:
+    """Float64 ``||v_t||`` from the diagonal of a Gram matrix ``(..., T, T)``: each diagonal
+    entry is a dot product of ``v_t`` with itself, a sum of squares with the same error as
+    ``vector_norm``'s (relative ``gamma_len``, :func:`norm_slack`), at no extra pass over the
+    inputs. Negative entries cannot occur (squares) and are clamped for safety."""
+    return gram.diagonal(dim1=-2, dim2=-1).double().clamp(min=0.0).sqrt()
+
+
 def upper_and_flags(
     computed: Tensor, bound: Tensor, out_dtype: torch.dtype, tau: float = TAU
 ) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,8 @@ a convolution is a linear layer over L positions:
 - ghost: ``||G_i||^2 = sum_{t,s} (g_t.g_s)(u_t.u_s)`` per group, ``B L^2 (d + p)``; the clipped sum
   is then one native weight-gradient call (``aten.convolution_backward``, output_mask
   ``[False, True, bias]``) with the factors folded into ``grad_out``: no per-sample copy.
+  The Gram norm is returned as an upper bound, with records it cannot vouch for materialised
+  on their own (:meth:`ConvRule._ghost`, :mod:`bounds`).
 - materialise: per-sample weight gradients kept for ``factors @ G``, built by one native grouped
   ``convolution_backward`` with the batch folded into the channels (groups = B * groups), or by
   unfold + batched matmul where that is faster (few positions or many channels:
@@ -230,9 +232,7 @@ class ConvRule:
             gg = torch.matmul(g3.transpose(-1, -2), g3)
         # float64 sums of L, then groups * L terms (gamma_{(groups + 1) L}, not gamma_{groups L^2})
         computed = (uu * gg).sum(-1, dtype=torch.float64).flatten(1).sum(1)
-        nu = torch.linalg.vector_norm(cols, dim=-2).double()  # (B, groups, L)
-        ng = torch.linalg.vector_norm(g3, dim=-2).double()
-        s2 = (nu * ng).sum(-1).square().sum(-1)
+        s2 = (bounds.diag_norms(uu) * bounds.diag_norms(gg)).sum(-1).square().sum(-1)
         terms = (geo.groups + 1) * positions
         scale = bounds.gram_coef(d, p, terms, u) * bounds.norm_slack((d, p), u, positions) ** 2
         norms, flags = bounds.upper_and_flags(computed, s2 * scale, out_dtype)

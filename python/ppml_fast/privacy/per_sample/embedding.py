@@ -8,7 +8,10 @@ Its squared norm, never building the (V, D) gradient:
 - rows: sort the (sample, index) keys, add each sample's rows with the same index
   (``index_add``), and sum the squares of those row sums: ``O(B T D + B T log(B T))``.
 
-Both are exact. ``"auto"`` takes the Gram formula below ``GRAM_MAX_SEQ`` = 32 indices per sample,
+Both are exact in exact arithmetic; in floating point both can cancel (``g_s = -g_t`` on one
+index), so each returns an upper bound (Gram: Higham's dot-product bound; rows: the rounding of the
+row sums) and materialises in float64 the records it cannot vouch for, which then leave the
+batch's ``index_add`` (:mod:`bounds`). ``"auto"`` takes the Gram formula below ``GRAM_MAX_SEQ`` = 32 indices per sample,
 else rows; ``"ghost"`` forces the Gram formula and ``"materialize"`` builds the dense (B, V, D)
 gradients (reference path: B V D numbers). Measured on the 2-core dev box (torch 2.13, one thread,
 thread CPU time, min of 10 calls; rows vs Gram norms, ms), B=32 V=10k D=128:
@@ -111,9 +114,6 @@ class EmbeddingRule:
             dense = self._dense(idx2, g2, pad, num)
             return {"weight": _ps.sq_norms(dense, g2.dtype)}, {"weight": dense}
         path = "ghost" if mode == "ghost" else choose_path(idx2.shape[1])
-        nrm = bounds.row_norms(g2)  # (B, T) float64
-        if pad is not None:
-            nrm = nrm.masked_fill(idx2 == pad, 0.0)
         u = bounds.unit_roundoff(g2.dtype)
         seq, dim = idx2.shape[1], g2.shape[-1]
         if path == "ghost":
@@ -128,8 +128,11 @@ class EmbeddingRule:
             # Higham Lemma 3.1 on each g_s.g_t (the 0/1 mask is exact), float64 sums of T then T
             # terms: |N'^2 - N^2| <= coef * sum_{s,t same} ||g_s|| ||g_t|| (bounds module).
             computed = (gram * same).sum(2, dtype=torch.float64).sum(1)
+            nrm = bounds.diag_norms(gram)  # (B, T) float64
+            if pad is not None:
+                nrm = nrm.masked_fill(idx2 == pad, 0.0)
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
-            scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u, seq) ** 2
+            scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
             norms, flags = bounds.upper_and_flags(computed, s2 * scale, g2.dtype)
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
@@ -142,6 +145,9 @@ class EmbeddingRule:
             # The row sums r'_v are rounded: ||r' - r|| <= gamma_T sum_t ||g_t|| (Higham Lemma 3.1
             # per element, any order: CUDA atomics too), so N <= ||r'|| + gamma_T S, with ||r'||
             # from a float32 norm (gamma_{D+1}) and a float64 sum.
+            nrm = bounds.row_norms(g2)  # (B, T) float64
+            if pad is not None:
+                nrm = nrm.masked_fill(idx2 == pad, 0.0)
             low = (1.0 - bounds.gamma(dim + 1, u)) * (1.0 - u) ** 2 * (1.0 - bounds.gamma(seq, bounds.U64))
             up = (computed / low).sqrt() + nrm.sum(1) * (
                 bounds.gamma(seq, u) * bounds.norm_slack((dim,), u, seq))

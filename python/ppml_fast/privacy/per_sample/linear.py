@@ -7,6 +7,10 @@ Sample i's weight gradient is ``G_i = sum_t g_{i,t} x_{i,t}^T`` (p x d), its bia
   ``B T^2 (d + p)`` multiply-adds, nothing kept; the clipped sum is then book-keeping (Bu et al.
   2023): one ``(p, B T) @ (B T, d)`` matmul with the factors folded into the smaller operand, the
   cost of the non-private weight gradient. For T = 1 the norm is ``||g_i||^2 ||x_i||^2``.
+  The Gram norm is an upper bound with a rigorous rounding bound, and records it cannot vouch
+  for (cancelling terms) are materialised on their own: :func:`ghost_weight_norms`, :mod:`bounds`.
+  The bound costs ~10-30% of the ghost path (row norms from the Gram diagonals, a float64 sum;
+  float64 Gram matrices for long sequences of wide layers), measured in the issue-14 report.
 - materialise: one batched matmul ``G = g^T x`` (``B T d p``), its row norms, and at clip time
   ``factors @ G`` (two passes over the ``B d p`` kept numbers).
 
@@ -71,7 +75,7 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     # float64 sums of T, then T terms: gamma_{2T}(2^-53), not gamma_{T^2} (which is 4e-12 at
     # T = 196, above the float64 error of the Gram entries themselves).
     computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
-    s = (bounds.row_norms(x) * bounds.row_norms(g)).sum(1)
+    s = (bounds.diag_norms(xx) * bounds.diag_norms(gg)).sum(1)
     scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
     norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype)
     if not bool(flags.any()):
