@@ -177,3 +177,22 @@ def test_forked_children_draw_noise_of_their_own():
 def test_derived_keys_differ_by_fork_number_and_key():
     keys = {derived_key(k, n) for k in range(50) for n in range(1, 50)}
     assert len(keys) == 50 * 49
+
+
+def test_copies_of_an_unseeded_stream_draw_their_own_noise():
+    import copy
+    import pickle
+
+    src = NoiseSource()
+    src.normal((3,))
+    clones = [copy.deepcopy(src), pickle.loads(pickle.dumps(src))]
+    for clone in clones:
+        assert clone.offset == src.offset and clone.seed != src.seed
+    mine = src.normal((8,))
+    for clone in clones:
+        assert not torch.equal(clone.normal((8,)), mine)
+    seeded = NoiseSource(4)
+    seeded.normal((3,))
+    clone = pickle.loads(pickle.dumps(seeded))  # a checkpoint resumes the same stream
+    assert (clone.seed, clone.offset) == (4, seeded.offset)
+    assert torch.equal(clone.normal((5,)), seeded.normal((5,)))

@@ -20,6 +20,11 @@ would draw the same noise. Every stream registered here (:class:`NoiseStream`,
 
 Threads: :meth:`NoiseStream.reserve` reads and advances the offset under a lock, so threads
 sharing one stream get disjoint offset ranges.
+
+Copies: a :class:`NoiseStream` copied by ``pickle`` or ``copy.deepcopy`` (a "spawn" worker, a
+Ray task, a deep-copied strategy) would draw its original's noise; an unseeded copy therefore
+gets a fresh OS key. A seeded copy keeps its key and offset (a pickled checkpoint must resume
+the same stream): give each process that draws noise its own seed.
 """
 
 from __future__ import annotations
@@ -172,6 +177,8 @@ class NoiseStream:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        if not self.user_seeded:  # a copy must not replay its original's noise
+            self.seed = os_key()
         with _registry_lock:
             _registry[self] = NoiseStream._after_fork
 
