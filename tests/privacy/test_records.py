@@ -206,8 +206,8 @@ def test_probe_leaves_rng_buffers_and_grads_as_they_were():
     torch.testing.assert_close(after, torch.rand(3))  # the RNG stream continues as without it
     assert float(model.calls) == 1.0  # the probe's forwards were undone
     sum_loss(out, y).backward()
-    opt.step()
-    assert opt.steps == 1
+    with pytest.raises(UnsupportedModuleError, match="buffer"):  # updated by the forward itself
+        opt.step()
 
 
 # -- item 8: Hugging Face's default position_ids (1, T) ----------------------------------------
@@ -430,3 +430,49 @@ def test_records_of_an_input_nested_in_a_dict():
     opt.step()
     got = {n: p.grad.double() * 6 for n, p in model.named_parameters()}
     assert_sums(got, want)
+
+
+def test_an_input_changed_in_place_after_the_layer_used_it_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 2.0  # nothing autograd saves: it would not notice the change
+            out = self.b(h)
+            h.mul_(1000.0)  # after b recorded h: its norms would use the scaled values
+            return out
+
+    torch.manual_seed(0)
+    model = InPlace()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    _, private, opt = engine(model, x, y, sum_loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    sum_loss(private(x), y).backward()
+    with pytest.raises(UnsupportedModuleError, match="modified in place"):
+        opt.step()
+    assert unchanged(model, before)
+
+
+def test_a_buffer_updated_from_the_batch_is_refused():
+    class RunningMean(nn.Module):  # a hand-made BatchNorm-like statistic of the data
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("mean", torch.zeros(4))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = RunningMean()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    _, private, opt = engine(model, x, y, sum_loss)
+    opt.zero_grad()
+    sum_loss(private(x), y).backward()
+    with pytest.raises(UnsupportedModuleError, match="buffer"):
+        opt.step()

@@ -46,6 +46,9 @@ class Call:
     # torch.func path: what reruns the call (inputs, tapped outputs, batch size); ``grad`` is
     # then a list, one gradient (or None: none reached it) per tapped output
     rerun: Optional[Rerun] = None
+    # version counters of what the call ran on, when it was recorded: a tensor changed in place
+    # afterwards would make the per-sample norms and sums use values the layer never saw
+    versions: Optional[tuple] = None
 
 
 @dataclass
@@ -61,6 +64,25 @@ class Batch:
     @property
     def backpropagated(self) -> bool:
         return any(c.grad is not None for c in self.calls)
+
+
+def call_tensors(call: Call) -> list[torch.Tensor]:
+    """What a captured call ran on: the rule's activation, or the torch.func path's inputs."""
+    if call.cap is not None:
+        return [call.cap.activation]
+    return [t for t in pytree.tree_leaves((call.inputs or (), call.kwargs or {}))
+            if isinstance(t, torch.Tensor)]
+
+
+def stamp(call: Call) -> None:
+    """Records the version counters of what ``call`` ran on (see :func:`changed_in_place`)."""
+    call.versions = tuple(t._version for t in call_tensors(call))
+
+
+def changed_in_place(call: Call) -> bool:
+    """Whether a tensor ``call`` ran on was modified in place after it was recorded (its
+    captured copy is a view that sees the change)."""
+    return call.versions is not None and call.versions != tuple(t._version for t in call_tensors(call))
 
 
 class Recorder:
@@ -148,6 +170,7 @@ class Recorder:
         rerun = Rerun(detach_tree(tuple(args)), detach_tree(dict(kwargs)),
                       [leaves[i].detach() for i in where], batch.size, label)
         call = Call(mod, params, inputs=rerun.args, kwargs=rerun.kwargs, rerun=rerun)
+        stamp(call)
         batch.calls.append(call)
         n = len(where)
         for k, i in enumerate(where):
@@ -166,6 +189,7 @@ class Recorder:
 
     def tap(self, output: torch.Tensor, call: Call) -> torch.Tensor:
         """Connects ``output`` to the graph if needed and records its gradient into ``call``."""
+        stamp(call)
         if not output.requires_grad:
             output = output + self._anchor.to(output.dtype)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
-from ppml_fast.privacy.capture import Batch, Call
+from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, sum_dtype, weighted_sum
 
@@ -53,6 +53,13 @@ def check_records(batches: list[Batch], step: int) -> None:
     for b in batches:
         if b.refusal:
             raise UnsupportedModuleError(f"step {step}: {b.refusal}")
+        for c in b.calls:
+            if c.grad is not None and changed_in_place(c):
+                raise UnsupportedModuleError(
+                    f"step {step}: {type(c.module).__name__}: its input was modified in place "
+                    "after the layer used it (e.g. x.add_(...) or an inplace activation on a "
+                    "tensor a layer already consumed), so its per-sample gradients would be "
+                    "computed from values the layer never saw; use an out-of-place operation")
     if len(batches) > 1:
         raise PrivacyError(
             f"step {step}: {len(batches)} forward passes of the model were backpropagated before "

@@ -351,7 +351,19 @@ class PrivateModule(ClippedSums, nn.Module):
                         same[0] = rec.batches[-1]
             if why and rec.batches:
                 rec.batches[-1].refusal = rec.batches[-1].refusal or why
-        return self._module(*args, **kwargs)
+        batch = rec._current()
+        if batch is None:
+            return self._module(*args, **kwargs)
+        buffers = [(n, b, b._version) for n, b in self._module.named_buffers()]
+        out = self._module(*args, **kwargs)
+        moved = [n for n, b, v in buffers if b._version != v]
+        if moved:  # state computed from the batch would leave the step without noise
+            batch.refusal = batch.refusal or (
+                f"buffer(s) {moved[:5]} of the model were updated during a private forward: a "
+                "buffer changed by the batch (its data, or even its size) is released with the "
+                "model without noise (as BatchNorm's running statistics would be); keep buffers "
+                "constant while training privately, or update them outside the private forward")
+        return out
 
     @contextlib.contextmanager
     def same_records(self):

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ppml_fast.privacy.capture import call_tensors
 from ppml_fast.privacy.layers import UnsupportedModuleError
 
 _EXACT = {torch.float64: 1e-9, torch.float32: 1e-5}  # relative change that counts as "changed"
@@ -102,11 +103,6 @@ def _replace(args: tuple, kwargs: dict, old: torch.Tensor, new: torch.Tensor):
     return tuple(_swap(a, old, new) for a in args), {n: _swap(a, old, new) for n, a in kwargs.items()}
 
 
-def _call_tensors(call) -> list[torch.Tensor]:
-    """What a captured call ran on: the rule's activation, or the torch.func path's inputs."""
-    if call.cap is not None:
-        return [call.cap.activation]
-    return leaves([getattr(call, "inputs", None) or (), getattr(call, "kwargs", None) or {}])
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -224,7 +220,7 @@ def _check_rows(base: _Probe, other: _Probe, k: int, size: int, bf: bool, names)
             "dependent control flow across records): ppml_fast cannot tie the rows of its layers "
             "to records")
     for cb, co in zip(base.calls, other.calls):
-        for a, b in zip(_call_tensors(cb), _call_tensors(co)):
+        for a, b in zip(call_tensors(cb), call_tensors(co)):
             if a.dim() and a.shape[0] == size:
                 rows = _changed(a, b)
                 rows[k] = False
