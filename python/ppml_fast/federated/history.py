@@ -28,9 +28,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ppml_fast.noise_keys import REPRODUCIBLE_NOISE
+
 from .parameters import ParameterLayout
 
-__all__ = ["History"]
+__all__ = ["History", "noise_notes"]
 
 
 @dataclass
@@ -76,6 +78,25 @@ class History:
         """:meth:`to_dict` as JSON (strict: an infinite epsilon, e.g. of noise multiplier 0,
         is written as the string "inf", see :func:`json_safe`)."""
         return json.dumps(json_safe(self.to_dict(times=times)), indent=indent, allow_nan=False)
+
+
+def noise_notes(strategy: Any, local_dp: Any) -> list[str]:
+    """What the run says about seeded randomness: ``noise_keys.REPRODUCIBLE_NOISE`` when a DP
+    strategy (or one it wraps) or ``local_dp`` keys its noise from a user-given seed, and each
+    wrapper's own ``reproducible_noise`` message (secure aggregation's seeded masks). The
+    simulation's own ``seed`` never keys noise (DESIGN.md, privacy invariant 3)."""
+    notes = []
+    if local_dp is not None and getattr(local_dp, "noise_seed", None) is not None:
+        notes.append(REPRODUCIBLE_NOISE)
+    s: Any = strategy
+    for _ in range(16):  # wrappers: SecAggFedAvg(DPFedAvgFixed(FedAvg())) and the like
+        if s is None:
+            break
+        note = getattr(s, "reproducible_noise", None)
+        if isinstance(note, str) and note not in notes:
+            notes.append(note)
+        s = getattr(s, "strategy", None)
+    return notes
 
 
 def json_safe(obj: Any) -> Any:

@@ -47,7 +47,7 @@ from ppml_fast.accounting.errors import PrivacyBudgetExceeded
 from .backends import Backend, Outcome, make_backend
 from .backends.base import make_model
 from .client import Client, _materialize, evaluate_model
-from .history import History
+from .history import History, noise_notes
 from .parameters import ParameterLayout
 from .strategy.base import Strategy
 from .types import ClientProxy, EvalResult, is_finite_update
@@ -125,27 +125,6 @@ def _fault(outcome: Outcome, numel: int, client_timeout: Optional[float]) -> Opt
     if not (_all_finite(outcome.result.update) if outcome.finite is None else outcome.finite):
         return "nonfinite"
     return None
-
-
-def _noise_notes(strategy: Strategy, local_dp: Any) -> list[str]:
-    """What the run says about seeded randomness: ``noise_keys.REPRODUCIBLE_NOISE`` when a DP
-    strategy (or one it wraps) or ``local_dp`` keys its noise from a user-given seed, and each
-    wrapper's own ``reproducible_noise`` message (secure aggregation's seeded masks). The
-    simulation's own ``seed`` never keys noise (DESIGN.md, privacy invariant 3)."""
-    from ppml_fast.noise_keys import REPRODUCIBLE_NOISE
-
-    notes = []
-    if local_dp is not None and getattr(local_dp, "noise_seed", None) is not None:
-        notes.append(REPRODUCIBLE_NOISE)
-    s: Any = strategy
-    for _ in range(16):  # wrappers: SecAggFedAvg(DPFedAvgFixed(FedAvg())) and the like
-        if s is None:
-            break
-        note = getattr(s, "reproducible_noise", None)
-        if isinstance(note, str) and note not in notes:
-            notes.append(note)
-        s = getattr(s, "strategy", None)
-    return notes
 
 
 def _client_epsilon(outcome: Outcome) -> Optional[float]:
@@ -281,7 +260,7 @@ class Simulation:
             "seed": self.seed, "target_accuracy": target_accuracy, "max_epsilon": max_epsilon,
             "delta": self.delta, "eval_every": self.eval_every, "min_clients": min_clients,
             "client_timeout": client_timeout, "local_dp": None if local_dp is None else repr(local_dp)})
-        self.history.notes = _noise_notes(strategy, local_dp)
+        self.history.notes = noise_notes(strategy, local_dp)
         self.history.stopped, self.history.stop_message = "rounds", f"all {self.rounds} rounds ran"
         self.round = 0
         self.done = False
