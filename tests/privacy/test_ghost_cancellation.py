@@ -128,7 +128,7 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out * v[y]).sum(1).mean()
 
 
-def _step(model, x, y, dtype, mode="ghost"):
+def _step(model, x, y, dtype, mode="ghost", **kw):
     """Parameter change times expected_batch_size of one noiseless step (float64 vector). The
     head is frozen (as in fine-tuning), so that the layer under test carries the record's whole
     norm: a record the ghost norm misses is then not clipped by another layer's norm either."""
@@ -141,7 +141,7 @@ def _step(model, x, y, dtype, mode="ghost"):
         warnings.simplefilter("ignore")  # poisson_sampling=False and sigma = 0 warn by design
         pm, popt, _ = ppml_fast.PrivacyEngine().make_private(
             module=m, optimizer=opt, data_loader=loader, noise_multiplier=0.0, max_grad_norm=C,
-            grad_sample_mode=mode, poisson_sampling=False)
+            grad_sample_mode=mode, poisson_sampling=False, **kw)
     before = [p.detach().double().clone() for p in m.parameters()]
     popt.zero_grad()
     _loss(pm(xd).float(), y).backward()
@@ -202,3 +202,33 @@ def test_float64_ghost_step_with_the_record_equals_materialised(kind):
     want = _step(model, x, y, torch.float64, mode="materialize")
     err = float((got - want).norm())
     assert err <= 1e-6 * C * B, f"{kind}: float64 ghost differs from materialised by {err:.3e}"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+@pytest.mark.parametrize("clipping, bound", [("per_layer", 2**0.5), ("automatic", 1.0)])
+def test_other_clipping_modes_keep_the_bound(kind, clipping, bound):
+    """Per-layer clipping calls clipped_sum once per parameter with the same state (each of the
+    trainable weight and bias is clipped to C: sqrt(2) C in all); automatic clipping C/(N + gamma)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model, x = _data(kind, gen)
+    y = torch.randint(0, 3, (B,), generator=gen)
+    full = _step(model, x, y, torch.float32, clipping=clipping)
+    without = _step(model, x[1:], y[1:], torch.float32, clipping=clipping)
+    ratio = float((full - without).norm()) / C
+    assert ratio <= bound * (1 + 1e-4), f"{kind} {clipping}: ||delta|| = {ratio:.4g} C"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_nonfinite_drop_recomputes_the_flags(kind):
+    """nonfinite="drop": a NaN record is dropped (rows zeroed, norms recomputed by the rules);
+    the cancellation record must still be clipped."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model, x = _data(kind, gen)
+    y = torch.randint(0, 3, (B,), generator=gen)
+    x[5] = float("nan")
+    full = _step(model, x, y, torch.float32, nonfinite="drop")
+    without = _step(model, x[1:], y[1:], torch.float32, nonfinite="drop")
+    ratio = float((full - without).norm()) / C
+    assert ratio <= 1 + 1e-4, f"{kind}: ||delta|| = {ratio:.4g} C"
