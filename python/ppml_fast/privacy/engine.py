@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting import calibration
+from ppml_fast.privacy import checkpoint
 from ppml_fast.noise_keys import noise_seed as noise_seed_check
 from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
@@ -71,6 +72,7 @@ class PrivacyEngine:
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
         optimizer_class: Optional[type] = None,
+        journal: Optional[str] = None,
     ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
         """Returns (private module, DP optimizer, data loader) — always three.
 
@@ -91,6 +93,16 @@ class PrivacyEngine:
         ``optimizer_class``: a :class:`DPOptimizer` subclass to build instead of the default (a
         :class:`DistributedDPOptimizer` subclass with ``distributed=True``), e.g. to check one's
         own subclass with :func:`ppml_fast.audit.check_sensitivity`.
+
+        ``journal``: a path (str or os.PathLike) or :class:`~ppml_fast.privacy.journal.PrivacyJournal`
+        for a crash-safe privacy record. Before each step's noise exists, its event and noise
+        offsets are appended to it and fsynced; after a crash (even ``kill -9``),
+        :meth:`load_checkpoint` (or ``load_state_dict``) counts every step recorded after the
+        checkpoint and continues the noise after the last reserved offset, so the resumed run
+        reports at least the epsilon of every released step and never draws noise twice. The
+        records already in the file are counted at once (one journal per run: a new run uses a
+        new path). Without a journal, a resume counts the checkpoint's steps only and re-keys
+        the noise. Cost: one fsync per step. With ``distributed=True`` give each rank its own path.
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
@@ -139,6 +151,8 @@ class PrivacyEngine:
             max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
             accountant=self.accountant, sample_rate=sample_rate, max_epsilon=max_epsilon,
             delta=delta, seed=noise_seed, secure_mode=self.secure_mode, nonfinite=nonfinite)
+        if journal is not None:  # first: a journal in use elsewhere is refused before anything else
+            dp_optimizer.attach_journal(journal)
         self.optimizer = dp_optimizer
         return private, dp_optimizer, loader
 
@@ -182,7 +196,27 @@ class PrivacyEngine:
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])  # also loads the shared accountant
-        else:
-            self.accountant.load_state_dict(state["accountant"])
+        """Loads a ``state_dict()`` atomically: validated first, nothing changes on an error
+        (privacy/checkpoint.py ``load_engine_state``)."""
+        checkpoint.load_engine_state(self, state)
+
+    def save_checkpoint(self, path, *, module, optimizer=None, noise_scheduler=None,
+                        grad_clip_scheduler=None, checkpoint_dict=None,
+                        module_state_dict_kwargs=None, torch_save_kwargs=None) -> None:
+        """Opacus's ``save_checkpoint``: module, accountant, optimizer and scheduler states
+        in one ``torch.save`` dict at ``path``, written atomically (privacy/checkpoint.py)."""
+        checkpoint.save_checkpoint(
+            self, path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+            grad_clip_scheduler=grad_clip_scheduler, checkpoint_dict=checkpoint_dict,
+            module_state_dict_kwargs=module_state_dict_kwargs, torch_save_kwargs=torch_save_kwargs)
+
+    def load_checkpoint(self, path, *, module, optimizer=None, noise_scheduler=None,
+                        grad_clip_scheduler=None, module_load_dict_kwargs=None,
+                        torch_load_kwargs=None) -> dict:
+        """Opacus's ``load_checkpoint``, atomic; returns the checkpoint's other entries. With a
+        journal (``make_private(journal=)``) the steps released after the checkpoint are counted
+        and the noise continues after them (privacy/checkpoint.py)."""
+        return checkpoint.load_checkpoint(
+            self, path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+            grad_clip_scheduler=grad_clip_scheduler,
+            module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs)

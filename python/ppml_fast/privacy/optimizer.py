@@ -7,12 +7,16 @@ override one at a time (Abadi et al. 2016, Algorithm 1):
 4. the wrapped optimizer's own ``step()`` on those gradients.
 Stages 2 and 3 run as one native pass (``ppml_fast.ops.noisy_scale_``) unless a subclass
 overrides either. Privacy state — the accountant's history, the noise seed and offset, the step
-count — lives in this object and round-trips through ``state_dict()``.
+count — lives in this object and round-trips through ``state_dict()`` (validated and atomic:
+:mod:`ppml_fast.privacy.state`). With a journal (:mod:`ppml_fast.privacy.journal`) each step's
+event and noise range are durably recorded before its noise exists, and a loaded state counts
+every step recorded after it. A step that fails after clipping leaves no un-noised gradient in
+``p.grad`` and its state as before (:mod:`ppml_fast.privacy.release`); the budget stop asks the
+accountant that reports epsilon (:mod:`ppml_fast.privacy.budget`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import warnings
@@ -24,6 +28,8 @@ from ppml_fast import noise_keys, ops
 from ppml_fast.ops import noise
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded
+from ppml_fast.privacy import release, state as _state
+from ppml_fast.privacy.budget import BudgetStop
 from ppml_fast.privacy.module import PrivateModule
 from ppml_fast.privacy.per_sample import sum_dtype
 
@@ -142,8 +148,8 @@ class DPOptimizer:
         self._skip_next = False
         self._last_step_skipped = False
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
-        self._shadow = None  # an RDP copy of the history (budget checks for slow accountants)
-        self._fits = None  # (event, how many more such steps fit the budget)
+        self._budget = BudgetStop()  # the budget stop's exact fast paths (privacy/budget.py)
+        self.journal = None  # a PrivacyJournal: set by make_private(journal=) / attach_journal
 
     # -- the torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -252,54 +258,15 @@ class DPOptimizer:
         return PoissonSampledEvent(self.sample_rate, GaussianEvent(self.noise_multiplier))
 
     def _check_budget(self) -> None:
+        release.check_settings(self)  # a NaN sigma or bad offset is refused before clipping
         if self.max_epsilon is None:
             return
         if self.noise_multiplier == 0:
             raise PrivacyBudgetExceeded(f"step {self.steps}: noise_multiplier is 0, so any step "
                                         "spends an infinite epsilon", epsilon=math.inf,
                                         epsilon_budget=self.max_epsilon, delta=self.delta)
-        event = self._event()
-        if self._budget_ok(event):
-            return
-        trial = copy.deepcopy(self.accountant)  # with its cached curves: ~0.1 ms for RDP
-        eps = trial.compose(event).get_epsilon(self.delta)
-        if eps > self.max_epsilon:
-            raise PrivacyBudgetExceeded(
-                f"step {self.steps}: this step would spend epsilon {eps:.4g} > max_epsilon "
-                f"{self.max_epsilon:g} at delta {self.delta:g}; no parameter was changed",
-                epsilon=eps, epsilon_budget=self.max_epsilon, delta=self.delta)
-
-    def _budget_ok(self, event) -> bool:
-        """A cheap proof that one more ``event`` stays within the budget, for accountants whose
-        queries are slow (PLD: ~0.3 s): (1) the RDP bound of the same history is an upper bound
-        on the true epsilon, so RDP within budget suffices; (2) else, once per distinct event,
-        the PLD accountant finds how many more such steps fit (epsilon grows with the count) and
-        those are allowed without another query."""
-        from ppml_fast.accounting import RDPAccountant
-
-        if isinstance(self.accountant, RDPAccountant):
-            return False  # its own query is cheap: the caller does it
-        if self._shadow is None:
-            self._shadow = RDPAccountant()
-            try:
-                for *key, n in self.accountant.history:
-                    self._shadow._compose_key(tuple(key), n)
-            except (KeyError, ValueError):  # a kind RDP does not know: no shadow
-                self._shadow = False
-        if self._shadow and copy.deepcopy(self._shadow).compose(event).get_epsilon(self.delta) <= self.max_epsilon:
-            return True
-        if self._fits is None or self._fits[0] != event:
-            lo, hi = 0, 1
-            while self._epsilon_after(event, hi) <= self.max_epsilon and hi < 1 << 30:
-                lo, hi = hi, hi * 2
-            while hi - lo > 1:  # largest count within budget, by bisection
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if self._epsilon_after(event, mid) <= self.max_epsilon else (lo, mid)
-            self._fits = (event, lo)
-        return self._fits[1] >= 1
-
-    def _epsilon_after(self, event, count: int) -> float:
-        return copy.deepcopy(self.accountant).compose(event, count).get_epsilon(self.delta)
+        self._budget.check(self.accountant, self._event(), max_epsilon=self.max_epsilon,
+                           delta=self.delta, step=self.steps)
 
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
@@ -316,20 +283,8 @@ class DPOptimizer:
         self._last_step_skipped = skip
         if skip:
             return False
-        grads = self._grads()
-        self._reduce(grads)
-        self._noise_and_scale(grads)
-        for p, g in zip(self.params, grads):  # 16-bit parameters: rounded after the noise
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
-        if self.noise_multiplier == 0:
-            self.unnoised_steps += 1  # no event: a Gaussian with sigma 0 has no finite epsilon
-        elif self.accountant is not None and self.sample_rate is not None:
-            event = self._event()
-            self.accountant.compose(event)
-            if self._shadow:
-                self._shadow.compose(event)
-            if self._fits is not None and self._fits[0] == event:
-                self._fits = (event, self._fits[1] - 1)
+        # reduce, journal, noise, account, then p.grad; fails closed (privacy/release.py)
+        release.finish_step(self)
         self.steps += 1
         self._summed, self._samples = {}, 0
         for hook in self.step_hooks:
@@ -347,29 +302,21 @@ class DPOptimizer:
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.original_optimizer.state_dict(),
-            "noise_multiplier": self.noise_multiplier,
-            "seed": self.seed,
-            "offset": self.offset,
-            "steps": self.steps,
-            "unnoised_steps": self.unnoised_steps,
-            "accountant": None if self.accountant is None else self.accountant.state_dict(),
-        }
+        """Noise multiplier, noise key and offset, step counts, the accountant's and the wrapped
+        optimizer's states, and the journal position (how many records the state counts)."""
+        return _state.save(self)
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            inner, sigma = state["optimizer"], float(state["noise_multiplier"])
-            seed, offset, steps = int(state["seed"]), int(state["offset"]), int(state["steps"])
-            acc = state["accountant"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"state must be a DPOptimizer.state_dict(); {e!r}") from e
-        if acc is not None and self.accountant is not None:
-            self.accountant.load_state_dict(acc)
-        self.original_optimizer.load_state_dict(inner)
-        self.noise_multiplier, self.seed, self.offset, self.steps = sigma, seed, offset, steps
-        self.unnoised_steps = int(state.get("unnoised_steps", 0))
-        self._shadow, self._fits = None, None
+        """Loads a ``state_dict()`` atomically: every field is validated first and on an error
+        nothing changes (not the wrapped optimizer, not the accountant). With a journal, every
+        step recorded after the state was saved is counted and the noise continues after the
+        last reserved offset; without one the noise is re-keyed (privacy/state.py)."""
+        _state.load(self, state)
+
+    def attach_journal(self, journal):
+        """Records every later step in ``journal`` (a path or PrivacyJournal) before its noise
+        exists; the records already in it are counted (privacy/state.py ``attach``)."""
+        return _state.attach(self, journal)
 
     def __repr__(self) -> str:
         return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier="

@@ -1,0 +1,154 @@
+"""The DP optimizer's privacy state — saved, validated, loaded, and recovered from a journal.
+
+:func:`load` is atomic (DESIGN.md invariant 6): every field is checked, the accountant's state
+and the journal's records are composed into a copy, and the wrapped optimizer's state is
+loaded (restored on failure) before anything of the DP optimizer changes; on any error nothing
+changed — not the optimizer, not the inner optimizer, not the (shared) accountant.
+
+Resuming (invariants 3 and 4):
+
+- with a journal (``make_private(journal=...)``): the accountant gets the loaded history plus
+  every journal record the loaded state did not count (steps released after it was saved, a
+  crash's lost steps), ``unnoised_steps`` likewise, and the noise continues after the last
+  offset reserved under the loaded key: a resumed run never reports less than every released
+  step, and never draws noise twice;
+- without a journal nobody knows how far the run went after the state was saved: the noise is
+  re-keyed from OS entropy (no replay of released noise; a seeded run is not reproducible past
+  such a resume) and a warning says that epsilon counts the loaded state's steps only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+import warnings
+from typing import Any, Optional
+
+from ppml_fast.privacy.journal import PrivacyJournal
+
+
+def _field(state: dict, name: str, check, expected: str, default: Any = ...) -> Any:
+    if name not in state:
+        if default is not ...:
+            return default
+        raise ValueError(f"state is missing {name!r} ({expected}); nothing was loaded")
+    v = state[name]
+    if not check(v):
+        raise ValueError(f"state[{name!r}] must be {expected}; got {v!r}; nothing was loaded")
+    return v
+
+
+def _int_in(lo: int, hi: Optional[int]):
+    return lambda v: (not isinstance(v, bool) and isinstance(v, numbers.Integral)
+                      and lo <= v and (hi is None or v < hi))
+
+
+def parse(state: object) -> dict:
+    """The checked fields of a ``DPOptimizer.state_dict()``; ValueError naming the first bad one."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a DPOptimizer.state_dict() dict; got {type(state).__name__}")
+    sigma_ok = (lambda v: not isinstance(v, bool) and isinstance(v, numbers.Real)
+                and math.isfinite(v) and v >= 0)
+    return {
+        "optimizer": _field(state, "optimizer", lambda v: isinstance(v, dict), "the wrapped optimizer's state_dict"),
+        "noise_multiplier": float(_field(state, "noise_multiplier", sigma_ok, "a finite number >= 0")),
+        "seed": int(_field(state, "seed", _int_in(0, 1 << 64), "an int in [0, 2**64)")),
+        "offset": int(_field(state, "offset", _int_in(0, 1 << 63), "an int in [0, 2**63)")),
+        "steps": int(_field(state, "steps", _int_in(0, None), "an int >= 0")),
+        "unnoised_steps": int(_field(state, "unnoised_steps", _int_in(0, None), "an int >= 0", 0)),
+        "accountant": _field(state, "accountant", lambda v: v is None or isinstance(v, dict),
+                             "None or an accountant's state_dict"),
+        "journal": _field(state, "journal", lambda v: v is None or isinstance(v, dict),
+                          "None or a journal position", None),
+    }
+
+
+def save(opt) -> dict:
+    return {
+        "optimizer": opt.original_optimizer.state_dict(),
+        "noise_multiplier": opt.noise_multiplier,
+        "seed": opt.seed,
+        "offset": opt.offset,
+        "steps": opt.steps,
+        "unnoised_steps": opt.unnoised_steps,
+        "accountant": None if opt.accountant is None else opt.accountant.state_dict(),
+        "journal": None if opt.journal is None else opt.journal.position(),
+    }
+
+
+def _with_records(accountant, records):
+    """A copy of ``accountant`` with the records' events composed, and their unnoised count."""
+    unnoised = 0
+    for r in records:
+        if r.unnoised:
+            unnoised += 1
+        elif r.event is not None and accountant is not None:
+            accountant.compose(r.event)
+    return accountant, unnoised
+
+
+def load(opt, state: object) -> None:
+    """Loads ``state`` into ``opt`` atomically (see the module docstring)."""
+    s = parse(state)
+    trial = None
+    if opt.accountant is not None:
+        trial = copy.deepcopy(opt.accountant)
+        if s["accountant"] is not None:
+            try:
+                trial.load_state_dict(s["accountant"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"state['accountant'] is not loadable: {e}; nothing was loaded") from e
+    records = [] if opt.journal is None else opt.journal.since(s["journal"])
+    trial, unnoised = _with_records(trial, records)
+    inner = opt.original_optimizer
+    before = copy.deepcopy(inner.state_dict())
+    try:
+        inner.load_state_dict(s["optimizer"])
+    except Exception as e:
+        inner.load_state_dict(before)
+        raise ValueError(f"state['optimizer'] does not fit the wrapped optimizer: {e}; nothing was loaded") from e
+    if trial is not None:
+        try:
+            opt.accountant.load_state_dict(trial.state_dict())
+        except Exception:
+            inner.load_state_dict(before)
+            raise
+    seed, offset = s["seed"], s["offset"]
+    if opt.journal is not None:
+        offset = max(offset, opt.journal.next_offset(seed))
+    else:
+        if not opt.secure_mode:
+            seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+        warnings.warn(
+            "DPOptimizer state loaded without a journal: epsilon counts the loaded state's steps "
+            "only (steps released after it was saved are unknown), and the noise was re-keyed from "
+            "OS entropy so that no released noise is drawn again; pass journal= to make_private "
+            "for a crash-safe resume", UserWarning, stacklevel=3)
+    opt.noise_multiplier, opt.seed, opt.offset, opt.steps = s["noise_multiplier"], seed, offset, s["steps"]
+    opt.unnoised_steps = s["unnoised_steps"] + unnoised
+    opt._budget.reset()
+
+
+def attach(opt, journal) -> PrivacyJournal:
+    """Opens ``journal`` (a path or a PrivacyJournal) for ``opt``: every record already in it
+    is composed into the accountant (the journal is the run's record; a new run uses a new
+    path) and the noise continues after the offsets reserved under ``opt``'s key."""
+    if opt.journal is not None:
+        raise ValueError(f"this optimizer already writes journal {opt.journal.path}")
+    j = journal if isinstance(journal, PrivacyJournal) else PrivacyJournal(journal)
+    try:
+        trial = None if opt.accountant is None else copy.deepcopy(opt.accountant)
+        trial, unnoised = _with_records(trial, j.records)
+        if trial is not None and j.records:
+            opt.accountant.load_state_dict(trial.state_dict())
+    except BaseException:
+        if j is not journal:
+            j.close()
+        raise
+    opt.unnoised_steps += unnoised
+    opt.offset = max(opt.offset, j.next_offset(opt.seed))
+    opt.journal = j
+    opt._budget.reset()
+    return j
