@@ -121,15 +121,49 @@ def diag_norms(gram: Tensor) -> Tensor:
 
 
 def upper_and_flags(
-    computed: Tensor, bound: Tensor, out_dtype: torch.dtype, tau: float = TAU
+    computed: Tensor, bound: Tensor, out_dtype: torch.dtype, tau: float = TAU,
+    s: Tensor | None = None, u_book: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(``computed + bound`` rounded upward to ``out_dtype``, flags): ``computed`` (float64) is
     each record's computed squared norm, ``bound`` (float64) its error bound. A record is flagged
     when ``bound > tau * computed`` or either is not finite (NaN compares false: such a record
-    goes to the stable path, which reports it non-finite if it really is)."""
+    goes to the stable path, which reports it non-finite if it really is), and, given its
+    ``s = sum_t ||x_t|| ||g_t||`` and the book-keeping's unit roundoff ``u_book``, when
+    ``u_book * s > BOOK_TAU * sqrt(computed)`` (see :data:`BOOK_TAU`)."""
     flags = ~(bound <= tau * computed.clamp(min=0.0))
+    if s is not None and u_book > 0.0:
+        flags |= ~(s * u_book <= BOOK_TAU * computed.clamp(min=0.0).sqrt())
     up = (computed.clamp(min=0.0) + bound) * (1.0 + 2.0**-50)
     return round_up(up, out_dtype), flags
+
+
+# The book-keeping matmul (or convolution backward, or index_add) rounds each record's terms
+# relative to their sizes, ``~u_book * S_i`` per element, not to the record's norm N_i: a record
+# with S_i / N_i = 2^30 moved a float32 step by ~32 C with a correct norm. The Gram bound keeps
+# S_i / N_i <= sqrt(TAU / coef) (~13-40 in float32), but float64 Gram matrices allow far more, so
+# records with u_book * S_i > BOOK_TAU * N_i are flagged too: in float32 (u = 2^-24) those with
+# S_i / N_i > 256, which honest records (S / N ~ sqrt(T)) reach only beyond T ~ 65000. An
+# unflagged record's terms are then rounded by ~2^-16 C each (against u M f_i |g| ~ 64 C before).
+BOOK_TAU = 2.0**-16
+
+
+def book_roundoff(dtype: torch.dtype, device: torch.device, conv: bool = False) -> float:
+    """Unit roundoff of the book-keeping call the rules make in ``dtype`` on ``device``: the
+    dtype's, or on CUDA with float32 the input rounding of TF32 (2^-11) / bf16 (2^-8) matmuls
+    or of cuDNN's TF32 convolutions (``torch.backends.cudnn.allow_tf32``, on by default) — the
+    user's settings, kept for the book-keeping call, and accounted here instead."""
+    if dtype == torch.float64:
+        return U64
+    if device.type != "cuda":
+        return U32
+    if conv:
+        return 2.0**-11 if torch.backends.cudnn.allow_tf32 else U32
+    prec = torch.get_float32_matmul_precision()
+    if prec == "medium":
+        return 2.0**-8
+    if prec == "high" or getattr(torch.backends.cuda.matmul, "allow_tf32", False):
+        return 2.0**-11
+    return U32
 
 
 def round_up(v: Tensor, dtype: torch.dtype) -> Tensor:

@@ -232,10 +232,14 @@ class ConvRule:
             gg = torch.matmul(g3.transpose(-1, -2), g3)
         # float64 sums of L, then groups * L terms (gamma_{(groups + 1) L}, not gamma_{groups L^2})
         computed = (uu * gg).sum(-1, dtype=torch.float64).flatten(1).sum(1)
-        s2 = (bounds.diag_norms(uu) * bounds.diag_norms(gg)).sum(-1).square().sum(-1)
+        s_groups = (bounds.diag_norms(uu) * bounds.diag_norms(gg)).sum(-1)  # (B, groups)
+        s2 = s_groups.square().sum(-1)
         terms = (geo.groups + 1) * positions
         scale = bounds.gram_coef(d, p, terms, u) * bounds.norm_slack((d, p), u, positions) ** 2
-        norms, flags = bounds.upper_and_flags(computed, s2 * scale, out_dtype)
+        slack = bounds.norm_slack((d, p), u, positions)
+        norms, flags = bounds.upper_and_flags(
+            computed, s2 * scale, out_dtype, s=s_groups.sum(-1) * slack,
+            u_book=bounds.book_roundoff(out_dtype, x.device, conv=True))
         if not bool(flags.any()):
             return norms, None
         rows = flags.nonzero().flatten()

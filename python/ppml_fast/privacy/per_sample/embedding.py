@@ -133,7 +133,9 @@ class EmbeddingRule:
                 nrm = nrm.masked_fill(idx2 == pad, 0.0)
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
             scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
-            norms, flags = bounds.upper_and_flags(computed, s2 * scale, g2.dtype)
+            norms, flags = bounds.upper_and_flags(
+                computed, s2 * scale, g2.dtype, s=nrm.sum(1) * bounds.norm_slack((dim,), u_gram, seq),
+                u_book=bounds.book_roundoff(g2.dtype, g2.device))
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
             rows = g2.reshape(-1, g2.shape[-1])
@@ -151,7 +153,10 @@ class EmbeddingRule:
             low = (1.0 - bounds.gamma(dim + 1, u)) * (1.0 - u) ** 2 * (1.0 - bounds.gamma(seq, bounds.U64))
             up = (computed / low).sqrt() + nrm.sum(1) * (
                 bounds.gamma(seq, u) * bounds.norm_slack((dim,), u, seq))
-            norms, flags = bounds.upper_and_flags(computed, up.square() - computed, g2.dtype)
+            norms, flags = bounds.upper_and_flags(
+                computed, up.square() - computed, g2.dtype,
+                s=nrm.sum(1) * bounds.norm_slack((dim,), u, seq),
+                u_book=bounds.book_roundoff(g2.dtype, g2.device))
         if not bool(flags.any()):
             return {"weight": norms}, None
         flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())

@@ -77,7 +77,9 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
     s = (bounds.diag_norms(xx) * bounds.diag_norms(gg)).sum(1)
     scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
-    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype)
+    u_book = bounds.book_roundoff(out_dtype, x.device)
+    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype,
+                                          s=s * bounds.norm_slack((d, p), u, seq), u_book=u_book)
     if not bool(flags.any()):
         return norms, None
     rows = flags.nonzero().flatten()
