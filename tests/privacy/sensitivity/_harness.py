@@ -332,10 +332,10 @@ def check_case(case: Case, *, replace: bool = False) -> Outcome:
     try:
         full, rel, sum_detail = check_sum(case, model64)
         out = Outcome(sum_error=rel)
-        tol = 0.0
+        tol = None
         for j in sorted(set(case.adversarial) | {0}):
             ratio, t, detail = neighbour_ratio(case, model64, full, j)
-            if ratio - t > out.ratio - tol:
+            if tol is None or ratio - t > out.ratio - tol:
                 out.ratio, tol, out.worst = ratio, t, f"record {j} removed {detail}"
         if replace and case.adversarial:
             a = case.adversarial[0]
