@@ -33,7 +33,7 @@ bf16 matmul modes (``torch.set_float32_matmul_precision('high' | 'medium')``, th
 ``fp32_precision``) round the *inputs* to 10 or 7 mantissa bits, which the formula above does not
 cover: the Gram matmuls run inside :func:`full_precision`, which switches float32 matmuls to
 IEEE precision for their duration (a no-op in the default 'highest' setting). The book-keeping
-matmul keeps the user's setting (its rounding never decides a clip factor).
+calls run there too (with cuDNN's TF32 convolutions off): see :func:`book_roundoff`.
 
 What the rules do with the bound: the norm they return is ``N'^2 + bound`` (an upper bound of the
 true squared norm of the record's exact gradient, which is what book-keeping sums), and a record
@@ -147,23 +147,14 @@ def upper_and_flags(
 BOOK_TAU = 2.0**-16
 
 
-def book_roundoff(dtype: torch.dtype, device: torch.device, conv: bool = False) -> float:
-    """Unit roundoff of the book-keeping call the rules make in ``dtype`` on ``device``: the
-    dtype's, or on CUDA with float32 the input rounding of TF32 (2^-11) / bf16 (2^-8) matmuls
-    or of cuDNN's TF32 convolutions (``torch.backends.cudnn.allow_tf32``, on by default) — the
-    user's settings, kept for the book-keeping call, and accounted here instead."""
-    if dtype == torch.float64:
-        return U64
-    if device.type != "cuda":
-        return U32
-    if conv:
-        return 2.0**-11 if torch.backends.cudnn.allow_tf32 else U32
-    prec = torch.get_float32_matmul_precision()
-    if prec == "medium":
-        return 2.0**-8
-    if prec == "high" or getattr(torch.backends.cuda.matmul, "allow_tf32", False):
-        return 2.0**-11
-    return U32
+def book_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of the book-keeping call the rules make in ``dtype``: they run it inside
+    :func:`full_precision` (``conv=True`` for convolutions), because TF32 (2^-11) or bf16 (2^-8)
+    input rounding there would let any record with ``S / N`` beyond a few exceed C by a
+    percent or more (its terms rounded relative to S, its factor from N), and flagging on that
+    basis would flag nearly every record. The price on GPUs with TF32 enabled: an IEEE float32
+    weight-gradient call instead of a TF32 one."""
+    return U64 if dtype == torch.float64 else U32
 
 
 def round_up(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -184,24 +175,35 @@ def scaled_up(v: Tensor, factor: float) -> Tensor:
 
 
 @contextlib.contextmanager
-def full_precision():
-    """IEEE float32 matmuls inside (no TF32 / bf16 input rounding, which the Gram bound does not
-    cover); the caller's settings are restored after. A no-op under torch's default 'highest'."""
+def full_precision(conv: bool = False):
+    """IEEE float32 matmuls inside (no TF32 / bf16 input rounding, which the bounds do not
+    cover); with ``conv``, cuDNN convolutions without TF32 too (``torch.backends.cudnn
+    .allow_tf32``, on by default). The caller's settings are restored after; a no-op under
+    torch's defaults for matmuls ('highest') and on machines without cuDNN for convolutions."""
     backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
                             getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
                 if b is not None and hasattr(b, "fp32_precision")]
     saved = [(b, b.fp32_precision) for b in backends]
     prec = torch.get_float32_matmul_precision()
-    if prec == "highest" and all(v in ("none", "ieee") for _, v in saved):
+    matmul_ok = prec == "highest" and all(v in ("none", "ieee") for _, v in saved)
+    cudnn = torch.backends.cudnn
+    conv_tf32 = conv and cudnn.is_available() and bool(cudnn.allow_tf32)
+    if matmul_ok and not conv_tf32:
         yield
         return
-    torch.set_float32_matmul_precision("highest")
+    if not matmul_ok:
+        torch.set_float32_matmul_precision("highest")
+    if conv_tf32:
+        cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(prec)
-        for b, v in saved:
-            b.fp32_precision = v
+        if not matmul_ok:
+            torch.set_float32_matmul_precision(prec)
+            for b, v in saved:
+                b.fp32_precision = v
+        if conv_tf32:
+            cudnn.allow_tf32 = True
 
 
 def split_factors(factors: Tensor, flagged: Tensor | None) -> Tensor:

@@ -239,7 +239,7 @@ class ConvRule:
         slack = bounds.norm_slack((d, p), u, positions)
         norms, flags = bounds.upper_and_flags(
             computed, s2 * scale, out_dtype, s=s_groups.sum(-1) * slack,
-            u_book=bounds.book_roundoff(out_dtype, x.device, conv=True))
+            u_book=bounds.book_roundoff(out_dtype))
         if not bool(flags.any()):
             return norms, None
         rows = flags.nonzero().flatten()
@@ -313,11 +313,12 @@ class ConvRule:
         # Book-keeping: the factors folded into grad_out, one native weight-gradient call.
         gf = g * f.reshape((-1,) + (1,) * (g.dim() - 1))
         xp, pad = geo.padded(x)
-        _, gw, gb = torch.ops.aten.convolution_backward(
-            gf, xp, w.detach().to(x.dtype), [shape[0]] if want_bias else None,
-            list(geo.stride), list(pad), list(geo.dilation), False, [0] * self.n, geo.groups,
-            [False, True, want_bias],
-        )
+        with bounds.full_precision(conv=True):  # IEEE, no TF32: bounds.book_roundoff
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                gf, xp, w.detach().to(x.dtype), [shape[0]] if want_bias else None,
+                list(geo.stride), list(pad), list(geo.dilation), False, [0] * self.n, geo.groups,
+                [False, True, want_bias],
+            )
         out["weight"] = gw.to(_ps.sum_dtype(w))
         if flagged is not None:
             out["weight"] = out["weight"] + extra

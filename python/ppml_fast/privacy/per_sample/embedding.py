@@ -135,7 +135,7 @@ class EmbeddingRule:
             scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
             norms, flags = bounds.upper_and_flags(
                 computed, s2 * scale, g2.dtype, s=nrm.sum(1) * bounds.norm_slack((dim,), u_gram, seq),
-                u_book=bounds.book_roundoff(g2.dtype, g2.device))
+                u_book=bounds.book_roundoff(g2.dtype))
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
             rows = g2.reshape(-1, g2.shape[-1])
@@ -156,7 +156,7 @@ class EmbeddingRule:
             norms, flags = bounds.upper_and_flags(
                 computed, up.square() - computed, g2.dtype,
                 s=nrm.sum(1) * bounds.norm_slack((dim,), u, seq),
-                u_book=bounds.book_roundoff(g2.dtype, g2.device))
+                u_book=bounds.book_roundoff(g2.dtype))
         if not bool(flags.any()):
             return {"weight": norms}, None
         flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())

@@ -77,7 +77,7 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
     s = (bounds.diag_norms(xx) * bounds.diag_norms(gg)).sum(1)
     scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
-    u_book = bounds.book_roundoff(out_dtype, x.device)
+    u_book = bounds.book_roundoff(out_dtype)
     norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype,
                                           s=s * bounds.norm_slack((d, p), u, seq), u_book=u_book)
     if not bool(flags.any()):
@@ -203,7 +203,8 @@ class LinearRule:
         gf = g * f[:, None] if (p <= d or "bias" in params) else None
         if "weight" in params and "weight" not in out:
             w = params["weight"]
-            total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
+            with bounds.full_precision():  # IEEE: bounds.book_roundoff
+                total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
             out["weight"] = total.to(_ps.sum_dtype(w))
             if flagged is not None:
                 out["weight"] = out["weight"] + extra
