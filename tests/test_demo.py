@@ -50,7 +50,7 @@ def test_demo_without_privacy_has_no_epsilon(tmp_path, capsys, restore_threads):
 def test_cli_help_defaults_are_democonfig_defaults():
     fields = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     for name in ("clients", "rounds", "target_epsilon", "clip_norm", "strategy", "backend",
-                 "alpha", "output"):
+                 "alpha", "output", "proximal_mu", "seeds"):
         assert getattr(DemoConfigDefaults, name) == fields[name], name
 
 

@@ -115,9 +115,12 @@ def _demo(args: argparse.Namespace) -> int:
         "target_epsilon": args.target_epsilon, "clip_norm": args.clip_norm,
         "strategy": args.strategy, "backend": args.backend, "alpha": args.alpha,
         "seed": args.seed, "output": args.output, "accountant": args.accountant,
+        "proximal_mu": args.proximal_mu, "seeds": args.seeds,
     }.items() if v is not None}
-    if args.noise_multiplier is not None and args.target_epsilon is None:
-        given["target_epsilon"] = None  # sigma given: no calibration, no client budget
+    if args.noise_multiplier is not None and args.target_epsilon is None and args.mode != "local-dp":
+        # dp-fedavg with sigma given: nothing to calibrate, the epsilon spent is reported. Under
+        # local-dp the target stays each client's cap (a given sigma does not lift it)
+        given["target_epsilon"] = None
     cfg = DemoConfig.quick_version(**given) if args.quick else DemoConfig(**given)
     run_demo(cfg, progress=not args.no_progress, plot=not args.no_plot)
     return 0
@@ -139,20 +142,28 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("dp-fedavg", "local-dp", "none"),
                    help="user-level DP-FedAvg (default), local DP-SGD in each client, or none")
     p.add_argument("--noise-multiplier", type=float,
-                   help="sigma (default: calibrated to --target-epsilon for dp-fedavg; 1.0 for local-dp)")
+                   help="sigma (default: calibrated to --target-epsilon; for local-dp each client "
+                   "calibrates its own over the rounds it takes part in)")
     p.add_argument("--target-epsilon", type=float,
-                   help=f"privacy budget (default {d.target_epsilon}): calibrates sigma for dp-fedavg, "
-                   "caps each client's epsilon for local-dp")
+                   help=f"privacy budget per client (default {d.target_epsilon}): calibrates sigma for "
+                   "dp-fedavg (user-level); for local-dp each client's record-level cap, which a "
+                   "given --noise-multiplier does not lift")
     p.add_argument("--clip-norm", type=float,
                    help=f"L2 clipping norm of client updates (dp-fedavg) or per-sample gradients "
                    f"(local-dp) (default {d.clip_norm})")
     p.add_argument("--strategy", help=f"server strategy (default {d.strategy}): fedavg, fedavgm, "
-                   "fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
+                   "fedprox, fedadam, fedyogi, fedadagrad; with --mode local-dp or none also "
+                   "fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--proximal-mu", type=float,
+                   help=f"FedProx's proximal term mu (default {d.proximal_mu}; --strategy fedprox)")
     p.add_argument("--backend", choices=("sequential", "vectorized", "ray"),
                    help=f"simulation backend (default {d.backend}; local-dp runs sequential)")
     p.add_argument("--alpha", type=float, help=f"Dirichlet label-skew concentration (default {d.alpha})")
-    p.add_argument("--accountant", choices=("rdp", "pld"), help="privacy accountant (default rdp)")
+    p.add_argument("--accountant", choices=("rdp", "pld"), help="privacy accountant (default pld)")
     p.add_argument("--seed", type=int, help="seed of the split, training and noise (default 0)")
+    p.add_argument("--seeds", type=int,
+                   help="repeat the sweep and the baseline with this many seeds (seed, seed+1, ...) "
+                   "for error bars on the plot (default 1; each seed adds a run per sweep point)")
     p.add_argument("--output", help=f"output directory (default {d.output})")
     p.add_argument("--quick", action="store_true", help="a smaller run: under 30 s on 2 cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,6 +176,7 @@ class DemoConfigDefaults:
 
     clients, rounds, target_epsilon, clip_norm = 100, 30, 8.0, 1.0
     strategy, backend, alpha, output = "fedavg", "vectorized", 0.5, "./ppml-demo-out"
+    proximal_mu, seeds = 0.01, 1
 
 
 def _epsilon(args: argparse.Namespace) -> int:
@@ -184,8 +196,9 @@ def _add_epsilon(sub: argparse._SubParsersAction) -> None:
                    help="sigma: noise std as a multiple of the clipping norm")
     p.add_argument("--steps", type=int, required=True, help="number of steps T")
     p.add_argument("--delta", type=float, required=True, help="target delta")
-    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
-                   help="rdp (Rényi DP, an upper bound) or pld (privacy loss distribution, tighter)")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="pld",
+                   help="pld (privacy loss distribution, tight; the default) or rdp (Rényi DP, an "
+                   "upper bound, looser)")
     p.set_defaults(run=_epsilon)
 
 
@@ -208,8 +221,9 @@ def _add_noise_multiplier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, required=True)
     p.add_argument("--sample-rate", type=float, required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
-                   help="rdp (Rényi DP, an upper bound) or pld (privacy loss distribution, tighter)")
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="pld",
+                   help="pld (privacy loss distribution, tight; the default) or rdp (Rényi DP, an "
+                   "upper bound, looser)")
     p.set_defaults(run=_noise_multiplier)
 
 

@@ -103,7 +103,8 @@ def format_table(rows: Iterable[Row], meta: Optional[dict[str, object]] = None) 
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(c) for c in cells[1:])
     out.append(LEGEND)
-    out.extend(f"failed: {r['impl']} at {r['case']}: {r['error']}" for r in rows if r.get("error"))
+    out.extend(("" if str(r["error"]).startswith("not installed") else "failed: ")
+               + f"{r['impl']} at {r['case']}: {r['error']}" for r in rows if r.get("error"))
     return "\n".join(out)
 
 

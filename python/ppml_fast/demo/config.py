@@ -8,11 +8,18 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MODES", "DemoConfig"]
+__all__ = ["MODES", "ROBUST_STRATEGIES", "STRATEGIES", "DemoConfig"]
 
 #: privacy modes: user-level DP-FedAvg (server clips and noises client updates), local DP-SGD
 #: inside each client (sample-level DP per device), or no privacy
 MODES = ("dp-fedavg", "local-dp", "none")
+
+#: the server strategies of ``--strategy``: the mean-type ones work in every mode
+MEAN_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+#: robust aggregation: with local-dp or none only. DP-FedAvg clips each update and noises one
+#: weighted mean; a median or Krum of the clipped updates would have no noise of its own
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = MEAN_STRATEGIES + ROBUST_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -21,19 +28,23 @@ class DemoConfig:
     rounds: int = 30
     clients_per_round: Optional[int] = None  # None: all clients (DP-FedAvg samples each with q = this / clients)
     mode: str = "dp-fedavg"
-    noise_multiplier: Optional[float] = None  # None: calibrated from target_epsilon (dp-fedavg) or 1.0 (local-dp)
+    # None: calibrated from target_epsilon (dp-fedavg: one sigma; local-dp: each client its own)
+    noise_multiplier: Optional[float] = None
+    # dp-fedavg: calibrates sigma; local-dp: each client's cap, also with noise_multiplier given
     target_epsilon: Optional[float] = 8.0
     clip_norm: float = 1.0
     strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx's proximal term (Li et al. 2020, eq. 2); other strategies ignore it
     backend: str = "vectorized"
     alpha: float = 0.5  # Dirichlet concentration of the label skew
     local_epochs: int = 2
     batch_size: int = 16
     lr: float = 0.3
     delta: Optional[float] = None  # None: min(1e-5, 1 / (10 * clients))
-    accountant: str = "rdp"
+    accountant: str = "pld"  # tight (Opacus defaults to its PRV); "rdp": an upper bound
     sweep: tuple[float, ...] = (0.5, 1.0, 2.0)  # noise levels, as multiples of the main run's sigma
     seed: int = 0
+    seeds: int = 1  # the sweep and the baseline are repeated with seeds seed .. seed + seeds - 1
     output: str = "./ppml-demo-out"
     quick: bool = False
 
@@ -58,12 +69,26 @@ class DemoConfig:
         int_at_least("local_epochs", 1)
         int_at_least("batch_size", 1)
         int_at_least("seed", 0)
+        int_at_least("seeds", 1)
+        if isinstance(self.proximal_mu, bool) or not isinstance(self.proximal_mu, numbers.Real) \
+                or not math.isfinite(self.proximal_mu) or self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be a finite number >= 0; got {self.proximal_mu!r}")
         for name in ("clip_norm", "alpha", "lr"):
             positive(name)
         positive("noise_multiplier", allow_none=True)
         positive("target_epsilon", allow_none=True)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.mode == "dp-fedavg" and self.strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"strategy {self.strategy} works with --mode local-dp or --mode none, not dp-fedavg: "
+                "DP-FedAvg noises one mean of the clipped updates, and a robust statistic of them "
+                "would carry no noise of its own")
+        if self.mode == "local-dp" and self.target_epsilon is None:
+            raise ValueError("local-dp needs target_epsilon (each client's cap, also with a given "
+                             "noise_multiplier)")
         if self.delta is not None and not (isinstance(self.delta, numbers.Real) and 0 < self.delta < 1):
             raise ValueError(f"delta must be in (0, 1); got {self.delta!r}")
         if self.accountant not in ("rdp", "pld"):

@@ -1,4 +1,5 @@
-"""The demo's outputs: the per-round table, the comparison line, ``report.json``."""
+"""The demo's outputs: the per-round table, why rounds were skipped or clients left out, what
+the epsilon protects (the privacy unit), the comparison line, ``report.json``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ from ppml_fast.federated.history import json_safe
 
 from .experiment import DemoResult, RunSummary
 
-__all__ = ["comparison_line", "format_table", "to_report", "write_report"]
+__all__ = ["comparison_line", "format_table", "left_out_lines", "privacy_unit_line", "to_report",
+           "write_report"]
+
+#: what the epsilon of each mode protects, said on the console and in report.json
+PRIVACY_UNIT = {
+    "dp-fedavg": ("user-level: epsilon is per client, for all of a client's data together (the "
+                  "server clips and noises whole client updates)"),
+    "local-dp": ("per client, record-level: each client's epsilon covers each of its examples, "
+                 "towards everyone outside the device; the table shows the largest over clients"),
+}
+
+_REASONS = {"budget": "its epsilon would pass its cap (a client refuses such a fit before training)",
+            "dropout": "simulated dropout", "timeout": "too late", "nonfinite": "NaN/Inf update",
+            "shape": "wrongly shaped update"}
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
@@ -33,6 +47,29 @@ def format_table(run: RunSummary, max_rows: int = 40) -> str:
             f"{_fmt(r.get('epsilon'), '8.3f')}  {len(r.get('clients') or []):>7}  "
             f"{len(r.get('dropped') or []):>7}" + ("  skipped" if r.get("skipped") else ""))
     return "\n".join(lines)
+
+
+def privacy_unit_line(mode: str) -> Optional[str]:
+    """What the epsilon means in ``mode`` (None without privacy)."""
+    return None if mode not in PRIVACY_UNIT else f"epsilon is {PRIVACY_UNIT[mode]}"
+
+
+def left_out_lines(run: RunSummary) -> list[str]:
+    """Why rounds were skipped and clients left out, counted over the run (empty if none)."""
+    reasons: dict[str, int] = {}
+    for r in run.rounds:
+        for d in r.get("dropped") or []:
+            why = str(d.get("reason"))
+            reasons[why] = reasons.get(why, 0) + 1
+    lines = [f"left out {n} client fit(s): {_REASONS.get(why, why)}" for why, n in sorted(reasons.items())]
+    skipped = [r for r in run.rounds if r.get("skipped")]
+    if skipped:
+        nums = [r["round"] for r in skipped]
+        span = f"round {nums[0]}" if len(nums) == 1 else f"{len(nums)} rounds ({nums[0]}-{nums[-1]})"
+        lines.append(f"skipped {span}, model unchanged: {skipped[0].get('skip_reason') or 'no results'}")
+    if run.stopped and run.stopped != "rounds":  # "rounds": all rounds ran
+        lines.append(f"stopped early: {run.stopped}")
+    return lines
 
 
 def comparison_line(result: DemoResult) -> str:
@@ -63,6 +100,8 @@ def to_report(result: DemoResult, *, seconds: float) -> dict[str, Any]:
         "accountant": result.config.accountant,
         "privacy_unit": {"dp-fedavg": "user (client)", "local-dp": "example, per client",
                          "none": None}[result.config.mode],
+        "privacy_unit_explained": PRIVACY_UNIT.get(result.config.mode),
+        "local_dp_plan": result.local_dp_plan,
         "main": run(result.main),
         "baseline": run(result.baseline),
         "sweep": [run(s) for s in result.sweep],

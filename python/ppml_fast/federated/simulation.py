@@ -46,6 +46,7 @@ from ppml_fast.accounting.errors import PrivacyBudgetExceeded
 
 from .backends import Backend, Outcome, make_backend
 from .backends.base import make_model
+from .threads import simulation_threads
 from .client import Client, _materialize, evaluate_model
 from .history import History, noise_notes
 from .parameters import ParameterLayout
@@ -383,7 +384,8 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
                    seed: int = 0, target_accuracy: Optional[float] = None, max_epsilon: Optional[float] = None,
                    delta: Optional[float] = None, eval_dataset: Optional[Dataset] = None, eval_every: int = 1,
                    progress: bool = True, min_clients: Optional[int] = None,
-                   client_timeout: Optional[float] = None, local_dp: Any = None) -> History:
+                   client_timeout: Optional[float] = None, local_dp: Any = None,
+                   threads: Optional[int] = None) -> History:
     """Simulate federated training (see the module docstring for one round, step by step).
 
     Args:
@@ -409,6 +411,8 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
             and account for it, even in a round where nobody answered).
         client_timeout: straggler deadline in seconds of wall time per client, or None.
         local_dp: a :class:`ppml_fast.federated.dp.LocalDP`: clients train with DP-SGD.
+        threads: torch threads during the run (restored after it); None: one thread for a
+            model under 131,072 parameters, else torch's setting (:mod:`.threads`).
 
     Returns:
         The :class:`~ppml_fast.federated.history.History`.
@@ -417,7 +421,8 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
                     backend=backend, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                     dropout=dropout, seed=seed, target_accuracy=target_accuracy, max_epsilon=max_epsilon,
                     delta=delta, eval_dataset=eval_dataset, eval_every=eval_every, progress=progress,
-                    min_clients=min_clients, client_timeout=client_timeout, local_dp=local_dp) as sim:
+                    min_clients=min_clients, client_timeout=client_timeout, local_dp=local_dp) as sim, \
+            simulation_threads(sim.model, threads):
         while sim.step() is not None:
             pass
     return sim.history
