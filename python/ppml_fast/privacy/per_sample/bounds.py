@@ -10,17 +10,18 @@ float64), the record escapes clipping and one step moved by 1.4e3 C (issue 14, i
 The bound (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., Lemma 3.1 and eq.
 (3.5): ``|fl(x.y) - x.y| <= gamma_n |x|.|y|``, ``gamma_n = n u / (1 - n u)``, for any summation
 order, FMA included). With ``A_st = ||x_s|| ||x_t||``, ``B_st = ||g_s|| ||g_t||`` (Cauchy-Schwarz:
-``|x_s|.|x_t| <= A_st``), Gram entries computed with dot lengths d and p, their products rounded
-in the working precision ``u_w`` and the T^2 products summed in float64 (``u_64 = 2^-53``) in two
-stages (T row sums of T terms, then their sum: ``n = 2T`` in the bound of a recursive sum, any
-order within a stage; ``(groups + 1) L`` for a convolution)::
+``|x_s|.|x_t| <= A_st``), Gram entries computed with dot lengths d and p, each Gram row's T
+products ``a'_st b'_st`` summed in the working precision ``u_w`` (one ``vecdot``, no (B, T, T)
+temporary: Higham (3.5) again, ``gamma_T(u_w)`` on ``sum |a' b'|``) and the T row sums added in
+float64 (``u_64 = 2^-53``, ``n = T`` terms; ``groups * L`` for a convolution)::
 
     |a'b' - ab| <= (gamma_d + gamma_p + gamma_d gamma_p) A B
-    |fl(a'b') - a'b'| <= u_w (1 + gamma_d)(1 + gamma_p) A B
-    |fl64(sum c') - sum c'| <= gamma_n(u_64) sum |c'|
+    |fl(sum_t a'b') - sum_t a'b'| <= gamma_T(u_w) (1 + gamma_d)(1 + gamma_p) sum_t A B
+    |fl64(sum r') - sum r'| <= gamma_n(u_64) sum |r'|
     => |N'^2 - N^2| <= coef * sum_{s,t} A_st B_st = coef * S^2,   S = sum_t ||x_t|| ||g_t||,
 
-    coef = gamma_d + gamma_p + gamma_d gamma_p + (u_w + gamma_n(u_64)(1 + u_w))(1 + gamma_d)(1 + gamma_p).
+    coef = gamma_d + gamma_p + gamma_d gamma_p
+           + (gamma_T(u_w) + gamma_n(u_64)(1 + gamma_T(u_w)))(1 + gamma_d)(1 + gamma_p).
 
 (:func:`gram_coef`). ``S`` is computed from float norms: each ``||v||`` comes from a sum of squares
 (relative error ``gamma_len`` on the square) and a square root, so the true ``S`` is at most the
@@ -84,14 +85,15 @@ def gamma(n: int, u: float) -> float:
     return math.inf if nu >= 1.0 else _up(nu / (1.0 - nu))
 
 
-def gram_coef(d: int, p: int, terms: int, u: float) -> float:
+def gram_coef(d: int, p: int, inner: int, outer: int, u: float) -> float:
     """``coef`` of the module docstring: |N'^2 - N^2| <= coef * S^2 for a ghost norm from Gram
     matrices with dot lengths ``d`` and ``p`` (p = 0: one Gram matrix, the embedding's, whose
-    other factor is an exact 0/1 mask), products in precision ``u`` and ``terms`` products summed
-    in float64."""
+    other factor is an exact 0/1 mask), their entrywise products summed ``inner`` at a time in
+    precision ``u`` (a row's ``vecdot``: the products' rounding included in ``gamma_inner``) and
+    those ``outer`` partial sums added in float64."""
     gd, gp = gamma(d, u), (gamma(p, u) if p > 0 else 0.0)
-    gn = gamma(terms, U64)
-    return _up(gd + gp + gd * gp + (u + gn * (1.0 + u)) * (1.0 + gd) * (1.0 + gp))
+    gi, go = gamma(max(inner, 1), u), gamma(outer, U64)
+    return _up(gd + gp + gd * gp + (gi + go * (1.0 + gi)) * (1.0 + gd) * (1.0 + gp))
 
 
 def norm_slack(lengths: tuple[int, ...], u: float, terms: int = 1) -> float:
@@ -243,7 +245,8 @@ GRAM64_MARGIN = 8
 
 def gram_dtype(dtype: torch.dtype, positions: int, lengths: tuple[int, ...]) -> torch.dtype:
     """The dtype to form the Gram matrices in: float64 for float64 inputs; for float32 inputs
-    float32 while ``GRAM64_MARGIN * (sum_k gamma_len_k) * positions <= TAU``, else float64.
+    float32 while ``GRAM64_MARGIN * (sum_k gamma_len_k + gamma_T) * T <= TAU`` (T = positions),
+    else float64.
 
     Why: for honest records the terms do not cancel on purpose, but they are not aligned either:
     with positions of independent directions ``N^2 ~ sum_t ||x_t||^2 ||g_t||^2 >= S^2 / T`` (equality
@@ -257,5 +260,5 @@ def gram_dtype(dtype: torch.dtype, positions: int, lengths: tuple[int, ...]) -> 
     if dtype == torch.float64:
         return torch.float64
     u = unit_roundoff(dtype)
-    predicted = sum(gamma(n, u) for n in lengths) * positions
+    predicted = (sum(gamma(n, u) for n in lengths) + gamma(positions, u)) * positions
     return torch.float32 if GRAM64_MARGIN * predicted <= TAU else torch.float64

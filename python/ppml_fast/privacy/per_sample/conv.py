@@ -218,7 +218,7 @@ class ConvRule:
         :func:`~ppml_fast.privacy.per_sample.linear.ghost_weight_norms` with the unfolded columns
         ``u_t`` (d = C_in/groups * prod(kernel)) as the inputs over L positions, per group:
         ``sum_groups sum_{s,t} (u_s.u_t)(g_s.g_t)``, error at most ``coef * sum_groups S_group^2``
-        (products summed in float64 in two stages, ``(groups + 1) L`` terms; :mod:`bounds`)."""
+        (each row's L products in the working precision, the ``groups * L`` row sums in float64; :mod:`bounds`)."""
         batch, positions = x.shape[0], math.prod(g.shape[2:])
         d, p = math.prod(shape[1:]), shape[0] // geo.groups
         out_dtype = x.dtype
@@ -230,12 +230,12 @@ class ConvRule:
         with bounds.full_precision():
             uu = torch.matmul(cols.transpose(-1, -2), cols)
             gg = torch.matmul(g3.transpose(-1, -2), g3)
-        # float64 sums of L, then groups * L terms (gamma_{(groups + 1) L}, not gamma_{groups L^2})
-        computed = (uu * gg).sum(-1, dtype=torch.float64).flatten(1).sum(1)
+        # each row's L products by one vecdot, the groups * L row sums in float64 (bounds)
+        computed = torch.linalg.vecdot(uu, gg, dim=-1).double().flatten(1).sum(1)
         s_groups = (bounds.diag_norms(uu) * bounds.diag_norms(gg)).sum(-1)  # (B, groups)
         s2 = s_groups.square().sum(-1)
-        terms = (geo.groups + 1) * positions
-        scale = bounds.gram_coef(d, p, terms, u) * bounds.norm_slack((d, p), u, positions) ** 2
+        scale = (bounds.gram_coef(d, p, positions, geo.groups * positions, u)
+                 * bounds.norm_slack((d, p), u, positions) ** 2)
         slack = bounds.norm_slack((d, p), u, positions)
         norms, flags = bounds.upper_and_flags(
             computed, s2 * scale, out_dtype, s=s_groups.sum(-1) * slack,

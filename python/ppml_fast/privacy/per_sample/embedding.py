@@ -126,13 +126,14 @@ class EmbeddingRule:
             with bounds.full_precision():
                 gram = torch.bmm(gg2, gg2.transpose(1, 2))
             # Higham Lemma 3.1 on each g_s.g_t (the 0/1 mask is exact), float64 sums of T then T
-            # terms: |N'^2 - N^2| <= coef * sum_{s,t same} ||g_s|| ||g_t|| (bounds module).
+            # terms (gram_coef's inner sum assumes the Gram's precision: conservative):
+            # |N'^2 - N^2| <= coef * sum_{s,t same} ||g_s|| ||g_t|| (bounds module).
             computed = (gram * same).sum(2, dtype=torch.float64).sum(1)
             nrm = bounds.diag_norms(gram)  # (B, T) float64
             if pad is not None:
                 nrm = nrm.masked_fill(idx2 == pad, 0.0)
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
-            scale = bounds.gram_coef(dim, 0, 2 * seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
+            scale = bounds.gram_coef(dim, 0, seq, seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
             norms, flags = bounds.upper_and_flags(
                 computed, s2 * scale, g2.dtype, s=nrm.sum(1) * bounds.norm_slack((dim,), u_gram, seq),
                 u_book=bounds.book_roundoff(g2.dtype))

@@ -72,11 +72,11 @@ def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tens
     with bounds.full_precision():
         xx = torch.bmm(x, x.transpose(1, 2))
         gg = torch.bmm(g, g.transpose(1, 2))
-    # float64 sums of T, then T terms: gamma_{2T}(2^-53), not gamma_{T^2} (which is 4e-12 at
-    # T = 196, above the float64 error of the Gram entries themselves).
-    computed = (xx * gg).sum(2, dtype=torch.float64).sum(1)
+    # Each Gram row's T products summed by one vecdot (no (B, T, T) temporary), the T row sums
+    # in float64: gamma_T(u) + gamma_T(2^-53) in the bound, not gamma_{T^2}(u).
+    computed = torch.linalg.vecdot(xx, gg, dim=-1).double().sum(1)
     s = (bounds.diag_norms(xx) * bounds.diag_norms(gg)).sum(1)
-    scale = bounds.gram_coef(d, p, 2 * seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
+    scale = bounds.gram_coef(d, p, seq, seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
     u_book = bounds.book_roundoff(out_dtype)
     norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype,
                                           s=s * bounds.norm_slack((d, p), u, seq), u_book=u_book)
