@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -219,10 +220,21 @@ def test_opacus_dp_layers():
     for p in att.parameters():
         torch.testing.assert_close(sums[p], expected[p], rtol=1e-4, atol=1e-7)
 
-    # DPLSTM: refused by the report, and by the DP engine (it registers its cells' parameters
-    # again under new names; update the report if this ever works)
-    lstm = DPLSTM(4, 6, batch_first=True)
-    report = migration_report(lstm)
-    assert not report.ok and "recurrent layers are not supported yet" in report.problems[0]
-    with pytest.raises(UnsupportedModuleError, match="registers a parameter of its submodule"):
-        PrivateModule(lstm)
+    # DPLSTM registers its cells' parameters again under torch's names: they belong to the
+    # inner Linear layers whose calls use them, and its clipped sums equal the reference
+    torch.manual_seed(0)
+    lstm = DPLSTM(4, 6, batch_first=True).double()
+    assert migration_report(lstm).ok
+    ref = copy.deepcopy(lstm)
+    x = torch.randn(5, 7, 4, dtype=torch.float64)
+    private = PrivateModule(lstm, loss_reduction="sum")
+    (private(x)[0] ** 2).sum().backward()
+    sums, _ = private.clipped_sums(max_grad_norm=1.0)
+    want = {p: torch.zeros_like(p) for p in ref.parameters()}
+    for i in range(5):
+        grads = torch.autograd.grad((ref(x[i:i + 1])[0] ** 2).sum(), list(ref.parameters()))
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        for p, g in zip(ref.parameters(), grads):
+            want[p] += g * min(1.0, 1.0 / (float(norm) + 1e-6))
+    for p, q in zip(lstm.parameters(), ref.parameters()):
+        torch.testing.assert_close(sums[p], want[q], rtol=1e-9, atol=1e-12)

@@ -61,26 +61,26 @@ def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
     return {role: p for role, p in owned_parameters(mod).items() if p.requires_grad}
 
 
-def _refuse_nested_aliases(root: nn.Module) -> None:
-    """Raises UnsupportedModuleError when a module registers, as its own, a trainable parameter
-    that one of its submodules also registers (Opacus's DPLSTM does, to rename its parameters):
-    both would record the calls of one computation, and the outer one switches the inner one's
-    parameters off. Tying between modules that do not contain each other is fine (shared
-    parameters are materialised)."""
+def _inner_aliases(root: nn.Module) -> dict[int, set[int]]:
+    """id(module) -> ids of the parameters it registers as its own that one of its submodules
+    registers too (Hugging Face's BertLMPredictionHead.bias is its decoder's bias; Opacus's
+    DPLSTM renames its cells' parameters). Such a parameter belongs, for capture, to the
+    innermost module that registers it: that is the module whose calls use it. A use by the
+    outer module itself is a use outside its owner's calls, which the parameter watch refuses."""
     owners: dict[int, list[str]] = {}
-    for name, mod in root.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            if p.requires_grad:
-                owners.setdefault(id(p), []).append(name)
-    for names in owners.values():
+    mods = dict(root.named_modules(remove_duplicate=False))
+    for name, mod in mods.items():
+        if is_container(mod):  # a ParameterDict/List's parameters are its parent's own
+            continue
+        for p in owned_parameters(mod).values():
+            owners.setdefault(id(p), []).append(name)
+    out: dict[int, set[int]] = {}
+    for pid, names in owners.items():
         for outer in names:
-            inner = next((n for n in names if n != outer and n.startswith(outer + "." if outer else "")), None)
-            if inner is not None:
-                raise UnsupportedModuleError(
-                    f"{outer or 'the model'} ({type(root.get_submodule(outer)).__name__}) registers "
-                    f"a parameter of its submodule {inner} as its own (an alias, as Opacus's "
-                    "DPLSTM does to rename parameters); ppml_fast needs each trainable parameter "
-                    "registered by one module, or by modules that do not contain each other")
+            prefix = outer + "." if outer else ""
+            if any(n != outer and n.startswith(prefix) for n in names):
+                out.setdefault(id(mods[outer]), set()).add(pid)
+    return out
 
 
 class PrivateModule(ClippedSums, nn.Module):
@@ -131,7 +131,12 @@ class PrivateModule(ClippedSums, nn.Module):
                     f"{name or 'the model'} ({type(mod).__name__}) is already wrapped by a "
                     "PrivateModule (make_private called twice on one model?); call remove_hooks() "
                     "on that one first")
-        _refuse_nested_aliases(root)
+        aliases = _inner_aliases(root)
+
+        def owned_of(m: nn.Module) -> dict[str, nn.Parameter]:
+            skip = aliases.get(id(m), ())
+            return {r: p for r, p in owned_parameters(m).items() if id(p) not in skip}
+
         claimed: set[int] = set()
         for name, mod in root.named_modules():
             if id(mod) in claimed or is_container(mod):  # a container's parameters: its parent's
@@ -146,13 +151,13 @@ class PrivateModule(ClippedSums, nn.Module):
                 claimed.update(id(m) for m in mod.modules())
                 self._override_attention(mod)
                 continue
-            owned = owned_parameters(mod)
+            owned = owned_of(mod)
             if not owned:
                 continue
             # every layer with parameters, also frozen ones: which of them are trainable is read
             # at each call (a layer unfrozen later is then clipped, not left to the noise alone)
             # patched, or parameters in containers: torch.func runs the user's forward
-            in_containers = len(owned) > sum(p is not None for p in mod._parameters.values())
+            in_containers = len(owned) != sum(p is not None for p in mod._parameters.values())
             spec = None if patched or in_containers else rule_for(mod)
             functional = functional_forward(mod) if spec is not None else None
             if functional is not None:
@@ -161,7 +166,7 @@ class PrivateModule(ClippedSums, nn.Module):
             elif spec is not None:
                 self.recorder.attach(mod, self._rule_call(spec))
             else:
-                self.recorder.attach(mod, None, owned=owned_parameters,
+                self.recorder.attach(mod, None, owned=owned_of,
                                      label=f"{name or 'the model'} ({type(mod).__name__})")
 
     def _rule_call(self, spec):
