@@ -49,7 +49,8 @@ cancelling ``+-M`` terms (``~u M``) moves the sum by ~32 C even with a correct n
 a clipped honest record is scaled by at least ``0.99x`` its exact factor (as if C were at most 1%
 smaller; only clipped records, i.e. those with ``N > C``, are affected at all). Unflagged records
 also have ``S / N' <= sqrt(TAU / coef)`` (~13 for float32 at d + p = 1000), which keeps the
-book-keeping matmul's rounding of their terms at the usual float32 level, ``~u * 13 * C``, not ``u M``.
+book-keeping matmul's rounding of their terms at the usual float32 level, ``~u * 13 * C``, not
+``u M``.
 Measured flag rates of honest records are in the report of issue 14 and ``test_ghost_bounds``.
 """
 
@@ -227,7 +228,9 @@ def exact_sq_norms(grads: Tensor, out_dtype: torch.dtype) -> Tensor:
     return round_up(sq, out_dtype)
 
 
-def exact_sq_norms_rows(rows: tuple[Tensor, Tensor, Tensor], k: int, out_dtype: torch.dtype) -> Tensor:
+def exact_sq_norms_rows(
+    rows: tuple[Tensor, Tensor, Tensor], k: int, out_dtype: torch.dtype
+) -> Tensor:
     """:func:`exact_sq_norms` for gradients stored as summed rows ``(record (m,), vocabulary row
     (m,), rows (m, D))`` of ``k`` records (the embedding's sparse per-sample gradients)."""
     rec, _, vals = rows
@@ -249,8 +252,8 @@ def gram_dtype(dtype: torch.dtype, positions: int, lengths: tuple[int, ...]) -> 
     else float64.
 
     Why: for honest records the terms do not cancel on purpose, but they are not aligned either:
-    with positions of independent directions ``N^2 ~ sum_t ||x_t||^2 ||g_t||^2 >= S^2 / T`` (equality
-    at equal sizes), so the bound is ``~ coef * T`` of N'^2. Measured on random data: the
+    with positions of independent directions ``N^2 ~ sum_t ||x_t||^2 ||g_t||^2 >= S^2 / T``
+    (equality at equal sizes), so the bound is ``~ coef * T`` of N'^2. Measured on random data: the
     over-estimate was (gamma_d + gamma_p) T within 2% at the shapes of linear.py's table. Where that
     product nears TAU (long sequences and wide layers: B=8 T=128 d=p=1024 in float32 gives 0.016),
     every honest record would be flagged and materialised in float64; forming the Gram matrices in

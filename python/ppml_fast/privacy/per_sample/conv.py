@@ -218,7 +218,8 @@ class ConvRule:
         :func:`~ppml_fast.privacy.per_sample.linear.ghost_weight_norms` with the unfolded columns
         ``u_t`` (d = C_in/groups * prod(kernel)) as the inputs over L positions, per group:
         ``sum_groups sum_{s,t} (u_s.u_t)(g_s.g_t)``, error at most ``coef * sum_groups S_group^2``
-        (each row's L products in the working precision, the ``groups * L`` row sums in float64; :mod:`bounds`)."""
+        (each row's L products in the working precision, the ``groups * L`` row sums in float64;
+        :mod:`bounds`)."""
         batch, positions = x.shape[0], math.prod(g.shape[2:])
         d, p = math.prod(shape[1:]), shape[0] // geo.groups
         out_dtype = x.dtype

@@ -11,7 +11,8 @@ Its squared norm, never building the (V, D) gradient:
 Both are exact in exact arithmetic; in floating point both can cancel (``g_s = -g_t`` on one
 index), so each returns an upper bound (Gram: Higham's dot-product bound; rows: the rounding of the
 row sums) and materialises in float64 the records it cannot vouch for, which then leave the
-batch's ``index_add`` (:mod:`bounds`). ``"auto"`` takes the Gram formula below ``GRAM_MAX_SEQ`` = 32 indices per sample,
+batch's ``index_add`` (:mod:`bounds`). ``"auto"`` takes the Gram formula below
+``GRAM_MAX_SEQ`` = 32 indices per sample,
 else rows; ``"ghost"`` forces the Gram formula and ``"materialize"`` builds the dense (B, V, D)
 gradients (reference path: B V D numbers). Measured on the 2-core dev box (torch 2.13, one thread,
 thread CPU time, min of 10 calls; rows vs Gram norms, ms), B=32 V=10k D=128:
@@ -133,14 +134,16 @@ class EmbeddingRule:
             if pad is not None:
                 nrm = nrm.masked_fill(idx2 == pad, 0.0)
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
-            scale = bounds.gram_coef(dim, 0, seq, seq, u_gram) * bounds.norm_slack((dim,), u_gram, seq) ** 2
+            slack = bounds.norm_slack((dim,), u_gram, seq)
+            scale = bounds.gram_coef(dim, 0, seq, seq, u_gram) * slack**2
             norms, flags = bounds.upper_and_flags(
-                computed, s2 * scale, g2.dtype, s=nrm.sum(1) * bounds.norm_slack((dim,), u_gram, seq),
+                computed, s2 * scale, g2.dtype, s=nrm.sum(1) * slack,
                 u_book=bounds.book_roundoff(g2.dtype))
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
             rows = g2.reshape(-1, g2.shape[-1])
-            sums = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse.reshape(-1), rows)
+            sums = rows.new_zeros(uniq.shape[0], rows.shape[1])
+            sums.index_add_(0, inverse.reshape(-1), rows)
             sq = torch.linalg.vector_norm(sums, dim=1).double().square()
             if pad is not None:
                 sq = sq.masked_fill(uniq % num == pad, 0)
@@ -151,7 +154,8 @@ class EmbeddingRule:
             nrm = bounds.row_norms(g2)  # (B, T) float64
             if pad is not None:
                 nrm = nrm.masked_fill(idx2 == pad, 0.0)
-            low = (1.0 - bounds.gamma(dim + 1, u)) * (1.0 - u) ** 2 * (1.0 - bounds.gamma(seq, bounds.U64))
+            low = ((1.0 - bounds.gamma(dim + 1, u)) * (1.0 - u) ** 2
+                   * (1.0 - bounds.gamma(seq, bounds.U64)))
             up = (computed / low).sqrt() + nrm.sum(1) * (
                 bounds.gamma(seq, u) * bounds.norm_slack((dim,), u, seq))
             norms, flags = bounds.upper_and_flags(

@@ -192,7 +192,8 @@ class LinearRule:
             extra = _ps.weighted_sum(grads, f[rows], w)
             f = bounds.split_factors(f, rows)
             if "bias" in params and "bias" not in out:  # never here after norms_sq (kept)
-                out["bias"] = _ps.weighted_sum(g.sum(1) if g.dim() == 3 else g, factors.to(x.dtype), params["bias"])
+                b = g.sum(1) if g.dim() == 3 else g
+                out["bias"] = _ps.weighted_sum(b, factors.to(x.dtype), params["bias"])
         if seq == 1:
             x, g = _flat(x, g)
         else:
