@@ -44,8 +44,8 @@ def restore_threads():
 
 #: modules that tests import with pytest.importorskip: each is in the `test` extra (or a
 #: dependency of ppml_fast), so CI has them all
-CI_REQUIRED = ("opacus", "flwr", "ray", "transformers", "peft", "dp_accounting", "mpmath", "sklearn",
-               "matplotlib")
+CI_REQUIRED = ("opacus", "flwr", "ray", "transformers", "peft", "dp_accounting", "mpmath",
+               "sklearn", "matplotlib")
 
 
 def in_ci() -> bool:
@@ -75,8 +75,8 @@ def _fail_import_skip(report) -> None:
     reason = _import_skip_reason(report.longrepr) if report.skipped else None
     if reason is not None:
         report.outcome = "failed"
-        report.longrepr = (f"CI=true: {reason}\nThis test needs a package of the `test` extra; in CI it "
-                           "must run, not skip (pip install '.[test]').")
+        report.longrepr = (f"CI=true: {reason}\nThis test needs a package of the `test` extra; "
+                           "in CI it must run, not skip (pip install '.[test]').")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -98,16 +98,39 @@ def pytest_runtest_makereport(item, call):
 # ---------------------------------------------------------------------- Ray
 
 
+_RAY_STARTED_HERE = []  # [ray] once ray_cluster started a local Ray (shut down after its last user)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (2 CPUs, no dashboard, no usage report): its start-up
-    costs ~10-15 s on 2 cores, so tests share it. Left running if the caller started Ray."""
+    costs ~10-15 s on 2 cores, so tests share it. It is shut down right after the last collected
+    test that uses it (pytest_runtest_teardown below: its idle processes would otherwise hold
+    memory and CPU through the rest of the suite), at the latest when the session ends. Left
+    running if the caller had started Ray."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
+    if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=128 * 1024 ** 2)
+        _RAY_STARTED_HERE.append(ray)
     yield ray
-    if started:
-        ray.shutdown()
+    _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    while _RAY_STARTED_HERE:
+        _RAY_STARTED_HERE.pop().shutdown()
+
+
+def _uses_ray(item) -> bool:
+    return item is not None and "ray_cluster" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if _RAY_STARTED_HERE and _uses_ray(item):
+        rest = item.session.items[item.session.items.index(item) + 1:]
+        if not any(_uses_ray(i) for i in rest):
+            _shutdown_ray()

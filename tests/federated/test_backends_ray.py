@@ -63,7 +63,7 @@ def test_ray_reports_a_failed_clients_spend_and_bounds_a_dead_workers():
 
     base = make_clients(2)  # 60 examples each
     clients = [FailsAfterSteps(torch.utils.data.TensorDataset(base[0]._x, base[0]._y)), base[1]]
-    dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp")  # as eps()
     model = tiny_model()
     params = ParameterLayout.of(model).flatten(model)
     q, steps = local_dp_steps(60, 8, 1)
