@@ -23,7 +23,7 @@ def test_demo_writes_the_table_report_and_plot(tmp_path, capsys, restore_threads
     report = json.loads((tmp_path / "report.json").read_text())
     cfg = report["configuration"]
     assert cfg["clients"] == 20 and cfg["rounds"] == 4 and cfg["mode"] == "dp-fedavg"
-    assert report["delta"] == 1e-5 and report["accountant"] == "rdp" and report["seed"] == 0
+    assert report["delta"] == 1e-5 and report["accountant"] == DemoConfig().accountant and report["seed"] == 0
     rounds = report["main"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     eps = [r["epsilon"] for r in rounds]

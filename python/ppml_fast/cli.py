@@ -235,18 +235,27 @@ def _audit(args: argparse.Namespace) -> int:
     from ppml_fast.audit import audit_digits
 
     torch.set_num_threads(1)  # a small MLP: threads cost more than they give
+    broken = None
+    if args.no_noise:  # a deliberately broken run: what the audit is there to catch
+        from ppml_fast.audit.broken import NoNoiseDPOptimizer as broken
     result = audit_digits(
         noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
         canaries=args.canaries, canary_kind=args.canary_kind, observe=args.observe,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, delta=args.delta,
-        confidence=args.confidence, seed=args.seed, runs=args.runs, accountant=args.accountant)
+        confidence=args.confidence, seed=args.seed, runs=args.runs, accountant=args.accountant,
+        dp_optimizer_class=broken)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        out["broken"] = "no-noise" if args.no_noise else None
+        print(json.dumps(out, indent=2))
     else:
         c, d = result.counts, result.details
         how = (f"one run, {c['canaries']} {d['canary_kind']} canaries ({c['included']} included): "
                f"{c['correct']} of {c['guesses']} guesses right" if result.method == "one_run" else
                f"{d['runs']} runs, Clopper-Pearson: tp {c['tp']} fp {c['fp']} tn {c['tn']} fn {c['fn']}")
+        if args.no_noise:
+            print("BROKEN ON PURPOSE (--no-noise): the optimizer adds no noise, the accountant still "
+                  "claims the epsilon of the noise multiplier below")
         print(f"DP-SGD on digits: noise multiplier {d['noise_multiplier']:g}, max grad norm "
               f"{d['max_grad_norm']:g}, {d['epochs']} epochs, {d['steps']} steps, sample rate "
               f"{d['sample_rate']:.4g}")
@@ -256,7 +265,23 @@ def _audit(args: argparse.Namespace) -> int:
               f"confidence; {how})")
         print("REFUTED: the lower bound exceeds the claimed epsilon" if result.flagged
               else "consistent: the lower bound does not exceed the claimed epsilon")
+        print(_audit_counts_explained(result.method, c))
     return 1 if result.flagged else 0
+
+
+def _audit_counts_explained(method: str, c) -> str:
+    """What the counts of the audit line mean, in words."""
+    if method == "one_run":
+        return (f"counts: each of the {c['canaries']} canaries was put into training with "
+                f"probability 1/2 ({c['included']} were); from the trained run alone the auditor "
+                f"guessed in/out for the {c['guesses']} canaries it was surest about and got "
+                f"{c['correct']} right. Many right guesses mean one record's presence shows, "
+                "which only a large epsilon allows (Steinke, Nasr & Jagielski 2023); "
+                "abstaining on the rest is allowed")
+    return ("counts: over the runs, tp = canary trained on and guessed in, fn = trained on and "
+            "guessed out, fp = not trained on and guessed in, tn = not trained on and guessed out; "
+            "epsilon >= log((1 - delta - FPR) / FNR) and its mirror, with Clopper-Pearson bounds "
+            "on the rates (Kairouz, Oh & Viswanath 2015, Thm 2.1)")
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
@@ -287,6 +312,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
                    help="accountant of the claimed epsilon (default rdp)")
     p.add_argument("--seed", type=int, default=0, help="seeds the whole audit (default 0)")
+    p.add_argument("--no-noise", action="store_true",
+                   help="audit a deliberately broken run: the optimizer adds no noise while the "
+                   "accountant claims the noise multiplier's epsilon (shows what a refuted claim "
+                   "looks like; exit status 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_audit)
 

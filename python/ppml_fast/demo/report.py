@@ -19,8 +19,8 @@ __all__ = ["comparison_line", "format_table", "left_out_lines", "privacy_unit_li
 
 #: what the epsilon of each mode protects, said on the console and in report.json
 PRIVACY_UNIT = {
-    "dp-fedavg": ("user-level: epsilon is per client, for all of a client's data together (the "
-                  "server clips and noises whole client updates)"),
+    "dp-fedavg": ("user-level: per client, for all of a client's data together (the server "
+                  "clips and noises whole client updates)"),
     "local-dp": ("per client, record-level: each client's epsilon covers each of its examples, "
                  "towards everyone outside the device; the table shows the largest over clients"),
 }
