@@ -118,12 +118,17 @@ class RDPAccountant:
     def get_epsilon(self, delta: float) -> float:
         """epsilon spent at ``delta`` (in (0, 1))."""
         delta = _checks.open_unit("delta", delta)
-        return rdp_math.epsilon_from_rdp(self.orders, self._rdp, delta)
+        return rdp_math.epsilon_from_rdp(self.orders, self._rdp, delta, terms=self._terms())
 
     def get_delta(self, epsilon: float) -> float:
         """delta at ``epsilon`` (finite, >= 0)."""
         epsilon = _checks.non_negative("epsilon", epsilon)
-        return rdp_math.delta_from_rdp(self.orders, self._rdp, epsilon)
+        return rdp_math.delta_from_rdp(self.orders, self._rdp, epsilon, terms=self._terms())
+
+    def _terms(self) -> int:
+        """How many rounded values the composed curve sums (for the rounding allowance): one
+        product and one addition per history entry."""
+        return 2 * len(self._history) + 1
 
     @property
     def rdp(self) -> np.ndarray:

@@ -3,14 +3,18 @@ conversion: pure functions on floats (the accountant in rdp.py keeps the state).
 
 Sources, next to the formulas below:
 - Mironov, Talwar, Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism",
-  arXiv:1908.10530, Section 3.3 (integer orders: binomial expansion; fractional orders: the
-  two-series expansion with erfc terms). Same algorithm as dp_accounting 0.6, including its
-  conservative absolute-value bound for fractional orders.
+  arXiv:1908.10530, Section 3.3: integer orders by the binomial expansion (here); fractional
+  orders by the exact two-series expansion summed with signs, its tail certified by the
+  alternating-series test (rdp_frac.py). dp_accounting 0.6 sums the absolute values of the
+  fractional series instead (up to 2-3x looser in epsilon at large epsilon); Opacus 1.6 sums
+  with signs but stops without a bound on the rest.
 - Canonne, Kamath, Steinke, "The Discrete Gaussian for Differential Privacy", arXiv:2004.00010
   v4, Proposition 12 (equivalently Balle et al. 2020, "Hypothesis testing interpretations and
   Rényi differential privacy", Theorem 21): the conversion used in epsilon_from_rdp and
   delta_from_rdp.
-All sums run in log space, so small q, large sigma and 10^6 steps are stable.
+All sums run in log space, so small q, large sigma and 10^6 steps are stable. Every value is
+rounded up: each function adds an allowance for its floating-point error (documented where it
+is added), so a result is an upper bound on the exact one, not only close to it.
 """
 
 from __future__ import annotations
@@ -21,16 +25,24 @@ from typing import Sequence
 import numpy as np
 from scipy import special
 
-# Orders: dense fractional ones near 1 (small epsilon), every integer to 256 (Opacus stops at
-# 63, which is looser at small epsilon), and large ones (dp_accounting drops low fractional
-# orders at large epsilon; here all are kept).
+from ppml_fast.accounting import rdp_frac
+
+# Orders. Near 1 (large epsilon): 1.01-1.04, then every 0.05 to 10.95 (a superset of Opacus's
+# and dp_accounting's 1 + x/10); every integer to 256 (Opacus stops at 63, which is looser at
+# small epsilon); and large integers to 10^4 (about 10% apart) for small epsilon, where the best
+# order of a Gaussian is about sigma_eff sqrt(2 log(1/delta)). dp_accounting's 512 and 1024
+# are included, so this grid is at least as fine as both libraries' defaults.
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
     sorted(
-        {1.0 + x / 20.0 for x in range(1, 200)}
+        {1.0 + x / 100.0 for x in range(1, 5)}
+        | {1.0 + x / 20.0 for x in range(1, 200)}
         | {float(a) for a in range(11, 257)}
-        | {320.0, 384.0, 512.0, 768.0, 1024.0, 2048.0, 4096.0}
+        | {288.0, 320.0, 352.0, 384.0, 448.0, 512.0, 576.0, 640.0, 704.0, 768.0, 896.0, 1024.0,
+           1152.0, 1280.0, 1408.0, 1536.0, 1792.0, 2048.0, 2304.0, 2560.0, 2816.0, 3072.0,
+           3584.0, 4096.0, 4608.0, 5120.0, 5632.0, 6144.0, 7168.0, 8192.0, 9216.0, 10000.0}
     )
 )
+_U = float(np.finfo(float).eps)
 
 
 def _log_add(a: float, b: float) -> float:
@@ -45,12 +57,17 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
 
 
 def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_alpha for integer orders (Mironov et al. 2019, Section 3.3, binomial expansion):
-    A_alpha = sum_{i=0}^{alpha} C(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)).
-    All orders at once: their terms concatenated, one segmented log-sum-exp.
+    """Upper bounds on log A_alpha for integer orders (Mironov et al. 2019, Section 3.3,
+    binomial expansion): A_alpha = sum_{i=0}^{alpha} C(alpha, i) q^i (1-q)^(alpha-i)
+    exp((i^2 - i) / (2 sigma^2)). All orders at once: their terms concatenated, one segmented
+    log-sum-exp.
     The binomial weights sum to 1, so A - 1 = sum_{i>=2} C(alpha, i) q^i (1-q)^(alpha-i)
     expm1((i^2 - i) / (2 sigma^2)), a sum of positive terms: log A = log1p(A - 1) keeps its
     relative precision when A - 1 is tiny (q ~ 1e-9), where log(sum) would be rounding noise.
+    Rounding allowance (added): each term's log is taken to be within 16 u (sum of the absolute
+    values of its components + 4) of the exact one (the functions used are accurate to a few
+    ulps of their value), the segmented sum within 2 (n + 4) u relative for n terms, and each
+    log, log1p within 2 u (1 + |value|).
     """
     alphas = np.asarray(alphas, dtype=np.int64)
     lens = alphas - 1  # terms i = 2..alpha
@@ -62,59 +79,18 @@ def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     log_fact = special.gammaln(k + 1)
     x = (k * k - k) / (2 * sigma**2)
     with np.errstate(divide="ignore"):  # k = 0, 1: x = 0, never indexed (i >= 2)
-        by_i = x + np.log(-np.expm1(-x)) + k * math.log(q) - k * math.log1p(-q)  # log(e^x - 1) ...
-    terms = (log_fact[a] - log_fact[i] - log_fact[a - i] + by_i[i]
-             + a.astype(np.float64) * math.log1p(-q))
+        log_em1 = np.log(-np.expm1(-x))
+    by_i = x + log_em1 + k * math.log(q) - k * math.log1p(-q)  # log(e^x - 1) ...
+    mag_i = np.abs(x) + np.abs(log_em1) + np.abs(k * math.log(q)) + np.abs(k * math.log1p(-q))
+    a_f = a.astype(np.float64)
+    terms = (log_fact[a] - log_fact[i] - log_fact[a - i] + by_i[i] + a_f * math.log1p(-q))
+    d = 16 * _U * (log_fact[a] + log_fact[i] + log_fact[a - i] + mag_i[i]
+                   + np.abs(a_f * math.log1p(-q)) + 4.0)  # log_fact >= 0 for integers
     m = np.maximum.reduceat(terms, starts)
     log_s = m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
-    return np.logaddexp(0.0, log_s)  # log(1 + S)
-
-
-_MAX_TERMS_FRAC = 1000
-_TERM_CHUNKS = (64, 256, _MAX_TERMS_FRAC)
-
-
-def _log_a_frac(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """An upper bound on log A_alpha for fractional orders (Mironov et al. 2019, Section 3.3,
-    the two series over (-inf, z0] and [z0, inf)), all orders at once.
-
-    Conservative, as dp_accounting 0.6 does: the binomial coefficients of a fractional order
-    alternate in sign past i = alpha; adding their absolute values bounds A_alpha from above
-    (so epsilon from above) and avoids cancelling subtractions in log space. A series stops at
-    the first term i where both series decrease and both terms are below the running total by
-    e^30; one that has not stopped after 1000 terms gives +inf: the order is then never the
-    minimiser. Terms are computed for 64, then 256, then 1000 indices, for the orders still open.
-    """
-    alphas = np.asarray(alphas, dtype=np.float64)
-    out = np.full(len(alphas), math.inf)
-    z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    open_rows = np.arange(len(alphas))
-    for n in _TERM_CHUNKS:
-        if not len(open_rows):
-            break
-        A = alphas[open_rows, None]
-        I = np.arange(n, dtype=np.float64)[None, :]
-        J = A - I
-        log_coef = special.gammaln(A + 1) - special.gammaln(I + 1) - special.gammaln(A - I + 1)
-        s0 = (log_coef + I * log_q + J * log_1mq + (I * I - I) / (2 * sigma**2)
-              + math.log(0.5) + _log_erfc((I - z0) / (math.sqrt(2) * sigma)))
-        s1 = (log_coef + J * log_q + I * log_1mq + (J * J - J) / (2 * sigma**2)
-              + math.log(0.5) + _log_erfc((z0 - J) / (math.sqrt(2) * sigma)))
-        with np.errstate(invalid="ignore"):  # -inf - -inf in the running sums
-            total = np.logaddexp(np.logaddexp.accumulate(s0, axis=1), np.logaddexp.accumulate(s1, axis=1))
-        stop = np.zeros(s0.shape, dtype=bool)
-        stop[:, 1:] = ((s0[:, 1:] < s0[:, :-1]) & (s1[:, 1:] < s1[:, :-1])
-                       & (np.maximum(s0, s1)[:, 1:] < total[:, 1:] - 30))
-        done = stop.any(axis=1)
-        first = stop.argmax(axis=1)
-        out[open_rows[done]] = total[np.flatnonzero(done), first[done]]
-        open_rows = open_rows[~done]
-    # log A near 0 is log(1 + tiny) computed as a difference of large terms: rounding noise
-    # (q ~ 1e-7 and below). Such an order is dropped (+inf), never used with a too-small value;
-    # the integer orders (exact log1p above) cover that regime.
-    out[out < 1e-10] = math.inf
-    return out
+    log_s = log_s + np.maximum.reduceat(d, starts) + 2 * (lens + 4) * _U + 2 * _U * (1 + np.abs(log_s))
+    out = np.logaddexp(0.0, log_s)  # log(1 + S)
+    return out * (1 + 4 * _U)  # log1p is accurate to an ulp or two of its value
 
 
 def rdp_poisson_gaussian(q: float, sigma: float, orders: Sequence[float]) -> np.ndarray:
@@ -130,7 +106,7 @@ def rdp_poisson_gaussian(q: float, sigma: float, orders: Sequence[float]) -> np.
     if is_int.any():
         out[is_int] = _log_a_int(q, sigma, alphas[is_int])
     if (~is_int).any():
-        out[~is_int] = _log_a_frac(q, sigma, alphas[~is_int])
+        out[~is_int] = rdp_frac.log_a_frac_upper(q, sigma, alphas[~is_int])
     return out / (alphas - 1)
 
 
@@ -179,27 +155,45 @@ def _checked(orders: Sequence[float], rdp: np.ndarray) -> tuple[np.ndarray, np.n
     return a, r
 
 
-def epsilon_from_rdp(orders: Sequence[float], rdp: np.ndarray, delta: float) -> float:
+def _rounded_up(r: np.ndarray, terms: int) -> np.ndarray:
+    """``r`` raised by the rounding of a sum of ``terms`` non-negative rounded values (each
+    addition or product errs by at most u relative)."""
+    return r * (1 + 2 * (int(terms) + 2) * _U)
+
+
+def epsilon_from_rdp(orders: Sequence[float], rdp: np.ndarray, delta: float, *, terms: int = 1) -> float:
     """Smallest epsilon over the orders (Canonne-Kamath-Steinke 2020, Prop. 12):
-    eps = rdp + log1p(-1/a) - log(delta * a) / (a - 1)."""
+    eps = rdp + log1p(-1/a) - log(delta * a) / (a - 1).
+    Rounded up: ``rdp`` is taken as a sum of ``terms`` rounded values (an accountant passes its
+    history's length) and raised by that rounding; the formula's own rounding (a few ulps of each
+    of its three parts) is added."""
     a, r = _checked(orders, rdp)
+    r = _rounded_up(r, terms)
     if np.any(delta**2 + np.expm1(-r) > 0):
         return 0.0  # delta >= sqrt(1 - exp(-KL)): (0, delta)-DP already
     use = a > 1.01
     if not use.any():
         return math.inf
     a, r = a[use], r[use]
-    eps = r + np.log1p(-1.0 / a) - np.log(delta * a) / (a - 1)
+    p1, p2 = np.log1p(-1.0 / a), np.log(delta * a) / (a - 1)
+    eps = r + p1 - p2 + 8 * _U * (np.abs(r) + np.abs(p1) + np.abs(p2))
     return max(0.0, float(np.min(eps)))
 
 
-def delta_from_rdp(orders: Sequence[float], rdp: np.ndarray, epsilon: float) -> float:
+def delta_from_rdp(orders: Sequence[float], rdp: np.ndarray, epsilon: float, *, terms: int = 1) -> float:
     """Smallest delta over the orders (Canonne-Kamath-Steinke 2020, Prop. 12), or the KL bound
-    delta <= sqrt(1 - exp(-rdp)) where smaller."""
+    delta <= sqrt(1 - exp(-rdp)) where smaller (Bretagnolle-Huber; RDP grows with the order, so
+    any order's value bounds the KL divergence). Rounded up as epsilon_from_rdp is."""
     a, r = _checked(orders, rdp)
+    r = _rounded_up(r, terms)
     with np.errstate(divide="ignore"):
         log_delta = np.where(r == 0, -math.inf, 0.5 * np.log1p(-np.exp(-r)))
         use = a > 1.01
-        conv = (a - 1) * (r - epsilon + np.log1p(-1.0 / a)) - np.log(a)
+        p1 = np.log1p(-1.0 / a)
+        conv = (a - 1) * (r - epsilon + p1) - np.log(a)
+        conv = conv + 8 * _U * ((a - 1) * (np.abs(r) + epsilon + np.abs(p1)) + np.log(a))
     log_delta = np.where(use, np.minimum(log_delta, conv), log_delta)
-    return min(math.exp(float(np.min(log_delta))), 1.0)
+    best = float(np.min(log_delta))
+    if best == -math.inf:
+        return 0.0
+    return min(math.exp(best + 4 * _U * (1 + abs(best))) * (1 + 2 * _U), 1.0)
