@@ -7,8 +7,6 @@ issue 14 allows it). Plus gradient accumulation over two sampled batches before 
 
 from __future__ import annotations
 
-import math
-import warnings
 
 import pytest
 import torch
