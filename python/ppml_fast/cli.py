@@ -140,7 +140,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients-per-round", type=int,
                    help="clients per round (default: all; DP-FedAvg samples each with this / clients)")
     p.add_argument("--mode", choices=("dp-fedavg", "local-dp", "none"),
-                   help="user-level DP-FedAvg (default), local DP-SGD in each client, or none")
+                   help="user-level DP-FedAvg (default), local DP-SGD in each client (sequential: "
+                   "several times slower, about 25 s of CPU with --quick here), or none")
     p.add_argument("--noise-multiplier", type=float,
                    help="sigma (default: calibrated to --target-epsilon; for local-dp each client "
                    "calibrates its own over the rounds it takes part in)")

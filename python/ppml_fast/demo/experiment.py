@@ -160,7 +160,8 @@ def _repeat(cfg: DemoConfig, run: RunSummary, private: bool, factor: float, cach
 
 def run_experiment(cfg: DemoConfig, *, progress: bool = True,
                    log: Callable[[str], None] = print) -> DemoResult:
-    """The main run, the non-private baseline and the noise sweep (sweep skipped for mode none)."""
+    """The main run, the non-private baseline and the noise sweep (sweep skipped for mode none),
+    each repeated over ``cfg.seeds`` seeds (their final accuracies in ``seed_accuracies``)."""
     cache: dict = {}
     plan_line = None
     if cfg.mode == "local-dp":
@@ -172,9 +173,8 @@ def run_experiment(cfg: DemoConfig, *, progress: bool = True,
     private = cfg.mode != "none"
     main_label = "no privacy" if not private else f"{cfg.mode}, {_label(cfg, 1.0)}"
     log(f"main run: {main_label}")
-    main = _one_run(cfg, private, 1.0, main_label, progress, cache)
+    main = _repeat(cfg, _one_run(cfg, private, 1.0, main_label, progress, cache), private, 1.0, cache)
     if not private:
-        main = _repeat(cfg, main, False, 1.0, cache) if cfg.seeds > 1 else main
         return DemoResult(config=cfg, delta=cfg.target_delta, main=main, baseline=main,
                           local_dp_plan=plan_line)
     log("baseline: the same run without privacy" + (f", {cfg.seeds} seeds" if cfg.seeds > 1 else ""))
@@ -182,11 +182,11 @@ def run_experiment(cfg: DemoConfig, *, progress: bool = True,
     sweep = []
     for factor in cfg.sweep:
         label = _label(cfg, factor)
-        if factor == 1.0:  # the main run itself: same seed, same settings
+        if factor == 1.0:  # the main run itself (and its seeds): same settings
             point = dataclasses.replace(main, label=label, seed_accuracies=list(main.seed_accuracies))
         else:
             log(f"sweep: {label}")
-            point = _one_run(cfg, True, factor, label, False, cache)
-        sweep.append(_repeat(cfg, point, True, factor, cache))
+            point = _repeat(cfg, _one_run(cfg, True, factor, label, False, cache), True, factor, cache)
+        sweep.append(point)
     return DemoResult(config=cfg, delta=cfg.target_delta, main=main, baseline=baseline, sweep=sweep,
                       local_dp_plan=plan_line)

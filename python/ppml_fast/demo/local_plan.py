@@ -113,8 +113,8 @@ def describe(plans: list[ClientPlan], cfg: DemoConfig) -> str:
                 f"client's epsilon stays capped at {cfg.target_epsilon:g} (--target-epsilon): "
                 f"a client refuses a fit that would pass it")
         if max(spent) > cfg.target_epsilon:
-            line += (f"; {sum(s > cfg.target_epsilon for s in spent)} of {len(plans)} clients "
-                     f"would need more for {fits} fits, so they will stop early")
+            line += (f"; at this sigma {sum(s > cfg.target_epsilon for s in spent)} of {len(plans)} "
+                     f"clients would pass it within {fits} fits, so they will stop early")
         return line
     return (f"local-dp: each client calibrates its own sigma (from {min(sigmas):.3g} to "
             f"{max(sigmas):.3g}) so that its {fits} planned fits spend at most epsilon "
