@@ -182,7 +182,8 @@ def test_epsilon_is_the_accountants_for_the_composed_rounds(accountant):
 
 def test_epsilon_matches_dp_accounting_rdp():
     dp_accounting = pytest.importorskip("dp_accounting")
-    s = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.05)
+    s = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.05,
+                      accountant="rdp")  # explicit since the default became "pld" (issue 17 item 3)
     ours = s.epsilon(1e-5, rounds_ahead=100)
     acc = dp_accounting.rdp.RdpAccountant()
     acc.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 100)
@@ -206,8 +207,8 @@ def test_rounds_ahead_before_the_first_round_needs_sampling_rate():
     with pytest.raises(ValueError, match="sampling_rate"):
         s.epsilon(1e-5, rounds_ahead=1)
     s = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.1)
-    want = RDPAccountant().compose(PoissonSampledEvent(0.1, GaussianEvent(1.0))).get_epsilon(1e-5)
-    assert s.epsilon(1e-5, rounds_ahead=1) == pytest.approx(want)
+    want = PLDAccountant().compose(PoissonSampledEvent(0.1, GaussianEvent(1.0))).get_epsilon(1e-5)
+    assert s.epsilon(1e-5, rounds_ahead=1) == pytest.approx(want)  # the default, PLD (issue 17 item 3)
     with pytest.raises(ValueError, match="sampling_rate"):  # 10 of 50 is q = 0.2, not 0.1
         s.configure_fit(1, torch.zeros(2), _proxies(50), 10, np.random.default_rng(0))
 
@@ -223,7 +224,7 @@ def test_state_dict_round_trip_continues_the_same_noise_and_accounting():
     _, (xb, _) = _round(b, 2, torch.zeros(64), _proxies(10), 5, zeros)
     assert torch.equal(xa, xb)
     with pytest.raises(ValueError, match="state"):
-        b.load_state_dict({"accountant_name": "rdp"})
+        b.load_state_dict({"accountant_name": "pld"})  # the default's name (issue 17 item 3), nothing else
 
 
 # ------------------------------------------------------------------ refusals and bad input

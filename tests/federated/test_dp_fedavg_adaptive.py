@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.accounting import GaussianEvent, PLDAccountant, PoissonSampledEvent, RDPAccountant
 from ppml_fast.federated import ClientProxy, DPFedAvgAdaptive, FedAvg, FitResult
 from ppml_fast.federated.dp.adaptive import update_noise_multiplier
 
@@ -74,8 +74,8 @@ def test_noise_and_accounting_use_sigma_delta_and_z():
     assert float(new.std()) == pytest.approx(sd * 0.5 / k, rel=0.01)
     assert metrics["dp_noise_std"] == pytest.approx(sd * 0.5 / k)
     assert s.accountant.history == [("gaussian", 0.2, z, 1)]
-    want = RDPAccountant().compose(PoissonSampledEvent(0.2, GaussianEvent(z))).get_epsilon(1e-5)
-    assert s.epsilon(1e-5) == pytest.approx(want, rel=1e-12)
+    want = PLDAccountant().compose(PoissonSampledEvent(0.2, GaussianEvent(z))).get_epsilon(1e-5)
+    assert s.epsilon(1e-5) == pytest.approx(want, rel=1e-12)  # the default, PLD (issue 17 item 3)
     # every norm is 0 <= C: the noised unclipped fraction is near 1 and C shrinks
     assert abs(metrics["dp_unclipped_fraction"] - 1.0) < 5 * sb / k
     assert metrics["dp_next_clip_norm"] < 0.5 and s.clip_norm == metrics["dp_next_clip_norm"]

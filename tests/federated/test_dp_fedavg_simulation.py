@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.accounting import GaussianEvent, PLDAccountant, PoissonSampledEvent
 from ppml_fast.datasets import digits
 from ppml_fast.federated import Client, DPFedAvgFixed, FedAvg, LocalDP, iid_partition, run_simulation
 from ppml_fast.federated.dp.local import local_dp_steps
@@ -32,7 +32,8 @@ def test_dp_fedavg_reports_epsilon_per_round_and_stops_at_max_epsilon(data, give
     parts, test = data
     clients = [Client(p, cid=i) for i, p in enumerate(parts)]
     sigma, q, delta = 2.0, 10 / 40, 1e-5  # 10 expected clients per round of 40
-    eps = [RDPAccountant().compose(PoissonSampledEvent(q, GaussianEvent(sigma)), r).get_epsilon(delta)
+    # the default accountant, PLD (issue 17 item 3; it was RDP)
+    eps = [PLDAccountant().compose(PoissonSampledEvent(q, GaussianEvent(sigma)), r).get_epsilon(delta)
            for r in range(1, 4)]
     runs = []
     for _ in range(2):
@@ -58,7 +59,8 @@ def test_local_dp_clients_report_epsilon_and_refuse_past_their_budget(data):
     n = clients[0].num_examples
     q, steps = local_dp_steps(n, 16, 1)
     event = PoissonSampledEvent(q, GaussianEvent(1.0))
-    e1, e2, e3 = (RDPAccountant().compose(event, k * steps).get_epsilon(1e-5) for k in (1, 2, 3))
+    # the default accountant, PLD (issue 17 item 3; it was RDP)
+    e1, e2, e3 = (PLDAccountant().compose(event, k * steps).get_epsilon(1e-5) for k in (1, 2, 3))
     dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, max_epsilon=(e2 + e3) / 2)
     h = run_simulation(_model, clients, FedAvg(), rounds=3, clients_per_round=4, lr=0.1, batch_size=16,
                        seed=1, local_dp=dp, eval_dataset=test, progress=False)

@@ -55,7 +55,8 @@ def test_epsilon_after_r_fits_is_the_accountants_for_r_times_the_steps(accountan
 def test_budget_refusal_raises_before_any_change():
     dp = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
     event = PoissonSampledEvent(0.25, GaussianEvent(1.0))
-    e2, e3 = (RDPAccountant().compose(event, k * 8).get_epsilon(1e-5) for k in (2, 3))
+    # the default accountant, PLD (issue 17 item 3; it was RDP)
+    e2, e3 = (PLDAccountant().compose(event, k * 8).get_epsilon(1e-5) for k in (2, 3))
     dp = dataclasses.replace(dp, max_epsilon=(e2 + e3) / 2)  # two fits fit, the third does not
     client = Client(_data(40))
     client.fit(_w0(), _cfg(dp, seed=1))
@@ -135,9 +136,9 @@ def test_empty_poisson_batches_are_fine():
 
 def test_switching_accountant_is_refused():
     client = Client(_data(20))
-    client.fit(_w0(), _cfg(LocalDP(1.0, 1.0, 1e-5)))
+    client.fit(_w0(), _cfg(LocalDP(1.0, 1.0, 1e-5)))  # the default, "pld" (issue 17 item 3)
     with pytest.raises(ValueError, match="accountant"):
-        client.fit(_w0(), _cfg(LocalDP(1.0, 1.0, 1e-5, accountant="pld")))
+        client.fit(_w0(), _cfg(LocalDP(1.0, 1.0, 1e-5, accountant="rdp")))
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.accounting import GaussianEvent, PLDAccountant, PoissonSampledEvent
 from ppml_fast.federated import Client, FedAvg, LocalDP, run_simulation
 from ppml_fast.federated.backends import SequentialBackend
 from ppml_fast.federated.backends.base import failed_client_epsilon, fit_one
@@ -25,8 +25,9 @@ def _one_thread(restore_threads):
 
 
 def _full_batch_eps(steps: int) -> float:
-    """A fresh accountant composed ``steps`` times with a full-batch (q = 1) DP-SGD step."""
-    return RDPAccountant().compose(PoissonSampledEvent(1.0, GaussianEvent(SIGMA)), steps).get_epsilon(DELTA)
+    """A fresh accountant (the default, PLD since issue 17 item 3; it was RDP) composed
+    ``steps`` times with a full-batch (q = 1) DP-SGD step."""
+    return PLDAccountant().compose(PoissonSampledEvent(1.0, GaussianEvent(SIGMA)), steps).get_epsilon(DELTA)
 
 
 def _failing(client: Client, **kw) -> FailsAfterSteps:
@@ -60,7 +61,7 @@ def test_history_epsilon_counts_the_failed_clients_steps_sequential():
                        batch_size=8, local_dp=dp, progress=False, backend=SequentialBackend())
     want = _full_batch_eps(2)
     q, steps = local_dp_steps(30, 8, 1)
-    healthy = RDPAccountant().compose(PoissonSampledEvent(q, GaussianEvent(SIGMA)), steps).get_epsilon(DELTA)
+    healthy = PLDAccountant().compose(PoissonSampledEvent(q, GaussianEvent(SIGMA)), steps).get_epsilon(DELTA)
     assert healthy < want  # the failed client is the one that spent the most
     row = h.rounds[0]
     assert row["clients"] == [0, 2, 3]
@@ -104,7 +105,7 @@ def test_a_nonfinite_local_dp_result_still_counts_its_epsilon():
 
 def test_state_after_lost_fit_is_the_whole_fit_unless_the_client_would_refuse():
     dp = LocalDP(noise_multiplier=SIGMA, max_grad_norm=1.0, delta=DELTA)
-    state = LocalDPState("rdp")
+    state = LocalDPState("pld")  # the default accountant (issue 17 item 3; it was "rdp")
     state.accountant.compose(PoissonSampledEvent(1.0, GaussianEvent(SIGMA)), 2)
     before = state.state_dict()
     lost = state_after_lost_fit(state, dp, 30, 30, 4)  # full batch, 4 epochs: 4 steps at q = 1
@@ -114,7 +115,7 @@ def test_state_after_lost_fit_is_the_whole_fit_unless_the_client_would_refuse():
     assert state_after_lost_fit(None, dp, 0, 8, 1).epsilon(DELTA) == 0.0  # no example: no step
     capped = LocalDP(noise_multiplier=SIGMA, max_grad_norm=1.0, delta=DELTA, max_epsilon=_full_batch_eps(5))
     assert state_after_lost_fit(state, capped, 30, 30, 4) is state  # refused before training
-    other = LocalDP(noise_multiplier=SIGMA, max_grad_norm=1.0, delta=DELTA, accountant="pld")
+    other = LocalDP(noise_multiplier=SIGMA, max_grad_norm=1.0, delta=DELTA, accountant="rdp")
     assert state_after_lost_fit(state, other, 30, 30, 4) is state  # refused: another accountant
     with pytest.raises(TypeError, match="local_dp"):
         state_after_lost_fit(state, {"noise_multiplier": 1.0}, 30, 30, 4)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ppml_fast
-from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.accounting import GaussianEvent, PLDAccountant, PoissonSampledEvent
 from ppml_fast.privacy import (
     BatchMemoryManager,
     DPDataLoader,
@@ -66,7 +66,8 @@ def test_opacus_loop_shape_and_epsilon():
             loss.backward()
             opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    want = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(1.0)), 8).get_epsilon(1e-5)
+    # the default accountant is PLD (issue 17 item 3; it was RDP)
+    want = PLDAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(1.0)), 8).get_epsilon(1e-5)
     assert engine.get_epsilon(1e-5) == pytest.approx(want, rel=1e-12)
     assert opt.steps == 8
 
@@ -98,7 +99,8 @@ def test_budget_stop_raises_before_any_change():
             opt.step()
             steps_done += 1
     assert err.value.epsilon > 2.0 >= engine.get_epsilon(1e-5)
-    assert steps_done == 2 and opt.steps == 2  # epsilons 1.60, 1.97, then 2.25 > 2
+    # default PLD accountant (issue 17 item 3; RDP stopped after 2: 1.60, 1.97, then 2.25)
+    assert steps_done == 3 and opt.steps == 3  # epsilons 1.35, 1.68, 1.93, then 2.14 > 2
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert engine.get_epsilon(1e-5) == eps_before and opt.offset == offset_before
     assert ppml_fast.PrivacyBudgetExceeded is PrivacyBudgetExceeded
@@ -185,8 +187,8 @@ def test_make_private_with_epsilon_meets_the_target():
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
         target_epsilon=3.0, target_delta=1e-5, epochs=5, max_grad_norm=1.0)
     steps = 5 * len(loader)
-    eps = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(opt.noise_multiplier)), steps).get_epsilon(1e-5)
-    assert 2.95 <= eps <= 3.0
+    eps = PLDAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(opt.noise_multiplier)), steps).get_epsilon(1e-5)
+    assert 2.95 <= eps <= 3.0  # calibrated with the default accountant, PLD (issue 17 item 3)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +224,7 @@ def test_noise_schedule_is_accounted_step_by_step_and_resumes():
             _train(model, opt, fixed, 1)
         sched.step()
     assert sigmas == pytest.approx([1.0, 1.0, 0.9, 0.9, 0.81, 0.81])
-    want = RDPAccountant().compose(ComposedEvent(tuple(
+    want = PLDAccountant().compose(ComposedEvent(tuple(  # the default accountant (issue 17 item 3)
         PoissonSampledEvent(0.25, GaussianEvent(s)) for s in sigmas))).get_epsilon(1e-5)
     assert engine.get_epsilon(1e-5) == pytest.approx(want, rel=1e-12)
     # resume: the optimizer's state carries sigma, the scheduler's its epoch
@@ -295,7 +297,7 @@ def test_opacus_mnist_example_loop_runs_unchanged():
     with torch.no_grad():
         model(torch.randn(4, 1, 28, 28))
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert epsilon == pytest.approx(RDPAccountant().compose(
+    assert epsilon == pytest.approx(PLDAccountant().compose(  # the default (issue 17 item 3)
         PoissonSampledEvent(1 / 3, GaussianEvent(1.1)), 3).get_epsilon(1e-5))
     assert list(model.state_dict())[0] == "_module.conv1.weight"  # Opacus's GradSampleModule prefix
 

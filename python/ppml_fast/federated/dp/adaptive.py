@@ -73,7 +73,7 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, initial_clip_norm: float = 0.1,
                  target_clipped_quantile: float = 0.5, clip_norm_lr: float = 0.2,
                  clipped_count_stddev: Optional[float] = None, sampling_rate: Optional[float] = None,
-                 accountant: str = "rdp", secure_mode: bool = False, seed: Optional[int] = None) -> None:
+                 accountant: str = "pld", secure_mode: bool = False, seed: Optional[int] = None) -> None:
         super().__init__(strategy, noise_multiplier=noise_multiplier, clip_norm=_positive(
             "initial_clip_norm", initial_clip_norm), sampling_rate=sampling_rate,
             accountant=accountant, secure_mode=secure_mode, seed=seed)

@@ -88,7 +88,8 @@ class DPFedAvgFixed(StrategyWrapper):
             ``clients_per_round / len(clients)`` there); None: q = clients_per_round / N, set
             by each ``configure_fit``. When given, ``configure_fit`` refuses a round whose q
             differs.
-        accountant: "rdp" or "pld".
+        accountant: "pld" (the default: privacy loss distributions, tight) or "rdp" (Rényi DP, an
+            upper bound, looser).
         secure_mode: ChaCha20 noise keyed from OS entropy, and client sampling from the OS
             CSPRNG (a ``seed`` is then an error).
         seed: a noise seed in [0, 2**64) for reproducible noise (no privacy against whoever
@@ -96,7 +97,7 @@ class DPFedAvgFixed(StrategyWrapper):
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip_norm: float,
-                 sampling_rate: Optional[float] = None, accountant: str = "rdp",
+                 sampling_rate: Optional[float] = None, accountant: str = "pld",
                  secure_mode: bool = False, seed: Optional[int] = None) -> None:
         super().__init__(strategy)
         _check_inner(strategy)

@@ -66,7 +66,8 @@ class LocalDP:
         delta: δ at which each client's ε is reported and its budget checked, in (0, 1).
         max_epsilon: a client refuses (``PrivacyBudgetExceeded``, before training) a fit after
             which its ε at ``delta`` would exceed this; None: no limit.
-        accountant: "rdp" or "pld" (the client's accountant; fixed at its first DP fit).
+        accountant: "pld" (the default; tight) or "rdp" (an upper bound) (the client's accountant;
+            fixed at its first DP fit).
         secure_mode: ChaCha20 noise keyed from OS entropy and Poisson sampling from the OS
             CSPRNG (not reproducible by design).
         noise_seed: reproducible noise (no privacy against whoever knows it; not with
@@ -77,7 +78,7 @@ class LocalDP:
     max_grad_norm: float
     delta: float
     max_epsilon: Optional[float] = None
-    accountant: str = "rdp"
+    accountant: str = "pld"
     secure_mode: bool = False
     noise_seed: Optional[int] = None
 
@@ -104,7 +105,7 @@ class LocalDPState:
     """A client's own privacy state across rounds: its accountant, the Philox offset where its
     next noise starts, and how many DP fits it has completed. Lives on the client (device)."""
 
-    def __init__(self, accountant: str = "rdp") -> None:
+    def __init__(self, accountant: str = "pld") -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}; got {accountant!r}")
         self.accountant_name = accountant
