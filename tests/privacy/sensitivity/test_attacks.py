@@ -4,7 +4,11 @@ over the batch; a custom torch.func layer that does it), plus loop details an at
 choose: a Poisson loader (expected batch size != batch size), an empty neighbour batch, the sum
 reduction, a frozen layer in the middle, and a non-finite record dropped with nonfinite="drop".
 Each: the clipped sum equals the per-record reference and one record moves it by at most the
-bound, or the engine refuses before any parameter changes (``refuse_ok``)."""
+bound, or the engine refuses before any parameter changes (``refuse_ok``).
+
+Not here: a loss that mixes records (InfoNCE over the batch on :class:`Embedder`) moves the sum
+by 2.72 C, but the engine never sees the loss function, so only the checker, which does, can
+flag it (test_checker)."""
 
 from __future__ import annotations
 
@@ -106,6 +110,15 @@ class FrozenMiddle(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.mid(torch.tanh(self.fc1(x)))).mean(1))
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(x).mean(1)
 
 
 def _seq():

@@ -91,3 +91,16 @@ def test_checker_flags_records_mixed_by_centering():
     report = check_sensitivity(kw["build"](), nn.functional.cross_entropy, (kw["inputs"], kw["target"]),
                                max_grad_norm=1.0, trials=8)
     assert report.refused or not report.ok, f"a model mixing records passed the checker: {report}"
+
+
+def test_checker_flags_a_loss_that_mixes_records():
+    """InfoNCE over the batch: every row of the model is a record, but record i's loss depends on
+    every other record's embedding; removing one record moves the clipped sum by 2.72 C
+    (measured through the engine). The engine cannot see the loss; the checker, given it, must
+    flag it."""
+    def infonce(z, target):
+        return nn.functional.cross_entropy(z @ z.T, torch.arange(z.shape[0]))
+
+    report = check_sensitivity(attacks._seeded(attacks.Embedder)(), infonce,
+                               (attacks.COMMON["inputs"], attacks.COMMON["target"]), max_grad_norm=1.0, trials=8)
+    assert report.refused or (not report.ok and report.max_ratio > 1.5), str(report)
