@@ -49,6 +49,13 @@ def test_robust_strategies_run_without_dp_fedavg_and_are_refused_before_training
     assert "--mode local-dp or --mode none" in err and "main run" not in err and not out.exists()
 
 
+def test_krum_runs_under_local_dp(tmp_path, capsys):
+    assert main(SMALL + ["--mode", "local-dp", "--strategy", "krum", "--no-plot",
+                         "--output", str(tmp_path)]) == 0
+    rounds = _report(tmp_path)["main"]["rounds"]
+    assert not any(r["skipped"] for r in rounds) and 0 < rounds[-1]["epsilon"] <= 8.0
+
+
 def test_local_dp_each_client_plans_its_rounds_within_the_target():
     cfg = DemoConfig(mode="local-dp", clients=10, rounds=5)
     sizes = [1, 7, 16, 17, 40, 130]  # one step per fit at q=1 up to 9 steps at q=1/9
@@ -104,7 +111,8 @@ def test_output_naming_a_file_fails_before_training(tmp_path, capsys):
 
 def test_ray_backend_without_ray_is_one_line(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
     assert main(SMALL + ["--backend", "ray", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'ppml_fast[ray]'" in err

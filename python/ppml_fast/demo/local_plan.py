@@ -76,10 +76,10 @@ def plan_clients(cfg: DemoConfig, sizes: list[int], *, factor: float = 1.0,
             sigma, cap = cfg.noise_multiplier * factor, cfg.target_epsilon
         else:
             key = ("sigma", q, steps)
-            if key not in cache:
+            if key not in cache:  # tolerance: min(0.2, 1% of the target)
                 cache[key] = get_noise_multiplier(
                     target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=q,
-                    steps=max(steps, 1), accountant=cfg.accountant, epsilon_tolerance=0.2)  # within 1% of the target
+                    steps=max(steps, 1), accountant=cfg.accountant, epsilon_tolerance=0.2)
             sigma, cap = cache[key] * factor, None
         key = ("eps", q, steps, sigma)
         if key not in cache:

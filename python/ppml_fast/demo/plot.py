@@ -60,10 +60,10 @@ def _privacy_vs_utility(ax, result: DemoResult) -> None:
     pts = sorted(((r.final_epsilon, *_mean_std(r), r) for r in private if r.final_epsilon is not None),
                  key=lambda p: p[0])
     if pts:
-        bars = any(len(p[3].seed_accuracies) > 1 for p in pts)
+        seeds = max(len(p[3].seed_accuracies) for p in pts)
+        bars = seeds > 1
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if bars else None,
-                    fmt="o-", capsize=4,
-                    label="private runs" + (f" (mean +- sd, {len(pts[0][3].seed_accuracies)} seeds)" if bars else ""))
+                    fmt="o-", capsize=4, label="private runs" + (f" (mean +- sd, {seeds} seeds)" if bars else ""))
         for e, a, _, r in pts:
             tag = r.label + (" (main run)" if r.noise_multiplier == result.main.noise_multiplier else "")
             ax.annotate(tag, (e, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
