@@ -73,7 +73,8 @@ def test_opacus_rows_are_errors_when_opacus_is_missing(monkeypatch):
     assert rows["nonprivate"]["ratio"] is not None
     for key in ("opacus_hooks", "opacus_ghost"):
         assert rows[key]["median_ms"] is None
-        assert "ImportError" in rows[key]["error"] or "ModuleNotFoundError" in rows[key]["error"]
+        # not a failure: the bench extra is missing, and the row says so
+        assert rows[key]["error"] == "not installed: opacus (pip install 'ppml_fast[bench]')"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus: backward hooks, secure RNG

@@ -298,7 +298,11 @@ def _measure_here(case_key: str, impl_key: str, sizes: str, steps: int,
     cuda = inputs["device"] == "cuda"
     try:
         fn = impl.make(inputs)
-    except Exception as e:  # a baseline that refuses the model (or is not installed)
+    except ImportError as e:  # a baseline whose package is missing
+        from ppml_fast.benchmarks.run import not_installed
+
+        return {"error": not_installed(e)}
+    except Exception as e:  # a baseline that refuses the model
         return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"}
     gc.collect()
     if cuda:
@@ -386,7 +390,7 @@ def format_peak_memory(rows: list[dict]) -> str:
     head = ("case", "implementation", " / ".join(what[k] for k in kinds), "before MiB")
     cells = [head] + [
         (str(r["case"]), str(r["impl"]),
-         "failed" if r.get("error") else f"{r['growth_mb']:.1f}",
+         (_short(r["error"]) if r.get("error") else f"{r['growth_mb']:.1f}"),
          "-" if r.get("error") else f"{r.get('before_mb', r.get('rss_before_mb')):.0f}")
         for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
@@ -394,9 +398,14 @@ def format_peak_memory(rows: list[dict]) -> str:
                        for i, (v, w) in enumerate(zip(c, widths))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.extend(_MEMORY_NOTES[k] for k in kinds)
-    lines.extend(f"failed: {r['impl']} at {r['case']}: {r['error']}"
-                 for r in rows if r.get("error"))
+    lines.extend(("" if _short(r["error"]) == "not installed" else "failed: ")
+                 + f"{r['impl']} at {r['case']}: {r['error']}" for r in rows if r.get("error"))
     return "\n".join(lines)
+
+
+def _short(error: str) -> str:
+    """A memory cell's text for a row that has no number: 'not installed' or 'failed'."""
+    return "not installed" if str(error).startswith("not installed") else "failed"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
