@@ -60,6 +60,9 @@ def test_bench_says_which_extra_a_missing_baseline_needs():
     table = format_table(rows)
     assert "Opacus at case: not installed: opacus (pip install 'ppml_fast[bench]')" in table
     assert "failed: Opacus" not in table and "failed: Other at case: RuntimeError: boom" in table
+    rows_text = [line for line in table.splitlines() if line.startswith("case ")]
+    assert any("Opacus" in line and "not installed" in line for line in rows_text)
+    assert any("Other" in line and "failed" in line for line in rows_text)
 
 
 def test_audit_no_noise_is_refuted_and_the_counts_are_explained():

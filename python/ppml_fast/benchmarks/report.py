@@ -74,7 +74,8 @@ def _cells(row: Row) -> tuple[str, ...]:
     return (
         str(row["case"]),
         str(row["impl"]),
-        "failed" if failed else f"{row['median_ms']:.2f}",
+        (("not installed" if str(row.get("error") or "").startswith("not installed") else "failed")
+         if failed else f"{row['median_ms']:.2f}"),
         "-" if failed else f"{row['iqr_ms']:.2f}",
         "-" if failed else str(row["runs"]),
         "-" if r is None else f"{r:.2f}x",
