@@ -8,22 +8,35 @@ prove it: a model that reshapes (B, T, d) to (B*T, d) before a Linear, a sequenc
 under ``batch_first=True`` or an operation that mixes the records of a batch (``x - x.mean(0)``)
 all give layers whose rows are not records, and when B = T the shapes even agree.
 
-:func:`verify` runs the user's model on the batch itself, three ways, before the real forward of
-a new input layout (same RNG state for each, so dropout draws the same masks; buffers and
-gradients restored afterwards):
+:func:`verify` runs the user's model on the batch itself, several ways, before the real forward
+of a new input layout (same RNG state for each, so dropout draws the same masks; buffers and
+gradients restored afterwards). It tests the records in groups: for each bit b of a record's
+index, the group S of records whose bit b is 1 and the group of those whose bit b is 0
+(2 ceil(log2 B) groups; any two records i != j are told apart by some bit, so some group holds
+i and not j: non-adaptive group testing, as in Du and Hwang, Combinatorial Group Testing, ch. 1):
 
-1. forward and backward with a cotangent on record k's rows of the model's outputs only: the
-   output gradient every captured call receives must vanish outside row k (else a row of that
-   layer feeds several records: e.g. ``pos_emb(ids)[0]`` broadcast to every record);
-2. forward with record k's input perturbed: every captured call's rows other than k, and every
-   input of a call that is not per record (leading size != B), must be unchanged (else the layer
-   mixes records);
-3. the same with another record.
+1. forward and backward with a cotangent on the rows of the model's outputs of the records in S
+   only: the output gradient every captured call receives must vanish outside S (else a row of
+   that layer feeds another record: e.g. ``pos_emb(ids)[0]`` broadcast to every record);
+2. forward with the inputs of the records in S perturbed: every captured call's rows outside S,
+   and every input of a call that is not per record (leading size != B), must be unchanged
+   (else the layer mixes records).
+
+Testing only a few records is not enough: a model that swaps records 0 and 1 inside a layer, or
+centres the activations of the first half of the batch, passed a probe of records B//2 and B-1
+and moved the clipped sum by up to 1.9 C (tests/privacy/sensitivity/test_review_attacks.py).
+The groups are perturbed with independent random values, so a dependence of row j on record i
+is missed only if the perturbations cancel exactly at row j (probability zero for the
+continuous perturbations of floating-point inputs).
 
 A call whose rows cannot be tied to records raises :class:`UnsupportedModuleError` naming the
 layer, before any gradient exists. A layout is verified once (the input tensors' ranks, dtypes and
 non-record sizes, and the training flag); batches of fewer than two records are not evidence and
-are checked again later. The cost is two extra forwards and one backward per new layout.
+are checked again later. The cost is 2 ceil(log2 B) + 1 forwards and 2 ceil(log2 B) backwards
+(through one retained graph) per probed batch, twice (synthetic and real batch), once per
+layout. What a probe cannot see: a model whose mixing depends on something that differs between
+the probed batch and later ones (its batch size, a call counter, a trigger value in a record
+that arrives later); see the security notes of :func:`verify`.
 """
 
 from __future__ import annotations
@@ -71,19 +84,34 @@ def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool) -> tupl
     return tuple(sig), bool(training)
 
 
-def _perturbed(x: torch.Tensor, dim: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """``x`` with record ``k`` (index ``k`` along ``dim``) changed; other records untouched."""
+def groups(size: int) -> list[list[int]]:
+    """For each bit b of a record index < ``size``: the records whose bit b is 1, and those whose
+    bit b is 0 (every pair of records is separated by some group; see the module docstring)."""
+    out = []
+    for b in range(max(1, (size - 1).bit_length())):
+        ones = [i for i in range(size) if i >> b & 1]
+        out += [ones, [i for i in range(size) if not i >> b & 1]]
+    return [g for g in out if g]
+
+
+def _perturbed(x: torch.Tensor, dim: int, ks: list[int], gen: torch.Generator) -> torch.Tensor:
+    """``x`` with the records ``ks`` (indices along ``dim``) changed; other records untouched."""
     y = x.detach().clone()
-    row = y.select(dim, k)
-    if y.dtype == torch.bool:
+    for k in ks:
+        _perturb_row(x, y.select(dim, k), gen)
+    return y
+
+
+def _perturb_row(x: torch.Tensor, row: torch.Tensor, gen: torch.Generator) -> None:
+    """Changes ``row`` (one record of a copy of ``x``) in place."""
+    if row.dtype == torch.bool:
         row.logical_not_()
-    elif y.is_floating_point() or y.is_complex():
+    elif row.is_floating_point() or row.is_complex():
         scale = float(row.abs().max()) + 1.0 if row.numel() else 1.0
         row.add_(torch.randn(row.shape, generator=gen).to(row) * scale)
     elif row.numel():  # token ids: values taken from elsewhere in the batch (valid ids)
         pick = torch.randint(0, x.numel(), row.shape, generator=gen)
         row.copy_(x.detach().reshape(-1).cpu()[pick].to(row))
-    return y
 
 
 def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
@@ -178,17 +206,21 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> None:
     bf = private.recorder.batch_first
     names = {id(m): n or "the model" for n, m in private._module.named_modules()}
     gen = torch.Generator().manual_seed(size)
-    ks = sorted({size - 1, size // 2})
+    sets = groups(size)
+
+    def backward_checks(probe):
+        for i, ks in enumerate(sets):
+            _check_gradients(probe, ks, size, bf, names, retain=i + 1 < len(sets))
+
     with _restored(private._module) as rng:
         for a, kw in (_synthetic(args, kwargs, size, bf, gen), (args, kwargs)):
             x = primary(a, kw)
             dim = record_dim(x, bf)
-            base = _Probe(private, a, kw, size, rng,
-                          then=lambda probe: _check_gradients(probe, ks[0], size, bf, names))
-            for k in ks:
-                a2, k2 = _replace(a, kw, x, _perturbed(x, dim, k, gen))
+            base = _Probe(private, a, kw, size, rng, then=backward_checks)
+            for ks in sets:
+                a2, k2 = _replace(a, kw, x, _perturbed(x, dim, ks, gen))
                 other = _Probe(private, a2, k2, size, rng)
-                _check_rows(base, other, k, size, bf, names)
+                _check_rows(base, other, ks, size, bf, names)
 
 
 def _synthetic(args: tuple, kwargs: dict, size: int, bf: bool, gen: torch.Generator):
@@ -207,7 +239,8 @@ def _label(call, names) -> str:
     return f"{names.get(id(call.module), '?')} ({type(call.module).__name__})"
 
 
-def _check_gradients(probe: _Probe, k: int, size: int, bf: bool, names) -> None:
+def _check_gradients(probe: _Probe, ks: list[int], size: int, bf: bool, names,
+                     retain: bool = False) -> None:
     outs = [t for t in leaves(probe.output) if t.is_floating_point() and t.requires_grad
             and t.dim() > 0 and t.shape[record_dim(t, bf)] == size]
     if not outs:
@@ -215,24 +248,34 @@ def _check_gradients(probe: _Probe, k: int, size: int, bf: bool, names) -> None:
     cots = []
     for t in outs:
         c = torch.zeros_like(t)
-        c.select(record_dim(t, bf), k).normal_()
+        for k in ks:
+            c.select(record_dim(t, bf), k).normal_()
         cots.append(c)
-    torch.autograd.backward(outs, cots)
+    for call in probe.calls:  # each group's backward alone (the sinks accumulate)
+        call.grad = None
+    torch.autograd.backward(outs, cots, retain_graph=retain)
+    k = _show(ks)
     for call in probe.calls:
         for g in leaves(call.grad):
             if g is None or g.dim() == 0:
                 continue
             if g.shape[0] != size:
                 raise _refuse(call, names, "its output is not per record (leading size "
-                              f"{g.shape[0]}, batch of {size} records) and reaches record {k}'s output")
+                              f"{g.shape[0]}, batch of {size} records) and reaches the output of {k}")
             rows = (g.detach().reshape(size, -1).abs().amax(1) > 0).cpu()
-            rows[k] = False
+            rows[ks] = False
             if bool(rows.any()):
                 raise _refuse(call, names, f"row(s) {rows.nonzero().flatten().tolist()[:5]} of its "
-                              f"output reach the output of record {k}: its rows are not records")
+                              f"output reach the output of {k}: its rows are not records")
 
 
-def _check_rows(base: _Probe, other: _Probe, k: int, size: int, bf: bool, names) -> None:
+def _show(ks: list[int]) -> str:
+    """``ks`` for a message: 'record 3', or 'records [0, 2, 4, ...]' (the group perturbed)."""
+    return f"record {ks[0]}" if len(ks) == 1 else f"records {ks[:6]}{' ...' if len(ks) > 6 else ''}"
+
+
+def _check_rows(base: _Probe, other: _Probe, ks: list[int], size: int, bf: bool, names) -> None:
+    k = _show(ks)
     if [id(c.module) for c in base.calls] != [id(c.module) for c in other.calls]:
         raise UnsupportedModuleError(
             "the model's layers ran differently when one record of the batch changed (data-"
@@ -242,21 +285,21 @@ def _check_rows(base: _Probe, other: _Probe, k: int, size: int, bf: bool, names)
         for a, b in zip(call_tensors(cb), call_tensors(co)):
             if a.dim() and a.shape[0] == size:
                 rows = _changed(a, b)
-                rows[k] = False
+                rows[ks] = False
                 if bool(rows.any()):
                     raise _refuse(cb, names, f"row(s) {rows.nonzero().flatten().tolist()[:5]} of its "
-                                  f"input changed when only record {k} changed")
+                                  f"input changed when only {k} changed")
             elif bool(_changed(a.reshape(1, -1), b.reshape(1, -1)).any()):
                 raise _refuse(cb, names, f"an input that is not per record (shape "
-                              f"{tuple(a.shape)}, batch of {size}) changed when record {k} changed")
+                              f"{tuple(a.shape)}, batch of {size}) changed when {k} changed")
     for a, b in zip(leaves(base.output), leaves(other.output)):
         if a.dim() and a.shape[record_dim(a, bf)] == size:
             rows = _changed(a.movedim(record_dim(a, bf), 0), b.movedim(record_dim(b, bf), 0))
-            rows[k] = False
+            rows[ks] = False
             if bool(rows.any()):
                 raise UnsupportedModuleError(
                     f"the model's output rows {rows.nonzero().flatten().tolist()[:5]} changed when "
-                    f"only record {k} of the batch changed: the model mixes the records of a batch "
+                    f"only {k} of the batch changed: the model mixes the records of a batch "
                     "(per-sample gradients do not exist)")
 
 
