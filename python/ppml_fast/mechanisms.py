@@ -1,10 +1,16 @@
 """Data-level and prediction-level DP mechanisms: Gaussian, Laplace, randomized response and
-report-noisy-max. Each returns its result and the accounting event it spent, so one accountant
-(or a :class:`ppml_fast.accounting.ledger.PrivacyLedger`) composes them with DP training::
+report-noisy-max. Record first, release second (DESIGN.md invariant 4): pass a
+:class:`~ppml_fast.accounting.ledger.PrivacyLedger` and the data set, and the spend is durably
+recorded (and checked against the budget) before any noise is drawn::
 
-    rng = NoiseSource(seed=0)                     # or NoiseSource(secure=True)
-    mean, event = gaussian_mechanism(x.mean(0), sensitivity=1 / n, noise_multiplier=2.0, rng=rng)
-    accountant.compose(event)
+    ledger = PrivacyLedger("privacy.ledger")
+    ledger.add_dataset("survey", epsilon_budget=3.0, delta=1e-6)
+    mean, event = gaussian_mechanism(x.mean(0), sensitivity=1 / n, noise_multiplier=2.0,
+                                     ledger=ledger, dataset="survey")
+
+Each mechanism also returns the event it spent. Composing it into an accountant afterwards
+(``accountant.compose(event)``) records it only after the value exists: a crash in between
+releases a value nobody counted, so use ``ledger=`` wherever the release leaves the process.
 
 All noise comes from the native noise op (``ppml_fast.ops.add_gaussian_noise_``): Philox keyed
 by a seed (reproducible), or ChaCha20 keyed from OS entropy with ``secure=True``. Inputs are
@@ -22,6 +28,7 @@ import torch
 from ppml_fast.accounting import _checks
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma
 from ppml_fast.accounting.events import Event, GaussianEvent, LaplaceEvent, RandomizedResponseEvent
+from ppml_fast.accounting.ledger import PrivacyLedger
 from ppml_fast.laplace_sampling import unbounded_exponential, unbounded_laplace
 from ppml_fast.noise_keys import NoiseStream
 from ppml_fast.ops import add_gaussian_noise_
@@ -124,6 +131,20 @@ def _one_of(names: Tuple[str, str], values: Tuple[object, object]) -> None:
         raise ValueError(f"pass exactly one of {names[0]} and {names[1]}")
 
 
+def _record(ledger: Optional[PrivacyLedger], dataset: Optional[str], what: Optional[str],
+            event: Event, default_what: str) -> None:
+    """Spends ``event`` on ``ledger`` (durably, budget-checked) before the caller draws noise."""
+    if ledger is None:
+        if dataset is not None or what is not None:
+            raise ValueError("dataset and what describe a ledger spend; pass ledger= too")
+        return
+    if not isinstance(ledger, PrivacyLedger):
+        raise TypeError(f"ledger must be a PrivacyLedger or None; got {type(ledger).__name__}")
+    if dataset is None:
+        raise ValueError("ledger= needs dataset=, the name of the data set the release spends on")
+    ledger.spend(dataset, event, what=default_what if what is None else what)
+
+
 def gaussian_mechanism(
     value: Value,
     *,
@@ -132,6 +153,9 @@ def gaussian_mechanism(
     epsilon: Optional[float] = None,
     delta: Optional[float] = None,
     rng: Optional[NoiseSource] = None,
+    ledger: Optional[PrivacyLedger] = None,
+    dataset: Optional[str] = None,
+    what: Optional[str] = None,
 ) -> Tuple[Value, Event]:
     """``value + N(0, (noise_multiplier * sensitivity)^2)`` element-wise.
 
@@ -141,6 +165,10 @@ def gaussian_mechanism(
         epsilon, delta: the smallest noise for one (epsilon, delta)-DP release, by the analytic
             Gaussian mechanism (Balle & Wang 2018, Thm. 8).
         rng: where the noise comes from (default: a fresh secure source).
+        ledger, dataset, what: record the release's event in ``ledger`` under ``dataset``
+            (described by ``what``; default the mechanism's name) before any noise is drawn:
+            durably first, released second; PrivacyBudgetExceeded (nothing drawn) when it
+            would pass the data set's budget. The documented way to release.
 
     Returns:
         (noisy value, ``GaussianEvent(noise_multiplier)``).
@@ -155,7 +183,9 @@ def gaussian_mechanism(
     elif delta is not None:
         raise ValueError("delta is only used with epsilon; got delta without epsilon")
     event = GaussianEvent(noise_multiplier)
-    noise = _rng(rng).normal(tuple(t.shape))
+    source = _rng(rng)
+    _record(ledger, dataset, what, event, "gaussian_mechanism")
+    noise = source.normal(tuple(t.shape))
     out = (t.double() + noise * (event.noise_multiplier * sensitivity)).to(t.dtype)
     return _back(out, kind), event
 
@@ -167,12 +197,19 @@ def laplace_mechanism(
     scale: Optional[float] = None,
     epsilon: Optional[float] = None,
     rng: Optional[NoiseSource] = None,
+    ledger: Optional[PrivacyLedger] = None,
+    dataset: Optional[str] = None,
+    what: Optional[str] = None,
 ) -> Tuple[Value, Event]:
     """``value + Laplace(0, scale * sensitivity)`` element-wise: pure (1/scale)-DP.
 
     Args:
         sensitivity: L1 sensitivity of ``value`` (over all its elements) to one record.
         scale: noise scale as a multiple of the sensitivity; or ``epsilon`` (scale = 1/epsilon).
+        ledger, dataset, what: record the release's event in ``ledger`` under ``dataset``
+            (described by ``what``; default the mechanism's name) before any noise is drawn:
+            durably first, released second; PrivacyBudgetExceeded (nothing drawn) when it
+            would pass the data set's budget. The documented way to release.
 
     Returns:
         (noisy value, ``LaplaceEvent(scale)``).
@@ -191,7 +228,9 @@ def laplace_mechanism(
     if epsilon is not None:
         scale = 1.0 / _checks.positive("epsilon", epsilon)
     event = LaplaceEvent(scale)
-    lap = unbounded_laplace(_rng(rng).normal, tuple(t.shape))
+    source = _rng(rng)
+    _record(ledger, dataset, what, event, "laplace_mechanism")
+    lap = unbounded_laplace(source.normal, tuple(t.shape))
     out = (t.double() + lap * (event.scale * sensitivity)).to(t.dtype)
     return _back(out, kind), event
 
@@ -203,13 +242,17 @@ def randomized_response(
     epsilon: Optional[float] = None,
     noise_parameter: Optional[float] = None,
     rng: Optional[NoiseSource] = None,
+    ledger: Optional[PrivacyLedger] = None,
+    dataset: Optional[str] = None,
+    what: Optional[str] = None,
 ) -> Tuple[Union[torch.Tensor, np.ndarray], Event]:
     """k-ary randomized response on integer ``values`` in [0, num_buckets): each is replaced,
     with probability ``noise_parameter``, by a uniformly random bucket (Warner 1965).
 
     Pass ``epsilon`` (local DP: any two inputs' output distributions within e^epsilon) or
     ``noise_parameter``. Returns (responses with the input's type and dtype,
-    ``RandomizedResponseEvent``) — the event of one respondent's value.
+    ``RandomizedResponseEvent``) — the event of one respondent's value. ``ledger``, ``dataset``,
+    ``what``: as in :func:`gaussian_mechanism` (recorded before any randomness is drawn).
     """
     if isinstance(values, np.ndarray):
         t, kind = torch.from_numpy(values), "numpy"
@@ -229,7 +272,9 @@ def randomized_response(
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_buckets):
         raise ValueError(f"values must be in [0, num_buckets={num_buckets}); got range "
                          f"[{int(t.min())}, {int(t.max())}]")
-    u = _rng(rng).uniform((2,) + tuple(t.shape))
+    source = _rng(rng)
+    _record(ledger, dataset, what, event, "randomized_response")
+    u = source.uniform((2,) + tuple(t.shape))
     random_bucket = torch.clamp((u[1] * num_buckets).long(), max=num_buckets - 1)
     out = torch.where(u[0] < event.noise_parameter, random_bucket, t.long()).to(t.dtype)
     return (out.numpy() if kind == "numpy" else out), event
@@ -242,6 +287,9 @@ def report_noisy_max(
     noise_multiplier: Optional[float] = None,
     laplace_scale: Optional[float] = None,
     rng: Optional[NoiseSource] = None,
+    ledger: Optional[PrivacyLedger] = None,
+    dataset: Optional[str] = None,
+    what: Optional[str] = None,
 ) -> Tuple[Union[torch.Tensor, np.ndarray], Event]:
     """The index of the largest noisy score along the last dimension (e.g. a label from
     per-class vote counts; rows of a 2-D ``scores`` are separate queries).
@@ -251,16 +299,19 @@ def report_noisy_max(
     (``laplace_scale``; ``sensitivity`` in L1) is the classic report-noisy-max. Accounted
     conservatively, as the release of every noisy score (the argmax is post-processing of it):
     returns (indices as int64, ``GaussianEvent`` or ``LaplaceEvent``). Data-dependent analyses
-    can be tighter; this bound never depends on the data.
+    can be tighter; this bound never depends on the data. ``ledger``, ``dataset``, ``what``: as
+    in :func:`gaussian_mechanism`.
     """
     t, kind = _as_tensor("scores", scores)
     if t.dim() == 0 or t.shape[-1] == 0:
         raise ValueError(f"scores must have a non-empty last dimension; got shape {tuple(t.shape)}")
     _one_of(("noise_multiplier", "laplace_scale"), (noise_multiplier, laplace_scale))
+    spend = dict(rng=rng, ledger=ledger, dataset=dataset,
+                 what="report_noisy_max" if ledger is not None and what is None else what)
     if noise_multiplier is not None:
-        noisy, event = gaussian_mechanism(t, sensitivity=sensitivity, noise_multiplier=noise_multiplier, rng=rng)
+        noisy, event = gaussian_mechanism(t, sensitivity=sensitivity, noise_multiplier=noise_multiplier, **spend)
     else:
-        noisy, event = laplace_mechanism(t, sensitivity=sensitivity, scale=laplace_scale, rng=rng)
+        noisy, event = laplace_mechanism(t, sensitivity=sensitivity, scale=laplace_scale, **spend)
     idx = noisy.double().argmax(dim=-1)
     return (idx.numpy() if kind == "numpy" else idx), event
 

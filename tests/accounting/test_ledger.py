@@ -131,8 +131,9 @@ def test_event_codec_bad_types():
 def test_new_file_is_created_and_reopens_empty(path):
     ledger = PrivacyLedger(path)
     assert path.exists() and ledger.datasets == {} and ledger.accountant == "rdp"
-    doc = json.loads(path.read_text())
-    assert doc["format"] == "ppml_fast.PrivacyLedger" and doc["datasets"] == {}
+    lines = path.read_text().splitlines()
+    doc = json.loads(lines[0])
+    assert doc == {"format": "ppml_fast.PrivacyLedger", "version": 2, "accountant": "rdp"} and len(lines) == 1
     assert PrivacyLedger(os.fspath(path)).datasets == {}
 
 
@@ -214,7 +215,7 @@ def test_add_dataset_again(path):
     assert read(path) == before and ledger.datasets["d"].epsilon_budget == 1.0
 
 
-@pytest.mark.parametrize("failing", ["replace", "fsync"])
+@pytest.mark.parametrize("failing", ["write", "fsync"])
 def test_failed_write_leaves_file_and_state_intact(path, monkeypatch, failing):
     ledger = PrivacyLedger(path)
     ledger.add_dataset("d", epsilon_budget=10.0, delta=1e-5)
@@ -231,7 +232,7 @@ def test_failed_write_leaves_file_and_state_intact(path, monkeypatch, failing):
         ledger.add_dataset("e", epsilon_budget=1.0, delta=1e-5)
     monkeypatch.undo()
     assert read(path) == before
-    assert sorted(os.listdir(path.parent)) == ["ledger.json"]  # no temporary file left behind
+    assert sorted(os.listdir(path.parent)) == ["ledger.json", "ledger.json.lock"]  # nothing half-written
     assert ledger.spent("d") == spent and len(ledger.records("d")) == 1 and "e" not in ledger.datasets
     assert ledger.spend("d", GaussianEvent(5.0), what="run 2") > spent  # and it works again
 
@@ -243,13 +244,20 @@ def test_write_keeps_the_file_mode(path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
 
-def test_second_writer_is_detected(path):
+def test_second_writer_sees_the_first(path):
+    # two ledgers on one file (two processes, in tests/accounting/test_ledger_concurrency.py)
+    # are serialised by the file lock: each catches up with the other's lines before a change
     one, two = PrivacyLedger(path), PrivacyLedger(path)
     one.add_dataset("d", epsilon_budget=3.0, delta=1e-5)
     after_one = read(path)
-    with pytest.raises(ValueError, match="changed on disk"):
-        two.add_dataset("d", epsilon_budget=3.0, delta=1e-5)
-    assert read(path) == after_one and two.datasets == {}
+    two.add_dataset("d", epsilon_budget=3.0, delta=1e-5)  # the same budget: nothing to do
+    assert read(path) == after_one and two.datasets == one.datasets
+    with pytest.raises(ValueError, match="already"):
+        two.add_dataset("d", epsilon_budget=4.0, delta=1e-5)
+    e1 = one.spend("d", DPSGD, what="one")
+    e2 = two.spend("d", DPSGD, what="two")
+    assert e2 == eps_of(DPSGD, DPSGD) > e1 and one.spent("d") == e2
+    assert [r.what for r in one.records("d")] == ["one", "two"]
 
 
 def test_unsupported_or_unserialisable_event_changes_nothing(path):
@@ -280,50 +288,50 @@ def test_accountant_is_looked_up_by_name_at_call_time(path, monkeypatch):
     assert PrivacyLedger(path, accountant="other").spent("d") == eps_of(DPSGD)
 
 
-def _valid_doc(path):
+def _valid_lines(path):
     ledger = PrivacyLedger(path)
     ledger.add_dataset("d", epsilon_budget=10.0, delta=1e-5)
     ledger.spend("d", DPSGD, what="run 1")
-    return json.loads(path.read_text())
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _with(doc, change):
-    doc = json.loads(json.dumps(doc))
-    change(doc)
-    return json.dumps(doc)
+def _with(lines, i, change):
+    lines = json.loads(json.dumps(lines))
+    change(lines[i])
+    return "".join(json.dumps(doc) + "\n" for doc in lines)
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda doc: "",
-        lambda doc: "{not json",
-        lambda doc: "[1, 2]",
-        lambda doc: json.dumps({"hello": "world"}),
-        lambda doc: _with(doc, lambda d: d.update(format="other")),
-        lambda doc: _with(doc, lambda d: d.update(version=99)),
-        lambda doc: _with(doc, lambda d: d.update(datasets=[])),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"].update(epsilon_budget=-1)),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"].update(delta=1.0)),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"].pop("records")),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"]["records"][0].update(event={"type": "Nope"})),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"]["records"][0].update(time="yesterday")),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"]["records"][0].pop("what")),
-        lambda doc: _with(doc, lambda d: d["datasets"]["d"]["records"][0].update(total_epsilon="x")),
-        lambda doc: _with(doc, lambda d: d["datasets"].update({"": d["datasets"]["d"]})),
-        lambda doc: path_text_nan(doc),
+        lambda lines: "",
+        lambda lines: "{not json\n",
+        lambda lines: "[1, 2]\n",
+        lambda lines: json.dumps({"hello": "world"}) + "\n",
+        lambda lines: _with(lines, 0, lambda d: d.update(format="other")),
+        lambda lines: _with(lines, 0, lambda d: d.update(version=99)),
+        lambda lines: _with(lines, 1, lambda d: d.update(op="nope")),
+        lambda lines: _with(lines, 1, lambda d: d.update(epsilon_budget=-1)),
+        lambda lines: _with(lines, 1, lambda d: d.update(delta=1.0)),
+        lambda lines: _with(lines, 2, lambda d: d.update(dataset="other")),
+        lambda lines: _with(lines, 2, lambda d: d.update(event={"type": "Nope"})),
+        lambda lines: _with(lines, 2, lambda d: d.update(time="yesterday")),
+        lambda lines: _with(lines, 2, lambda d: d.pop("what")),
+        lambda lines: _with(lines, 2, lambda d: d.update(total_epsilon="x")),
+        lambda lines: _with(lines, 1, lambda d: d.update(name="")),
+        lambda lines: path_text_nan(lines),
     ],
 )
 def test_corrupted_or_foreign_file(path, make):
-    text = make(_valid_doc(path))
+    text = make(_valid_lines(path))
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         PrivacyLedger(path)
     assert path.read_text() == text  # never rewritten
 
 
-def path_text_nan(doc):
-    return json.dumps(doc).replace('"epsilon_budget": 10.0', '"epsilon_budget": NaN')
+def path_text_nan(lines):
+    return "".join(json.dumps(doc) + "\n" for doc in lines).replace('"epsilon_budget": 10.0', '"epsilon_budget": NaN')
 
 
 def test_not_utf8_file(path):
