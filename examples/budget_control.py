@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. a released statistic: the mean image, with the analytic Gaussian noise for (0.5, delta)
     x = train.tensors[0]
+    # (ledger=: the spend is recorded durably before any noise is drawn)
     mean, event = gaussian_mechanism(x.mean(0), sensitivity=(64 ** 0.5) / len(x), epsilon=0.5,
-                                     delta=delta, rng=NoiseSource(seed=1))
-    ledger.spend("digits-train", event, what="mean image")
+                                     delta=delta, rng=NoiseSource(seed=1), ledger=ledger,
+                                     dataset="digits-train", what="mean image")
 
     # 2. DP-SGD with the noise calibrated for what is left, then decayed each epoch
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -35,8 +35,8 @@ noise_multiplier=, max_grad_norm=, ...)``                  DPOptimizer, DataLoad
 ``make_private_with_epsilon(target_epsilon=,               the same names; ours also takes ``epsilon_tolerance=``
 target_delta=, epochs=, max_grad_norm=, ...)``
 ``get_epsilon(delta)``                                     ``get_epsilon(delta)``
-``save_checkpoint`` / ``load_checkpoint``                  ``engine.state_dict()`` / ``load_state_dict()``
-                                                           (accountant history, noise seed and offset)
+``save_checkpoint`` / ``load_checkpoint``                  the same (atomic; with ``make_private(journal=)``
+                                                           a crash's lost steps are counted on resume)
 ``GradSampleModule(model)``                                ``PrivateModule(model)``: no ``p.grad_sample``; hooks
                                                            keep activations and output gradients;
                                                            ``remove_hooks()`` returns the original model
