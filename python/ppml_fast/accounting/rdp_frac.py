@@ -57,10 +57,11 @@ _MAX_CELLS = 1 << 20
 REL_TOL = 1e-7  # stop once the tail bound is below this fraction of A_alpha - 1
 
 
-def _terms(q: float, sigma: float, alphas: np.ndarray, start: int, n: int):
-    """(log|t_i|, sign of t_i, delta_i) for i = start .. start + n - 1, one row per order."""
+def _terms(q: float, sigma: float, alphas: np.ndarray, start, n: int):
+    """(log|t_i|, sign of t_i, delta_i) for i = start .. start + n - 1, one row per order
+    (``start``: one index for all, or one per order)."""
     A = alphas[:, None]
-    I = np.arange(start, start + n, dtype=np.float64)[None, :]
+    I = np.reshape(np.asarray(start, dtype=np.float64), (-1, 1)) + np.arange(n, dtype=np.float64)[None, :]
     J = A - I
     g_a, g_i, g_j = special.gammaln(A + 1), special.gammaln(I + 1), special.gammaln(J + 1)
     log_coef = g_a - g_i - g_j  # log|C(alpha, i)|; gammaln is log|Gamma| (J + 1 never an integer)
@@ -136,8 +137,7 @@ def log_a_frac_upper(q: float, sigma: float, alphas: np.ndarray, rel_tol: float 
     count = np.zeros(m, dtype=np.int64)
     # log of the first term of each accumulation: t_0 (positive) and t_(floor(alpha) + 2)
     first_p = _terms(q, sigma, alphas, 0, 1)[0][:, 0]
-    first_n = np.array([_terms(q, sigma, alphas[k:k + 1], int(math.floor(a)) + 2, 1)[0][0, 0]
-                        for k, a in enumerate(alphas)])
+    first_n = _terms(q, sigma, alphas, np.floor(alphas) + 2, 1)[0][:, 0]
     open_rows = np.arange(m)
     start = 0
     for size in _CHUNKS:

@@ -19,6 +19,7 @@ is added), so a result is an upper bound on the exact one, not only close to it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -56,6 +57,22 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
     return math.log(2.0) + special.log_ndtr(-np.asarray(x) * 2**0.5)
 
 
+@functools.lru_cache(maxsize=8)
+def _int_layout(alphas: tuple[int, ...]):
+    """The q- and sigma-independent part of _log_a_int for these orders (cached: an accountant
+    asks for the same orders at every new (q, sigma)): segment starts and lengths, each term's
+    order a and index i, log C(a, i), and the sum of the absolute values of its log-gammas."""
+    al = np.asarray(alphas, dtype=np.int64)
+    lens = al - 1  # terms i = 2..alpha
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    a = np.repeat(al, lens)
+    i = np.arange(int(lens.sum())) - np.repeat(starts, lens) + 2
+    log_fact = special.gammaln(np.arange(int(al.max()) + 1, dtype=np.float64) + 1)
+    log_binom = log_fact[a] - log_fact[i] - log_fact[a - i]
+    mag_binom = log_fact[a] + log_fact[i] + log_fact[a - i]  # log_fact >= 0 for integers
+    return lens, starts, a.astype(np.float64), i, log_binom, mag_binom
+
+
 def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """Upper bounds on log A_alpha for integer orders (Mironov et al. 2019, Section 3.3,
     binomial expansion): A_alpha = sum_{i=0}^{alpha} C(alpha, i) q^i (1-q)^(alpha-i)
@@ -69,23 +86,17 @@ def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     ulps of their value), the segmented sum within 2 (n + 4) u relative for n terms, and each
     log, log1p within 2 u (1 + |value|).
     """
-    alphas = np.asarray(alphas, dtype=np.int64)
-    lens = alphas - 1  # terms i = 2..alpha
-    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    a = np.repeat(alphas, lens)
-    i = np.arange(int(lens.sum())) - np.repeat(starts, lens) + 2
-    # tables over 0..max order, indexed by the integer a and i (no special function per term)
-    k = np.arange(int(alphas.max()) + 1, dtype=np.float64)
-    log_fact = special.gammaln(k + 1)
+    lens, starts, a_f, i, log_binom, mag_binom = _int_layout(tuple(int(x) for x in alphas))
+    # tables over 0..max order, indexed by i (no special function per term)
+    k = np.arange(int(a_f.max()) + 1, dtype=np.float64) if len(a_f) else np.zeros(1)
     x = (k * k - k) / (2 * sigma**2)
     with np.errstate(divide="ignore"):  # k = 0, 1: x = 0, never indexed (i >= 2)
         log_em1 = np.log(-np.expm1(-x))
     by_i = x + log_em1 + k * math.log(q) - k * math.log1p(-q)  # log(e^x - 1) ...
     mag_i = np.abs(x) + np.abs(log_em1) + np.abs(k * math.log(q)) + np.abs(k * math.log1p(-q))
-    a_f = a.astype(np.float64)
-    terms = (log_fact[a] - log_fact[i] - log_fact[a - i] + by_i[i] + a_f * math.log1p(-q))
-    d = 16 * _U * (log_fact[a] + log_fact[i] + log_fact[a - i] + mag_i[i]
-                   + np.abs(a_f * math.log1p(-q)) + 4.0)  # log_fact >= 0 for integers
+    a_term = a_f * math.log1p(-q)
+    terms = log_binom + by_i[i] + a_term
+    d = 16 * _U * (mag_binom + mag_i[i] + np.abs(a_term) + 4.0)
     m = np.maximum.reduceat(terms, starts)
     log_s = m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
     log_s = log_s + np.maximum.reduceat(d, starts) + 2 * (lens + 4) * _U + 2 * _U * (1 + np.abs(log_s))
