@@ -327,3 +327,33 @@ def test_example_fine_tunes_a_bert_built_from_a_config(restore_threads, capsys):
     # the same pipeline without noise (not private) learns the task: the machinery trains
     plain = example.main(["--records", "1024", "--epochs", "3", "--batch-size", "64", "--noise-multiplier", "0"])
     assert plain["accuracy"] > 0.8  # 0.9+ measured (seed 0); chance is 0.5
+
+
+def test_resume_from_a_checkpoint_continues_the_accountant(tmp_path):
+    privacy = PrivacyArguments(noise_multiplier=1.0, target_delta=DELTA, accountant="rdp")
+    args = targs(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    whole = DPTrainer(model=bert(), args=args, train_dataset=Records(), privacy=privacy)
+    whole.train()
+    resumed = DPTrainer(model=bert(), args=args, train_dataset=Records(), privacy=privacy)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.dp_optimizer.steps == resumed.state.global_step == 4  # 2 loaded + 2 run
+    assert resumed.epsilon() == pytest.approx(whole.epsilon(), rel=1e-12)
+
+
+def test_padding_collator_of_a_tokenizer_and_empty_samples(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(V - 5)]))
+    tok = transformers.BertTokenizer(vocab_file=str(vocab))
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, V - 5, (int(n),), generator=g))
+             for n in torch.randint(1, T - 2, (24,), generator=g)]
+    data = [dict(tok(t), labels=int(y)) for t, y in zip(texts, torch.randint(0, K, (24,), generator=g))]
+    collator = transformers.DataCollatorWithPadding(tok)
+    assert not isinstance(collator(data[:2]), dict)  # a BatchEncoding: the empty sample must still be empty
+    privacy = PrivacyArguments(noise_multiplier=1.0, target_delta=DELTA, sampling_seed=1, accountant="rdp")
+    tr = Spy(model=bert(), args=targs(tmp_path, per_device_train_batch_size=1, max_steps=8),
+             train_dataset=data, data_collator=collator, privacy=privacy)
+    tr.train()
+    sizes = [p["_n"] for p in tr.parts]
+    assert 0 in sizes and tr.dp_optimizer.steps == 8
+    assert all(len(p["labels"]) == n for p, n in zip(tr.parts, sizes))  # never dataset[0] for an empty one
