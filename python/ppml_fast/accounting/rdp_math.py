@@ -69,8 +69,9 @@ def _int_layout(alphas: tuple[int, ...]):
     i = np.arange(int(lens.sum())) - np.repeat(starts, lens) + 2
     log_fact = special.gammaln(np.arange(int(al.max()) + 1, dtype=np.float64) + 1)
     log_binom = log_fact[a] - log_fact[i] - log_fact[a - i]
-    mag_binom = log_fact[a] + log_fact[i] + log_fact[a - i]  # log_fact >= 0 for integers
-    return lens, starts, a.astype(np.float64), i, log_binom, mag_binom
+    mag_binom = np.maximum.reduceat(log_fact[a] + log_fact[i] + log_fact[a - i], starts)  # >= 0
+    seg = np.repeat(np.arange(len(al)), lens)
+    return lens, starts, al, seg, a.astype(np.float64), i, log_binom, mag_binom
 
 
 def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
@@ -86,20 +87,22 @@ def _log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     ulps of their value), the segmented sum within 2 (n + 4) u relative for n terms, and each
     log, log1p within 2 u (1 + |value|).
     """
-    lens, starts, a_f, i, log_binom, mag_binom = _int_layout(tuple(int(x) for x in alphas))
+    lens, starts, al, seg, a_f, i, log_binom, mag_binom = _int_layout(tuple(int(x) for x in alphas))
     # tables over 0..max order, indexed by i (no special function per term)
-    k = np.arange(int(a_f.max()) + 1, dtype=np.float64) if len(a_f) else np.zeros(1)
+    k = np.arange(int(al.max()) + 1, dtype=np.float64)
     x = (k * k - k) / (2 * sigma**2)
     with np.errstate(divide="ignore"):  # k = 0, 1: x = 0, never indexed (i >= 2)
         log_em1 = np.log(-np.expm1(-x))
     by_i = x + log_em1 + k * math.log(q) - k * math.log1p(-q)  # log(e^x - 1) ...
-    mag_i = np.abs(x) + np.abs(log_em1) + np.abs(k * math.log(q)) + np.abs(k * math.log1p(-q))
-    a_term = a_f * math.log1p(-q)
-    terms = log_binom + by_i[i] + a_term
-    d = 16 * _U * (mag_binom + mag_i[i] + np.abs(a_term) + 4.0)
+    terms = log_binom + by_i[i] + a_f * math.log1p(-q)
     m = np.maximum.reduceat(terms, starts)
-    log_s = m + np.log(np.add.reduceat(np.exp(terms - np.repeat(m, lens)), starts))
-    log_s = log_s + np.maximum.reduceat(d, starts) + 2 * (lens + 4) * _U + 2 * _U * (1 + np.abs(log_s))
+    log_s = m + np.log(np.add.reduceat(np.exp(terms - m[seg]), starts))
+    # the largest term error of each segment, bounded by the largest of each component over
+    # i = 2..alpha: x, i |log q|, i |log(1-q)| grow with i (largest at i = alpha);
+    # |log(1 - e^-x)| falls with x (largest at i = 2)
+    mag = (x[al] + abs(float(log_em1[2])) + al * (abs(math.log(q)) + 2 * abs(math.log1p(-q))))
+    d = 16 * _U * (mag_binom + mag + 4.0)
+    log_s = log_s + d + 2 * (lens + 4) * _U + 2 * _U * (1 + np.abs(log_s))
     out = np.logaddexp(0.0, log_s)  # log(1 + S)
     return out * (1 + 4 * _U)  # log1p is accurate to an ulp or two of its value
 

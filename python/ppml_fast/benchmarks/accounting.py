@@ -84,7 +84,8 @@ def _calibrate_ppml(x: Inputs):
 
     steps = x["steps"]
     return lambda: get_noise_multiplier(target_epsilon=TARGET_EPSILON, target_delta=DELTA,
-                                        sample_rate=Q, steps=steps, epsilon_tolerance=0.01)
+                                        sample_rate=Q, steps=steps, epsilon_tolerance=0.01,
+                                        accountant="rdp")  # as the Opacus baseline (default: pld)
 
 
 def _calibrate_opacus(x: Inputs):
