@@ -174,3 +174,17 @@ def test_nan_noise_multiplier_set_by_hand_is_refused_before_clipping():
     o.noise_multiplier = 1.0
     o.step()  # the captured batch was kept: the step goes on
     assert o.steps == 2
+
+
+@pytest.mark.parametrize("field,value", [("seed", -1), ("offset", 1 << 63), ("noise_multiplier", -1.0)])
+def test_bad_settings_set_by_hand_are_refused_before_clipping(field, value):
+    engine, m, o, x = _setup()
+    _backward(m, o, x)
+    good = getattr(o, field)
+    setattr(o, field, value)
+    with pytest.raises(ValueError, match=field):
+        o.step()
+    assert all(p.grad is None for p in m.parameters()) and o.steps == 0 and engine.accountant.history == []
+    setattr(o, field, good)
+    o.step()
+    assert o.steps == 1

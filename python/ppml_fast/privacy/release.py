@@ -44,8 +44,8 @@ def check_settings(opt) -> None:
                          "nothing was changed")
     for name, value, limit in (("seed", opt.seed, 1 << 64), ("offset", opt.offset, 1 << 63)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < limit:
-            raise ValueError(f"step {opt.steps}: {name} must be an int in [0, {limit.bit_length() - 1} "
-                             f"bits); got {value!r}; nothing was changed")
+            raise ValueError(f"step {opt.steps}: {name} must be an int in [0, 2**{limit.bit_length() - 1}); "
+                             f"got {value!r}; nothing was changed")
 
 
 def finish_step(opt) -> None:
