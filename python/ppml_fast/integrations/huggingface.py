@@ -45,6 +45,13 @@ What the Trainer's pieces become (only these hooks are overridden):
   (``control.should_training_stop``) and a checkpoint is saved (unless ``save_strategy="no"``),
   with the privacy state in the optimizer's state dict. ``stopped_by_budget`` says it happened.
 
+What epsilon does not cover: the training loss the Trainer logs (and ``train_loss``,
+``num_input_tokens_seen``, ``total_flos``) is computed from the sampled records without noise,
+as in any DP-SGD loop that prints its loss; keep such logs private. Speed: the engine proves once
+per input layout that rows are records (two extra forwards); a padding collator that pads each
+batch to its longest record makes a new layout per length, so pad to a fixed length
+(``padding="max_length"``) where lengths vary much.
+
 Privacy state lives in the engine (``trainer.privacy_engine``, ``trainer.dp_optimizer``), not in
 ``TrainingArguments``. Not supported (refused at construction): several processes or GPUs,
 fp16/bf16 mixed precision, ``torch_compile``, ``auto_find_batch_size``, iterable datasets. The
@@ -215,6 +222,8 @@ class DPTrainer(Trainer):
             ("fp16", a.fp16), ("bf16", a.bf16), ("torch_compile", a.torch_compile),
             ("auto_find_batch_size (the batch size fixes the sampling rate)", a.auto_find_batch_size),
             ("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
+            ("model_init / hyperparameter_search (each trial is a new training to account)",
+             self.model_init is not None),
         ) if bad]
         if isinstance(self.train_dataset, IterableDataset):
             problems.append("an IterableDataset (Poisson sampling needs a dataset with len and indices)")
@@ -265,11 +274,17 @@ class DPTrainer(Trainer):
         return self.lr_scheduler
 
     def _make_private(self, steps: int) -> None:
-        if self.dp_optimizer is not None:
-            return
         inner = self.optimizer
         while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper: the torch optimizer
             inner = inner.optimizer
+        if self.dp_optimizer is not None:  # a later train(): the same engine goes on accounting
+            if inner is not self.dp_optimizer:
+                raise RuntimeError(
+                    "the Trainer built a new optimizer after the model was made private; its "
+                    "steps would not be private. A DPTrainer accounts one training of one model: "
+                    "make a new DPTrainer for another")
+            self.optimizer = self.dp_optimizer
+            return
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"DPTrainer needs a torch optimizer to wrap; got {type(self.optimizer).__name__}")
         p, parts = self.privacy, self.get_train_dataloader()
