@@ -204,3 +204,30 @@ def test_a_journal_in_use_is_refused_before_the_optimizer_exists(tmp_path):
         _setup(tmp_path)
     o.journal.close()
     _setup(tmp_path)
+
+
+def test_load_checkpoint_is_atomic(tmp_path):
+    engine, m, o, x = _setup(tmp_path)
+    _step(m, o, x)
+    engine.save_checkpoint(tmp_path / "c.pt", module=m, optimizer=o)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    _step(m, o, x)
+    before = ([p.detach().clone() for p in m.parameters()], engine.accountant.history, o.offset, o.steps)
+
+    def unchanged():
+        assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters()))
+        assert (engine.accountant.history, o.offset, o.steps) == before[1:]
+
+    bad_module = {**ckpt, "module_state_dict": {**ckpt["module_state_dict"],
+                                                "_module.weight": torch.zeros(2, 2)}}
+    bad_opt = {**ckpt, "optimizer_state_dict": {**ckpt["optimizer_state_dict"], "offset": -1}}
+    bad_acc = {**ckpt, "privacy_accountant_state_dict": {"orders": [2.0], "history": [["x", 1]]}}
+    for i, bad in enumerate((bad_module, bad_opt, bad_acc)):
+        torch.save(bad, tmp_path / f"bad{i}.pt")
+        with pytest.raises((ValueError, RuntimeError)):
+            engine.load_checkpoint(tmp_path / f"bad{i}.pt", module=m, optimizer=o)
+        unchanged()
+    with pytest.raises(ValueError, match="optimizer"):  # the lost steps would not be counted
+        engine.load_checkpoint(tmp_path / "c.pt", module=m)
+    unchanged()
+    assert sorted(os.listdir(tmp_path)) == ["bad0.pt", "bad1.pt", "bad2.pt", "c.pt", "j", "j.lock"]
