@@ -373,3 +373,55 @@ def test_a_second_train_call_goes_on_accounting_and_stops_at_the_budget(tmp_path
     assert tr.epsilon() == pytest.approx(eps[0], rel=1e-9)
     with pytest.raises(ValueError, match="model_init"):
         DPTrainer(model_init=lambda: bert(), args=targs(tmp_path), train_dataset=Records(), privacy=privacy)
+
+
+class TokenRecords(Records):
+    """Token labels with a different number of labelled positions per record (-100 elsewhere)."""
+
+    def __init__(self, n: int = N, seed: int = 0, causal: bool = False) -> None:
+        super().__init__(n, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.token_labels = self.ids.clone() if causal else torch.randint(0, K, (n, T), generator=g)
+        keep = torch.rand(n, T, generator=g) < torch.linspace(0.2, 1.0, n)[:, None]
+        self.token_labels[~keep] = -100
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "labels": self.token_labels[i]}
+
+
+def token_model(causal: bool):
+    torch.manual_seed(0)
+    if causal:
+        cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=1, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(cfg).double()
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=T, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, num_labels=K)
+    return transformers.BertForTokenClassification(cfg).double()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["token-classification", "causal-lm"])
+def test_token_losses_are_per_record_means_not_the_batch_token_mean(tmp_path, causal):
+    """Each record's gradient is that of the model's own loss on the record alone (its token mean),
+    whatever the other records' token counts: checked against a float64 per-record reference."""
+    c, data = 0.05, TokenRecords(causal=causal)
+    model = token_model(causal)
+    privacy = PrivacyArguments(noise_multiplier=0.0, target_delta=DELTA, max_grad_norm=c, sampling_seed=3)
+    tr = Spy(model=model, args=targs(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+             train_dataset=data, privacy=privacy)
+    tr.train()
+    (batch,) = logical_batches(tr.parts, 2)
+    ref = token_model(causal)
+    total = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for i in range(len(batch["labels"])):
+        ref.zero_grad()
+        ref(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()  # Hugging Face's loss, one record
+        g = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        f = min(1.0, c / (float(torch.sqrt(sum((x * x).sum() for x in g.values()))) + 1e-6))
+        for n in total:
+            total[n] += f * g[n]
+    got = params(model)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(got[n], p - 0.5 * total[n] / 8, rtol=0, atol=1e-10, msg=n)
