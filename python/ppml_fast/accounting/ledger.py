@@ -25,12 +25,12 @@ it is removed under the lock (unless it is a whole record missing only its newli
 over-reporting rather than under-reporting). Temporary files left by a crash (of this version's
 migration or version 1's rewrites) are removed when a ledger opens the file. A version-1 file (one
 JSON document) is converted to version 2 in place, atomically, on first open.
+The record types and the line encoding live in :mod:`ppml_fast.accounting.ledger_format`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import fcntl
 import glob
@@ -39,47 +39,27 @@ import os
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from ppml_fast.accounting import _checks, calibration
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded
 from ppml_fast.accounting.events import Event
-from ppml_fast.accounting.pld import PLDAccountant
-from ppml_fast.accounting.rdp import RDPAccountant
-from ppml_fast.accounting.serialization import event_from_dict, event_to_dict
-
-FORMAT = "ppml_fast.PrivacyLedger"
-VERSION = 2
-
-
-@dataclass(frozen=True)
-class DatasetBudget:
-    """A data set's budget: at most ``epsilon_budget`` at ``delta``."""
-
-    epsilon_budget: float
-    delta: float
-
-
-@dataclass(frozen=True)
-class SpendRecord:
-    """One spend. ``total_epsilon`` is the data set's epsilon at ``delta`` after this spend (all
-    its events so far composed), not this spend's alone; ``time`` is UTC, ISO 8601."""
-
-    what: str
-    event: Event
-    total_epsilon: float
-    delta: float
-    time: str
-
-
-class _Dataset:
-    def __init__(self, budget: DatasetBudget, accountant: Any) -> None:
-        self.budget = budget
-        self.accountant = accountant
-        self.records: list[SpendRecord] = []
-        self.epsilon = 0.0
-
+from ppml_fast.accounting.ledger_format import (  # noqa: F401  (DatasetBudget, SpendRecord: public here)
+    FORMAT,
+    VERSION,
+    Dataset,
+    DatasetBudget,
+    SpendRecord,
+    check_name,
+    encode_line,
+    is_v2,
+    parse_record,
+    record_dict,
+    refuse_constant,
+    temp_prefix,
+    trial_copy,
+)
+from ppml_fast.accounting.serialization import event_to_dict
 
 class PrivacyLedger:
     """Privacy budgets of named data sets, persisted to the append-only file at ``path``.
@@ -97,14 +77,14 @@ class PrivacyLedger:
         self._path = os.fspath(path)
         self._accountant_name = accountant
         self._lock = threading.RLock()
-        self._datasets: dict[str, _Dataset] = {}
+        self._datasets: dict[str, Dataset] = {}
         self._pos = 0  # bytes of the file this ledger has applied
         self._inode: Optional[tuple[int, int]] = None
         with self._locked():
             self._remove_stale_temporaries()
             if not os.path.exists(self._path):
                 header = {"format": FORMAT, "version": VERSION, "accountant": accountant}
-                self._replace_file(_line(header))
+                self._replace_file(encode_line(header))
             self._catch_up()
 
     # -- queries ----------------------------------------------------------------------------
@@ -147,7 +127,7 @@ class PrivacyLedger:
     def add_dataset(self, name: str, *, epsilon_budget: float, delta: float) -> None:
         """Adds a data set with budget (``epsilon_budget``, ``delta``). Adding a name again with
         the same budget does nothing (a script may run twice); with another budget, ValueError."""
-        _check_name(name)
+        check_name(name)
         budget = DatasetBudget(_checks.positive("epsilon_budget", epsilon_budget),
                                _checks.open_unit("delta", delta))
         with self._locked():
@@ -161,7 +141,7 @@ class PrivacyLedger:
                     f"delta={old.delta!r}; got epsilon_budget={budget.epsilon_budget!r}, "
                     f"delta={budget.delta!r}"
                 )
-            new = _Dataset(budget, self._make_accountant(self._accountant_name))
+            new = Dataset(budget, self._make_accountant(self._accountant_name))
             self._append({"op": "dataset", "name": name, "epsilon_budget": budget.epsilon_budget,
                           "delta": budget.delta})
             self._datasets[name] = new
@@ -185,7 +165,7 @@ class PrivacyLedger:
         with self._locked():
             self._catch_up()  # every spend other writers made counts
             d = self._get(dataset)
-            candidate = _trial_copy(d.accountant)
+            candidate = trial_copy(d.accountant)
             candidate.compose(event)
             epsilon = float(candidate.get_epsilon(d.budget.delta))
             if not epsilon <= d.budget.epsilon_budget:
@@ -198,7 +178,7 @@ class PrivacyLedger:
                 )
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
             record = SpendRecord(what, event, epsilon, d.budget.delta, now)
-            self._append({"op": "spend", "dataset": dataset, **_record_dict(record)})
+            self._append({"op": "spend", "dataset": dataset, **record_dict(record)})
             d.accountant, d.epsilon = candidate, epsilon
             d.records.append(record)
             return epsilon
@@ -218,7 +198,7 @@ class PrivacyLedger:
 
     def _append(self, entry: dict) -> None:
         """Appends one line and fsyncs it; on any failure the file is as it was."""
-        data = _line(entry)
+        data = encode_line(entry)
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
@@ -249,7 +229,7 @@ class PrivacyLedger:
         with open(self._path, "rb") as f:
             f.seek(self._pos)
             raw = f.read()
-        if self._pos == 0 and raw[:1] == b"{" and not _is_v2(raw):
+        if self._pos == 0 and raw[:1] == b"{" and not is_v2(raw):
             self._migrate_v1(raw)
             return
         lines = raw.split(b"\n")
@@ -284,27 +264,27 @@ class PrivacyLedger:
         self._pos = start + len(raw) + (0 if not tail else (1 if complete else -len(tail)))
 
     def _apply(self, line: bytes, datasets: dict, *, first: bool, copy_first: bool = False) -> None:
-        doc = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        doc = json.loads(line.decode("utf-8"), parse_constant=refuse_constant)
         if first:
             self._check_header(doc)
             return
         if not isinstance(doc, dict):
             raise ValueError("a line must be a JSON object")
         if doc.get("op") == "dataset":
-            _check_name(doc.get("name"), "dataset name")
+            check_name(doc.get("name"), "dataset name")
             budget = DatasetBudget(_checks.positive("epsilon_budget", doc.get("epsilon_budget")),
                                    _checks.open_unit("delta", doc.get("delta")))
             if doc["name"] in datasets:
                 raise ValueError(f"dataset {doc['name']!r} is added twice")
-            datasets[doc["name"]] = _Dataset(budget, self._make_accountant(self._accountant_name))
+            datasets[doc["name"]] = Dataset(budget, self._make_accountant(self._accountant_name))
         elif doc.get("op") == "spend":
             name = doc.get("dataset")
             if name not in datasets:
                 raise ValueError(f"a spend on dataset {name!r}, which was not added")
-            record = _parse_record(doc)
+            record = parse_record(doc)
             d = datasets[name]
             if copy_first:  # a line that may still be refused: compose into a copy
-                acc = _trial_copy(d.accountant)
+                acc = trial_copy(d.accountant)
                 acc.compose(record.event)
                 d.accountant = acc
             else:
@@ -328,20 +308,20 @@ class PrivacyLedger:
     def _migrate_v1(self, raw: bytes) -> None:
         """Version 1 (one JSON document, rewritten per change) -> version 2, atomically."""
         try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+            doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
             if not isinstance(doc, dict) or doc.get("version") != 1:
                 raise ValueError(f"version must be {VERSION} (or 1, converted); got {doc.get('version')!r}"
                                  if isinstance(doc, dict) else "expected a JSON object")
             self._check_header({**doc, "version": VERSION})
             if not isinstance(doc.get("datasets"), dict):
                 raise ValueError("'datasets' must be an object")
-            lines = [_line({"format": FORMAT, "version": VERSION, "accountant": self._accountant_name})]
+            lines = [encode_line({"format": FORMAT, "version": VERSION, "accountant": self._accountant_name})]
             for name, entry in doc["datasets"].items():
                 if not isinstance(entry, dict) or not isinstance(entry.get("records"), list):
                     raise ValueError(f"dataset {name!r} must be an object with a 'records' list")
-                lines.append(_line({"op": "dataset", "name": name, "epsilon_budget": entry.get("epsilon_budget"),
+                lines.append(encode_line({"op": "dataset", "name": name, "epsilon_budget": entry.get("epsilon_budget"),
                                     "delta": entry.get("delta")}))
-                lines += [_line({"op": "spend", "dataset": name, **r}) for r in entry["records"]]
+                lines += [encode_line({"op": "spend", "dataset": name, **r}) for r in entry["records"]]
             data = b"".join(lines)
             datasets: dict = {}
             for i, line in enumerate(data.split(b"\n")[:-1]):
@@ -355,7 +335,7 @@ class PrivacyLedger:
     def _replace_file(self, data: bytes) -> None:
         """Writes ``data`` to the path atomically (temporary file, fsync, rename). Under the flock."""
         directory = os.path.dirname(os.path.abspath(self._path))
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self._path), suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(self._path), suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:
                 if os.path.exists(self._path):  # keep the file's permissions
@@ -379,7 +359,7 @@ class PrivacyLedger:
         """Temporary files of a crashed writer: every writer holds the flock while its
         temporary file exists, so under the flock any one left is stale."""
         directory = os.path.dirname(os.path.abspath(self._path))
-        for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(self._path)) + "*.tmp")):
+        for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(temp_prefix(self._path)) + "*.tmp")):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
@@ -390,73 +370,9 @@ class PrivacyLedger:
             raise ValueError(f"accountant must be one of {sorted(accountants)}; got {name!r}")
         return accountants[name]()
 
-    def _get(self, dataset: str) -> _Dataset:
-        _check_name(dataset, "dataset")
+    def _get(self, dataset: str) -> Dataset:
+        check_name(dataset, "dataset")
         try:
             return self._datasets[dataset]
         except KeyError:
             raise ValueError(f"dataset must be one of {list(self._datasets)}; got {dataset!r}") from None
-
-
-def _trial_copy(accountant: Any) -> Any:
-    """A copy of ``accountant`` to compose a candidate event into, at a cost that does not grow
-    with its history: for the library's accountants (exact types) a shallow copy whose lists and
-    dicts are copied one level (the history's entries are immutable tuples and the accountants
-    replace their numpy arrays, never write into them; the RDP curve cache is shared, it only
-    grows); any other accountant is deep-copied."""
-    if type(accountant) not in (RDPAccountant, PLDAccountant):
-        return copy.deepcopy(accountant)
-    new = copy.copy(accountant)
-    for name, value in vars(accountant).items():
-        if name == "_cache":
-            continue
-        if isinstance(value, list):
-            setattr(new, name, list(value))
-        elif isinstance(value, dict):
-            setattr(new, name, dict(value))
-        elif type(value) in (RDPAccountant, PLDAccountant):
-            setattr(new, name, _trial_copy(value))
-    return new
-
-
-def _line(doc: dict) -> bytes:
-    return (json.dumps(doc, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _is_v2(raw: bytes) -> bool:
-    try:
-        doc = json.loads(raw.split(b"\n", 1)[0].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(doc, dict) and doc.get("version") != 1
-
-
-def _temp_prefix(path: str) -> str:
-    return "." + os.path.basename(path) + "."
-
-
-def _record_dict(r: SpendRecord) -> dict:
-    return {"what": r.what, "event": event_to_dict(r.event), "total_epsilon": r.total_epsilon,
-            "delta": r.delta, "time": r.time}
-
-
-def _parse_record(r: dict) -> SpendRecord:
-    if not isinstance(r.get("what"), str) or not isinstance(r.get("time"), str):
-        raise ValueError("a record must be an object with str 'what' and 'time'")
-    datetime.datetime.fromisoformat(r["time"])
-    if not isinstance(r.get("event"), dict):
-        raise ValueError("'event' must be an object")
-    return SpendRecord(r["what"], event_from_dict(r["event"]),
-                       _checks.non_negative("total_epsilon", r.get("total_epsilon")),
-                       _checks.open_unit("delta", r.get("delta")), r["time"])
-
-
-def _check_name(name: object, what: str = "name") -> None:
-    if not isinstance(name, str):
-        raise TypeError(f"{what} must be a str; got {type(name).__name__} {name!r}")
-    if not name:
-        raise ValueError(f"{what} must be a non-empty str")
-
-
-def _refuse_constant(token: str) -> None:
-    raise ValueError(f"{token} is not JSON")
