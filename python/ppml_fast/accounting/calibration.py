@@ -51,7 +51,8 @@ def _steps_from(steps: Optional[int], epochs: Optional[float], sample_rate: floa
 
 
 def epsilon(
-    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> float:
     """Epsilon of ``steps`` Poisson-sampled Gaussian steps (the DP-SGD event) at ``delta``."""
     noise_multiplier = _checks.positive("noise_multiplier", noise_multiplier)

@@ -23,20 +23,20 @@ their half-lines, so a_i and b_i are non-increasing in i; |C(alpha, i+1)| / |C(a
 then alternates in sign. So from i0 = floor(alpha) + 1 on, the terms t_i = C(alpha, i)(a_i + b_i)
 alternate with non-increasing magnitude tending to 0, and by the alternating series (Leibniz)
 test the sum lies between S_n and S_n + t_(n+1):  A_alpha <= S_n + max(0, t_(n+1)).
-dp_accounting sums |t_i| instead (an upper bound, but up to 2-3x looser in epsilon at large
+dp_accounting sums |t_i| instead (an upper bound, but up to 2x looser in epsilon at large
 epsilon, where it also fails to converge in 1000 terms and drops the order); Opacus sums with
 signs and stops when the terms fall below e^-30 (no bound on what is left).
 
 Floating point: each term is computed in log space from components c_k (log-gammas, i log q,
 (i^2 - i) / (2 sigma^2), log erfc, ...); the computed log of C(alpha, i), a_i and b_i is taken
-to be within 16 u (sum_k |c_k| + 2) of the exact one (a term's: the coefficient's plus a_i's
-and b_i's weighted by their shares) (u = 2^-52; the functions used are accurate to
-a few ulps of their value, and the arguments' own rounding moves log erfc(x) by about
+to be within 16 u (sum_k |c_k| + 2) of the exact one (u = 2^-52; a term's: the coefficient's
+plus a_i's and b_i's weighted by their shares of the term; the functions used are accurate to a
+few ulps of their value, and the arguments' own rounding moves log erfc(x) by about
 2 x^2 u ~ 2 |log erfc| u). The sum's allowance is sum_i |t_i| (e^delta_i - 1), plus the
 rounding of the n-term log-space accumulations of the positive (P) and negative (N) parts
-(``_acc_rounding``), plus 4 u (P + N) for their final combination. Both are added to the result: it stays an upper bound also
-where A_alpha - 1 is below the rounding level (q ~ 1e-8), where it is merely loose and the
-integer orders (rdp_math._log_a_int) set epsilon.
+(``_acc_rounding``), plus 4 u (P + N) for their final combination. All are added to the
+result: it stays an upper bound also where A_alpha - 1 is below the rounding level
+(q ~ 1e-8), where it is merely loose and the integer orders (rdp_math._log_a_int) set epsilon.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def _log_a_upper(log_p: float, log_n: float, log_extra: float) -> float:
     (P - 1) - N + extra where that is small, so a tiny A - 1 keeps its relative precision."""
     if log_p < 30.0:
         v = math.expm1(log_p) - math.exp(log_n) + math.exp(log_extra)
-        return math.log1p(v) if v >= 0.0 else math.inf  # A >= 1: a negative v is a bug; drop the order
-    return _log_sub_pos(np.logaddexp(log_p, log_extra), log_n)
+        return math.log1p(v) if v >= 0.0 else math.inf  # A >= 1: else a bug; drop the order
+    out = _log_sub_pos(float(np.logaddexp(log_p, log_extra)), log_n)
+    return out if out >= 0.0 else math.inf  # A >= 1: anything else is a bug; drop the order
 
 
 def log_a_frac_upper(q: float, sigma: float, alphas: np.ndarray, rel_tol: float = REL_TOL) -> np.ndarray:

@@ -6,7 +6,7 @@ Sources, next to the formulas below:
   arXiv:1908.10530, Section 3.3: integer orders by the binomial expansion (here); fractional
   orders by the exact two-series expansion summed with signs, its tail certified by the
   alternating-series test (rdp_frac.py). dp_accounting 0.6 sums the absolute values of the
-  fractional series instead (up to 2-3x looser in epsilon at large epsilon); Opacus 1.6 sums
+  fractional series instead (up to 2x looser in epsilon at large epsilon); Opacus 1.6 sums
   with signs but stops without a bound on the rest.
 - Canonne, Kamath, Steinke, "The Discrete Gaussian for Differential Privacy", arXiv:2004.00010
   v4, Proposition 12 (equivalently Balle et al. 2020, "Hypothesis testing interpretations and
