@@ -108,27 +108,24 @@ def get_noise_multiplier(
                                   sample_rate=sample_rate, steps=n, accountant="rdp",
                                   epsilon_tolerance=tol)
     e_hi = eps(hi)
-    lo, e_lo = 0.0, math.inf
+    lo, e_lo = 0.0, math.inf  # lo: a sigma known to overspend (0: none yet)
+    shrink = 0.75  # without one, step down by 0.75 (PLD's sigma is 4.5-26% below RDP's), then halve
     for _ in range(200):
         if target_epsilon - e_hi <= tol or hi - lo < 1e-9 * hi:
             break
-        if lo == 0.0:  # no sigma known to overspend yet: step down by 0.75 (PLD's sigma is
-            mid = 0.75 * hi  # 4.5-26% below RDP's), halving after the first try
-            if e_lo == -1.0:
-                mid = hi / 2
-        else:  # interpolate log eps against log sigma towards the window's middle
+        if lo == 0.0:
+            mid = shrink * hi
+        else:  # interpolate log eps against log sigma towards the window's middle, safeguarded
             want = math.log(target_epsilon - tol / 2)
             x0, x1, y0, y1 = math.log(lo), math.log(hi), math.log(e_lo), math.log(max(e_hi, 1e-300))
             x = x1 if y0 == y1 else x0 + (want - y0) * (x1 - x0) / (y1 - y0)
             span = x1 - x0
-            mid = math.exp(min(max(x, x0 + 0.05 * span), x1 - 0.05 * span))  # safeguard
+            mid = math.exp(min(max(x, x0 + 0.05 * span), x1 - 0.05 * span))
         e_mid = eps(mid)
         if e_mid > target_epsilon:
             lo, e_lo = mid, e_mid
         else:
-            hi, e_hi = mid, e_mid
-            if lo == 0.0:
-                e_lo = -1.0  # marks "0.75 tried": halve from now on until a sigma overspends
+            hi, e_hi, shrink = mid, e_mid, 0.5
     return hi
 
 
