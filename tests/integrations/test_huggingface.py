@@ -425,3 +425,13 @@ def test_token_losses_are_per_record_means_not_the_batch_token_mean(tmp_path, ca
     with torch.no_grad():
         for n, p in ref.named_parameters():
             torch.testing.assert_close(got[n], p - 0.5 * total[n] / 8, rtol=0, atol=1e-10, msg=n)
+
+
+def test_secure_mode_samples_and_noises_from_the_os(tmp_path):
+    privacy = PrivacyArguments(noise_multiplier=1.0, target_delta=DELTA, secure_mode=True, accountant="rdp")
+    model = bert()
+    before = params(model)
+    tr = DPTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=Records(), privacy=privacy)
+    tr.train()
+    assert tr.dp_optimizer.secure_mode and tr.get_train_dataloader().dp_loader.batch_sampler.secure
+    assert tr.dp_optimizer.steps == 2 and any(not torch.equal(p, before[n]) for n, p in params(model).items())
