@@ -1,6 +1,7 @@
 """The documentation's code runs: every script in docs/snippets/ runs to the end (each asserts
-what its page says it shows), and the tutorials and how-to guides show code only by including
-those scripts (pymdownx.snippets), from sections that exist.
+what its page says it shows), the tutorials and how-to guides show Python only by including
+those scripts (pymdownx.snippets), from sections that exist, and every ``ppml-fast`` command in
+their shell blocks runs with the exit status the page states.
 
 The scripts run in this process (runpy), not in subprocesses: importing torch and ppml_fast once
 instead of once per script keeps the whole file well under a minute. Each runs in its own
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import runpy
+import shlex
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 def test_there_are_snippets_and_pages():
     assert len(SCRIPTS) >= 8, SCRIPTS
     assert len(RUNNABLE_PAGES) >= 8, RUNNABLE_PAGES
+    assert len(CLI_LINES) >= 4, CLI_LINES
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -84,6 +87,36 @@ def test_page_code_comes_from_snippets(page):
                 assert section in _sections(name), f"{page.name}: {name} has no section {section!r}"
             included += 1
     assert included, f"{page.name} shows no runnable code"
+
+
+def _cli_lines():
+    """(page, command line) of each ``ppml-fast ...`` line in the pages' bash blocks."""
+    for page in RUNNABLE_PAGES:
+        for lang, lines in _blocks(page):
+            if lang == "bash":
+                yield from ((page.name, line) for line in lines if line.startswith("ppml-fast "))
+
+
+CLI_LINES = list(_cli_lines())
+
+
+@pytest.mark.parametrize("page,line", CLI_LINES, ids=[f"{p}:{l.split('#')[0].strip()}" for p, l in CLI_LINES])
+def test_page_command_runs(page, line, tmp_path, monkeypatch, capsys):
+    """A command shown on a page runs (in this process, through the CLI's main) with the exit
+    status the page's comment states (0 unless it says "exit status N")."""
+    from ppml_fast.cli import main
+
+    command, _, comment = line.partition("#")
+    expected = re.search(r"exit status (\d)", comment)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        status = main(shlex.split(command)[1:])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert status == (int(expected.group(1)) if expected else 0), (page, line, out)
+    assert out.strip(), f"{page}: {command} printed nothing"
 
 
 def test_every_snippet_is_shown():
