@@ -101,6 +101,17 @@ class DPDataLoader(DataLoader):
     def expected_batch_size(self) -> float:
         return self.sample_rate * len(self.dataset)  # type: ignore[arg-type]
 
+    @property
+    def batches_yielded(self) -> int:
+        """How many sampled batches this loader has handed out (the DP optimizer refuses a step
+        that accumulated two of them: each is one Poisson sampling of the dataset)."""
+        return self.__dict__.get("_batches_yielded", 0)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.__dict__["_batches_yielded"] = self.batches_yielded + 1
+            yield batch
+
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, *, generator=None,
                          secure: bool = False) -> "DPDataLoader":

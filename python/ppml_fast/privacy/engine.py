@@ -15,9 +15,10 @@ plain ``nn.MultiheadAttention``; accountants are "pld" (default) or "rdp".
 from __future__ import annotations
 
 import math
+import weakref
 
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,18 @@ from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
 from ppml_fast.privacy.distributed import DistributedDPOptimizer
 from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
+
+
+def _loss_reduction(loss_reduction: Optional[str], criterion) -> str:
+    """``loss_reduction``, or the criterion's own ``reduction`` ("mean" when neither says)."""
+    own = getattr(criterion, "reduction", None) if criterion is not None else None
+    own = own if own in ("mean", "sum") else None
+    if loss_reduction is None:
+        return own or "mean"
+    if own is not None and own != loss_reduction:
+        raise ValueError(f"loss_reduction={loss_reduction!r} contradicts the criterion's reduction "
+                         f"{own!r}: per-sample gradients would be scaled wrongly; pass one of them")
+    return loss_reduction
 
 
 class PrivacyEngine:
@@ -66,7 +79,7 @@ class PrivacyEngine:
         grad_sample_mode: str = "ghost",
         max_epsilon: Optional[float] = None,
         delta: Optional[float] = None,
-        loss_reduction: str = "mean",
+        loss_reduction: Optional[str] = None,
         batch_first: bool = True,
         noise_seed: Optional[int] = None,
         nonfinite: str = "raise",
@@ -74,8 +87,16 @@ class PrivacyEngine:
         distributed: bool = False,
         optimizer_class: Optional[type] = None,
         journal: Optional[str] = None,
-    ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
-        """Returns (private module, DP optimizer, data loader) — always three.
+        criterion: Optional[Callable] = None,
+    ) -> tuple:
+        """Returns (private module, DP optimizer, data loader), or, with ``criterion`` (as
+        Opacus's ghost-clipping tutorials call it), (private module, DP optimizer, criterion,
+        data loader): the criterion is returned as it is (ghost clipping needs no wrapped
+        loss here), and its ``reduction`` ("mean" or "sum") is the default ``loss_reduction``
+        ("mean" without one; a ``loss_reduction`` that contradicts it is an error).
+        ``grad_sample_mode``: "ghost" (default: per layer the cheaper of ghost norms and
+        materialised per-sample gradients) or "materialize"; Opacus's "hooks", "functorch" and
+        "ew" mean "materialize" (the same exact per-sample gradients).
 
         ``noise_multiplier`` is sigma (noise std / max_grad_norm); ``max_grad_norm`` is C (a
         list of one per trainable parameter with ``clipping="per_layer"``). With ``max_epsilon``
@@ -107,6 +128,7 @@ class PrivacyEngine:
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
+        loss_reduction = _loss_reduction(loss_reduction, criterion)
         if optimizer_class is not None:
             base = DistributedDPOptimizer if distributed else DPOptimizer
             if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, base)):
@@ -133,9 +155,36 @@ class PrivacyEngine:
             if data_loader.batch_size is None:
                 raise ValueError("data_loader must have a batch_size when poisson_sampling=False")
             expected = float(data_loader.batch_size)
-        private = module if isinstance(module, PrivateModule) else PrivateModule(
-            module, grad_sample_mode=grad_sample_mode, batch_first=batch_first,
-            loss_reduction=loss_reduction)
+        owner = getattr(module, "_privacy_engine", None) if isinstance(module, PrivateModule) else None
+        if owner is not None and owner() is not None and owner() is not self:
+            raise ValueError(
+                "module was made private by another PrivacyEngine, whose accountant holds what "
+                "it has spent: a second make_private with a new engine would restart the budget; "
+                "call make_private again on that engine (it continues its accountant), or pass "
+                "the original model (module.remove_hooks()) to start a new, separately accounted "
+                "training")
+        wrapped_here = not isinstance(module, PrivateModule)
+        private = PrivateModule(module, grad_sample_mode=grad_sample_mode, batch_first=batch_first,
+                                loss_reduction=loss_reduction) if wrapped_here else module
+        try:
+            dp_optimizer = self._optimizer(
+                private, optimizer, distributed, poisson_sampling, expected, optimizer_class,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
+                sample_rate=sample_rate, max_epsilon=max_epsilon, delta=delta, seed=noise_seed,
+                nonfinite=nonfinite, journal=journal, loader=loader if poisson_sampling else None)
+        except BaseException:
+            if wrapped_here:  # bad input leaves the user's model as it was
+                private.remove_hooks()
+            raise
+        private._privacy_engine = weakref.ref(self)  # a second engine is refused (budget restart)
+        self.optimizer = dp_optimizer
+        if criterion is not None:
+            return private, dp_optimizer, criterion, loader
+        return private, dp_optimizer, loader
+
+    def _optimizer(self, private, optimizer, distributed, poisson_sampling, expected,
+                   optimizer_class, *, journal, loader, **kw) -> DPOptimizer:
+        """The DP optimizer of ``make_private`` (its data loader and journal attached)."""
         cls = DPOptimizer
         if distributed:
             import torch.distributed as dist
@@ -147,15 +196,18 @@ class PrivacyEngine:
                 expected *= dist.get_world_size()
         if optimizer_class is not None:
             cls = optimizer_class
-        dp_optimizer = cls(
-            optimizer, module=private, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
-            accountant=self.accountant, sample_rate=sample_rate, max_epsilon=max_epsilon,
-            delta=delta, seed=noise_seed, secure_mode=self.secure_mode, nonfinite=nonfinite)
+        dp_optimizer = cls(optimizer, module=private, expected_batch_size=expected,
+                           accountant=self.accountant, secure_mode=self.secure_mode, **kw)
         if journal is not None:  # first: a journal in use elsewhere is refused before anything else
             dp_optimizer.attach_journal(journal)
-        self.optimizer = dp_optimizer
-        return private, dp_optimizer, loader
+        if loader is not None:
+            dp_optimizer.attach_data_loader(loader)
+        previous = self.optimizer
+        if previous is not None and previous.seed == dp_optimizer.seed:
+            # the same engine again with the same noise seed: continue its noise stream (an
+            # offset range is never used twice, DESIGN.md invariant 3)
+            dp_optimizer.offset = max(dp_optimizer.offset, previous.offset)
+        return dp_optimizer
 
     def make_private_with_epsilon(
         self,

@@ -46,7 +46,11 @@ def _own_forward(mod: nn.Module):
     (``mod`` is a deep copy of that one): such a stale forward records nothing and is replaced."""
     owner = _installed_for(mod)
     return None if owner is not None and owner is not mod else mod.__dict__.get("forward")
-GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize"}
+# grad_sample_mode -> the rules' mode. Opacus's names are accepted: "hooks", "functorch" and "ew"
+# (expanded weights) all materialise per-sample gradients, here through the same exact rules;
+# "ghost" picks per layer the cheaper of ghost norms and materialised gradients.
+GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize",
+                     "functorch": "materialize", "ew": "materialize"}
 _SEQUENCE_OPS = ("linear", "layer_norm", "rms_norm")
 
 

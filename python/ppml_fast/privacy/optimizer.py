@@ -268,6 +268,29 @@ class DPOptimizer:
         self._budget.check(self.accountant, self._event(), max_epsilon=self.max_epsilon,
                            delta=self.delta, step=self.steps)
 
+    def attach_data_loader(self, loader) -> None:
+        """Ties this optimizer to the Poisson loader it steps on (``make_private`` does): a step
+        whose skipped parts came from two sampled batches of it is refused."""
+        self._loader = loader
+        self._drawn_at_step = getattr(loader, "batches_yielded", 0)
+
+    def _check_one_sampled_batch(self) -> None:
+        """A logical step is one Poisson sampling: virtual-batch parts (skipped steps) must all
+        come from one sampled batch, else a record could be in the step twice while the
+        accountant counts one sampling of rate q (issue 14 item 4)."""
+        loader = getattr(self, "_loader", None)
+        if loader is None or not self._last_step_skipped:
+            return
+        drawn = loader.batches_yielded - self._drawn_at_step
+        if drawn > 1:
+            from ppml_fast.accounting.errors import PrivacyError
+
+            raise PrivacyError(
+                f"step {self.steps}: this step accumulated parts of {drawn} sampled batches "
+                "(signal_skip_step() across batches of the Poisson loader); one step must be one "
+                "sampled batch, split into physical parts if needed: use BatchMemoryManager, "
+                "which skips steps only within one sampled batch")
+
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
         """Hook between accumulation and noise: the distributed optimizer sums across ranks."""
@@ -277,7 +300,8 @@ class DPOptimizer:
         ``p.grad``. Returns whether the wrapped optimizer should step."""
         skip = self._skip_next
         if not skip:
-            self._check_budget()  # before anything changes
+            self._check_one_sampled_batch()  # before anything changes
+            self._check_budget()
         self.clip_and_accumulate()
         self._skip_next = False
         self._last_step_skipped = skip
@@ -287,6 +311,8 @@ class DPOptimizer:
         release.finish_step(self)
         self.steps += 1
         self._summed, self._samples = {}, 0
+        if getattr(self, "_loader", None) is not None:
+            self._drawn_at_step = self._loader.batches_yielded
         for hook in self.step_hooks:
             hook(self)
         return True
