@@ -168,10 +168,13 @@ def test_accumulation_splits_one_sample_into_the_logical_batch_clipped_sum(tmp_p
 
 def test_epsilon_logged_is_the_accountants_and_the_target(tmp_path):
     privacy = PrivacyArguments(target_epsilon=2.0, target_delta=DELTA, accountant="rdp")
-    tr = DPTrainer(model=bert(), args=targs(tmp_path, max_steps=-1, num_train_epochs=2, logging_steps=3),
-                   train_dataset=Records(), privacy=privacy)
+    tr = DPTrainer(model=bert(), args=targs(tmp_path, max_steps=-1, num_train_epochs=2, logging_steps=3,
+                                            eval_strategy="steps", eval_steps=6),
+                   train_dataset=Records(), eval_dataset=Records(16, seed=1), privacy=privacy)
     tr.train()
     q, steps = 1 / 6, 12
+    evals = [e for e in tr.state.log_history if "eval_loss" in e]  # evaluation runs the unhooked model
+    assert [e["step"] for e in evals] == [6, 12] and all(e["epsilon"] > 0 for e in evals)
     sigma = calibration.get_noise_multiplier(target_epsilon=2.0, target_delta=DELTA, sample_rate=q,
                                              steps=steps, accountant="rdp")
     assert tr.dp_optimizer.noise_multiplier == sigma
