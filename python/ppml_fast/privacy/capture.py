@@ -94,6 +94,7 @@ class Recorder:
         self.enabled = True
         self._anchor = torch.zeros((), requires_grad=True)
         self._handles: list[Any] = []
+        self.inside = 0  # forwards of the private model running now (PrivateModule.forward)
 
     # -- batches --------------------------------------------------------------------------------
     def start_batch(self, size: int) -> None:
@@ -118,6 +119,23 @@ class Recorder:
         if not (self.enabled and torch.is_grad_enabled() and self.batches):
             return None
         return self.batches[-1]
+
+    def check_inside(self, call: Call, batch: Optional[Batch]) -> None:
+        """Refuses (at the step) a call captured while no forward of the private model runs:
+        a layer called after the forward returned (``model.module.head(model(x))``, or in the
+        loss) was never probed (:mod:`ppml_fast.privacy.records`), and its rows may be any mix
+        of records (``head(h - h.mean(0))``, ``head(h.roll(1, 0))`` moved the clipped sum by up
+        to 1.93 C). Calls rerun by autograd during backward (activation checkpointing) are the
+        forward's own calls recomputed and are allowed."""
+        in_backward = getattr(torch._C, "_current_graph_task_id", lambda: 0)() != -1
+        if batch is None or self.inside or in_backward or batch.refusal:
+            return
+        batch.refusal = (
+            f"{type(call.module).__name__}: called outside the forward of the private model "
+            "(after it returned: e.g. `private.module.head(private(x))`, or a layer used in the "
+            "loss); ppml_fast proves that a layer's rows are records only for the calls made "
+            "inside the forward. Call it inside the model's forward (wrap the model and the "
+            "layer in one nn.Module and make that private)")
 
     # -- hooks ----------------------------------------------------------------------------------
     def attach(self, module: nn.Module, make_call, owned=None, label: str = "") -> None:
@@ -171,6 +189,7 @@ class Recorder:
                       [leaves[i].detach() for i in where], batch.size, label)
         call = Call(mod, params, inputs=rerun.args, kwargs=rerun.kwargs, rerun=rerun)
         stamp(call)
+        self.check_inside(call, batch)
         batch.calls.append(call)
         n = len(where)
         for k, i in enumerate(where):
@@ -190,6 +209,7 @@ class Recorder:
     def tap(self, output: torch.Tensor, call: Call) -> torch.Tensor:
         """Connects ``output`` to the graph if needed and records its gradient into ``call``."""
         stamp(call)
+        self.check_inside(call, self._current())
         if not output.requires_grad:
             output = output + self._anchor.to(output.dtype)
 

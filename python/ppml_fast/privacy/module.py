@@ -364,7 +364,11 @@ class PrivateModule(ClippedSums, nn.Module):
         if batch is None:
             return self._module(*args, **kwargs)
         buffers = [(n, b, b._version) for n, b in self._module.named_buffers()]
-        out = self._module(*args, **kwargs)
+        rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
+        try:
+            out = self._module(*args, **kwargs)
+        finally:
+            rec.inside -= 1
         moved = [n for n, b, v in buffers if b._version != v]
         if moved:  # state computed from the batch would leave the step without noise
             batch.refusal = batch.refusal or (
