@@ -118,7 +118,11 @@ class ClippedSums:
         return sums, seen
 
     def _scale(self, batch: Batch) -> float:
-        return float(batch.size) if self.loss_reduction == "mean" else 1.0
+        """What turns the captured gradients of the loss into per-sample gradients: the batch
+        size for a mean loss, divided by a mixed-precision loss scale (``loss_scale``, set by
+        the DP optimizer for a ``torch.amp.GradScaler`` step)."""
+        scale = float(batch.size) if self.loss_reduction == "mean" else 1.0
+        return scale / getattr(self, "loss_scale", 1.0)
 
     def _norms(self, batch: Batch) -> dict:
         """Per-sample squared norms: ``total`` (float64, of the true per-sample gradients) and

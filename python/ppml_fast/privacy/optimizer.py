@@ -43,8 +43,19 @@ def _positive(name: str, v) -> float:
     return float(v)
 
 
-class DPOptimizer:
+class DPOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` (whose parameters are ``module``'s) so that ``step()`` is a DP-SGD step.
+
+    It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are the
+    wrapped optimizer's own objects, so learning-rate schedulers (torch's and transformers'),
+    ``zero_grad(set_to_none=)``, step hooks and ``torch.amp.GradScaler`` work on it. Between
+    ``backward()`` and ``step()`` the parameters' ``.grad`` stays None: the per-sample
+    information lives in the captured batches, and the only gradient ever written is the noisy
+    one (so ``clip_grad_norm_`` there sees nothing to clip: clipping is per sample, here).
+    With a GradScaler, the loss scale is divided out before the per-sample norms are taken, and
+    the scaler is told that no step overflowed (skipping a step because some record's gradient
+    overflowed would release which batches held such a record): records whose gradient is not
+    finite follow ``nonfinite`` (use ``nonfinite="drop"`` with float16 autocast).
 
     Args:
         optimizer: any torch optimizer over the module's trainable parameters.
@@ -86,6 +97,9 @@ class DPOptimizer:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("optimizer is already a DPOptimizer (clipping and noise twice); pass "
+                            "its original_optimizer")
         if not isinstance(module, PrivateModule):
             raise TypeError(f"module must be a PrivateModule; got {type(module).__name__}")
         if clipping not in CLIPPING:
@@ -150,6 +164,30 @@ class DPOptimizer:
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self._budget = BudgetStop()  # the budget stop's exact fast paths (privacy/budget.py)
         self.journal = None  # a PrivacyJournal: set by make_private(journal=) / attach_journal
+        self._optimizer_hooks()
+
+    def _optimizer_hooks(self) -> None:
+        """What ``torch.optim.Optimizer.__init__`` sets up besides the parameter groups (which
+        are the wrapped optimizer's: not rebuilt here): hook registries and the step wrapper
+        that runs step hooks (used by LR schedulers' step counting)."""
+        from collections import OrderedDict
+
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            self.__dict__.setdefault(name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # GradScaler calls step(grad_scaler=...) instead of unscaling .grad (which is None here)
+    _step_supports_amp_scaling = True
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: everything (Optimizer keeps 3 fields)
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._optimizer_hooks()
 
     # -- the torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -317,12 +355,22 @@ class DPOptimizer:
             hook(self)
         return True
 
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Optional[Callable[[], float]] = None, grad_scaler=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.pre_step():
+        scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"grad_scaler's scale must be a finite number > 0; got {scale!r}")
+        self.module.loss_scale = scale  # divided out of the captured gradients (clipping.py)
+        try:
+            stepped = self.pre_step()
+        finally:
+            self.module.loss_scale = 1.0
+        if grad_scaler is not None:
+            _no_overflow(grad_scaler, self)
+        if stepped:
             self.original_optimizer.step()
         return loss
 
@@ -347,6 +395,15 @@ class DPOptimizer:
     def __repr__(self) -> str:
         return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier="
                 f"{self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, clipping={self.clipping!r})")
+
+
+def _no_overflow(grad_scaler, optimizer: DPOptimizer) -> None:
+    """Tells ``grad_scaler`` (``torch.amp.GradScaler``) that this step found no inf: its
+    ``update()`` needs one check per optimizer, and the DP step never skips because of the data
+    (non-finite records follow ``nonfinite``)."""
+    device = next((p.device for p in optimizer.params), torch.device("cpu"))
+    state = grad_scaler._per_optimizer_states[id(optimizer)]
+    state["found_inf_per_device"] = {device: torch.zeros((), dtype=torch.float32, device=device)}
 
 
 def warn_not_poisson() -> None:
