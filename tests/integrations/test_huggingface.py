@@ -313,6 +313,10 @@ def test_privacy_arguments_and_unsupported_settings_are_refused(tmp_path):
         PrivacyArguments(noise_multiplier=0.0, target_delta=DELTA, max_epsilon=1.0)
     with pytest.raises(TypeError, match="privacy must be a PrivacyArguments"):
         DPTrainer(model=bert(), args=targs(tmp_path), train_dataset=Records(), privacy={"target_epsilon": 1})
+    hub = targs(tmp_path, push_to_hub=True, hub_strategy="all_checkpoints", hub_model_id="x/y")
+    with pytest.raises(ValueError, match="noise key"):  # before the Trainer would create the repository
+        DPTrainer(model=bert(), args=hub, train_dataset=Records(),
+                  privacy=PrivacyArguments(target_epsilon=1.0, target_delta=DELTA))
     with pytest.raises(ValueError, match="auto_find_batch_size"):
         DPTrainer(model=bert(), args=targs(tmp_path, auto_find_batch_size=True), train_dataset=Records(),
                   privacy=PrivacyArguments(target_epsilon=1.0, target_delta=DELTA))

@@ -45,6 +45,12 @@ What the Trainer's pieces become (only these hooks are overridden):
   (``control.should_training_stop``) and a checkpoint is saved (unless ``save_strategy="no"``),
   with the privacy state in the optimizer's state dict. ``stopped_by_budget`` says it happened.
 
+Checkpoints are secrets: ``optimizer.pt`` holds the DP optimizer's state, with the noise key and
+offset (what resuming needs); whoever has it and two successive model checkpoints can remove the
+noise of the steps between them. ``push_to_hub`` with ``hub_strategy`` "checkpoint" or
+"all_checkpoints" (which upload optimizer states) is refused; the default ("every_save")
+uploads model weights only.
+
 What epsilon does not cover: the training loss the Trainer logs (and ``train_loss``,
 ``num_input_tokens_seen``, ``total_flos``) is computed from the sampled records without noise,
 as in any DP-SGD loop that prints its loss; keep such logs private. Speed: the engine proves once
@@ -61,10 +67,7 @@ private against whoever knows the seed), never from ``TrainingArguments.seed`` (
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -75,94 +78,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, calibration
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded
+from ppml_fast.integrations._hf_args import PrivacyArguments
 from ppml_fast.integrations._hf_loss import per_record_loss
 from ppml_fast.integrations._hf_parts import AsDict, Part, PoissonParts, records_in, slice_batch
 from ppml_fast.privacy import PrivacyEngine
 from ppml_fast.privacy.budget import BudgetStop
 
 __all__ = ["DPTrainer", "PrivacyArguments", "per_record_loss"]
-
-
-def _number(name: str, v, *, low: float = 0.0, strict: bool = True, optional: bool = True):
-    if v is None and optional:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
-            or (v <= low if strict else v < low):
-        raise ValueError(f"PrivacyArguments.{name} must be a finite number {'>' if strict else '>='} "
-                         f"{low:g}{' or None' if optional else ''}; got {v!r}")
-    return float(v)
-
-
-@dataclass
-class PrivacyArguments:
-    """How :class:`DPTrainer` trains privately (kept apart from ``TrainingArguments``).
-
-    Args:
-        target_epsilon: epsilon after the whole run (the Trainer's ``max_steps`` optimizer
-            steps); the noise multiplier is the smallest that reaches it (``epsilon_tolerance``).
-        target_delta: delta of every epsilon reported and calibrated (required).
-        max_grad_norm: C, the per-record clipping norm (one number; a list with
-            ``clipping="per_layer"``, one per trainable parameter).
-        noise_multiplier: sigma (noise std / C) instead of ``target_epsilon`` (exactly one).
-        clipping: "flat", "per_layer" or "automatic" (the engine's).
-        grad_sample_mode: "ghost" or "materialize" (the engine's).
-        accountant: "rdp" or "pld"; None: the engine's default.
-        max_epsilon: the budget stop; None means ``target_epsilon`` (no stop when only
-            ``noise_multiplier`` is given).
-        noise_seed: seeds the noise (reproducible, and not private against whoever knows it).
-        sampling_seed: seeds the Poisson sampler (idem); None: OS entropy.
-        secure_mode: noise from ChaCha20 and sampling from the OS CSPRNG (no seeds then).
-        nonfinite: "raise" or "drop" (records whose gradient is NaN/inf), as the engine's.
-        epsilon_tolerance: calibration returns sigma with epsilon in [target - tol, target].
-    """
-
-    target_epsilon: Optional[float] = None
-    target_delta: Optional[float] = None
-    max_grad_norm: float | list = 1.0
-    noise_multiplier: Optional[float] = None
-    clipping: str = "flat"
-    grad_sample_mode: str = "ghost"
-    accountant: Optional[str] = None
-    max_epsilon: Optional[float] = None
-    noise_seed: Optional[int] = None
-    sampling_seed: Optional[int] = None
-    secure_mode: bool = False
-    nonfinite: str = "raise"
-    epsilon_tolerance: float = 0.01
-
-    def __post_init__(self) -> None:
-        _number("target_epsilon", self.target_epsilon)
-        _number("max_epsilon", self.max_epsilon)
-        _number("noise_multiplier", self.noise_multiplier, strict=False)
-        _number("epsilon_tolerance", self.epsilon_tolerance, optional=False)
-        if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("PrivacyArguments: pass exactly one of target_epsilon and noise_multiplier; "
-                             f"got target_epsilon={self.target_epsilon!r}, "
-                             f"noise_multiplier={self.noise_multiplier!r}")
-        delta = _number("target_delta", self.target_delta)
-        if delta is None or not delta < 1:
-            raise ValueError(f"PrivacyArguments.target_delta must be in (0, 1) (every reported epsilon "
-                             f"is at this delta); got {self.target_delta!r}")
-        if self.noise_multiplier == 0 and self.max_epsilon is not None:
-            raise ValueError("PrivacyArguments: noise_multiplier=0 spends an infinite epsilon at "
-                             f"every step, so max_epsilon={self.max_epsilon!r} can never be met")
-        if self.accountant is not None and self.accountant not in calibration.ACCOUNTANTS:
-            raise ValueError(f"PrivacyArguments.accountant must be one of "
-                             f"{sorted(calibration.ACCOUNTANTS)} or None; got {self.accountant!r}")
-        for name in ("noise_seed", "sampling_seed"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
-                raise ValueError(f"PrivacyArguments.{name} must be an int >= 0 or None; got {v!r}")
-        if not isinstance(self.secure_mode, bool):
-            raise TypeError(f"PrivacyArguments.secure_mode must be a bool; got {self.secure_mode!r}")
-        if self.secure_mode and (self.noise_seed is not None or self.sampling_seed is not None):
-            raise ValueError("PrivacyArguments: secure_mode draws noise and samples from the OS "
-                             "CSPRNG; noise_seed and sampling_seed must be None")
-
-    @property
-    def budget(self) -> Optional[float]:
-        """The epsilon at which training stops: ``max_epsilon``, else ``target_epsilon``."""
-        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
 class _PrivacyCallback(TrainerCallback):
@@ -200,6 +122,14 @@ class DPTrainer(Trainer):
     def __init__(self, *args, privacy: PrivacyArguments, **kwargs) -> None:
         if not isinstance(privacy, PrivacyArguments):
             raise TypeError(f"privacy must be a PrivacyArguments; got {type(privacy).__name__}")
+        training = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training, "push_to_hub", False) and str(getattr(
+                training.hub_strategy, "value", training.hub_strategy)) in ("checkpoint", "all_checkpoints"):
+            # before the Trainer's __init__, which would create the hub repository
+            raise ValueError("DPTrainer does not support push_to_hub with hub_strategy "
+                             f"{str(getattr(training.hub_strategy, 'value', training.hub_strategy))!r}: "
+                             "a checkpoint's optimizer state holds the noise key; use 'every_save' "
+                             "or 'end' (model weights only)")
         super().__init__(*args, **kwargs)
         self._refuse_unsupported()
         self.privacy = privacy
@@ -265,6 +195,16 @@ class DPTrainer(Trainer):
         return dataloader
 
     # -- privacy --------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; on a later ``train()``, the DP optimizer's wrapped one (so
+        that accelerate prepares a plain torch optimizer, whose state it round-trips, not the DP
+        optimizer, whose reload would re-key the noise); :meth:`create_scheduler` puts the DP
+        optimizer back."""
+        if self.dp_optimizer is not None:
+            self.optimizer = self.dp_optimizer.original_optimizer
+            return self.optimizer
+        return super().create_optimizer(model)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Makes model and optimizer private (once), then the scheduler on the wrapped torch
         optimizer (``optimizer`` is ignored: it is always ``dp_optimizer.original_optimizer``)."""
@@ -278,7 +218,7 @@ class DPTrainer(Trainer):
         while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper: the torch optimizer
             inner = inner.optimizer
         if self.dp_optimizer is not None:  # a later train(): the same engine goes on accounting
-            if inner is not self.dp_optimizer:
+            if inner is not self.dp_optimizer and inner is not self.dp_optimizer.original_optimizer:
                 raise RuntimeError(
                     "the Trainer built a new optimizer after the model was made private; its "
                     "steps would not be private. A DPTrainer accounts one training of one model: "
