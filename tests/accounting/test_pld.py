@@ -344,7 +344,7 @@ def test_incremental_composition_costs_one_fft_per_distinct_event(monkeypatch):
             calls.clear()
             acc.get_delta(1.0)
             assert not calls  # cached until the next compose
-    assert acc.history == [("gaussian", 0.02, 1.1, 3000)]
+    assert acc.events == [("gaussian", 0.02, 1.1, 3000)]
     assert acc.get_epsilon(1e-5) == PLDAccountant().compose(event, 3000).get_epsilon(1e-5)
 
 
@@ -353,7 +353,7 @@ def test_history_order_does_not_change_the_result():
     one = PLDAccountant().compose(a, 10).compose(b, 2).compose(a, 5)
     two = PLDAccountant().compose(b, 2).compose(a, 15)
     assert one.get_epsilon(1e-5) == two.get_epsilon(1e-5)
-    assert one.history == [("gaussian", 0.01, 1.0, 10), ("laplace", 5.0, 2), ("gaussian", 0.01, 1.0, 5)]
+    assert one.events == [("gaussian", 0.01, 1.0, 10), ("laplace", 5.0, 2), ("gaussian", 0.01, 1.0, 5)]
 
 
 def test_no_loss_events_are_free():
@@ -373,7 +373,7 @@ def test_supports():
     assert not acc.supports(PoissonSampledEvent(0.1, RandomizedResponseEvent(0.5, 3)))
     with pytest.raises(UnsupportedEventError):
         acc.compose(unsupported)
-    assert acc.history == []
+    assert acc.events == []
 
 
 # --- state ---------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def test_state_dict_keeps_settings_and_every_kind():
     other = PLDAccountant()
     other.load_state_dict(state)
     assert other.value_discretization_interval == 2e-4 and other.tail_mass_truncation == 1e-14
-    assert other.history == acc.history
+    assert other.events == acc.events
     assert other.get_epsilon(1e-6) == acc.get_epsilon(1e-6)
     clones = [copy.deepcopy(acc), pickle.loads(pickle.dumps(acc))]
     expected = acc.compose(GaussianEvent(4.0)).get_epsilon(1e-6)

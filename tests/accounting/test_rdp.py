@@ -274,7 +274,7 @@ def test_mixed_events_compose_and_round_trip():
     other = RDPAccountant()
     other.load_state_dict(acc.state_dict())
     assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
-    assert [h[0] for h in other.history] == ["gaussian", "laplace", "randomized_response"]
+    assert [h[0] for h in other.events] == ["gaussian", "laplace", "randomized_response"]
 
 
 def test_history_merges_consecutive_equal_steps():
@@ -286,14 +286,14 @@ def test_history_merges_consecutive_equal_steps():
     for _ in range(3):
         acc.compose(step)
     acc.compose(LaplaceEvent(10.0)).compose(step, 2)
-    assert acc.history == [("gaussian", 0.01, 1.0, 3), ("laplace", 10.0, 1), ("gaussian", 0.01, 1.0, 2)]
+    assert acc.events == [("gaussian", 0.01, 1.0, 3), ("laplace", 10.0, 1), ("gaussian", 0.01, 1.0, 2)]
     once = RDPAccountant().compose(step, 5).compose(LaplaceEvent(10.0))
     np.testing.assert_allclose(acc.rdp, once.rdp, rtol=1e-14)
     for _ in range(997):  # a state_dict round trip gives the same curve to the last bit
         acc.compose(step)
     other = RDPAccountant()
     other.load_state_dict(acc.state_dict())
-    assert other.history == acc.history and np.array_equal(other.rdp, acc.rdp)
+    assert other.events == acc.events and np.array_equal(other.rdp, acc.rdp)
 
 
 def test_old_state_dict_format_loads():

@@ -175,7 +175,7 @@ def test_huge_and_tiny_noise_stay_finite_or_infinite_as_they_should():
 
 def test_accountant_state_round_trip_and_history():
     acc = RDPAccountant().compose(wor_event(1000, 32, 1.1), 50).compose(GaussianEvent(3.0))
-    assert acc.history[0] == ("sampled_wor_gaussian", 1000, 32, 1.1, 50)
+    assert acc.events[0] == ("sampled_wor_gaussian", 1000, 32, 1.1, 50)
     other = RDPAccountant()
     other.load_state_dict(acc.state_dict())
     assert other.get_epsilon(1e-6) == acc.get_epsilon(1e-6)

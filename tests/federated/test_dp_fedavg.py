@@ -177,7 +177,7 @@ def test_epsilon_is_the_accountants_for_the_composed_rounds(accountant):
         _round(s, r, torch.zeros(5), _proxies(n), k, zeros)
         want = ref_cls().compose(event, r).get_epsilon(delta)
         assert s.epsilon(delta) == pytest.approx(want, rel=1e-12)
-    assert s.accountant.history == [("gaussian", 0.2, sigma, 3)]  # one entry per run of rounds
+    assert s.accountant.events == [("gaussian", 0.2, sigma, 3)]  # one entry per run of rounds
 
 
 def test_epsilon_matches_dp_accounting_rdp():

@@ -73,7 +73,7 @@ def test_noise_and_accounting_use_sigma_delta_and_z():
     assert sd > z
     assert float(new.std()) == pytest.approx(sd * 0.5 / k, rel=0.01)
     assert metrics["dp_noise_std"] == pytest.approx(sd * 0.5 / k)
-    assert s.accountant.history == [("gaussian", 0.2, z, 1)]
+    assert s.accountant.events == [("gaussian", 0.2, z, 1)]
     want = PLDAccountant().compose(PoissonSampledEvent(0.2, GaussianEvent(z))).get_epsilon(1e-5)
     assert s.epsilon(1e-5) == pytest.approx(want, rel=1e-12)  # the default, PLD (issue 17 item 3)
     # every norm is 0 <= C: the noised unclipped fraction is near 1 and C shrinks

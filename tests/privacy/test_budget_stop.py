@@ -54,7 +54,7 @@ def test_an_event_composed_from_outside_is_seen(accountant, outside):
     _steps_until_refused(engine, m, o, x)
     assert engine.get_epsilon(DELTA) <= MAX_EPS or outside == GaussianEvent(0.5)
     if engine.get_epsilon(DELTA) > MAX_EPS:  # the outside event alone broke it: no step after
-        assert sum(h[-1] for h in engine.accountant.history if h[0] == "gaussian" and h[1] < 1) == 2
+        assert sum(h[-1] for h in engine.accountant.events if h[0] == "gaussian" and h[1] < 1) == 2
 
 
 def test_fits_cache_is_not_trusted_after_an_outside_event():

@@ -69,3 +69,19 @@ def test_a_failed_make_private_leaves_the_model_unwrapped():
     private, _, _ = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
                                                  noise_multiplier=1.0, max_grad_norm=1.0)
     assert isinstance(private, PrivateModule)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_accountant_history_in_opacus_format(accountant):
+    model, opt, loader = _setup()
+    engine = PrivacyEngine(accountant=accountant)
+    private, dp_opt, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                              noise_multiplier=1.3, max_grad_norm=1.0)
+    for x, y in dl:
+        dp_opt.zero_grad()
+        nn.functional.cross_entropy(private(x), y).backward()
+        dp_opt.step()
+    # Opacus: [(noise_multiplier, sample_rate, num_steps)], len() = number of entries
+    assert engine.accountant.history == [(1.3, 1 / len(loader), len(loader))]
+    assert len(engine.accountant) == 1
+    assert engine.accountant.events == [("gaussian", 1 / len(loader), 1.3, len(loader))]

@@ -231,3 +231,10 @@ def check_count(count: object) -> int:
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
         raise ValueError(f"count must be an int >= 0; got {count!r}")
     return int(count)
+
+
+def opacus_history(entries) -> list[tuple]:
+    """Accountant history entries (kind, *parameters, count) in Opacus's format: a Gaussian
+    step ("gaussian", q, sigma, n) becomes (noise_multiplier, sample_rate, num_steps), as in
+    ``opacus.accountants.RDPAccountant.history``; kinds Opacus has no format for stay as they are."""
+    return [(h[2], h[1], h[3]) if h[0] == "gaussian" else tuple(h) for h in entries]

@@ -269,11 +269,21 @@ class PLDAccountant:
         return self._rdp_cache or None
 
     @property
-    def history(self) -> list[tuple]:
+    def events(self) -> list[tuple]:
         """(kind, *parameters, count) of every composition, in order, consecutive repeats of one
         step merged: ("gaussian", q, sigma, n) (q = 1: no sampling), ("laplace", scale, n),
         ("poisson_laplace", q, scale, n), ("randomized_response", p, k, n)."""
         return list(self._history)
+
+    @property
+    def history(self) -> list[tuple]:
+        """Opacus's format: (noise_multiplier, sample_rate, steps) per Gaussian entry (other
+        kinds as in :attr:`events`), :func:`~ppml_fast.accounting.events.opacus_history`."""
+        return events.opacus_history(self._history)
+
+    def __len__(self) -> int:
+        """The number of history entries, as Opacus's accountants count them."""
+        return len(self._history)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -136,11 +136,21 @@ class RDPAccountant:
         return self._rdp.copy()
 
     @property
-    def history(self) -> list[tuple]:
+    def events(self) -> list[tuple]:
         """(kind, *parameters, count) of every composition, in order: ("gaussian", q, sigma, n),
         ("laplace", scale, n), ("randomized_response", p, k, n),
         ("sampled_wor_gaussian", source_dataset_size, sample_size, sigma, n)."""
         return list(self._history)
+
+    @property
+    def history(self) -> list[tuple]:
+        """Opacus's format: (noise_multiplier, sample_rate, steps) per Gaussian entry (other
+        kinds as in :attr:`events`), :func:`~ppml_fast.accounting.events.opacus_history`."""
+        return events.opacus_history(self._history)
+
+    def __len__(self) -> int:
+        """The number of history entries, as Opacus's accountants count them."""
+        return len(self._history)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -63,12 +63,12 @@ class BudgetStop:
             self._shadow.compose(event)
         if self._fits is not None and self._fits[0] == event:
             self._fits = (event, self._fits[1] - 1)
-        self._history = accountant.history
+        self._history = accountant.events
 
     def _fast_ok(self, accountant, event, max_epsilon: float, delta: float) -> bool:
         if isinstance(accountant, RDPAccountant):
             return False  # its own query is cheap and exact: the caller does it
-        history = accountant.history
+        history = accountant.events
         if self._of is not accountant or history != self._history:
             self._of, self._history, self._fits = accountant, history, None
             self._shadow = RDPAccountant() if isinstance(accountant, PLDAccountant) else False
