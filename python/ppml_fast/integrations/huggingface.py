@@ -13,7 +13,8 @@ checkpoints::
     trainer.train()            # logs "epsilon" with the loss at every logging step
     trainer.epsilon()          # the engine accountant's epsilon at target_delta
 
-What the Trainer's pieces become (only these hooks are overridden):
+What the Trainer's pieces become (the hooks overridden; also ``create_optimizer``, so that a
+later ``train()`` goes on with the same DP optimizer, and ``get_resumed_dataloader``):
 
 - ``get_train_dataloader``: one Poisson sample (each record in it independently with
   probability q; the engine's :class:`~ppml_fast.privacy.data.DPDataLoader`, with the Trainer's
@@ -60,7 +61,8 @@ batch to its longest record makes a new layout per length, so pad to a fixed len
 
 Privacy state lives in the engine (``trainer.privacy_engine``, ``trainer.dp_optimizer``), not in
 ``TrainingArguments``. Not supported (refused at construction): several processes or GPUs,
-fp16/bf16 mixed precision, ``torch_compile``, ``auto_find_batch_size``, iterable datasets. The
+fp16/bf16 mixed precision, ``torch_compile``, ``auto_find_batch_size``, ``model_init``
+(hyperparameter search), iterable datasets. The
 Poisson sampler is keyed from OS entropy (``sampling_seed`` makes it reproducible, and then not
 private against whoever knows the seed), never from ``TrainingArguments.seed`` (42 by default).
 """
