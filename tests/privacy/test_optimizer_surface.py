@@ -114,3 +114,36 @@ def test_grad_scaler_divides_the_loss_scale_out_before_clipping():
         assert dp_opt.steps == 3
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_os_drawn_noise_key_never_leaves_in_the_state_and_a_user_seed_does():
+    private, dp_opt, loader, _ = _setup()
+    _loop(private, dp_opt, loader)
+    state = dp_opt.state_dict()
+    assert state["seed"] is None  # with it and two model checkpoints the noise could be removed
+    old_key = dp_opt.seed
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_opt.load_state_dict(state)
+    assert dp_opt.seed != old_key and dp_opt.offset == 0  # a fresh key: nothing replayed
+    private2, seeded, loader2, _ = _setup(noise_seed=5)
+    assert seeded.state_dict()["seed"] == 5
+
+
+def test_an_empty_poisson_batch_of_a_mapping_collator_is_empty():
+    from collections import UserDict
+
+    from ppml_fast.privacy.data import DPDataLoader
+
+    class Encoding(UserDict):  # like transformers' BatchEncoding
+        pass
+
+    ds = [{"x": torch.tensor([float(i)])} for i in range(10)]
+
+    def collate(items):
+        return Encoding({"x": torch.stack([it["x"] for it in items])})
+
+    loader = DPDataLoader(ds, sample_rate=1e-9, num_batches=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert isinstance(batch, Encoding) and batch["x"].shape == (0, 1)

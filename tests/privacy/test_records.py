@@ -476,3 +476,16 @@ def test_a_buffer_updated_from_the_batch_is_refused():
     sum_loss(private(x), y).backward()
     with pytest.raises(UnsupportedModuleError, match="buffer"):
         opt.step()
+
+
+def test_a_second_engine_is_refused_also_when_the_first_was_not_kept():
+    model = _mlp()
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=4)
+    private, opt, _ = PrivacyEngine().make_private(  # the engine object is dropped at once
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=C)
+    import gc
+    gc.collect()
+    with pytest.raises(ValueError, match="another PrivacyEngine"):
+        PrivacyEngine().make_private(module=private, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=C)

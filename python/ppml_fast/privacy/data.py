@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+from collections.abc import Mapping
 import os
 from typing import Iterator, Optional
 
@@ -54,8 +55,12 @@ def _empty_like(sample) -> object:
         return sample.new_empty((0, *sample.shape[1:]))
     if isinstance(sample, (list, tuple)):
         return type(sample)(_empty_like(s) for s in sample)
-    if isinstance(sample, dict):
-        return {k: _empty_like(v) for k, v in sample.items()}
+    if isinstance(sample, Mapping):  # dicts, and e.g. a tokenizer's BatchEncoding (UserDict)
+        empty = {k: _empty_like(v) for k, v in sample.items()}
+        try:
+            return type(sample)(empty)
+        except Exception:  # a mapping type that cannot be built from a dict
+            return empty
     return sample
 
 

@@ -15,7 +15,6 @@ plain ``nn.MultiheadAttention``; accountants are "pld" (default) or "rdp".
 from __future__ import annotations
 
 import math
-import weakref
 
 import numbers
 from typing import Callable, Optional, Sequence
@@ -155,8 +154,10 @@ class PrivacyEngine:
             if data_loader.batch_size is None:
                 raise ValueError("data_loader must have a batch_size when poisson_sampling=False")
             expected = float(data_loader.batch_size)
-        owner = getattr(module, "_privacy_engine", None) if isinstance(module, PrivateModule) else None
-        if owner is not None and owner() is not None and owner() is not self:
+        # the accountant, not the engine: it outlives an engine nobody kept
+        # (``PrivacyEngine().make_private(...)``) and holds what was spent
+        owner = getattr(module, "_privacy_accountant", None) if isinstance(module, PrivateModule) else None
+        if owner is not None and owner is not self.accountant:
             raise ValueError(
                 "module was made private by another PrivacyEngine, whose accountant holds what "
                 "it has spent: a second make_private with a new engine would restart the budget; "
@@ -176,7 +177,7 @@ class PrivacyEngine:
             if wrapped_here:  # bad input leaves the user's model as it was
                 private.remove_hooks()
             raise
-        private._privacy_engine = weakref.ref(self)  # a second engine is refused (budget restart)
+        private._privacy_accountant = self.accountant  # a second engine is refused (budget restart)
         self.optimizer = dp_optimizer
         if criterion is not None:
             return private, dp_optimizer, criterion, loader

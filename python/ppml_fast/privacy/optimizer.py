@@ -152,6 +152,7 @@ class DPOptimizer(torch.optim.Optimizer):
         # a forked child (DataLoader worker, multiprocessing) gets its own key: fresh from OS
         # entropy, or derived from a user seed and the fork number (ppml_fast.noise_keys)
         noise_keys.rekey_after_fork(self, "seed", user_seeded=seed_given)
+        self._seed_given = seed_given  # an OS-drawn key never leaves the process (state_dict)
         self.secure_mode = bool(secure_mode)
         self.nonfinite = nonfinite
         self.gamma = gamma

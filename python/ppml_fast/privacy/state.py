@@ -54,7 +54,8 @@ def parse(state: object) -> dict:
     return {
         "optimizer": _field(state, "optimizer", lambda v: isinstance(v, dict), "the wrapped optimizer's state_dict"),
         "noise_multiplier": float(_field(state, "noise_multiplier", sigma_ok, "a finite number >= 0")),
-        "seed": int(_field(state, "seed", _int_in(0, 1 << 64), "an int in [0, 2**64)")),
+        "seed": _field(state, "seed", lambda v: v is None or _int_in(0, 1 << 64)(v),
+                       "None (a key drawn from OS entropy, not saved) or an int in [0, 2**64)"),
         "offset": int(_field(state, "offset", _int_in(0, 1 << 63), "an int in [0, 2**63)")),
         "steps": int(_field(state, "steps", _int_in(0, None), "an int >= 0")),
         "unnoised_steps": int(_field(state, "unnoised_steps", _int_in(0, None), "an int >= 0", 0)),
@@ -66,10 +67,13 @@ def parse(state: object) -> dict:
 
 
 def save(opt) -> dict:
+    """The state; the noise key only when the user gave it: a key drawn from OS entropy is kept
+    out of every checkpoint (with it and two successive model checkpoints anyone could subtract
+    the step's noise), so a resumed unseeded run continues under a fresh key."""
     return {
         "optimizer": opt.original_optimizer.state_dict(),
         "noise_multiplier": opt.noise_multiplier,
-        "seed": opt.seed,
+        "seed": opt.seed if getattr(opt, "_seed_given", True) else None,
         "offset": opt.offset,
         "steps": opt.steps,
         "unnoised_steps": opt.unnoised_steps,
@@ -116,6 +120,8 @@ def load(opt, state: object) -> None:
             inner.load_state_dict(before)
             raise
     seed, offset = s["seed"], s["offset"]
+    if seed is None:  # an unsaved OS key: a fresh one (this process may have used its own)
+        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
     if opt.journal is not None:
         offset = max(offset, opt.journal.next_offset(seed))
     else:
