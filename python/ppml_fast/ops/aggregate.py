@@ -16,6 +16,7 @@ import torch
 
 from ppml_fast import _C
 from ppml_fast.ops import _checks
+from ppml_fast.ops._library import define
 from ppml_fast.ops._native import (
     CHUNK,
     CLIP_MODE_TAGS,
@@ -56,8 +57,7 @@ def _validate_weights(weights: torch.Tensor, k: int) -> None:
         )
 
 
-@torch.library.custom_op("ppml_fast::weighted_aggregate", mutates_args=())
-def _weighted_aggregate_op(
+def _weighted_aggregate_kernel(
     updates: list[torch.Tensor],
     weights: torch.Tensor,
     clip_norm: Optional[float],
@@ -124,14 +124,21 @@ def _weighted_aggregate_op(
     return (out if acc == dtype else out.to(dtype)), norms
 
 
-@_weighted_aggregate_op.register_fake
-def _(updates, weights, clip_norm, noise_std, seed, offset):
+def _weighted_aggregate_fake(updates, weights, clip_norm, noise_std, seed, offset):
     if len(updates) == 1 and updates[0].dim() == 2:
         k, p = updates[0].shape
     else:
         k, p = len(updates), updates[0].shape[0]
     first = updates[0]
     return first.new_empty((p,)), first.new_empty((k,), dtype=torch.float64)
+
+
+define(
+    "weighted_aggregate(Tensor[] updates, Tensor weights, float? clip_norm, float noise_std, "
+    "SymInt seed, SymInt offset) -> (Tensor, Tensor)",
+    _weighted_aggregate_kernel,
+    _weighted_aggregate_fake,
+)
 
 
 def _to_torch(updates: Updates) -> tuple[list[torch.Tensor], bool]:
@@ -254,5 +261,3 @@ def weighted_aggregate(
     if from_numpy:
         return aggregate.numpy(), norms.numpy()
     return aggregate, norms
-
-

@@ -13,6 +13,7 @@ import torch
 
 from ppml_fast import _C
 from ppml_fast.ops import _checks
+from ppml_fast.ops._library import define
 from ppml_fast.ops._native import (
     CHUNK,
     CLIP_MODE_TAGS,
@@ -53,8 +54,7 @@ def _validate(grads: object, max_norms: object, clipping: object, eps: object, g
     return grads, norms, clipping, eps, gamma
 
 
-@torch.library.custom_op("ppml_fast::clip_and_accumulate", mutates_args=())
-def _clip_and_accumulate_op(
+def _clip_and_accumulate_kernel(
     grads: list[torch.Tensor], max_norms: list[float], clipping: str, eps: float, gamma: float
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     grads, max_norms, clipping, eps, gamma = _validate(grads, max_norms, clipping, eps, gamma)
@@ -99,14 +99,21 @@ def _clip_and_accumulate_op(
     return sums, norms
 
 
-@_clip_and_accumulate_op.register_fake
-def _(grads, max_norms, clipping, eps, gamma):
+def _clip_and_accumulate_fake(grads, max_norms, clipping, eps, gamma):
     batch = grads[0].shape[0]
     for g in grads:
         torch._check(g.shape[0] == batch, lambda: "per_sample_grads must share the batch size")
     sums = [g.new_empty(g.shape[1:]) for g in grads]
     shape = (len(grads), batch) if clipping == "per_layer" else (batch,)
     return sums, grads[0].new_empty(shape, dtype=torch.float64)
+
+
+define(
+    "clip_and_accumulate(Tensor[] grads, float[] max_norms, str clipping, float eps, float gamma)"
+    " -> (Tensor[], Tensor)",
+    _clip_and_accumulate_kernel,
+    _clip_and_accumulate_fake,
+)
 
 
 def clip_and_accumulate(

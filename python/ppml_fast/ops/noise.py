@@ -22,6 +22,7 @@ import torch
 from ppml_fast import _C
 from ppml_fast.noise_keys import reserve_range
 from ppml_fast.ops import _checks
+from ppml_fast.ops._library import bump_versions, define
 from ppml_fast.ops._native import DTYPE_TAGS, device_and_stream, noise_blocks, num_threads
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -100,23 +101,21 @@ def run_noise(
             t.copy_(w)
 
 
-@torch.library.custom_op("ppml_fast::add_gaussian_noise_", mutates_args=("tensors",))
-def _add_gaussian_noise_op(
+def _add_gaussian_noise_kernel(
     tensors: list[torch.Tensor], std: float, seed: int, offset: int, secure: bool
 ) -> None:
     tensors = _as_list("tensors", tensors)
     std = _checks.positive_float("std", std)
     offset = _checks.offset_value("offset", offset)
     run_noise("tensors", tensors, std, 1.0, False, _checks.seed_from_int64(seed), offset, secure)
+    bump_versions(tensors)
 
 
-@_add_gaussian_noise_op.register_fake
-def _(tensors, std, seed, offset, secure):
+def _add_gaussian_noise_fake(tensors, std, seed, offset, secure):
     return None
 
 
-@torch.library.custom_op("ppml_fast::noisy_scale_", mutates_args=("sums",))
-def _noisy_scale_op(
+def _noisy_scale_kernel(
     sums: list[torch.Tensor], std: float, denominator: float, seed: int, offset: int, secure: bool
 ) -> None:
     sums = _as_list("sums", sums)
@@ -124,11 +123,25 @@ def _noisy_scale_op(
     denominator = _checks.positive_float("denominator", denominator)
     offset = _checks.offset_value("offset", offset)
     run_noise("sums", sums, std, denominator, True, _checks.seed_from_int64(seed), offset, secure)
+    bump_versions(sums)
 
 
-@_noisy_scale_op.register_fake
-def _(sums, std, denominator, seed, offset, secure):
+def _noisy_scale_fake(sums, std, denominator, seed, offset, secure):
     return None
+
+
+define(
+    "add_gaussian_noise_(Tensor(a!)[] tensors, float std, SymInt seed, SymInt offset, bool secure)"
+    " -> ()",
+    _add_gaussian_noise_kernel,
+    _add_gaussian_noise_fake,
+)
+define(
+    "noisy_scale_(Tensor(a!)[] sums, float std, float denominator, SymInt seed, SymInt offset, "
+    "bool secure) -> ()",
+    _noisy_scale_kernel,
+    _noisy_scale_fake,
+)
 
 
 def add_gaussian_noise_(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ppml_fast import _C
+from ppml_fast.ops._library import bump_versions, define
 from ppml_fast.ops._native import device_and_stream, num_threads
 
 __all__ = ["MAX_MASK_ELEMENTS", "secagg_mask_"]
@@ -56,8 +57,7 @@ def _check_seed_tensors(seeds: torch.Tensor, signs: torch.Tensor, device: torch.
             raise ValueError(f"{name} must be on x's device ({device}); got {t.device}")
 
 
-@torch.library.custom_op("ppml_fast::secagg_mask_", mutates_args=("x",))
-def _secagg_mask_op(x: torch.Tensor, seeds: torch.Tensor, signs: torch.Tensor) -> None:
+def _secagg_mask_kernel(x: torch.Tensor, seeds: torch.Tensor, signs: torch.Tensor) -> None:
     _check_ring_tensor("x", x)
     _check_seed_tensors(seeds, signs, x.device)
     if x.numel() == 0 or seeds.shape[0] == 0:
@@ -70,11 +70,15 @@ def _secagg_mask_op(x: torch.Tensor, seeds: torch.Tensor, signs: torch.Tensor) -
     _C.secagg_mask(device=dev, stream=stream, x=x.data_ptr(), n=x.numel(),
                    seeds=seeds.data_ptr(), signs=signs.data_ptr(), num_seeds=seeds.shape[0],
                    num_threads=num_threads())
+    bump_versions((x,))
 
 
-@_secagg_mask_op.register_fake
-def _(x, seeds, signs):
+def _secagg_mask_fake(x, seeds, signs):
     return None
+
+
+define("secagg_mask_(Tensor(a!) x, Tensor seeds, Tensor signs) -> ()", _secagg_mask_kernel,
+       _secagg_mask_fake)
 
 
 def _seeds_tensor(seeds: Seeds, device: torch.device) -> torch.Tensor:
