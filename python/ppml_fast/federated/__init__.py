@@ -12,13 +12,13 @@ from .history import History
 from .parameters import ParameterLayout
 from .partition import dirichlet_partition, iid_partition, quantity_skew_partition, shard_partition
 from .secagg import SecAggFedAvg
-from .strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedOpt, FedProx,
+from .strategy import (Bulyan, FaultTolerantFedAvg, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedOpt, FedProx,
                        FedTrimmedAvg, FedYogi, Krum, Strategy)
 from .simulation import Simulation, run_simulation
 from .types import ClientProxy, EvalResult, FitResult
 
 __all__ = [
-    "Client", "ClientProxy", "DPFedAvgAdaptive", "DPFedAvgFixed", "LocalDP",
+    "Bulyan", "Client", "ClientProxy", "FaultTolerantFedAvg", "DPFedAvgAdaptive", "DPFedAvgFixed", "LocalDP",
     "EvalResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian",
     "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "FitResult", "History", "ParameterLayout",
     "RayBackend", "SecAggFedAvg", "SequentialBackend", "Simulation", "Strategy", "VectorizedBackend",

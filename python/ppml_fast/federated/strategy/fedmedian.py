@@ -8,8 +8,9 @@ import torch
 
 from .base import Failures, FitResults, check_results, stack_updates
 from .fedavg import FedAvg
+from .report import AggregationReport, coordinate_exclusions
 
-__all__ = ["FedMedian", "coordinate_median"]
+__all__ = ["FedMedian", "coordinate_median", "median_rows_used"]
 
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
@@ -25,13 +26,31 @@ def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
     return lower.add_(upper).mul_(0.5)
 
 
+def median_rows_used(updates: torch.Tensor) -> torch.Tensor:
+    """(K,) how many coordinates of each row :func:`coordinate_median` took its value from (the
+    middle row for odd K, the two middle rows for even K; on ties, the rows torch.median names).
+    The others are what the median left out."""
+    k, p = updates.shape
+    idx = updates.median(dim=0).indices
+    used = torch.bincount(idx, minlength=k)
+    if k % 2 == 0:
+        upper = (-updates).median(dim=0).indices
+        used = used + torch.bincount(upper[upper != idx], minlength=k)
+    return used
+
+
 class FedMedian(FedAvg):
     """``w <- w + median_k(u_k)`` coordinate-wise; example counts are ignored (as in Flower).
     Robust to fewer than half of the clients sending arbitrary updates. Flower takes the
-    median of the clients' full parameters ``w + u_k``, which is ``w + median(u_k)``."""
+    median of the clients' full parameters ``w + u_k``, which is ``w + median(u_k)``.
+    ``self.report`` lists, per client, the share of its coordinates the median did not take
+    (:mod:`.report`)."""
 
     def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
                       failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
         check_results(results, parameters.numel())
-        median = coordinate_median(stack_updates(results))
+        updates = stack_updates(results)
+        median = coordinate_median(updates)
+        self.report = AggregationReport(coordinate_exclusions(
+            [p.cid for p, _ in results], median_rows_used(updates), updates.shape[1], "median"))
         return parameters + median.to(parameters.dtype), {}

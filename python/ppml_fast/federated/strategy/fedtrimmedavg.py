@@ -12,28 +12,40 @@ from ppml_fast.ops import weighted_aggregate
 from ._hparams import check_real
 from .base import Failures, FitResults, check_results, stack_updates
 from .fedavg import FedAvg
+from .report import AggregationReport, coordinate_exclusions
 
 __all__ = ["FedTrimmedAvg", "trimmed_mean"]
 
 
-def trimmed_mean(updates: torch.Tensor, beta: float) -> torch.Tensor:
+def trimmed_mean(updates: torch.Tensor, beta: float, *,
+                 with_used: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per coordinate, drop the ``floor(beta * K)`` smallest and largest of the K values and
     average the rest (scipy.stats.trim_mean's cut). One sort over dim 0, then the unweighted
-    mean of the middle rows through the native ``weighted_aggregate`` op."""
+    mean of the middle rows through the native ``weighted_aggregate`` op. ``with_used=True``
+    also returns (K,) how many coordinates of each row entered the mean (the sort's indices:
+    K x P int64 more memory)."""
     beta = check_real("beta", beta, lo=0.0, hi=0.5)
     if updates.dim() != 2 or updates.shape[0] == 0:
         raise ValueError(f"updates must be a (K, P) matrix with K >= 1; got shape {tuple(updates.shape)}")
     k = updates.shape[0]
     cut = int(beta * k)
-    middle = updates if cut == 0 else updates.sort(dim=0).values[cut:k - cut]
+    used = torch.full((k,), updates.shape[1], dtype=torch.long)
+    if cut == 0:
+        middle = updates
+    else:
+        ordered = updates.sort(dim=0)
+        middle = ordered.values[cut:k - cut]
+        if with_used:
+            used = torch.bincount(ordered.indices[cut:k - cut].reshape(-1), minlength=k)
     mean, _ = weighted_aggregate(middle.contiguous(), torch.ones(k - 2 * cut, dtype=torch.float64))
-    return mean
+    return (mean, used) if with_used else mean
 
 
 class FedTrimmedAvg(FedAvg):
     """``w <- w + trimmed_mean_k(u_k; beta)``; example counts are ignored (as in Flower).
     ``beta`` in [0, 0.5): with ``beta * K >= f`` the mean tolerates ``f`` Byzantine clients.
-    When ``floor(beta * K) = 0`` (few clients) nothing is cut and this is the plain mean."""
+    When ``floor(beta * K) = 0`` (few clients) nothing is cut and this is the plain mean.
+    ``self.report`` lists, per client, the share of its coordinates that were cut (:mod:`.report`)."""
 
     def __init__(self, *, beta: float = 0.2, min_fit_clients: int = 1) -> None:
         beta = check_real("beta", beta, lo=0.0, hi=0.5)
@@ -43,5 +55,8 @@ class FedTrimmedAvg(FedAvg):
     def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
                       failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
         check_results(results, parameters.numel())
-        mean = trimmed_mean(stack_updates(results), self.beta)
+        updates = stack_updates(results)
+        mean, used = trimmed_mean(updates, self.beta, with_used=True)
+        self.report = AggregationReport(coordinate_exclusions(
+            [p.cid for p, _ in results], used, updates.shape[1], "trimmed_mean"))
         return parameters + mean.to(parameters.dtype), {}

@@ -15,6 +15,7 @@ from ppml_fast.ops import weighted_aggregate
 from ._hparams import check_int
 from .base import Failures, FitResults, check_results, stack_updates
 from .fedavg import FedAvg
+from .report import AggregationReport, whole_exclusions
 
 __all__ = ["Krum", "krum_scores", "pairwise_sq_distances"]
 
@@ -56,7 +57,7 @@ class Krum(FedAvg):
     at least ``2 f + 3`` results: ``min_fit_clients`` defaults to that (the simulation skips a
     round with fewer), and :meth:`aggregate_fit` raises ValueError on fewer (Flower does not
     check, and scores with ``max(1, K - f - 2)`` neighbours). ``m`` larger than the round's
-    result count raises ValueError.
+    result count raises ValueError. ``self.report`` lists the clients left out (:mod:`.report`).
     """
 
     def __init__(self, *, num_malicious_clients: int = 0, num_clients_to_keep: int = 0,
@@ -83,9 +84,15 @@ class Krum(FedAvg):
             raise ValueError(f"num_clients_to_keep={m} exceeds the {k} results of round {server_round}")
         updates = stack_updates(results)
         scores = krum_scores(updates, self.num_malicious_clients)
+        cids = [p.cid for p, _ in results]
         if m == 0:
-            return parameters + updates[int(torch.argmin(scores))].to(parameters.dtype), {}
+            chosen = int(torch.argmin(scores))
+            self.report = AggregationReport(whole_exclusions(cids[:chosen] + cids[chosen + 1:], "krum"))
+            return parameters + updates[chosen].to(parameters.dtype), {}
         best = torch.argsort(scores, stable=True)[:m]
+        kept = set(best.tolist())
+        self.report = AggregationReport(whole_exclusions([c for j, c in enumerate(cids) if j not in kept],
+                                                         "multi_krum"))
         weights = torch.tensor([float(r.num_examples) for _, r in results], dtype=torch.float64)[best]
         if float(weights.sum()) == 0:
             weights = torch.ones(m, dtype=torch.float64)
