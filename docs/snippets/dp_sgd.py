@@ -48,3 +48,15 @@ model, optimizer, train_loader = engine.make_private_with_epsilon(
 print(f"sigma for epsilon 3 after 5 epochs: {optimizer.noise_multiplier:.3f}")
 # --8<-- [end:with_epsilon]
 assert optimizer.noise_multiplier > 1.0
+
+# --8<-- [start:scheduler]
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+for x, y in train_loader:
+    optimizer.zero_grad()
+    loss_fn(model(x), y).backward()
+    optimizer.step()
+    scheduler.step()                                        # halves the lr every 10 steps
+print(f"lr after one epoch ({len(train_loader)} steps): {optimizer.param_groups[0]['lr']:.4f}")
+# --8<-- [end:scheduler]
+assert isinstance(optimizer, torch.optim.Optimizer)
+assert optimizer.param_groups[0]["lr"] == 0.5 * 0.5 ** (len(train_loader) // 10)
