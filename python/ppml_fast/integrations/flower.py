@@ -62,7 +62,7 @@ except ImportError as exc:  # flwr is an optional dependency
 from ppml_fast.integrations._ndarrays import aggregate_ndarrays, check_layout
 from ppml_fast.ops import noise_blocks
 
-__all__ = ["NativeFedAvg"]
+__all__ = ["NativeFedAvg", "FedAvg", "DPFedAvg", "dp_train"]
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -242,3 +242,10 @@ class NativeFedAvg(FedAvg):
         if std > 0:
             self.noise_offset += noise_blocks(sum(int(a.size) for a in reference))
         return aggregated
+
+
+# Flower's Message API (flwr >= 1.21: ServerApp / ClientApp / strategy.start): imported last, so
+# this module's legacy names are defined first (NativeFedAvg subclasses the legacy FedAvg).
+from ppml_fast.integrations.flower_message import FedAvg  # noqa: E402
+from ppml_fast.integrations.flower_dp import DPFedAvg  # noqa: E402
+from ppml_fast.integrations.flower_client import dp_train  # noqa: E402
