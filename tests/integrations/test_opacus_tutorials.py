@@ -187,3 +187,244 @@ def test_building_image_classifier(capsys):
     # one accounted step per logical (Poisson) batch, not per physical chunk
     assert privacy_engine.accountant.history == [(sigma, 1 / 4, 4)]
     assert 0 < privacy_engine.get_epsilon(DELTA) <= EPSILON * 1.01
+
+
+def test_building_text_classifier_bert_ghost_and_lora():
+    """The BERT tutorial's three trainings, in order: the last encoder layer, pooler and
+    classifier under make_private_with_epsilon + BatchMemoryManager (cells 25-33); a fresh model
+    with grad_sample_mode="ghost" and the criterion make_private returns (cells 37-38); LoRA via
+    peft, also ghost (cells 41-50). As in the notebook, each later make_private receives the data
+    loader the previous one returned."""
+    torch.manual_seed(0)
+    import os  # noqa: F401  (cell 5)
+
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, SequentialSampler
+    from transformers import BertConfig, BertForSequenceClassification
+
+    # cell 12: a tiny config instead of bert-base-cased
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config)
+    # cell 15
+    trainable_layers = [model.bert.encoder.layer[-1], model.bert.pooler, model.classifier]
+    total_params = 0
+    trainable_params = 0
+
+    for p in model.parameters():
+            p.requires_grad = False
+            total_params += p.numel()
+
+    for layer in trainable_layers:
+        for p in layer.parameters():
+            p.requires_grad = True
+            trainable_params += p.numel()
+
+    # cell 20's _features_to_dataset output, synthetic (MAX_SEQ_LENGHT 128 -> 12)
+    def _dataset(n):
+        ids = torch.randint(1, 64, (n, 12))
+        mask = torch.ones(n, 12, dtype=torch.long)
+        mask[: n // 2, 9:] = 0
+        types = torch.zeros(n, 12, dtype=torch.long)
+        types[:, 6:] = 1
+        return TensorDataset(ids, mask, types, torch.randint(0, 3, (n,)))
+
+    train_dataset, test_dataset = _dataset(24), _dataset(8)
+    # cell 22 (32 / 8 -> 8 / 4), cell 23
+    BATCH_SIZE = 8
+    MAX_PHYSICAL_BATCH_SIZE = 4
+    train_dataloader = DataLoader(train_dataset, batch_size=BATCH_SIZE)
+    test_dataloader = DataLoader(test_dataset, sampler=SequentialSampler(test_dataset), batch_size=BATCH_SIZE)
+    # cell 25
+    device = torch.device("cpu")
+    model = model.to(device)
+    model = model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, eps=1e-8)
+    # cell 27 (EPOCHS 3 -> 1, LOGGING_INTERVAL 5000 -> 2)
+    EPOCHS = 1
+    LOGGING_INTERVAL = 2
+    EPSILON = 7.5
+    DELTA = 1 / len(train_dataloader)
+    # cell 29
+    import numpy as np
+
+    def accuracy(preds, labels):
+        return (preds == labels).mean()
+
+    def evaluate(model):
+        model.eval()
+
+        loss_arr = []
+        accuracy_arr = []
+
+        for batch in test_dataloader:
+            batch = tuple(t.to(device) for t in batch)
+
+            with torch.no_grad():
+                inputs = {'input_ids':      batch[0],
+                          'attention_mask': batch[1],
+                          'token_type_ids': batch[2],
+                          'labels':         batch[3]}
+
+                outputs = model(**inputs)
+                loss, logits = outputs[:2]
+
+                preds = np.argmax(logits.detach().cpu().numpy(), axis=1)
+                labels = inputs['labels'].detach().cpu().numpy()
+
+                loss_arr.append(loss.item())
+                accuracy_arr.append(accuracy(preds, labels))
+
+        model.train()
+        return np.mean(loss_arr), np.mean(accuracy_arr)
+
+    # cell 31
+    from ppml_fast import PrivacyEngine  # was: from opacus import PrivacyEngine
+
+    MAX_GRAD_NORM = 0.1
+
+    privacy_engine = PrivacyEngine()
+
+    model, optimizer, train_dataloader = privacy_engine.make_private_with_epsilon(
+        module=model,
+        optimizer=optimizer,
+        data_loader=train_dataloader,
+        target_delta=DELTA,
+        target_epsilon=EPSILON,
+        epochs=EPOCHS,
+        max_grad_norm=MAX_GRAD_NORM,
+    )
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    frozen = model.module.bert.embeddings.word_embeddings.weight.detach().clone()
+    # cell 33
+    from ppml_fast.privacy import BatchMemoryManager  # was: opacus.utils.batch_memory_manager
+    printed = []
+
+    for epoch in range(1, EPOCHS+1):
+        losses = []
+
+        with BatchMemoryManager(
+            data_loader=train_dataloader,
+            max_physical_batch_size=MAX_PHYSICAL_BATCH_SIZE,
+            optimizer=optimizer
+        ) as memory_safe_data_loader:
+            for step, batch in enumerate(memory_safe_data_loader):
+                optimizer.zero_grad()
+
+                batch = tuple(t.to(device) for t in batch)
+                inputs = {'input_ids':      batch[0],
+                        'attention_mask': batch[1],
+                        'token_type_ids': batch[2],
+                        'labels':         batch[3]}
+
+                outputs = model(**inputs) # output = loss, logits, hidden_states, attentions
+
+                loss = outputs[0]
+                loss.backward()
+                losses.append(loss.item())
+
+                optimizer.step()
+
+                if step > 0 and step % LOGGING_INTERVAL == 0:
+                    train_loss = np.mean(losses)
+                    eps = privacy_engine.get_epsilon(DELTA)
+
+                    eval_loss, eval_accuracy = evaluate(model)
+                    printed.append((train_loss, eval_loss, eps))
+
+    assert _moved(before, model)
+    assert torch.equal(frozen, model.module.bert.embeddings.word_embeddings.weight)
+    assert printed and all(math.isfinite(v) for row in printed for v in row)
+    assert 0 < privacy_engine.get_epsilon(DELTA) <= EPSILON * 1.01
+
+    # cells 37-38: a fresh model, ghost clipping with the returned criterion
+    model = BertForSequenceClassification(config)  # was: .from_pretrained("bert-base-cased", config=config)
+
+    trainable_layers = [model.bert.encoder.layer[-1], model.bert.pooler, model.classifier]
+
+    for p in model.parameters():
+            p.requires_grad = False
+            total_params += p.numel()
+
+    for layer in trainable_layers:
+        for p in layer.parameters():
+            p.requires_grad = True
+            trainable_params += p.numel()
+
+    # cells 38 and 50 are the same code (model_gc / model_lora, optimizer_gc / optimizer_lora,
+    # criterion_gc / criterion_lora): run as one function with the _gc names
+    def ghost_cell(model, train_dataloader):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, eps=1e-8)
+        model = model.train()
+
+        privacy_engine = PrivacyEngine()
+        criterion = nn.CrossEntropyLoss(reduction="mean")
+
+        model_gc, optimizer_gc, criterion_gc, train_dataloader = (
+            privacy_engine.make_private_with_epsilon(
+                module=model,
+                optimizer=optimizer,
+                data_loader=train_dataloader,
+                criterion=criterion,
+                target_delta=DELTA,
+                target_epsilon=EPSILON,
+                epochs=EPOCHS,
+                max_grad_norm=MAX_GRAD_NORM,
+                grad_sample_mode="ghost",
+            )
+        )
+
+        model_gc = model_gc.to(device)
+        model_gc = model_gc.train()
+        before = [p.detach().clone() for p in model_gc.parameters() if p.requires_grad]
+
+        for epoch in range(1, EPOCHS + 1):
+            losses = []
+            for step, batch in enumerate(train_dataloader):
+                optimizer_gc.zero_grad()
+                batch = tuple(t.to(device) for t in batch)
+                inputs = {
+                    "input_ids": batch[0],
+                    "attention_mask": batch[1],
+                    "token_type_ids": batch[2],
+                    "labels": batch[3],
+                }
+                outputs = model_gc(**inputs)  # output = loss, logits, hidden_states, attentions
+                loss = criterion_gc(outputs[1], batch[3])
+                loss.backward()
+                optimizer_gc.step()
+                losses.append(loss.item())
+
+                if step > 0 and step % LOGGING_INTERVAL == 0:
+                    train_loss = np.mean(losses)
+                    eval_loss, eval_accuracy = evaluate(model_gc)
+                    eps = privacy_engine.get_epsilon(DELTA)
+                    printed.append((train_loss, eval_loss, eps))
+        assert _moved(before, model_gc)
+        assert losses and all(math.isfinite(v) for v in losses)
+        assert len(privacy_engine.accountant) == 1
+        assert 0 < privacy_engine.get_epsilon(DELTA) <= EPSILON * 1.01
+        return train_dataloader
+
+    train_dataloader = ghost_cell(model, train_dataloader)
+
+    # cells 41-50: LoRA (peft), ghost clipping
+    model = BertForSequenceClassification(config)  # was: .from_pretrained("bert-base-cased", config=config)
+    from peft import get_peft_model, LoraConfig, TaskType
+
+    lora_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # our particular task is sequence classification
+        inference_mode=False,  # Enable training mode
+        r=32,  # Low-rank dimension
+        lora_alpha=32,  # Alpha scaling factor
+        lora_dropout=0.05,  # Dropout for LoRA layers
+    )
+
+    model_with_lora = get_peft_model(model, lora_config)
+    attention_layers_to_freeze = model_with_lora.base_model.bert.encoder.layer[:-1]
+
+    # Freeze the parameters in the first 11 attention layers
+    for param in attention_layers_to_freeze.parameters():
+        param.requires_grad = False
+
+    ghost_cell(model_with_lora, train_dataloader)
