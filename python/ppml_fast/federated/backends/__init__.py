@@ -3,7 +3,9 @@
 - ``"sequential"`` (:class:`SequentialBackend`): one client after the other, the reference;
 - ``"vectorized"`` (:class:`VectorizedBackend`): clients of one architecture trained together
   with ``torch.func.vmap``;
-- ``"ray"`` (:class:`RayBackend`): client groups on Ray actors (optional ``ray`` extra).
+- ``"ray"`` (:class:`RayBackend`): client groups on Ray actors, on one machine or a cluster
+  (optional ``ray`` extra); :class:`ClientSpec` builds clients on the workers from a factory and
+  shard ids, so that their data never passes through the driver.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import Union
 
 from .base import Backend, Outcome
 from .ray_backend import RayBackend
+from .ray_specs import ClientSpec, SpecClient
 from .sequential import SequentialBackend
 from .vectorized import VectorizedBackend
 
-__all__ = ["BACKENDS", "Backend", "Outcome", "RayBackend", "SequentialBackend", "VectorizedBackend",
-           "make_backend"]
+__all__ = ["BACKENDS", "Backend", "ClientSpec", "Outcome", "RayBackend", "SequentialBackend", "SpecClient",
+           "VectorizedBackend", "make_backend"]
 
 BACKENDS = {b.name: b for b in (SequentialBackend, VectorizedBackend, RayBackend)}
 

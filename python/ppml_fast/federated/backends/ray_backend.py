@@ -1,29 +1,66 @@
-"""Client groups on Ray workers: each worker (a Ray actor) holds a fixed group of clients and
-runs ``Client.fit`` on the selected ones of its group, one after the other, as the sequential
-backend does.
+"""Client groups on Ray workers, on one machine or many: each worker (a Ray actor,
+:class:`~.ray_worker.RayWorker`) holds a fixed group of clients and trains the selected ones of
+its group together with the vectorized backend (one by one where it refuses, e.g. local DP).
 
-The clients (with their data) go to the workers once, in :meth:`RayBackend.setup`
-(``ray.put`` of each group); each round only the parameters (one ``ray.put``) and the configs
-travel. A client's state changed by training (a local-DP accountant and noise offset) lives on
-its worker, as on a device, and is copied back to the driver's ``Client`` after each fit, so
-that a later simulation with the same clients composes with it. A client that raised reports,
-from its worker, the ε its accountant has spent (:func:`~.base.failed_client_epsilon`). A worker
-that dies takes its clients' state with it: for each of its clients in that round, the driver
-records the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit` (the
-whole fit composed) as the client's state and spent ε (``inf`` for a client whose class
-overrides ``fit``: how it trains is not known to the driver); in later rounds the dead worker's
-clients fail at once, without being sent to it (nothing trained, nothing more spent).
+Where the clients come from:
+- ``Client`` objects (they hold their data): sent to their worker once, in :meth:`RayBackend.setup`;
+- :class:`~.ray_specs.ClientSpec` (``spec.clients()``: data-less handles): each worker builds its
+  clients itself with ``factory(shard)``; the data never passes through the driver, whose memory
+  does not depend on the data's size.
+Each round only the parameters (one ``ray.put``) and the configs travel to the workers.
 
-Ray is optional: ``pip install 'ppml_fast[ray]'``. When Ray is not running yet, :meth:`setup`
-starts a local instance (``ray.init(**init_kwargs)``) and :meth:`close` shuts it down again; an
-instance started by the caller is left running.
+What comes back: by default each client's update. With ``partial_sums_for=strategy`` and a
+strategy that aggregates a weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+FaultTolerantFedAvg, exactly these classes), a worker returns one partial weighted sum
+``S = sum n_i u_i`` and ``W = sum n_i`` for the clients it trained together, plus each client's
+numbers (examples, metrics, time, ε); the driver hands every one of those clients the group's mean
+``S / W`` (one shared tensor) with its own ``n_i``, and any weighted mean over the clients is then
+``sum_g W_g (S_g / W_g) / sum_g W_g = sum_i n_i u_i / sum_i n_i``: the strategy's aggregate is the
+one it computes from the individual updates, within float rounding. For ``DPFedAvgFixed`` (exactly
+that class, any inner strategy) a worker clips each update to the server's clip norm
+``C = strategy.round_clip_norm()`` before summing (``S = sum clip_C(u_i)``, ``W`` = count) and every
+client carries ``S / W``: a mean of vectors of norm <= C has norm <= C, so the server's own
+clipping leaves it (at most shrinks it by float rounding) and its unit-weight sum is
+``sum_i clip_C(u_i)``, the DP-FedAvg sum (McMahan et al. 2018, Alg. 1) whose sensitivity C its
+noise is calibrated to. What a carrier does not give: a client's own update and norm, so the
+strategy's ``last_update_norms`` are the carriers' norms. Every other strategy (robust ones,
+adaptive clipping, which needs each client's norm, secure aggregation) gets per-client updates.
+
+Faults. A worker call has a deadline, ``min(round_timeout, client_timeout x its clients)`` seconds
+after the round's calls were sent (None: no limit); a worker that misses it is killed and its
+clients of that round fail with ``TimeoutError``. A worker that dies (or is killed) is replaced for
+its clients by the live workers, which adopt them (a spec's clients are rebuilt there from their
+shards, object clients re-sent from the driver), and its clients of that round are retried once
+there (``retries=1``) within the round's deadline. A client's state changed by training (a local-DP
+accountant and noise offset) lives on its worker, as on a device, and is copied back to the driver
+after each fit; for a client whose worker died or was killed during its fit, the driver records
+the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit` (the whole fit
+composed; ``inf`` for a client whose class overrides ``fit`` or whose size its worker never
+reported) and a retry starts from that state, so no lost step is ever uncounted. With no live
+worker left, the clients fail at once in later rounds, without being sent anywhere.
+
+GPUs: ``num_gpus`` per worker reserves them with Ray and trains the vectorized groups there
+(``device="cuda"``); the one-by-one fallback trains on the CPU.
+
+Multi-node launch (Ray is optional: ``pip install 'ppml_fast[ray]'`` on every node; the model
+function and a spec's factory must be importable on every node)::
+
+    head$    ray start --head --port=6379
+    node$    ray start --address=<head-ip>:6379            # on each other machine
+    driver$  python -c "...run_simulation(model_fn, ClientSpec(factory='mypkg.data:make_client',
+                         shards=range(100_000)).clients(), FedAvg(),
+                         backend=RayBackend(address='auto', num_workers=16, partial_sums_for=strategy),
+                         ...)"
+
+When Ray is not running yet, :meth:`setup` starts it (``ray.init(address=address, **init_kwargs)``:
+a local instance when ``address`` is None) and :meth:`close` shuts it down again; an instance
+started by the caller is left running.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import pickle
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -32,9 +69,14 @@ from torch import nn
 
 from ..client import Client, fit_settings
 from ..dp.local import LocalDP, LocalDPState, state_after_lost_fit
-from .base import Backend, Outcome, fit_one, make_model
+from ..types import FitResult
+from .base import Backend, Outcome
+from .ray_specs import ClientSpec, SpecClient
+from .ray_worker import RayWorker, portable
 
-__all__ = ["RayBackend", "import_ray"]
+__all__ = ["ClientSpec", "RayBackend", "SpecClient", "import_ray"]
+
+_MEAN_TYPES = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FaultTolerantFedAvg")
 
 
 def import_ray():
@@ -47,42 +89,17 @@ def import_ray():
     return ray
 
 
-def _portable(e: BaseException) -> BaseException:
-    """``e`` if it pickles (it travels back to the driver), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
-class _Worker:
-    """The body of one Ray actor: a group of clients and a scratch model."""
-
-    def __init__(self, clients: list[Client], model_fn: Callable[[], nn.Module], threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.clients = clients
-        self.model = make_model(model_fn)
-
-    def fit(self, local: list[int], parameters: torch.Tensor,
-            configs: list[dict]) -> list[tuple[Any, Optional[BaseException], float, Any, Optional[float]]]:
-        out = []
-        for j, config in zip(local, configs):
-            o = fit_one(self.clients[j], parameters, {**config, "model": self.model})
-            out.append((o.result, None if o.error is None else _portable(o.error), o.seconds,
-                        getattr(self.clients[j], "_local_dp", None), o.epsilon))
-        return out
-
-
 def _lost_fit(client: Client, config: Mapping[str, Any]) -> tuple[Optional[LocalDPState], Optional[float]]:
-    """(state, spent ε) to record for a local-DP client whose worker died during its fit: the
-    conservative bound of ``state_after_lost_fit``; (None, None) without local DP. A client
-    whose class overrides ``fit`` may train other than its config says, so its spend is
-    unknown: (None, inf)."""
+    """(state, spent ε) to record for a local-DP client whose worker was lost during its fit: the
+    conservative bound of ``state_after_lost_fit``; (None, None) without local DP. A client that
+    trains its own way (its class overrides ``fit``) or whose size is unknown: (None, inf)."""
     local_dp = config.get("local_dp")
     if not isinstance(local_dp, LocalDP):
         return None, None
-    if type(client).fit is not Client.fit:
+    if isinstance(client, SpecClient):
+        if not client._default_fit or client._n is None:
+            return None, math.inf
+    elif type(client).fit is not Client.fit:
         return None, math.inf
     try:
         s = fit_settings(config)
@@ -93,78 +110,230 @@ def _lost_fit(client: Client, config: Mapping[str, Any]) -> tuple[Optional[Local
     return state, state.epsilon(local_dp.delta)
 
 
+def _limit(name: str, v: Any) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) > 0 or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number of seconds > 0 or None; got {v!r}")
+    return float(v)
+
+
 class RayBackend(Backend):
-    """Clients split round-robin over ``num_workers`` Ray actors (default: the cluster's CPUs).
+    """Clients split round-robin over ``num_workers`` Ray actors (module docstring).
 
     Args:
-        num_workers: number of actors (each reserves ``cpus_per_worker`` CPUs).
+        num_workers: number of actors (default: the cluster's CPUs // ``cpus_per_worker``).
         cpus_per_worker: CPUs per actor, also its torch thread count.
-        init_kwargs: arguments of ``ray.init`` when this backend has to start Ray.
+        num_gpus: GPUs per actor (a fraction shares one); > 0 trains the vectorized groups on CUDA.
+        address: the Ray cluster to join when Ray is not initialised (``"auto"``: the one
+            ``ray start`` runs on this machine; ``"ray://host:10001"``: a remote one; None: start a
+            local instance).
+        client_timeout: seconds per client of a worker call (its deadline is this times its
+            clients, capped by ``round_timeout``); None: no limit.
+        round_timeout: seconds for all of a round's worker calls, retries included; None: no limit.
+        retries: times a dead worker's clients are retried on another worker in the same round (0 or 1).
+        partial_sums_for: the run's strategy; when it is mean-type or ``DPFedAvgFixed``, workers
+            return partial sums instead of updates (module docstring). None: per-client updates.
+        init_kwargs: other arguments of ``ray.init`` when this backend has to start Ray.
     """
 
     name = "ray"
 
-    def __init__(self, *, num_workers: Optional[int] = None, cpus_per_worker: int = 1,
+    def __init__(self, *, num_workers: Optional[int] = None, cpus_per_worker: int = 1, num_gpus: float = 0.0,
+                 address: Optional[str] = None, client_timeout: Optional[float] = None,
+                 round_timeout: Optional[float] = None, retries: int = 1, partial_sums_for: Any = None,
                  init_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         for arg, v in (("num_workers", num_workers), ("cpus_per_worker", cpus_per_worker)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
                 raise ValueError(f"{arg} must be an int >= 1; got {v!r}")
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, numbers.Real) or not 0 <= float(num_gpus) < math.inf:
+            raise ValueError(f"num_gpus must be a number >= 0; got {num_gpus!r}")
+        if retries not in (0, 1) or isinstance(retries, bool):
+            raise ValueError(f"retries must be 0 or 1; got {retries!r}")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a str or None; got {type(address).__name__}")
+        if partial_sums_for is not None:
+            from ..strategy.base import Strategy
+            if not isinstance(partial_sums_for, Strategy):
+                raise TypeError("partial_sums_for must be the run's ppml_fast.federated.Strategy or None; "
+                                f"got {type(partial_sums_for).__name__}")
         self.num_workers = num_workers
         self.cpus_per_worker = int(cpus_per_worker)
-        self.init_kwargs = dict(init_kwargs or {"include_dashboard": False, "log_to_driver": False})
+        self.num_gpus = float(num_gpus)
+        self.address = address
+        self.client_timeout = _limit("client_timeout", client_timeout)
+        self.round_timeout = _limit("round_timeout", round_timeout)
+        self.retries = int(retries)
+        self.partial_sums_for = partial_sums_for
+        default = {"log_to_driver": False} if address else {"include_dashboard": False, "log_to_driver": False}
+        self.init_kwargs = dict(init_kwargs or default)
         self._workers: list = []
-        self._dead: set[int] = set()  # workers that died (their clients' state went with them)
+        self._dead: set[int] = set()  # workers lost (died, or killed at a deadline)
         self._started_ray = False
+
+    # ------------------------------------------------------------------ setup
 
     def setup(self, clients: Sequence[Client], model_fn: Callable[[], nn.Module]) -> None:
         super().setup(clients, model_fn)
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(**self.init_kwargs)
+            ray.init(address=self.address, **self.init_kwargs)
             self._started_ray = True
         n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_worker)
         n = min(n, len(self.clients))
-        actor = ray.remote(num_cpus=self.cpus_per_worker)(_Worker)
-        self._home = [(i % n, i // n) for i in range(len(self.clients))]  # (worker, position there)
-        self._workers = [
-            actor.remote(ray.put(self.clients[w::n]), model_fn, self.cpus_per_worker) for w in range(n)
-        ]
+        actor = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.num_gpus)(RayWorker)
+        device = "cuda" if self.num_gpus > 0 else "cpu"
+        self._workers = [actor.remote(model_fn, self.cpus_per_worker, device) for _ in range(n)]
         self._dead = set()
+        self._home = [i % n for i in range(len(self.clients))]  # client i's worker
+        self._adopted([x for w in range(n) for x in self._adopt(w, list(range(w, len(self.clients), n)))])
+
+    def _adopt(self, w: int, indices: list[int]) -> list[tuple[Any, list]]:
+        """Send worker ``w`` the clients at ``indices`` (objects, or a spec's shard ids, with the
+        driver's local-DP state); returns (ref, entries) pairs for :meth:`_adopted`."""
+        specs: dict[int, tuple[Any, list]] = {}
+        objects = []
+        for i in indices:
+            c = self.clients[i]
+            if isinstance(c, SpecClient):
+                specs.setdefault(id(c.spec), (c.spec.factory, []))[1].append((i, (c.shard, c.cid), c._local_dp))
+            else:
+                objects.append((i, c, c._local_dp))
+        sent = [(self._workers[w].add.remote(objects), objects)] if objects else []
+        return sent + [(self._workers[w].add.remote(entries, factory), entries)
+                       for factory, entries in specs.values()]
+
+    def _adopted(self, sent: list[tuple[Any, list]]) -> None:
+        """Wait for adoptions; record what the workers report of each spec client (its size, and
+        whether it trains with ``Client.fit``: the conservative record of a lost fit needs both)."""
+        ray = import_ray()
+        for (_, entries), answer in zip(sent, ray.get([ref for ref, _ in sent])):
+            for (i, _, _), (n, default_fit) in zip(entries, answer):
+                c = self.clients[i]
+                if isinstance(c, SpecClient):
+                    c._n, c._default_fit = n, default_fit
+
+    # ------------------------------------------------------------------ fit
+
+    def _mode(self) -> tuple[Optional[str], Optional[float]]:
+        s = self.partial_sums_for
+        if s is None:
+            return None, None
+        from ..dp.fixed import DPFedAvgFixed
+        if type(s) is DPFedAvgFixed:
+            return "clip", float(s.round_clip_norm())
+        if type(s).__name__ in _MEAN_TYPES and type(s).__module__.startswith("ppml_fast.federated.strategy"):
+            return "mean", None
+        return None, None
 
     def fit(self, indices: Sequence[int], parameters: torch.Tensor,
             configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         ray = import_ray()
+        mode, clip = self._mode()
         params_ref = ray.put(parameters)
-        plan: dict[int, list[tuple[int, int, dict]]] = {}
-        for pos, (i, config) in enumerate(zip(indices, configs)):
-            w, j = self._home[i]
-            lean = {k: v for k, v in config.items() if k not in ("model", "model_fn")}  # the worker has its model
-            plan.setdefault(w, []).append((pos, j, lean))
-        calls = {w: self._workers[w].fit.remote([j for _, j, _ in items], params_ref,
-                                                [c for _, _, c in items])
-                 for w, items in plan.items() if w not in self._dead}
         outcomes: list[Optional[Outcome]] = [None] * len(indices)
-        for w in plan.keys() & self._dead:  # sent nothing: these clients did not train
-            error = RuntimeError(f"Ray worker {w} died in an earlier round; its clients cannot train")
-            for pos, _, _ in plan[w]:
-                outcomes[pos] = Outcome(None, error, 0.0)
-        for w, ref in calls.items():
-            start = time.perf_counter()
-            try:
-                answers = ray.get(ref)
-            except Exception as e:  # the worker failed: its clients all fail with it
-                if isinstance(e, ray.exceptions.RayActorError):
-                    self._dead.add(w)
-                error, seconds = _portable(e), time.perf_counter() - start
-                answers = [(None, error, seconds, *_lost_fit(self.clients[indices[pos]], config))
-                           for pos, _, config in plan[w]]
-            for (pos, _, _), (result, error, seconds, state, spent) in zip(plan[w], answers):
-                outcomes[pos] = Outcome(result, error, seconds, epsilon=spent)
-                if state is not None:  # the client's local-DP accountant and noise offset: kept on
-                    # the driver's Client too, so a later simulation with these clients goes on
-                    # from them (not from a fresh accountant and offset 0)
-                    self.clients[indices[pos]]._local_dp = state
+        todo = [(pos, i, {k: v for k, v in config.items() if k not in ("model", "model_fn")})
+                for pos, (i, config) in enumerate(zip(indices, configs))]  # the worker has its model
+        start = time.perf_counter()
+        for attempt in range(1 + self.retries):
+            todo = self._run(todo, params_ref, mode, clip, outcomes, start, retry=attempt < self.retries)
+            if not todo:
+                break
         return outcomes  # type: ignore[return-value]
+
+    def _run(self, todo: list, params_ref: Any, mode: Optional[str], clip: Optional[float],
+             outcomes: list, start: float, retry: bool) -> list:
+        """One pass: send each live worker its clients of ``todo``, collect answers until the
+        deadlines; fill ``outcomes``. Returns the items to retry (their worker died, and a live
+        worker adopted them)."""
+        ray = import_ray()
+        plan: dict[int, list] = {}
+        for item in todo:
+            plan.setdefault(self._home[item[1]], []).append(item)
+        calls, deadline = {}, {}
+        round_end = math.inf if self.round_timeout is None else start + self.round_timeout
+        for w, items in plan.items():
+            if w in self._dead:  # sent nothing: these clients did not train
+                error = RuntimeError(f"Ray worker {w} died in an earlier round; its clients cannot train")
+                for pos, _, _ in items:
+                    outcomes[pos] = Outcome(None, error, 0.0)
+                continue
+            ref = self._workers[w].fit.remote([i for _, i, _ in items], params_ref, [c for _, _, c in items],
+                                              mode, clip)
+            calls[ref] = w
+            per = math.inf if self.client_timeout is None else self.client_timeout * len(items)
+            deadline[ref] = min(round_end, time.perf_counter() + per)
+        retry_items, pending = [], list(calls)
+        while pending:
+            wait = max(0.0, min(deadline[r] for r in pending) - time.perf_counter())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=None if math.isinf(wait) else wait)
+            for ref in ready:
+                w = calls[ref]
+                try:
+                    answer = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.ObjectLostError) as e:  # the worker is gone
+                    self._fail(w, plan[w], e, outcomes)
+                    if self._lose(w) and retry:
+                        retry_items.extend(plan[w])
+                    continue
+                except Exception as e:  # the worker's code raised: its clients fail with it
+                    self._fail(w, plan[w], e, outcomes)
+                    continue
+                self._collect(plan[w], answer, mode, outcomes)
+            now = time.perf_counter()
+            for ref in [r for r in pending if deadline[r] <= now]:
+                w = calls[ref]
+                pending.remove(ref)
+                ray.kill(self._workers[w])  # hung or too slow: it cannot be interrupted otherwise
+                limit = deadline[ref] - start
+                self._fail(w, plan[w], TimeoutError(f"Ray worker {w} missed its deadline ({limit:.3g} s after "
+                                                    f"the round started); it was stopped"), outcomes)
+                self._lose(w)
+        return retry_items
+
+    def _fail(self, w: int, items: list, error: BaseException, outcomes: list) -> None:
+        """The clients of a failed call: the error, and for local DP the conservative record."""
+        ray = import_ray()
+        error = portable(error)
+        lost = isinstance(error, (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                                  ray.exceptions.ObjectLostError))
+        for pos, i, config in items:
+            state, spent = _lost_fit(self.clients[i], config) if lost else (None, None)
+            if state is not None:
+                self.clients[i]._local_dp = state
+            outcomes[pos] = Outcome(None, error, 0.0, epsilon=spent)
+
+    def _lose(self, w: int) -> bool:
+        """Worker ``w`` is gone: the live workers adopt its clients. False when none is left."""
+        self._dead.add(w)
+        live = [v for v in range(len(self._workers)) if v not in self._dead]
+        if not live:
+            return False
+        moved = [i for i, h in enumerate(self._home) if h == w]
+        sent = []
+        for k, v in enumerate(live):
+            share = moved[k::len(live)]
+            for i in share:
+                self._home[i] = v
+            if share:
+                sent.extend(self._adopt(v, share))
+        self._adopted(sent)
+        return True
+
+    def _collect(self, items: list, answer: dict, mode: Optional[str], outcomes: list) -> None:
+        carrier = None
+        if answer["count"]:
+            total, weight = answer["sum"], answer["weight"]
+            carrier = (total / weight if weight > 0 else total).to(torch.float32)
+        for (pos, i, _), (result, error, seconds, finite, spent, state, summed) in zip(items, answer["clients"]):
+            if summed:  # one shared tensor: the group's mean (module docstring)
+                n, metrics = result
+                result = FitResult(update=carrier, num_examples=n, metrics=metrics)
+            outcomes[pos] = Outcome(result, error, seconds, finite, epsilon=spent)
+            if state is not None:  # the client's local-DP accountant and noise offset: kept on the
+                # driver's Client too, so a retry, a rebuild or a later simulation goes on from them
+                self.clients[i]._local_dp = state
 
     def close(self) -> None:
         if not self._workers and not self._started_ray:
