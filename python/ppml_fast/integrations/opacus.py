@@ -19,13 +19,20 @@ accountant "rdp"                                           "rdp": more orders (t
 accountant "prv" (Opacus's default)                        "pld" (numerical privacy-loss distributions, tight)
 accountant "gdp"                                           none: Gaussian DP via the CLT is an approximation, not
                                                            a bound; use "rdp" or "pld"
-``make_private(module=, optimizer=, data_loader=,          the same names; returns ``(PrivateModule,
-noise_multiplier=, max_grad_norm=, ...)``                  DPOptimizer, DataLoader)`` always — never the
-                                                           4-tuple with a criterion of Opacus's ghost mode
-``grad_sample_mode="hooks"`` (default), ``"functorch"``,   ``"ghost"`` (default: per layer the cheaper of ghost
-``"ew"``, ``"ghost"`` (+ ``criterion=``)                   norms and materialised per-sample gradients, with a
-                                                           plain ``loss.backward()``) or ``"materialize"``
-                                                           (``"hooks"`` is its alias); others raise ValueError
+``make_private(module=, optimizer=, data_loader=,          the same names; returns ``(PrivateModule, DPOptimizer,
+noise_multiplier=, max_grad_norm=, ...)``                  DataLoader)``, or with ``criterion=`` ``(PrivateModule,
+                                                           DPOptimizer, criterion, DataLoader)`` as Opacus's
+                                                           ghost tutorials unpack it (the criterion unchanged;
+                                                           its ``reduction`` sets ``loss_reduction``). Ghost
+                                                           without ``criterion=`` returns three (Opacus: four)
+``grad_sample_mode="hooks"`` (default), ``"functorch"``,   all accepted: ``"ghost"`` (default: per layer the
+``"ew"``, ``"ghost"`` (+ ``criterion=``)                   cheaper of ghost norms and materialised per-sample
+                                                           gradients, plain ``loss.backward()``) or
+                                                           ``"materialize"``, which ``"hooks"``, ``"functorch"``
+                                                           and ``"ew"`` name (the same exact per-sample
+                                                           gradients); ``"no_op"`` and others raise ValueError
+``accountant.history``, ``len(accountant)``                the same: ``(noise_multiplier, sample_rate,
+                                                           num_steps)`` per entry, and their count
 ``clipping="flat" | "per_layer" | "adaptive"``             ``"flat" | "per_layer" | "automatic"`` (Bu et al.
                                                            2023); no "adaptive"
 ``noise_generator=torch.Generator``                        ``noise_seed=int`` (Philox key of the noise) and
@@ -40,6 +47,11 @@ target_delta=, epochs=, max_grad_norm=, ...)``
 ``GradSampleModule(model)``                                ``PrivateModule(model)``: no ``p.grad_sample``; hooks
                                                            keep activations and output gradients;
                                                            ``remove_hooks()`` returns the original model
+``DPOptimizer``, a ``torch.optim.Optimizer``               also one (``param_groups``/``state`` are the wrapped
+                                                           optimizer's): LR schedulers,
+                                                           ``zero_grad(set_to_none=)``, ``torch.amp.GradScaler``;
+                                                           ``p.grad`` stays None until ``step()`` writes the
+                                                           noisy gradient
 ``DPOptimizer(optimizer, noise_multiplier=,                ``DPOptimizer(optimizer, module=PrivateModule, ...)``
 max_grad_norm=, expected_batch_size=)``                    — the same stages (``clip_and_accumulate``,
                                                            ``add_noise``, ``scale_grad``) and

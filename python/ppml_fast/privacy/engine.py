@@ -7,9 +7,10 @@ training loop runs after changing the import::
     ...                                   # the usual loop
     engine.get_epsilon(delta=1e-5)
 
-Differences from Opacus: ``make_private`` always returns three values; the default
-``grad_sample_mode="ghost"`` covers every supported layer (not only Linear and Embedding) and
-plain ``nn.MultiheadAttention``; accountants are "pld" (default) or "rdp".
+Differences from Opacus: ``make_private`` returns four values only when given ``criterion=``
+(Opacus: whenever ``grad_sample_mode="ghost"``); the default ``grad_sample_mode="ghost"`` covers
+every supported layer (not only Linear and Embedding) and plain ``nn.MultiheadAttention``;
+accountants are "pld" (default) or "rdp". docs/migrating_from_opacus.md has the rest.
 """
 
 from __future__ import annotations
