@@ -27,7 +27,7 @@ def _one_thread(restore_threads):
 
 
 ROW_KEYS = {"round", "loss", "accuracy", "epsilon", "clients", "dropped", "skipped", "skip_reason",
-            "train_loss", "metrics", "federated", "seconds"}
+            "excluded", "train_loss", "metrics", "federated", "seconds"}
 
 
 def _run(clients=None, strategy=None, **kw):

@@ -52,7 +52,8 @@ def _data(k, p=20, seed=0, outliers=0):
 def test_bulyan_matches_flower(k, f, outliers):
     w, u, n = _data(k, seed=k + f, outliers=outliers)
     ours = _ours(Bulyan(num_malicious_clients=f), w, u, n)
-    theirs = _flower(fl.Bulyan(num_malicious_clients=f, first_aggregation_rule=aggregate_krum, to_keep=0), w, u, n)
+    flower = fl.Bulyan(num_malicious_clients=f, first_aggregation_rule=aggregate_krum, to_keep=0)
+    theirs = _flower(flower, w, u, n)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +96,8 @@ def test_fault_tolerant_matches_flower(k, failures, expect_none):
 def test_fault_tolerant_evaluate_gate():
     from ppml_fast.federated import EvalResult
     s = FaultTolerantFedAvg(min_completion_rate_evaluate=0.75)
-    res = [(ClientProxy(0), EvalResult(loss=1.0, num_examples=2)), (ClientProxy(1), EvalResult(loss=3.0, num_examples=2))]
+    res = [(ClientProxy(0), EvalResult(loss=1.0, num_examples=2)),
+           (ClientProxy(1), EvalResult(loss=3.0, num_examples=2))]
     assert s.aggregate_evaluate(1, res, [(ClientProxy(2), "x")]) == (None, {})
     assert s.aggregate_evaluate(1, res, [])[0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="min_completion_rate_fit"):

@@ -7,14 +7,17 @@ client has spent, failed clients included — see :mod:`~ppml_fast.federated.sim
 ``clients`` (the cids whose updates were aggregated), ``dropped`` (``[{"cid", "reason"}]``:
 "dropout", "budget", "timeout", "nonfinite", "shape" or the exception's ``"Type: message"``;
 under local DP also ``"epsilon"``, what that client has spent, when it reports it),
-``skipped`` (True when too few results remained; the parameters did not change) and
-``skip_reason``, ``train_loss`` (clients' reported training loss, weighted by their example
-counts), ``metrics`` (the strategy's aggregation metrics),
+``skipped`` (True when too few results remained, the strategy declined the round or its
+aggregate was not finite; the parameters did not change) and ``skip_reason``, ``excluded``
+(what the strategy left out of the aggregate: ``[{"cid", "rule", "fraction"}]``, see
+:mod:`~ppml_fast.federated.strategy.report`), ``train_loss`` (clients' reported training
+loss, weighted by their example counts), ``metrics`` (the strategy's aggregation metrics),
 ``federated`` (``{"loss", "metrics", "failures"}`` of federated evaluation when the strategy asks
 for it, else None)
 and ``seconds`` (wall time of the round). ``stopped`` is ``"rounds"`` (all rounds ran),
-``"target_accuracy"`` or ``"max_epsilon"``; ``stop_message`` says it in words. ``notes`` holds
-what the run must say about itself: ``noise_keys.REPRODUCIBLE_NOISE`` when its noise was keyed
+``"target_accuracy"``, ``"max_epsilon"`` or ``"error"`` (an exception ended the run; it carries
+this History as ``.history``, :mod:`~ppml_fast.federated.history_writer`); ``stop_message``
+says it in words. ``notes`` holds what the run must say about itself: ``noise_keys.REPRODUCIBLE_NOISE`` when its noise was keyed
 from a user-given seed (the strategy's or ``LocalDP.noise_seed``).
 """
 

@@ -7,12 +7,13 @@ on who else was picked); the backend trains the others from the current paramete
 ``{model_fn, local_epochs, batch_size, lr, seed, local_dp}`` merged under the strategy's extras,
 ``seed`` being drawn per round and per client from ``seed``; faults leave a client out with its
 reason (it raised — ``PrivacyBudgetExceeded`` reads ``"budget"``, anything else
-``"Type: message"`` —, took longer than ``client_timeout`` seconds (``"timeout"``: a
-simulated straggler is not interrupted, its result is discarded once it arrives late; the
-vectorized backend attributes to each client its chunk's wall time divided by the chunk's
-clients), returned NaN/Inf (``"nonfinite"``) or an update of the wrong size
-(``"shape"``)); the strategy aggregates when at least ``max(min_clients,
-strategy.min_fit_clients)`` results remain, else the round is skipped (parameters unchanged).
+``"Type: message"`` —, took longer than ``client_timeout`` seconds (``"timeout"``: a fit
+past the deadline is abandoned, :mod:`.deadline`; the vectorized backend attributes to each
+client trained in a chunk its chunk's wall time divided by the chunk's clients), returned
+NaN/Inf (``"nonfinite"``) or an update of the wrong size (``"shape"``)); the strategy
+aggregates when at least ``max(min_clients, strategy.min_fit_clients)`` results remain, else the round is skipped (parameters unchanged);
+a round is also skipped when the strategy declines it or its aggregate is not finite
+(:mod:`.aggregate_check`); the clients a robust strategy left out are in the row's ``excluded``.
 Then central evaluation on ``eval_dataset`` every ``eval_every`` rounds (and after the last),
 federated evaluation when the strategy's ``configure_evaluate`` asks for it, and the stop
 rules: accuracy >= ``target_accuracy`` after a round, or, before a round,
@@ -48,7 +49,9 @@ from .backends import Backend, Outcome, make_backend
 from .backends.base import make_model
 from .threads import simulation_threads
 from .client import Client, _materialize, evaluate_model
+from .aggregate_check import check_aggregate
 from .history import History, noise_notes
+from .history_writer import attach_history, check_history_path, write_history
 from .parameters import ParameterLayout
 from .strategy.base import Strategy
 from .types import ClientProxy, EvalResult, is_finite_update
@@ -187,7 +190,8 @@ class Simulation:
                  seed: int = 0, target_accuracy: Optional[float] = None, max_epsilon: Optional[float] = None,
                  delta: Optional[float] = None, eval_dataset: Optional[Dataset] = None, eval_every: int = 1,
                  progress: bool = True, min_clients: Optional[int] = None,
-                 client_timeout: Optional[float] = None, local_dp: Any = None) -> None:
+                 client_timeout: Optional[float] = None, local_dp: Any = None,
+                 history_path: Optional[str] = None) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn must be a callable returning an nn.Module; got {type(model_fn).__name__}")
         cids = _cids(clients)
@@ -222,6 +226,7 @@ class Simulation:
         if eval_dataset is not None and not isinstance(eval_dataset, Dataset):
             raise TypeError(f"eval_dataset must be a torch Dataset or None; got {type(eval_dataset).__name__}")
         _check_local_dp(local_dp)
+        self.history_path = check_history_path(history_path)
         strategy.setup(num_available_clients=len(clients), clients_per_round=self.clients_per_round)
         if min_clients and strategy.epsilon(self.delta) is not None:
             raise ValueError(
@@ -233,6 +238,7 @@ class Simulation:
             raise ValueError("max_epsilon needs a strategy that spends privacy (strategy.epsilon returned "
                              "None); for local DP set LocalDP(max_epsilon=...)")
         self.backend = make_backend(backend)
+        self.backend.deadline = client_timeout
         if local_dp is not None and self.backend.name == "vectorized":
             raise ValueError("local_dp: local DP-SGD needs backend='sequential' or 'ray'; "
                              "the vectorized backend trains without per-sample clipping")
@@ -334,10 +340,14 @@ class Simulation:
                     entry["epsilon"] = spent
                 dropped.append(entry)
                 failures.append((proxy, reason))
+        excluded: list = []
         if len(results) >= self.required:
             new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
             self.layout.check(new, "strategy.aggregate_fit(...)[0]")
-            self.parameters, skipped, skip_reason = new, False, None
+            skip_reason, excluded = check_aggregate(strategy, new)  # its report; inf/NaN fail
+            skipped = skip_reason is not None
+            if not skipped:
+                self.parameters = new
         else:
             metrics, skipped = {}, True
             skip_reason = (f"{len(results)} result(s) remained, fewer than the {self.required} required "
@@ -348,7 +358,8 @@ class Simulation:
             "round": rnd, "loss": None, "accuracy": None,
             "epsilon": spent if spent is not None else self._local_epsilon,
             "clients": [p.cid for p, _ in results], "dropped": sorted(dropped, key=lambda d: d["cid"]),
-            "skipped": skipped, "skip_reason": skip_reason, "train_loss": _weighted_loss(results),
+            "skipped": skipped, "skip_reason": skip_reason, "excluded": excluded,
+            "train_loss": _weighted_loss(results),
             "metrics": dict(metrics), "federated": None}
         self._evaluate(rnd, row)
         row["seconds"] = time.perf_counter() - start
@@ -361,6 +372,8 @@ class Simulation:
         if self.target_accuracy is not None and acc is not None and acc >= self.target_accuracy:
             self._stop("target_accuracy", f"round {rnd}: accuracy {acc:.4f} >= "
                                           f"target_accuracy = {self.target_accuracy:g}")
+        if self.history_path is not None:
+            write_history(self.history, self.history_path)
         return row
 
     def _evaluate(self, rnd: int, row: dict[str, Any]) -> None:
@@ -385,7 +398,7 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
                    delta: Optional[float] = None, eval_dataset: Optional[Dataset] = None, eval_every: int = 1,
                    progress: bool = True, min_clients: Optional[int] = None,
                    client_timeout: Optional[float] = None, local_dp: Any = None,
-                   threads: Optional[int] = None) -> History:
+                   threads: Optional[int] = None, history_path: Optional[str] = None) -> History:
     """Simulate federated training (see the module docstring for one round, step by step).
 
     Args:
@@ -409,20 +422,36 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
             strategy.min_fit_clients)`` is skipped (default None: the strategy's
             ``min_fit_clients`` alone — a DP wrapper sets 0 because it must release noise,
             and account for it, even in a round where nobody answered).
-        client_timeout: straggler deadline in seconds of wall time per client, or None.
+        client_timeout: straggler deadline in seconds of wall time per client, or None: a
+            client's own ``fit`` past it is abandoned (:mod:`.deadline`), a vectorized chunk's
+            clients are dropped after it when their share of its time exceeds it.
         local_dp: a :class:`ppml_fast.federated.dp.LocalDP`: clients train with DP-SGD.
         threads: torch threads during the run (restored after it); None: one thread for a
             model under 131,072 parameters, else torch's setting (:mod:`.threads`).
+        history_path: write the History there as JSON after every round and when the run ends,
+            atomically (:mod:`.history_writer`); None: not written.
 
     Returns:
         The :class:`~ppml_fast.federated.history.History`.
+
+    Raises:
+        Whatever stops the run (a strategy's error, ``SecAggError``, ``KeyboardInterrupt``),
+        with ``.history`` set to the History of the rounds completed before it
+        (``stopped = "error"``), also written to ``history_path``.
     """
     with Simulation(model_fn, clients, strategy, rounds=rounds, clients_per_round=clients_per_round,
                     backend=backend, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                     dropout=dropout, seed=seed, target_accuracy=target_accuracy, max_epsilon=max_epsilon,
                     delta=delta, eval_dataset=eval_dataset, eval_every=eval_every, progress=progress,
-                    min_clients=min_clients, client_timeout=client_timeout, local_dp=local_dp) as sim, \
-            simulation_threads(sim.model, threads):
-        while sim.step() is not None:
-            pass
+                    min_clients=min_clients, client_timeout=client_timeout, local_dp=local_dp,
+                    history_path=history_path) as sim:
+        try:
+            with simulation_threads(sim.model, threads):
+                while sim.step() is not None:
+                    pass
+        except BaseException as e:  # the completed rounds travel with the error (and to disk)
+            attach_history(e, sim.history, sim.round, sim.history_path)
+            raise
+        if sim.history_path is not None:
+            write_history(sim.history, sim.history_path)
     return sim.history

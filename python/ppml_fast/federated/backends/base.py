@@ -38,11 +38,14 @@ __all__ = ["Backend", "Outcome", "failed_client_epsilon", "fit_one", "make_model
 @dataclass(frozen=True)
 class Outcome:
     """One client's answer: ``result`` (None when it raised), ``error`` (the exception, or
-    None), ``seconds`` (wall time attributed to this client), ``finite`` (whether every
+    None), ``seconds`` (wall time attributed to this client; ``inf`` for a fit abandoned at the
+    deadline, :mod:`ppml_fast.federated.deadline`), ``finite`` (whether every
     entry of the update is finite, when the backend checked it for many clients at once;
     None: the simulation checks) and ``epsilon`` (for a client that raised under local DP:
     the ε at ``local_dp.delta`` its own accountant has spent, the failed fit's steps included,
-    see :func:`failed_client_epsilon`; None otherwise — a result reports its ε in its metrics)."""
+    see :func:`failed_client_epsilon`; for a fit abandoned at the deadline, the conservative
+    bound of :mod:`ppml_fast.federated.deadline`; None otherwise — a result reports its ε in
+    its metrics)."""
 
     result: Optional[FitResult]
     error: Optional[BaseException]
@@ -96,6 +99,10 @@ class Backend(abc.ABC):
 
     #: the name ``run_simulation(backend=...)`` knows this backend by
     name: str = ""
+    #: ``run_simulation(client_timeout=...)``, set by the simulation before the first round: a
+    #: backend that can enforce it abandons a fit past it (``Outcome.seconds = inf``, see
+    #: :mod:`ppml_fast.federated.deadline`); the simulation drops any outcome slower than it
+    deadline: Optional[float] = None
 
     def setup(self, clients: Sequence[Client], model_fn: Callable[[], nn.Module]) -> None:
         """Called once per simulation before the first round."""

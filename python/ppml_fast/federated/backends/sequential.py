@@ -2,7 +2,9 @@
 
 One scratch model (built once by ``model_fn``) is lent to every fit as ``config["model"]``;
 ``Client.fit`` loads the received parameters into it first, so no state leaks between clients.
-Each client's wall time is measured around its ``fit`` call (the straggler deadline).
+Each client's wall time is measured around its ``fit`` call; with a deadline
+(``client_timeout``) each fit runs in its own thread and is abandoned when it passes it
+(:mod:`ppml_fast.federated.deadline`: the cost, and why an abandoned fit cannot touch the round).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 from ..client import Client
-from .base import Backend, Outcome, fit_one, make_model
+from ..deadline import DeadlineRunner
+from .base import Backend, Outcome
 
 __all__ = ["SequentialBackend"]
 
@@ -25,9 +28,10 @@ class SequentialBackend(Backend):
 
     def setup(self, clients: Sequence[Client], model_fn: Callable[[], nn.Module]) -> None:
         super().setup(clients, model_fn)
-        self._model = make_model(model_fn)
+        self._runner = DeadlineRunner(model_fn)
+        self._runner.scratch()  # built now: a model_fn that fails, fails before round 1
 
     def fit(self, indices: Sequence[int], parameters: torch.Tensor,
             configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
-        return [fit_one(self.clients[i], parameters, {**config, "model": self._model})
+        return [self._runner.fit(self.clients[i], parameters, config, self.deadline)
                 for i, config in zip(indices, configs)]

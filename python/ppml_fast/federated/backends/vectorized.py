@@ -19,7 +19,10 @@ as the simulated devices would. Nothing on the server or strategy side does.
 
 What it does not vectorise, by decision:
 - a client whose class overrides ``fit`` or ``_local_sgd`` (its own training, e.g. a faulty
-  client in a test) is run with its own ``fit``, one by one, like the sequential backend;
+  client in a test) is run with its own ``fit``, one by one, like the sequential backend, and
+  abandoned at the deadline as there (:mod:`ppml_fast.federated.deadline`); the chunks
+  trained together are not interrupted: each client is charged its chunk's wall time divided
+  by the chunk's clients, and the simulation drops it when that exceeds the deadline;
 - ValueError, before any training: models whose floating buffers change in training
   (BatchNorm / InstanceNorm with running statistics), models with dropout (``p > 0``: its masks
   cannot match the sequential draws), tied weights, a ``loss_fn`` other than cross-entropy
@@ -49,7 +52,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..client import DEFAULT_FIT_CONFIG, Client, fit_settings
 from ..parameters import ParameterLayout
 from ..types import FitResult
-from .base import Backend, Outcome, fit_one, make_model
+from ..deadline import DeadlineRunner
+from .base import Backend, Outcome, make_model
 
 __all__ = ["VectorizedBackend"]
 
@@ -141,7 +145,7 @@ class VectorizedBackend(Backend):
         self._dtypes = {n: state[n].dtype for n in self._layout.names}
         self._train = [n for n, t in zip(self._layout.names, self._layout.trainable) if t]
         self._const = [n for n, t in zip(self._layout.names, self._layout.trainable) if not t]
-        self._scratch: Optional[nn.Module] = None  # for clients with their own training
+        self._runner = DeadlineRunner(model_fn)  # for clients with their own training
         self._step = vmap(grad_and_value(self._masked_loss, has_aux=True), in_dims=(0, None, 0, 0, 0))
 
         self._where: list[Optional[tuple[int, int, int]]] = []  # (group, offset, n) per client
@@ -183,10 +187,8 @@ class VectorizedBackend(Backend):
         cache: dict = {}
         for pos, (i, config) in enumerate(zip(indices, configs)):
             where = self._where[i]
-            if where is None:  # the client trains its own way
-                if self._scratch is None:
-                    self._scratch = make_model(self.model_fn)
-                outcomes[pos] = fit_one(self.clients[i], parameters, {**config, "model": self._scratch})
+            if where is None:  # the client trains its own way (abandoned at the deadline)
+                outcomes[pos] = self._runner.fit(self.clients[i], parameters, config, self.deadline)
                 continue
             if config.get("local_dp") is not None:
                 raise ValueError("local_dp: local DP-SGD needs backend='sequential' or 'ray'; "

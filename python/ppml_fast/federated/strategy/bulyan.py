@@ -83,7 +83,9 @@ class Bulyan(FedAvg):
     def __init__(self, *, num_malicious_clients: int = 0, min_fit_clients: Optional[int] = None) -> None:
         f = check_int("num_malicious_clients", num_malicious_clients, 0)
         need = 4 * f + 3
-        min_fit_clients = need if min_fit_clients is None else check_int("min_fit_clients", min_fit_clients, 1)
+        if min_fit_clients is None:
+            min_fit_clients = need
+        min_fit_clients = check_int("min_fit_clients", min_fit_clients, 1)
         if min_fit_clients < need:
             raise ValueError(f"min_fit_clients must be >= 4 * num_malicious_clients + 3 = {need} for "
                              f"Bulyan (El Mhamdi et al. 2018); got {min_fit_clients}")
