@@ -11,7 +11,7 @@ import torch
 
 from ppml_fast.federated import DPFedAvgFixed, FedAvg, FitResult, run_simulation
 from ppml_fast.federated.dp import DPFedAvgAdaptive
-from ppml_fast.federated.secagg import SecAggError, SecAggFedAvg
+from ppml_fast.federated.secagg import SecAggAborted, SecAggError, SecAggFedAvg
 from ppml_fast.federated.types import ClientProxy
 
 from ._sim_helpers import make_clients, tiny_model
@@ -52,12 +52,22 @@ def test_failed_clients_are_dropouts_and_recovered():
     assert metrics["secagg_survivors"] == 7 and metrics["secagg_dropped"] == 2
     expected = torch.stack([r.update for _, r in results]).double().mean(0)
     assert float((new.double() - expected).abs().max()) < metrics["secagg_error_bound"] / 7 + 1e-6
+    # 7 of 12 left: below t = 9 (threshold 2/3); without the retry the round aborts
     too_many = failures + [(ClientProxy(c), "timeout") for c in range(9, 12)]
-    with pytest.raises(SecAggError, match="below the threshold"):
-        strategy.aggregate_fit(2, torch.zeros(p), results, too_many)
-    skipping = SecAggFedAvg(clip_range=2.0, seed=3, on_abort="skip")
-    same, metrics = skipping.aggregate_fit(2, torch.ones(p), results, too_many)
-    assert torch.equal(same, torch.ones(p)) and metrics == {"secagg_aborted": 1.0}
+    raising = SecAggFedAvg(clip_range=2.0, seed=3, reconstruction_threshold=0.7, retry=False,
+                           on_abort="raise")
+    with pytest.raises(SecAggError, match="below the threshold") as info:
+        raising.aggregate_fit(2, torch.zeros(p), results, too_many)
+    assert not isinstance(info.value, SecAggAborted)
+    skipping = SecAggFedAvg(clip_range=2.0, seed=3, reconstruction_threshold=0.7, retry=False)
+    with pytest.raises(SecAggAborted, match="round 2 aborted: .*below the threshold") as info:
+        skipping.aggregate_fit(2, torch.ones(p), results, too_many)
+    assert info.value.metrics == {"secagg_aborted": 1.0}
+    # with the retry (the default) the 7 survivors run the protocol again and are summed
+    retrying = SecAggFedAvg(clip_range=2.0, seed=3, reconstruction_threshold=0.7)
+    new, metrics = retrying.aggregate_fit(2, torch.zeros(p), results, too_many)
+    assert metrics["secagg_retried"] == 1.0 and metrics["secagg_survivors"] == 7
+    assert float((new.double() - expected).abs().max()) < metrics["secagg_error_bound"] / 7 + 1e-6
 
 
 def test_run_simulation_with_dropouts_matches_fedavg():
@@ -74,8 +84,10 @@ def test_run_simulation_with_dropouts_matches_fedavg():
 
 def test_run_simulation_fails_clearly_beyond_the_threshold():
     clients = make_clients(8)
+    strategy = SecAggFedAvg(clip_range=1.0, seed=0, reconstruction_threshold=0.7, retry=False,
+                            on_abort="raise")
     with pytest.raises(SecAggError, match="below the threshold"):
-        run_simulation(tiny_model, clients, SecAggFedAvg(clip_range=1.0, seed=0), rounds=2,
+        run_simulation(tiny_model, clients, strategy, rounds=2,
                        clients_per_round=6, seed=1, progress=False, dropout=0.5)
 
 
@@ -132,8 +144,8 @@ def test_bad_dp_combinations():
         SecAggFedAvg(dp(), clip_range=1.0)
     with pytest.raises(ValueError, match="max_weight must be None with DP-FedAvg"):
         SecAggFedAvg(dp(), max_weight=10)
-    with pytest.raises(ValueError, match="on_abort must be 'raise' with DP-FedAvg"):
-        SecAggFedAvg(dp(), on_abort="skip")
+    with pytest.raises(ValueError, match="retry must be True with DP-FedAvg"):
+        SecAggFedAvg(dp(), retry=False)
     adaptive = DPFedAvgAdaptive(FedAvg(), noise_multiplier=1.0, initial_clip_norm=0.5,
                                 clipped_count_stddev=2.0)
     with pytest.raises(ValueError, match="must not be DPFedAvgAdaptive"):

@@ -9,14 +9,18 @@ Learning", CCS 2017; SecAgg+'s sparse neighbour graph from Bell et al., CCS 2020
 - :class:`SecAggRound`, :func:`secure_sum` — a round for simulated clients in one process;
 - :class:`SecAggFedAvg` — a strategy (``run_simulation``) whose aggregate goes through the
   protocol, alone or around DP-FedAvg (central noise on the unmasked sum);
-- :class:`SecAggError` — a round that cannot finish safely (too many dropouts, bad messages).
+- :func:`design` — a round's graph degree and threshold from the expected dropout rate and a
+  target failure probability (Bell et al. 2020);
+- :class:`SecAggError` — a round that cannot finish safely (too many dropouts, bad messages);
+  :class:`SecAggAborted` — one the strategy gave up, which ``run_simulation`` records as skipped.
 
 Needs the ``cryptography`` package (``pip install 'ppml_fast[secagg]'``); importing this module
 works without it, and the first protocol object created raises an ImportError naming the extra.
 """
 
 from .client import SecAggClient
-from .errors import SecAggError
+from .design import SecAggDesign, design
+from .errors import SecAggAborted, SecAggError
 from .graph import complete_graph, harary_graph
 from .messages import PublicKeys, UnmaskResponse
 from .params import SecAggParams, default_threshold
@@ -26,7 +30,7 @@ from .simulate import SecAggRound, secure_sum
 from .strategy import SecAggFedAvg
 
 __all__ = [
-    "PublicKeys", "Quantizer", "SecAggClient", "SecAggError", "SecAggParams", "SecAggResult",
-    "SecAggFedAvg", "SecAggRound", "SecAggServer", "UnmaskResponse", "complete_graph", "default_threshold",
-    "harary_graph", "max_bits", "secure_sum",
+    "PublicKeys", "Quantizer", "SecAggAborted", "SecAggClient", "SecAggDesign", "SecAggError",
+    "SecAggParams", "SecAggResult", "SecAggFedAvg", "SecAggRound", "SecAggServer", "UnmaskResponse", "complete_graph", "default_threshold",
+    "design", "harary_graph", "max_bits", "secure_sum",
 ]

@@ -126,9 +126,21 @@ class SecAggServer:
         """End of round 2: U3, the survivors, sent to each of them for unmasking.
 
         Raises:
-            SecAggError: fewer than t survivors (the round is aborted).
+            SecAggError: fewer than t survivors, or a client of U2 with fewer than t surviving
+                holders of its shares (SecAgg+: its neighbourhood, Bell et al. 2020, section 3).
+                Checked before any share is asked for, so an aborted round reveals no share and
+                can be retried with the survivors (:mod:`.strategy`).
         """
         self._abort_if_short(len(self._u3), "masked inputs sent by")
+        t = self.params.threshold
+        for u in sorted(self._u2):
+            alive = len(self.params.holders(u) & self._u3)
+            if alive < t:
+                raise SecAggError(
+                    f"secure aggregation round {self.params.round_id}: only {alive} holders of the "
+                    f"shares of client {u} sent masked inputs, below the threshold t={t}: its "
+                    f"{'self mask' if u in self._u3 else 'pairwise masks'} cannot be removed and the "
+                    "round is aborted before unmasking (no share is revealed)")
         self._closed = True
         return frozenset(self._u3)
 

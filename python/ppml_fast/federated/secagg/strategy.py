@@ -11,7 +11,11 @@ A round, in the simulation:
    that reads an update) and the server side (sum of masked vectors, unmasking). A client that
    was picked but returned no result — dropped out, failed, timed out — counts as a dropout
    after sharing: its masks are removed through its reconstructed key while the survivors stay
-   above the threshold; below it the round fails with :class:`SecAggError`.
+   above the threshold. Below it (checked before any share is revealed), the round is run again
+   over the survivors alone (``retry=True``, a fresh protocol run: new keys, new masks); when
+   that is impossible too (fewer than two survivors), the round is aborted: ``on_abort="skip"``
+   (the default) raises :class:`SecAggAborted`, which ``run_simulation`` records as a skipped
+   round with its reason (parameters unchanged) and goes on; ``"raise"`` stops the run.
 3. The inner strategy receives the unmasked mean (or, for DP-FedAvg, the unmasked sum) as one
    result, so FedAvgM / FedAdam / ... apply their server step to it.
 
@@ -33,9 +37,33 @@ protects each update against the server). Distributed noise (each client adding 
 that the server never sees an un-noised sum) is not implemented: with dropouts the noise falls
 short of σ C, and its analysis needs discrete noise on the ring (Kairouz, Liu, Steinke, "The
 distributed discrete Gaussian mechanism", ICML 2021). Adaptive clipping is refused (the server
-would need each update's norm). A round that cannot finish raises under DP, whatever
-``on_abort`` says: skipping it would make the release depend on how many clients were sampled,
-which the accounting does not cover.
+would need each update's norm).
+
+Dropouts under DP, and why a round must not simply be skipped: DP-FedAvg's accountant analyses
+a mechanism M that releases, every round, the noised sum of the clipped updates of the sampled
+clients that survive (a dropped client contributes zero: the sensitivity C holds for any
+dropout pattern). Whether secure aggregation can unmask depends on how many sampled clients
+survived, and that count changes by one when one user's data is added or removed (user-level
+adjacency): an abort is *not* independent of the data even though the dropouts are (they are
+here), so a skipped round would release "few clients survived" outside the accountant, and
+charging the round as if it released would not cover that either. So the release is kept
+equal to M's for every number of survivors: (1) a round that cannot unmask is run again over
+its survivors (fresh keys and masks; the failed run revealed no share: the server checks every
+neighbourhood before asking for any, :meth:`SecAggServer.close_masked_inputs`); it releases the
+sum over exactly M's survivors; (2) zero survivors: M releases its noise alone; (3) one
+survivor, whose update no protocol can hide inside a sum: that client clips its update to C
+and adds the round's noise N(0, (σ C)^2 I) itself, and the server releases that: M's output,
+and no more than it (in this simulation the strategy plays the client; a deployed client draws
+that noise from its own CSPRNG). With these, no DP round aborts for lack of survivors; an abort
+(a protocol error, e.g. a bad message) is accounted as released and stops the run.
+
+Parameters (Bell et al. 2020, :mod:`.design`): unless ``neighbours`` or
+``reconstruction_threshold`` is given, each round's graph degree k and threshold t are derived
+from its number of clients n, ``expected_dropout`` d, ``corrupt_fraction`` and the target
+``failure_probability``: the smallest k (then the complete graph) whose smallest secure t keeps
+P[the round cannot unmask] below the target. Few clients with many dropouts cannot meet it
+(20 clients at d = 0.3: 0.048 per round at the lowest valid t); the round then uses the most
+robust choice and, when it fails, the retry.
 """
 
 from __future__ import annotations
@@ -55,7 +83,8 @@ from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_
 from ..strategy.fedavg import FedAvg
 from ..strategy.wrapper import StrategyWrapper
 from ..types import ClientProxy, FitResult
-from .errors import SecAggError
+from .design import design
+from .errors import SecAggAborted, SecAggError
 from .params import SecAggParams
 from .simulate import SecAggRound
 
@@ -71,16 +100,21 @@ class SecAggFedAvg(StrategyWrapper):
         clip_range: r, each coordinate of an update is clipped to [-r, r] before encoding.
             Required without DP; with DP it must be None (r = the clipping norm C).
         reconstruction_threshold: the fraction f in (1/2, 1] of a client's share holders needed
-            to reconstruct its secrets: t = max(floor(h / 2) + 1, ceil(f h)); None: floor(2h/3) + 1.
-        neighbours: None (complete graph, Bonawitz et al.) or an even k (SecAgg+, Bell et al.).
+            to reconstruct its secrets: t = max(floor(h / 2) + 1, ceil(f h)); None: derived
+            (module docstring), or floor(2h/3) + 1 when ``neighbours`` is given.
+        neighbours: None: derived (module docstring); or an even k (SecAgg+, Bell et al.; the
+            complete graph of Bonawitz et al. when k >= n - 1).
         max_weight: W, weights min(num_examples, W); None: equal weights. Not with DP (DP-FedAvg
             weighs every client equally).
-        on_abort: ``"raise"`` (default) a :class:`SecAggError` when a round cannot finish, or
-            ``"skip"`` it (parameters unchanged, metric ``secagg_aborted`` = 1). DP: "raise" only
-            (a skipped round would reveal, outside the accountant, that few clients took part), so
-            with DP a round that samples exactly one client, or loses survivors below the
-            threshold, ends the simulation: choose clients_per_round so that qN is well above
-            the threshold (at qN = 2 about a quarter of the rounds sample exactly one client).
+        on_abort: ``"skip"`` (default) an aborted round: :class:`SecAggAborted` (parameters
+            unchanged; ``run_simulation`` records it as skipped with the reason and goes on),
+            or ``"raise"`` a :class:`SecAggError` that ends the run. Under DP an abort always
+            raises, after accounting the round (module docstring: it cannot come from dropouts).
+        expected_dropout: d in [0, 1), the probability that a selected client does not send its
+            masked input, independently of the others (the derived parameters assume it).
+        failure_probability: the target probability in (0, 1) that a round cannot unmask.
+        corrupt_fraction: the fraction in [0, 1) of clients that may collude with the server.
+        retry: run a failed round again over its survivors (required under DP, see above).
         seed: None draws every secret from ``os.urandom`` (the masks are then not reproducible;
             the aggregate varies within the quantisation error); an int makes the simulation
             reproducible — and every key predictable: for simulations only.
@@ -88,7 +122,9 @@ class SecAggFedAvg(StrategyWrapper):
 
     def __init__(self, strategy: Optional[Strategy] = None, *, clip_range: Optional[float] = None,
                  reconstruction_threshold: Optional[float] = None, neighbours: Optional[int] = None,
-                 max_weight: Optional[int] = None, on_abort: str = "raise",
+                 max_weight: Optional[int] = None, on_abort: str = "skip",
+                 expected_dropout: float = 0.3, failure_probability: float = 1e-6,
+                 corrupt_fraction: float = 0.0, retry: bool = True,
                  seed: Optional[int] = None) -> None:
         strategy = FedAvg() if strategy is None else strategy
         super().__init__(strategy)
@@ -103,9 +139,10 @@ class SecAggFedAvg(StrategyWrapper):
                                  f"clipping norm C); got {clip_range!r}")
             if max_weight is not None:
                 raise ValueError("max_weight must be None with DP-FedAvg (every client counts once)")
-            if on_abort != "raise":
-                raise ValueError("on_abort must be 'raise' with DP-FedAvg: skipping a failed round "
-                                 "would make the release depend on the number of sampled clients")
+            if retry is not True:
+                raise ValueError("retry must be True with DP-FedAvg: without it a round aborts "
+                                 "depending on how many sampled clients survived, which the "
+                                 "accounting does not cover (module docstring)")
         else:
             if clip_range is None:
                 raise ValueError("clip_range is required (the range [-r, r] of the encoding)")
@@ -130,6 +167,14 @@ class SecAggFedAvg(StrategyWrapper):
         if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int)
                                        or neighbours < 2 or neighbours % 2):
             raise ValueError(f"neighbours must be None or an even int >= 2; got {neighbours!r}")
+        if not isinstance(retry, bool):
+            raise TypeError(f"retry must be a bool; got {type(retry).__name__}")
+        design(2, dropout=expected_dropout, failure_probability=failure_probability,
+               corrupt_fraction=corrupt_fraction)  # validates the three (named in its errors)
+        self.expected_dropout = float(expected_dropout)
+        self.failure_probability = float(failure_probability)
+        self.corrupt_fraction = float(corrupt_fraction)
+        self.retry = retry
         self.clip_range = None if clip_range is None else float(clip_range)
         self.reconstruction_threshold = reconstruction_threshold
         self.neighbours = neighbours
@@ -152,15 +197,23 @@ class SecAggFedAvg(StrategyWrapper):
         that update)."""
         return 0 if self.dp else max(2, self.strategy.min_fit_clients)
 
-    def _randbytes(self, server_round: int):
+    def _randbytes(self, server_round: int, attempt: int = 0):
         if self.seed is None:
             return os.urandom
-        return random.Random(f"ppml_fast.secagg/{self.seed}/{server_round}").randbytes
+        tail = "" if attempt == 0 else f"/retry{attempt}"
+        return random.Random(f"ppml_fast.secagg/{self.seed}/{server_round}{tail}").randbytes
 
-    def _threshold(self, holders: int) -> Optional[int]:
+    def _round_design(self, n: int) -> tuple[Optional[int], Optional[int], Optional[float]]:
+        """(k, t, failure bound) for a round of ``n`` clients: the user's, or derived."""
+        if self.neighbours is None and self.reconstruction_threshold is None:
+            got = design(n, dropout=self.expected_dropout, failure_probability=self.failure_probability,
+                         corrupt_fraction=self.corrupt_fraction)
+            return got.neighbours, got.threshold, got.failure_bound
+        holders = n if self.neighbours is None else min(self.neighbours, n - 1) + 1
         if self.reconstruction_threshold is None:
-            return None
-        return max(holders // 2 + 1, math.ceil(self.reconstruction_threshold * holders))
+            return self.neighbours, None, None
+        t = max(holders // 2 + 1, math.ceil(self.reconstruction_threshold * holders))
+        return self.neighbours, t, None
 
     # -- rounds ---------------------------------------------------------------------------------
     def configure_fit(self, server_round: int, parameters: torch.Tensor,
@@ -172,12 +225,12 @@ class SecAggFedAvg(StrategyWrapper):
         return instructions
 
     def _client_inputs(self, results: FitResults, numel: int, clip_range: float,
-                       bits: int) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+                       bits: Optional[int]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
         """What each client feeds the protocol: its update (clipped to L2 norm below C under DP,
-        see the module docstring) and its weight."""
+        see the module docstring; ``bits=None``: no encoding follows, clipped to C) and its weight."""
         inputs, weights = {}, {}
         shrink = 1.0
-        if self.dp:
+        if self.dp and bits is not None:
             shrink = 1.0 - 2.0 * math.sqrt(numel) / ((1 << bits) - 1)
             if shrink <= 0:
                 raise ValueError(f"{numel} parameters are too many for {bits}-bit encodings under DP "
@@ -193,42 +246,83 @@ class SecAggFedAvg(StrategyWrapper):
             weights[proxy.cid] = 1 if self.max_weight is None else min(res.num_examples, self.max_weight)
         return inputs, weights
 
+    def _run(self, server_round: int, attempt: int, cohort: list[int], results: FitResults,
+             numel: int, clip_range: float, dropped: list[int]):
+        """One protocol run over ``cohort`` (``dropped``: those that send no masked input)."""
+        if len(cohort) < 2:
+            raise SecAggError(f"{len(cohort)} client(s) in the protocol run: the sum of one update "
+                              "is that update")
+        k, t, bound = self._round_design(len(cohort))
+        randbytes = self._randbytes(server_round, attempt)  # one stream: graph, then clients' keys
+        params = SecAggParams.create(
+            cohort, vector_length=numel, clip_range=clip_range, threshold=t, neighbours=k,
+            max_weight=self.max_weight or 1, round_id=server_round + (attempt << 63), randbytes=randbytes)
+        inputs, weights = self._client_inputs(results, numel, clip_range, params.quantizer.bits)
+        result = SecAggRound(params, randbytes=randbytes).run(inputs, weights=weights,
+                                                              drop_before_masking=dropped)
+        degree = min(len(v) for v in params.graph.values())
+        return result, {"secagg_neighbours": float(degree), "secagg_threshold": float(params.threshold),
+                        **({} if bound is None else {"secagg_failure_bound": bound})}
+
+    def _abort(self, server_round: int, reason: str, error: Exception) -> None:
+        """Skip (``on_abort="skip"``) or raise. Under DP an abort is never skipped: with the
+        retry and the lone survivor's own noise, DP-FedAvg's release exists for every number
+        of survivors, so an abort means a protocol error (a bad message); the round is
+        accounted as released (record first, DESIGN.md invariant 4) and the run stops."""
+        metrics = {"secagg_aborted": 1.0}
+        if self.dp:
+            self.strategy.accountant.compose(self.strategy._event(self.strategy.sampling_rate))
+            self.strategy.rounds += 1
+        message = f"secure aggregation round {server_round} aborted: {reason}"
+        if self.on_abort == "raise" or self.dp:
+            raise SecAggError(message) from error
+        raise SecAggAborted(message, metrics) from error
+
     def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results: FitResults,
                       failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
-        """The unmasked mean (DP: sum) through one protocol round, then the inner strategy."""
+        """The unmasked mean (DP: sum) through one protocol run, or a second over the survivors
+        when the first cannot unmask, then the inner strategy.
+
+        Raises:
+            SecAggAborted: ``on_abort="skip"`` and neither run could unmask (a skipped round).
+            SecAggError: the same with ``on_abort="raise"``.
+        """
         check_results(results, parameters.numel())
         numel = parameters.numel()
+        no_norms = torch.empty(0, dtype=torch.float64)
         if self.dp and not results:  # nothing to hide: DP-FedAvg releases its noise alone
             zero = torch.zeros(numel, dtype=torch.float32)
-            no_norms = torch.empty(0, dtype=torch.float64)
             return self.strategy.release_sum(server_round, parameters, zero, no_norms, failures)
-        got = {p.cid for p, _ in results}
-        sampled = sorted(set(self._sampled.get(server_round, [])) | got | {p.cid for p, _ in failures})
+        if self.dp and len(results) == 1:  # a lone survivor noises its own update (docstring)
+            (proxy, _), = results
+            clipped, _ = self._client_inputs(results, numel, self.strategy.round_clip_norm(), None)
+            total = clipped[proxy.cid].to(torch.float32)
+            new, inner = self.strategy.release_sum(server_round, parameters, total, no_norms, failures)
+            return new, {**inner, "secagg_survivors": 1.0, "secagg_lone_survivor": 1.0}
+        got = sorted({p.cid for p, _ in results})
+        sampled = sorted(set(self._sampled.get(server_round, [])) | set(got) | {p.cid for p, _ in failures})
+        clip_range = self.strategy.round_clip_norm() if self.dp else self.clip_range
+        retried = 0.0
         try:
-            clip_range = self.strategy.round_clip_norm() if self.dp else self.clip_range
-            holders = len(sampled) if self.neighbours is None else min(self.neighbours, len(sampled) - 1) + 1
-            if len(sampled) < 2:
-                raise SecAggError(f"secure aggregation round {server_round}: {len(sampled)} client "
-                                  "sampled; the sum of one update is that update")
-            randbytes = self._randbytes(server_round)  # one stream: graph, then clients' keys
-            params = SecAggParams.create(
-                sampled, vector_length=numel, clip_range=clip_range, threshold=self._threshold(holders),
-                neighbours=self.neighbours, max_weight=self.max_weight or 1, round_id=server_round,
-                randbytes=randbytes)
-            inputs, weights = self._client_inputs(results, numel, clip_range, params.quantizer.bits)
-            result = SecAggRound(params, randbytes=randbytes).run(
-                inputs, weights=weights, drop_before_masking=[c for c in sampled if c not in got])
-        except SecAggError:
-            if self.on_abort == "raise":
-                raise
-            return parameters, {"secagg_aborted": 1.0}
+            result, info = self._run(server_round, 0, sampled, results, numel, clip_range,
+                                     [c for c in sampled if c not in got])
+        except SecAggError as first:
+            if not self.retry or len(got) < 2 or len(got) == len(sampled):
+                why = (f"{first}; {len(got)} client(s) sent masked inputs, too few to retry"
+                       if len(got) < 2 else f"{first}; no retry")
+                self._abort(server_round, why, first)
+            try:  # a fresh protocol run over the survivors (no share of the first was revealed)
+                result, info = self._run(server_round, 1, got, results, numel, clip_range, [])
+            except SecAggError as second:
+                self._abort(server_round, f"{first}; the retry with the {len(got)} survivors "
+                                          f"failed too: {second}", second)
+            retried = 1.0
         metrics = {"secagg_survivors": float(len(result.survivors)),
                    "secagg_dropped": float(len(result.dropped)),
-                   "secagg_error_bound": float(result.error_bound)}
+                   "secagg_error_bound": float(result.error_bound), "secagg_retried": retried, **info}
         if self.dp:
             total = result.total.to(torch.float32)
-            new, inner = self.strategy.release_sum(server_round, parameters, total,
-                                                   torch.empty(0, dtype=torch.float64), failures)
+            new, inner = self.strategy.release_sum(server_round, parameters, total, no_norms, failures)
         else:
             mean = result.mean().to(torch.float32)
             single = [(ClientProxy(0), FitResult(update=mean, num_examples=result.weight_sum, metrics={}))]
@@ -236,5 +330,6 @@ class SecAggFedAvg(StrategyWrapper):
         return new, {**inner, **metrics}
 
     def __repr__(self) -> str:
-        graph = "complete" if self.neighbours is None else f"{self.neighbours}-regular"
+        graph = ("derived" if self.neighbours is None and self.reconstruction_threshold is None
+                 else "complete" if self.neighbours is None else f"{self.neighbours}-regular")
         return f"SecAggFedAvg({self.strategy!r}, {graph} graph)"
