@@ -53,6 +53,7 @@ from .aggregate_check import check_aggregate
 from .history import History, noise_notes
 from .history_writer import attach_history, check_history_path, write_history
 from .parameters import ParameterLayout
+from .secagg.errors import SecAggAborted
 from .strategy.base import Strategy
 from .types import ClientProxy, EvalResult, is_finite_update
 
@@ -342,9 +343,13 @@ class Simulation:
                 failures.append((proxy, reason))
         excluded: list = []
         if len(results) >= self.required:
-            new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
-            self.layout.check(new, "strategy.aggregate_fit(...)[0]")
-            skip_reason, excluded = check_aggregate(strategy, new)  # its report; inf/NaN fail
+            try:
+                new, metrics = strategy.aggregate_fit(rnd, parameters, results, failures)
+            except SecAggAborted as aborted:  # secure aggregation gave the round up: skip it
+                new, metrics, skip_reason = None, dict(aborted.metrics), str(aborted)
+            else:
+                self.layout.check(new, "strategy.aggregate_fit(...)[0]")
+                skip_reason, excluded = check_aggregate(strategy, new)  # its report; inf/NaN fail
             skipped = skip_reason is not None
             if not skipped:
                 self.parameters = new
