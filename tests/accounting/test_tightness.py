@@ -118,16 +118,16 @@ def test_large_epsilon_regime_is_opacus_tight_where_dp_accounting_was_loose():
 def _exact_log_a(q, sigma, alpha):
     """log A_alpha = log E_{z ~ N(0, sigma^2)}[(1 - q + q exp((2z - 1) / (2 sigma^2)))^alpha]
     (Mironov, Talwar, Zhang 2019, Sec. 3.3), by 30-digit quadrature split at z0."""
-    mpmath.mp.dps = 30
-    q, s, a = mpmath.mpf(q), mpmath.mpf(sigma), mpmath.mpf(alpha)
+    with mpmath.workdps(30):  # local: other tests set their own precision
+        q, s, a = mpmath.mpf(q), mpmath.mpf(sigma), mpmath.mpf(alpha)
 
-    def f(z):
-        return (mpmath.npdf(z, 0, s) * (1 - q + q * mpmath.exp((2 * z - 1) / (2 * s * s))) ** a)
+        def f(z):
+            return (mpmath.npdf(z, 0, s) * (1 - q + q * mpmath.exp((2 * z - 1) / (2 * s * s))) ** a)
 
-    z0 = s * s * mpmath.log(1 / q - 1) + mpmath.mpf(1) / 2
-    pts = sorted({-60 * s, mpmath.mpf(0), mpmath.mpf(1), z0 - 2 * s, z0, z0 + 2 * s, mpmath.mpf(a),
-                  60 * s + a + abs(z0)})
-    return mpmath.log(mpmath.quad(f, pts, maxdegree=12))
+        z0 = s * s * mpmath.log(1 / q - 1) + mpmath.mpf(1) / 2
+        pts = sorted({-60 * s, mpmath.mpf(0), mpmath.mpf(1), z0 - 2 * s, z0, z0 + 2 * s, mpmath.mpf(a),
+                      60 * s + a + abs(z0)})
+        return +mpmath.log(mpmath.quad(f, pts, maxdegree=12))
 
 
 @pytest.mark.parametrize("q, sigma, alpha", [

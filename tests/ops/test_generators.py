@@ -103,17 +103,14 @@ def test_chacha20_equals_python_on_random_keys():
         assert _C.chacha20_block(key, nonce, counter) == _chacha20_block_py(key, nonce, counter)
 
 
-# --- log and sin/cos without libm -------------------------------------------------------------
-
-mpmath.mp.prec = 200
-
-
+# --- log and sin/cos without libm (references at 200 bits, set per test: others set their own) ---
 def _ulps(got: float, exact) -> float:
     """|got - exact| in units of the last place of the correctly rounded result."""
     nearest = float(exact)
     return float(abs(mpmath.mpf(got) - exact)) / math.ulp(nearest) if nearest else abs(got)
 
 
+@mpmath.workprec(200)
 def test_log_positive_within_2_ulp():
     rng = np.random.default_rng(1)
     # the range Box-Muller uses, [2^-53, 1]: log-uniform points, both sides of the m = sqrt(1/2)
@@ -126,6 +123,7 @@ def test_log_positive_within_2_ulp():
     assert _C.log_positive(1.0) == 0.0
 
 
+@mpmath.workprec(200)
 def test_sincos_turns_within_2_ulp():
     rng = np.random.default_rng(2)
     # angles a = k / 2^32 as Box-Muller produces them, plus the quarter-turn boundaries
