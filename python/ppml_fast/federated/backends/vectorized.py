@@ -24,7 +24,9 @@ What it does not vectorise, by decision:
   trained together are not interrupted: each client is charged its chunk's wall time divided
   by the chunk's clients, and the simulation drops it when that exceeds the deadline;
 - ValueError, before any training: models whose floating buffers change in training
-  (BatchNorm / InstanceNorm with running statistics), models with dropout (``p > 0``: its masks
+  (BatchNorm / InstanceNorm with running statistics; a BatchNorm without them is trained with
+  its statistics over each client's real rows, not the padded ones: :mod:`.masked_norm`, and a
+  client whose batches would hold a single row trains with its own ``fit``), models with dropout (``p > 0``: its masks
   cannot match the sequential draws), tied weights, a ``loss_fn`` other than cross-entropy
   (the default) and ``local_dp`` (local DP-SGD needs the sequential or Ray backend);
 - clients whose inputs or targets differ in shape or dtype are trained in separate groups.
@@ -54,6 +56,7 @@ from ..parameters import ParameterLayout
 from ..types import FitResult
 from ..deadline import DeadlineRunner
 from .base import Backend, Outcome, make_model
+from .masked_norm import MaskSlot, mask_batch_norms
 
 __all__ = ["VectorizedBackend"]
 
@@ -63,7 +66,8 @@ def _check_model(model: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             raise ValueError(
                 f"backend 'vectorized' cannot train {type(m).__name__} ({name!r}): its running "
-                "statistics change in training; use backend='sequential' or track_running_stats=False")
+                "statistics change in training; use backend='sequential' or track_running_stats=False "
+                "(batch statistics, taken over each client's real rows)")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             raise ValueError(
                 f"backend 'vectorized' cannot reproduce the random masks of {type(m).__name__} "
@@ -141,6 +145,8 @@ class VectorizedBackend(Backend):
         _check_model(template)
         self._layout = ParameterLayout.of(template)
         self._template = template.to(self.device).train()
+        self._slot = MaskSlot()  # BatchNorm statistics over the real rows only (masked_norm)
+        self._masked_bn = mask_batch_norms(self._template, self._slot)
         state = template.state_dict()
         self._dtypes = {n: state[n].dtype for n in self._layout.names}
         self._train = [n for n, t in zip(self._layout.names, self._layout.trainable) if t]
@@ -172,7 +178,11 @@ class VectorizedBackend(Backend):
 
     def _masked_loss(self, train: dict, const: dict, x: torch.Tensor, y: torch.Tensor,
                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(self._template, {**train, **const}, (x,))
+        self._slot.mask = mask
+        try:
+            out = functional_call(self._template, {**train, **const}, (x,))
+        finally:
+            self._slot.mask = None
         per_sample = F.cross_entropy(out, y, reduction="none")
         total = torch.where(mask, per_sample, torch.zeros_like(per_sample)).sum()
         return total / mask.sum().clamp(min=1), total
@@ -197,6 +207,11 @@ class VectorizedBackend(Backend):
                 s = _settings(config, cache)
             except Exception as e:  # invalid config: that client fails as Client.fit would
                 outcomes[pos] = Outcome(None, e, 0.0)
+                continue
+            if self._masked_bn and (s["batch_size"] == 1 or where[2] % s["batch_size"] == 1):
+                # a one-row batch: BatchNorm raises on one value per channel in training;
+                # the client's own fit raises (or not) as the sequential backend's does
+                outcomes[pos] = self._runner.fit(self.clients[i], parameters, config, self.deadline)
                 continue
             if s["loss_fn"] is not F.cross_entropy:
                 raise ValueError("loss_fn: backend 'vectorized' trains with cross-entropy only; "
