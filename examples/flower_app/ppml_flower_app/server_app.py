@@ -8,7 +8,7 @@ import json
 import os
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -39,9 +39,10 @@ def main(grid: Grid, context: Context) -> None:
     rounds = int(context.run_config.get("num-server-rounds", 2))
     names = str(context.run_config.get("strategies", "fedavg,dpfedavg,dpsgd")).split(",")
     out = str(context.run_config.get("out", ""))
+    initial = ArrayRecord({k: Array(v) for k, v in task.initial_arrays().items()})
     for name in names:
         strategy, config = make_strategy(name.strip())
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.net().state_dict()),
+        result = strategy.start(grid=grid, initial_arrays=initial,
                                 num_rounds=rounds, train_config=ConfigRecord(config))
         metrics = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
         RESULTS[name] = (result.arrays.to_numpy_ndarrays(), metrics)

@@ -55,8 +55,8 @@ from flwr.supercore import log
 
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.calibration import ACCOUNTANTS
-from ppml_fast.integrations._ndarrays import _work_dtype, check_layout, pack, unpack
-from ppml_fast.integrations.flower_message import FedAvg, reply_arrays, to_arrayrecord
+from ppml_fast.integrations._ndarrays import _work_dtype, pack, unpack
+from ppml_fast.integrations.flower_message import FedAvg, check_shapes, reply_arrays, to_arrayrecord
 from ppml_fast.noise_keys import REPRODUCIBLE_NOISE, NoiseStream
 from ppml_fast.ops import noise_blocks, weighted_aggregate
 from ppml_fast.secure_random import bernoulli_mask
@@ -223,9 +223,11 @@ class DPFedAvg(FedAvg):
                              f"arrays, which configure_train keeps; it last ran for round {held}")
         _, keys, reference, n = self._round
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
-        clients = [reply_arrays(m.content, keys, m.metadata.src_node_id)[1] for m in valid]
-        if clients:
-            check_layout([reference] + clients, name="[global arrays] + replies")
+        clients = []
+        for m in valid:
+            arrays = reply_arrays(m.content, keys, m.metadata.src_node_id)[1]
+            check_shapes(arrays, reference, keys, m.metadata.src_node_id, "the global model")
+            clients.append(arrays)
         dtype = _work_dtype(reference)
         base = pack(reference, dtype)
         k, expected = len(clients), self.sampling_rate * n

@@ -39,7 +39,7 @@ except ImportError as exc:  # flwr is an optional dependency
 
 from ppml_fast.integrations._ndarrays import aggregate_ndarrays
 
-__all__ = ["FedAvg", "reply_arrays", "to_arrayrecord"]
+__all__ = ["FedAvg", "check_shapes", "reply_arrays", "to_arrayrecord"]
 
 
 def reply_arrays(content: RecordDict, keys: Optional[list[str]], node: object) -> tuple[list[str], list[np.ndarray]]:
@@ -59,6 +59,15 @@ def reply_arrays(content: RecordDict, keys: Optional[list[str]], node: object) -
 def to_arrayrecord(keys: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
     """An ArrayRecord holding ``arrays`` under ``keys`` (numpy stype, as Flower's aggregation)."""
     return ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)})
+
+
+def check_shapes(arrays: list[np.ndarray], like: list[np.ndarray], keys: list[str], node: object,
+                 like_name: object) -> None:
+    """Every array of ``arrays`` has the shape of its counterpart in ``like``."""
+    for k, a, b in zip(keys, arrays, like):
+        if a.shape != b.shape:
+            raise ValueError(f"reply from node {node}: array {k!r} has shape {a.shape}; "
+                             f"{like_name} sent shape {b.shape}")
 
 
 def reply_weight(content: RecordDict, key: str, node: object) -> float:
@@ -94,6 +103,8 @@ class FedAvg(_FlowerFedAvg):
         for msg in valid:
             node = msg.metadata.src_node_id
             keys, arrays = reply_arrays(msg.content, keys, node)
+            if clients:
+                check_shapes(arrays, clients[0], keys, node, valid[0].metadata.src_node_id)
             clients.append(arrays)
             weights.append(reply_weight(msg.content, self.weighted_by_key, node))
         if sum(weights) == 0:
