@@ -15,7 +15,10 @@ A round, in the simulation:
    over the survivors alone (``retry=True``, a fresh protocol run: new keys, new masks); when
    that is impossible too (fewer than two survivors), the round is aborted: ``on_abort="skip"``
    (the default) raises :class:`SecAggAborted`, which ``run_simulation`` records as a skipped
-   round with its reason (parameters unchanged) and goes on; ``"raise"`` stops the run.
+   round with its reason (parameters unchanged) and goes on; ``"raise"`` stops the run. The
+   retry happens once, over exactly the clients that sent masked inputs, and only after a
+   first run that revealed nothing (no share, no sum): the server learns one sum per round, as
+   without it (a server that could retry over chosen subsets could difference their sums).
 3. The inner strategy receives the unmasked mean (or, for DP-FedAvg, the unmasked sum) as one
    result, so FedAvgM / FedAdam / ... apply their server step to it.
 
