@@ -440,9 +440,9 @@ def run_simulation(model_fn: Callable[[], nn.Module], clients: Sequence[Client],
         The :class:`~ppml_fast.federated.history.History`.
 
     Raises:
-        Whatever stops the run (a strategy's error, ``SecAggError``, ``KeyboardInterrupt``),
-        with ``.history`` set to the History of the rounds completed before it
-        (``stopped = "error"``), also written to ``history_path``.
+        BaseException: whatever stops the run (a strategy's error, ``SecAggError``,
+            ``KeyboardInterrupt``), with ``.history`` set to the History of the rounds completed
+            before it (``stopped = "error"``), also written to ``history_path``.
     """
     with Simulation(model_fn, clients, strategy, rounds=rounds, clients_per_round=clients_per_round,
                     backend=backend, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
