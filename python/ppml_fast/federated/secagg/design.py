@@ -17,6 +17,9 @@ a fraction g of clients colluding with the server:
   (Bonawitz et al., CCS 2017, section 4: a server that lies about who dropped gets at most one
   of b_u, s_u; :class:`~.params.SecAggParams` enforces it).
 
+(The conditions are restated in our words; we cite sections, not theorem numbers, which we
+could not check against the paper here.)
+
 The probabilities (our derivation, conservative where marked):
 
 * the graph is a Harary graph over a uniformly random relabelling (:mod:`.graph`), drawn
@@ -43,6 +46,7 @@ skips it (:mod:`.strategy`), it never weakens t below the security conditions.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -101,6 +105,7 @@ def _security(n: int, k: int, t: int, complete: bool, dropout: float, corrupt: f
     return min(1.0, corrupt_holders + disconnect)
 
 
+@functools.lru_cache(maxsize=1024)  # one call per round; the arguments repeat
 def design(n: int, *, dropout: float, failure_probability: float = 1e-6,
            corrupt_fraction: float = 0.0, security_probability: float = 2.0 ** -40) -> SecAggDesign:
     """(k, t) for a round of ``n`` clients (module docstring).

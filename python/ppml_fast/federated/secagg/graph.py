@@ -6,8 +6,9 @@ random relabelling of the clients. A client then masks with, and shares its secr
 neighbours only, so a round costs O(n k) mask expansions instead of O(n^2).
 
 Bell et al. choose k = O(log n) for security against a fraction of corrupt clients and
-dropouts; the right k depends on those fractions (their section 4). We do not choose it for the
-user: a small k is cheaper and weaker, and the complete graph is the conservative default.
+dropouts; the right k depends on those fractions. :func:`.design.design` derives k and the
+threshold from them and a target failure probability (what :class:`~.strategy.SecAggFedAvg`
+does by default); a k passed by hand is used as given.
 """
 
 from __future__ import annotations
