@@ -240,3 +240,169 @@ def test_dp_train_reports_epsilon_and_keeps_the_accountant_across_rounds(task_id
            for r in (1, 2)]
     np.testing.assert_allclose(eps, ref, rtol=1e-6)
     assert not np.allclose(arrays["weight"].numpy(), model0.weight.detach().numpy())
+
+
+# -- the same ServerApp / ClientApp in Flower's simulation and in a deployment ---------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "flower_app"
+
+
+def fedavg_reference(rounds: int = 2) -> list[np.ndarray]:
+    """The example app's FedAvg rounds in float64 numpy (its two nodes, weights num_examples)."""
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from ppml_flower_app import task
+    finally:
+        sys.path.remove(str(APP_DIR))
+    arrays = task.initial_arrays()
+    for r in range(1, rounds + 1):
+        new = [task.train(arrays, *task.load_data(p), server_round=r) for p in (0, 1)]
+        w = [task.num_examples(p) for p in (0, 1)]
+        arrays = {k: sum(wi * n[k].astype(np.float64) for wi, n in zip(w, new)) / sum(w) for k in task.KEYS}
+    return [arrays[k] for k in task.KEYS]
+
+
+def read_results(out: Path, name: str) -> tuple[list[np.ndarray], dict]:
+    with np.load(out / f"{name}.npz") as z:
+        arrays = [z[f"arr_{i}"] for i in range(len(z.files) - 1)]
+        return arrays, json.loads(str(z["metrics"]))
+
+
+def env_with_venv(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+SIMULATION = """
+import sys
+sys.path.insert(0, {app!r})
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from ppml_flower_app import server_app
+from ppml_flower_app.client_app import app as client_app
+
+app = ServerApp()
+
+@app.main()
+def main(grid, context):
+    context.run_config.update({{"strategies": "flower,fedavg,dpfedavg,dpsgd", "out": {out!r}}})
+    server_app.main(grid, context)
+
+run_simulation(server_app=app, client_app=client_app, num_supernodes=2,
+               backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
+                               "init_args": {{"num_cpus": 2, "include_dashboard": False}}}})
+"""
+
+
+def test_app_runs_in_flowers_simulation(tmp_path):
+    """Flower 1.42's simulation has one backend, Ray (no in-process backend): ~40 s here."""
+    pytest.importorskip("ray")
+    script = tmp_path / "sim.py"
+    script.write_text(SIMULATION.format(app=str(APP_DIR), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env_with_venv(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours, _ = read_results(tmp_path, "fedavg")
+    theirs, _ = read_results(tmp_path, "flower")
+    for a, b, ref in zip(ours, theirs, fedavg_reference()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # ppml_fast's FedAvg == Flower's
+        np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
+    _, dp_metrics = read_results(tmp_path, "dpfedavg")
+    event = PoissonSampledEvent(1.0, GaussianEvent(1.0))
+    for r in (1, 2):
+        ref = PLDAccountant().compose(event, r).get_epsilon(1e-5)
+        assert dp_metrics[str(r)]["dp-epsilon"] == pytest.approx(ref, rel=1e-9)
+    _, sgd_metrics = read_results(tmp_path, "dpsgd")
+    assert 0 < sgd_metrics["1"]["dp-epsilon"] < sgd_metrics["2"]["dp-epsilon"] < math.inf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+@pytest.fixture
+def local_federation(tmp_path):
+    """A SuperLink and two SuperNodes (partition 0 and 1) on localhost, insecure, each its own
+    process (group); killed by id when the test ends. Yields (FLWR_HOME, connection name)."""
+    if shutil.which("flower-superlink", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("flower-superlink is not installed next to this Python")
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = env_with_venv(FLWR_HOME=str(home))
+    procs = []
+
+    def start(*args: str, log: str) -> subprocess.Popen:
+        p = subprocess.Popen(list(args), env=env, cwd=tmp_path, start_new_session=True,
+                             stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    try:
+        superlink = start("flower-superlink", "--insecure", "--port", str(link),
+                          "--disable-runtime-dependency-installation", log="superlink.log")
+        wait_for_port(link, superlink)
+        for pid in (0, 1):
+            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--port", str(free_port()), "--node-config", f"partition-id={pid} num-partitions=2",
+                  log=f"supernode{pid}.log")
+        yield home, "local-test", env
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_app_runs_on_a_superlink_and_two_supernodes(tmp_path, local_federation):
+    """`flwr run` submits the example app to a local SuperLink; the ServerApp (its own
+    flwr-serverapp process) runs ppml_fast's FedAvg for 2 rounds through two SuperNodes (each
+    message handled by a flwr-clientapp process) and writes its final arrays."""
+    home, connection, env = local_federation
+    app = tmp_path / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = ["flwr", "run", str(app), connection, "--stream",
+           "--run-config", f"strategies='fedavg' num-server-rounds=2 out='{out}'"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    logs = "".join((tmp_path / f).read_text()[-2000:] for f in ("superlink.log", "supernode0.log"))
+    assert proc.returncode == 0 and (out / "fedavg.npz").exists(), \
+        proc.stdout[-4000:] + proc.stderr[-2000:] + logs
+    assert "[ROUND 2/2]" in proc.stdout
+    arrays, metrics = read_results(out, "fedavg")
+    for a, ref in zip(arrays, fedavg_reference()):
+        np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
+    assert metrics["2"]["node-partition"] == pytest.approx((0 * 64 + 1 * 80) / 144)
