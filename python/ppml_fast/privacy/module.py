@@ -363,7 +363,10 @@ class PrivateModule(ClippedSums, nn.Module):
         batch = rec._current()
         if batch is None:
             return self._module(*args, **kwargs)
-        buffers = [(n, b, b._version) for n, b in self._module.named_buffers()]
+        # buffers and parameters (frozen ones too): a write by the forward is state computed from
+        # the batch (writes through .data bypass version counters: the probe compares values)
+        buffers = [(n, b, b._version) for n, b in
+                   list(self._module.named_buffers()) + list(self._module.named_parameters())]
         rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
         try:
             out = self._module(*args, **kwargs)
@@ -372,10 +375,11 @@ class PrivateModule(ClippedSums, nn.Module):
         moved = [n for n, b, v in buffers if b._version != v]
         if moved:  # state computed from the batch would leave the step without noise
             batch.refusal = batch.refusal or (
-                f"buffer(s) {moved[:5]} of the model were updated during a private forward: a "
-                "buffer changed by the batch (its data, or even its size) is released with the "
-                "model without noise (as BatchNorm's running statistics would be); keep buffers "
-                "constant while training privately, or update them outside the private forward")
+                f"buffer(s) or parameter(s) {moved[:5]} of the model were updated during a private "
+                "forward: a buffer or parameter changed by the batch (its data, or even its size) "
+                "is released with the model without noise (as BatchNorm's running statistics "
+                "would be); keep them constant while training privately, or update them outside "
+                "the private forward")
         return out
 
     @contextlib.contextmanager

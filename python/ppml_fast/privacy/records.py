@@ -15,15 +15,17 @@ index, the group S of records whose bit b is 1 and the group of those whose bit 
 (2 ceil(log2 B) groups; any two records i != j are told apart by some bit, so some group holds
 i and not j: non-adaptive group testing, as in Du and Hwang, Combinatorial Group Testing, ch. 1):
 
-1. forward and backward with a cotangent on the rows of the model's outputs of the records in S
-   only: the output gradient every captured call receives must vanish outside S (else a row of
-   that layer feeds another record: e.g. ``pos_emb(ids)[0]`` broadcast to every record);
+1. backward with a cotangent on the rows of the model's outputs of the records outside S only
+   (a fixed random one, run on the inputs of 2.): the output gradient every captured call
+   receives must vanish on the rows in S (else a row of that layer feeds another record: e.g.
+   ``pos_emb(ids)[0]`` broadcast to every record); as S ranges over the groups, so does its
+   complement;
 2. forward with the inputs of the records in S perturbed (in every input tensor that holds the
    records, not only the first): every captured call's rows outside S,
    and every input of a call that is not per record (leading size != B), must be unchanged
    (else the layer mixes records);
-3. backward of each run of 2. with one fixed random cotangent on all records' outputs: every
-   captured call's output-gradient rows outside S must be unchanged (a dependence that the
+3. that backward's output-gradient rows outside S must equal those of the unperturbed batch
+   under the same cotangent on all records' outputs (a dependence that the
    forward values hide: ``out + eps * sin((h @ w + h.detach().mean()) / eps)`` changes the
    outputs by eps, below any rounding tolerance, and the gradients by O(1)). With 2., each
    record's per-sample gradient (its activation row and its output-gradient row) is then shown
@@ -39,8 +41,8 @@ continuous perturbations of floating-point inputs).
 A call whose rows cannot be tied to records raises :class:`UnsupportedModuleError` naming the
 layer, before any gradient exists. A layout is verified once (the input tensors' ranks, dtypes and
 non-record sizes, and the training flag); batches of fewer than two records are not evidence and
-are checked again later. The cost is 2 ceil(log2 B) + 1 forwards and 4 ceil(log2 B) + 1
-backwards per probed batch, twice (synthetic and real batch), once per layout.
+are checked again later. The cost is 2 ceil(log2 B) + 1 forwards and as many backwards per
+probed batch, twice (synthetic and real batch), once per layout.
 
 What a probe cannot see: a model whose mixing depends on something that differs between the
 probed batch and later ones: its batch size (the layout leaves it out), a call counter, a
@@ -52,6 +54,7 @@ models that mix records whatever their batch (``check_sensitivity`` tries crafte
 from __future__ import annotations
 
 import contextlib
+import secrets
 from typing import Any, Optional
 
 import torch
@@ -223,21 +226,55 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> None:
     sets = groups(size)
     cotangent: dict = {}  # one fixed cotangent per output shape, shared by base and perturbed runs
 
-    def backward_checks(probe):
-        for ks in sets:
-            _check_gradients(probe, ks, size, bf, names, retain=True)
+    def base_grads(probe):
         probe.grads = _grads_under(probe, cotangent, size, bf, gen)
 
-    def grads_only(probe):
-        probe.grads = _grads_under(probe, cotangent, size, bf, gen)
+    def group_grads(ks):
+        rest = [i for i in range(size) if i not in set(ks)]
 
+        def then(probe):  # cotangent on the other records only: it must not reach rows ks
+            probe.grads = _grads_under(probe, cotangent, size, bf, gen, rest)
+            if rest:
+                _check_reach(probe, rest, size, names)
+        return then
+
+    seed = secrets.randbits(63)
+    state = _fingerprints(private._module, seed)
     with _restored(private._module) as rng:
         for a, kw in (_synthetic(args, kwargs, size, bf, gen), (args, kwargs)):
-            base = _Probe(private, a, kw, size, rng, then=backward_checks)
+            base = _Probe(private, a, kw, size, rng, then=base_grads)
             for ks in sets:
                 a2, k2 = _perturbed_inputs(a, kw, size, bf, ks, gen)
-                other = _Probe(private, a2, k2, size, rng, then=grads_only)
+                other = _Probe(private, a2, k2, size, rng, then=group_grads(ks))
                 _check_rows(base, other, ks, size, bf, names)
+        moved = [n for n, f in _fingerprints(private._module, seed).items()
+                 if f != state.get(n) and not (f != f and state.get(n) != state.get(n))]  # NaN == NaN
+        if moved:
+            raise UnsupportedModuleError(
+                f"the model's forward wrote to its parameter(s) or buffer(s) {moved[:5]} (also "
+                "through .data, which no version counter sees): state computed from the batch is "
+                "released with the model without noise; keep them constant during a private "
+                "forward")
+
+
+def _fingerprints(module: nn.Module, seed: int) -> dict:
+    """name -> a random projection of each parameter and buffer (float64 dot product with
+    standard normals from a fresh generator, 2^22 elements at a time): equal before and after
+    the probes unless the forward wrote to it (a write the model cannot tune to keep the
+    projection: ``seed`` is drawn from OS entropy after the model was built)."""
+    out = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        flat = t.detach().reshape(-1)
+        if not (flat.is_floating_point() or flat.is_complex()):
+            out[name] = hash(flat.cpu().numpy().tobytes()) if flat.numel() <= 2**16 else None
+            continue
+        g = torch.Generator(device=flat.device).manual_seed(seed)
+        acc = torch.zeros((), dtype=torch.float64, device=flat.device)
+        for chunk in flat.split(2**22):
+            r = torch.randn(chunk.shape, generator=g, device=flat.device, dtype=torch.float32)
+            acc += (chunk.real if chunk.is_complex() else chunk).double().mul(r.double()).sum()
+        out[name] = float(acc)
+    return out
 
 
 def _per_record_outputs(probe, size: int, bf: bool) -> list[torch.Tensor]:
@@ -245,7 +282,8 @@ def _per_record_outputs(probe, size: int, bf: bool) -> list[torch.Tensor]:
             and t.dim() > 0 and t.shape[record_dim(t, bf)] == size]
 
 
-def _grads_under(probe, cotangent: dict, size: int, bf: bool, gen: torch.Generator) -> list:
+def _grads_under(probe, cotangent: dict, size: int, bf: bool, gen: torch.Generator,
+                 keep: Optional[list[int]] = None) -> list:
     """Every captured call's output gradient (per call: its tensors, detached) for one fixed
     random cotangent on all of the model's per-record outputs. Compared between the base run and
     a run with some records perturbed (:func:`_check_rows`): a row outside the perturbed group
@@ -261,7 +299,14 @@ def _grads_under(probe, cotangent: dict, size: int, bf: bool, gen: torch.Generat
         key = (i, tuple(t.shape), t.dtype)
         if key not in cotangent:
             cotangent[key] = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
-        cots.append(cotangent[key])
+        c = cotangent[key]
+        if keep is not None:  # zero outside the records ``keep``
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[keep] = True
+            shape = [1] * t.dim()
+            shape[record_dim(t, bf)] = size
+            c = c * mask.reshape(shape).to(c.device)
+        cots.append(c)
     for call in probe.calls:
         call.grad = None
     torch.autograd.backward(outs, cots)
@@ -301,20 +346,9 @@ def _label(call, names) -> str:
     return f"{names.get(id(call.module), '?')} ({type(call.module).__name__})"
 
 
-def _check_gradients(probe: _Probe, ks: list[int], size: int, bf: bool, names,
-                     retain: bool = False) -> None:
-    outs = _per_record_outputs(probe, size, bf)
-    if not outs:
-        return  # no per-record output (e.g. only a batch loss): the forward checks remain
-    cots = []
-    for t in outs:
-        c = torch.zeros_like(t)
-        for k in ks:
-            c.select(record_dim(t, bf), k).normal_()
-        cots.append(c)
-    for call in probe.calls:  # each group's backward alone (the sinks accumulate)
-        call.grad = None
-    torch.autograd.backward(outs, cots, retain_graph=retain)
+def _check_reach(probe: _Probe, ks: list[int], size: int, names) -> None:
+    """After a backward with a cotangent on the outputs of records ``ks`` only: every captured
+    call's output gradient must vanish outside rows ``ks`` (check 1 of the module docstring)."""
     k = _show(ks)
     for call in probe.calls:
         for g in leaves(call.grad):
