@@ -14,8 +14,9 @@ the individual updates, as in Flower's ``DifferentialPrivacyServerSideFixedClipp
    clips it to L2 norm <= C over all arrays together, averages the K updates, adds Gaussian
    noise of std σC/K to that mean (one op call), and scales it by K/(qN): the result is
    (sum of clipped updates + N(0, σ²C² I)) / (qN), so one node changes it by at most C/(qN)
-   and the noise std is σC/(qN). A round with no reply (nobody sampled, or every reply failed)
-   still releases N(0, (σC/(qN))² I) — skipping it would reveal that nobody took part;
+   and the noise std is σC/(qN). A node whose reply failed contributes a zero update (the
+   denominator stays qN). A round with no reply (nobody sampled, or every reply failed) still
+   releases N(0, (σC/(qN))² I) — skipping it would reveal that nobody took part;
 3. before the release, the accountant composes PoissonSampledEvent(q, GaussianEvent(σ))
    (user-level adjacency: adding or removing one node's whole data); ε at ``delta`` goes into
    the round's MetricRecord ("dp-epsilon").
