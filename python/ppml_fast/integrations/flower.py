@@ -22,6 +22,10 @@ clients whose layers differ in number or shape raise ``ValueError`` naming the c
 0-d layers are clipped with the others (Flower's ``compute_clip_model_update`` leaves them
 unclipped: ``np.subtract`` returns a numpy scalar there, which ``*=`` rebinds instead of scaling).
 
+Flower's current Message API (``ServerApp`` / ``ClientApp`` / ``strategy.start``) is served by
+:class:`FedAvg` (:mod:`.flower_message`), :class:`DPFedAvg` (:mod:`.flower_dp`) and
+:func:`dp_train` (:mod:`.flower_client`), re-exported here; :class:`NativeFedAvg` is the legacy API.
+
 Needs Flower: ``pip install 'ppml_fast[flower]'``.
 """
 
