@@ -125,3 +125,15 @@ def test_a_timed_out_local_dp_client_counts_its_whole_fit(kind):
     if kind is DPHangsAfter:  # its own accountant, once the fit ended, says no more than the bound
         time.sleep(1.0)
         assert slow.local_epsilon(dp.delta) <= bound * (1 + 1e-12)
+
+
+class Interrupts(Client):
+    def fit(self, parameters, config):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_inside_a_fit_stops_the_run_with_its_history():
+    base = make_clients(4)
+    with pytest.raises(KeyboardInterrupt) as info:
+        _run(base[:3] + [Interrupts(_data(base[3]))], client_timeout=5.0)
+    assert info.value.history.stopped == "error" and info.value.history.rounds == []

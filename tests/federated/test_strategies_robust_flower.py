@@ -148,3 +148,14 @@ def test_krum_reports_left_out_clients():
     _ours(s, w, u, n)
     excluded = take_report(s).excluded
     assert len(excluded) == 4 and {0, 1} <= {e["cid"] for e in excluded}
+
+
+@pytest.mark.parametrize("make", [lambda: Bulyan(num_malicious_clients=1), lambda: FaultTolerantFedAvg(),
+                                  FedMedian, lambda: FedTrimmedAvg(beta=0.2)])
+def test_robust_strategies_leave_the_shared_update_matrix_alone(make):
+    w, u, n = _data(8, seed=5)
+    matrix = torch.from_numpy(u.copy())  # the updates as rows of one matrix, as the vectorized backend
+    results = [(ClientProxy(k), FitResult(update=matrix[k], num_examples=int(n[k]))) for k in range(8)]
+    before, params = matrix.clone(), torch.from_numpy(w.copy())
+    make().aggregate_fit(1, params, results, [])
+    assert torch.equal(matrix, before) and torch.equal(params, torch.from_numpy(w))

@@ -26,9 +26,11 @@ discarded) but it has been running DP-SGD steps on its records and composing the
 accountant, and it may go on doing so after the deadline. The ε recorded for it is therefore
 the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit`: every
 step of the fit composed onto the state it started from, as if the fit had completed; the true
-spend, whenever the fit ends, is at most that. The bound is computed from a snapshot taken
-before the fit starts (the fit changes the state in place) and is also what a still-busy
-client reports when it is picked again.
+spend, whenever the fit ends, is at most that. The bound is computed, at the timeout only,
+from a copy of the client's state taken before the fit starts (the fit changes the state in
+place; the copy is its accountant's event list, microseconds), and is also what a still-busy
+client reports when it is picked again. A ``KeyboardInterrupt`` or ``SystemExit`` raised inside
+a fit stops the run as it does without a deadline.
 """
 
 from __future__ import annotations
@@ -47,31 +49,42 @@ from .backends.base import Outcome, fit_one, make_model
 __all__ = ["DeadlineRunner"]
 
 
-def _lost_fit_state(client: Client, config: Mapping[str, Any]) -> Optional[tuple[LocalDPState, float]]:
-    """(the state bound of a fit that may never finish, its delta), or None without local DP or
-    for a config the client would refuse before training."""
-    local_dp = config.get("local_dp")
-    if not isinstance(local_dp, LocalDP):
-        return None
-    try:
-        s = fit_settings(config)
-        state = state_after_lost_fit(client._local_dp, local_dp, client.num_examples,
-                                     s["batch_size"], s["local_epochs"])
-    except Exception:  # the client refuses this config before any step: nothing to bound
-        return None
-    return state, local_dp.delta
+class _Bound:
+    """What a fit's conservative privacy bound needs, captured before the fit starts (the fit
+    changes the client's state in place): a copy of the client's state (cheap: its
+    accountant's event history) and the fit's settings. :meth:`epsilon` composes the bound
+    (:func:`state_after_lost_fit`) only when it is needed, at a timeout."""
 
+    def __init__(self, client: Client, config: Mapping[str, Any]) -> None:
+        self.local_dp: Optional[LocalDP] = None
+        local_dp = config.get("local_dp")
+        if not isinstance(local_dp, LocalDP):
+            return
+        try:
+            s = fit_settings(config)
+        except Exception:  # the client refuses this config before any step: nothing to bound
+            return
+        self.local_dp, self.settings, self.num_examples = local_dp, s, client.num_examples
+        self.state: Optional[LocalDPState] = None
+        if client._local_dp is not None:
+            self.state = LocalDPState(client._local_dp.accountant_name)
+            self.state.load_state_dict(client._local_dp.state_dict())
+        self._epsilon: Optional[float] = None
+        self._done = False
 
-def _epsilon(bound: Optional[tuple[LocalDPState, float]]) -> Optional[float]:
-    if bound is None:
-        return None
-    state, delta = bound
-    if not state.accountant.history:
-        return None
-    try:
-        return state.epsilon(delta)
-    except Exception:  # an unreadable bound: unknown spend, counted as unbounded
-        return math.inf
+    def epsilon(self) -> Optional[float]:
+        """ε at ``local_dp.delta`` after every step of the fit (None: no DP step to count)."""
+        if self.local_dp is None:
+            return None
+        if not self._done:
+            self._done = True
+            try:
+                after = state_after_lost_fit(self.state, self.local_dp, self.num_examples,
+                                             self.settings["batch_size"], self.settings["local_epochs"])
+                self._epsilon = after.epsilon(self.local_dp.delta) if after.accountant.history else None
+            except Exception:  # an unreadable bound: unknown spend, counted as unbounded
+                self._epsilon = math.inf
+        return self._epsilon
 
 
 class DeadlineRunner:
@@ -82,7 +95,7 @@ class DeadlineRunner:
     def __init__(self, model_fn: Callable[[], nn.Module]) -> None:
         self.model_fn = model_fn
         self._scratch: Optional[nn.Module] = None
-        self._busy: dict[int, tuple[threading.Thread, Optional[tuple[LocalDPState, float]]]] = {}
+        self._busy: dict[int, tuple[threading.Thread, _Bound]] = {}
 
     def scratch(self) -> nn.Module:
         if self._scratch is None:
@@ -99,19 +112,27 @@ class DeadlineRunner:
         busy = self._busy.get(id(client))
         if busy is not None:
             if busy[0].is_alive():
-                return Outcome(None, None, math.inf, epsilon=_epsilon(busy[1]))
+                return Outcome(None, None, math.inf, epsilon=busy[1].epsilon())
             del self._busy[id(client)]
-        bound = _lost_fit_state(client, config)
+        bound = _Bound(client, config)
         box: list[Outcome] = []
-        model = self.scratch()
-        work = {**config, "model": model}
-        thread = threading.Thread(target=lambda: box.append(fit_one(client, parameters, work)),
-                                  name=f"ppml-fit-{client.cid}", daemon=True)
+        raised: list[BaseException] = []
+        work = {**config, "model": self.scratch()}
+
+        def run() -> None:
+            try:
+                box.append(fit_one(client, parameters, work))
+            except BaseException as e:  # KeyboardInterrupt, SystemExit: fit_one lets them through
+                raised.append(e)
+
+        thread = threading.Thread(target=run, name=f"ppml-fit-{client.cid}", daemon=True)
         thread.start()
         thread.join(timeout)
-        if not thread.is_alive() and box:
+        if not thread.is_alive():
+            if raised:  # as without a deadline: such an exception stops the run
+                raise raised[0]
             return box[0]
         # abandoned: its box is never read again, its scratch model is never lent again
         self._scratch = None
         self._busy[id(client)] = (thread, bound)
-        return Outcome(None, None, math.inf, epsilon=_epsilon(bound))
+        return Outcome(None, None, math.inf, epsilon=bound.epsilon())
