@@ -156,3 +156,72 @@ def test_driver_memory_does_not_grow_with_the_data():
     # from 1,000 to 10,000 clients adds 147 MiB of data and must add far less to the driver
     assert large < data_large / 4
     assert large - small < (data_large - data_small) / 4
+
+
+class _SleepsOnce(Client):
+    """Hangs in its first fit (until killed) while ``marker`` does not exist; normal afterwards."""
+    marker = ""
+
+    def fit(self, parameters, config):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(120)
+        return super().fit(parameters, config)
+
+
+def test_a_worker_past_its_deadline_is_stopped_and_its_clients_move(tmp_path):
+    from ppml_fast.federated import ParameterLayout
+    from ._sim_helpers import make_clients
+    base = make_clients(4)
+    hung = _SleepsOnce(torch.utils.data.TensorDataset(base[1]._x, base[1]._y), cid=1)
+    hung.marker = str(tmp_path / "hung")
+    clients = [base[0], hung, base[2], base[3]]
+    model = tiny_model()
+    params = ParameterLayout.of(model).flatten(model)
+    cfgs = [{"seed": i, "batch_size": 8, "lr": 0.2} for i in range(4)]
+    backend = RayBackend(num_workers=2, client_timeout=4, round_timeout=60)
+    backend.setup(clients, tiny_model)
+    try:
+        assert backend._home == [0, 1, 0, 1]
+        start = time.perf_counter()
+        out = backend.fit([0, 1, 2, 3], params, cfgs)
+        elapsed = time.perf_counter() - start
+        # worker 1 (clients 1 and 3) had 2 x 4 s: stopped then, its clients failed with the reason
+        assert 8.0 <= elapsed < 30, elapsed
+        assert [o.error is None for o in out] == [True, False, True, False]
+        assert all(isinstance(out[p].error, TimeoutError) and "deadline" in str(out[p].error) for p in (1, 3))
+        assert backend._dead == {1} and backend._home == [0, 0, 0, 0]
+        # the next round: worker 0 adopted them (the hung client now trains normally)
+        out = backend.fit([0, 1, 2, 3], params, cfgs)
+        assert all(o.error is None for o in out)
+        ref = [c.fit(params, {**cfg, "model": tiny_model()}) for c, cfg in zip(clients, cfgs)]
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o.result.update, r.update, rtol=1e-5, atol=1e-6)
+    finally:
+        backend.close()
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="factory"):
+        ClientSpec(factory="no_colon", shards=[1])
+    with pytest.raises(ValueError, match="shards"):
+        ClientSpec(factory="m:f", shards=[])
+    with pytest.raises(ValueError, match="cids"):
+        ClientSpec(factory="m:f", shards=[1, 2], cids=[0])
+    with pytest.raises(ValueError, match="num_gpus"):
+        RayBackend(num_gpus=-1)
+    with pytest.raises(ValueError, match="client_timeout"):
+        RayBackend(client_timeout=0)
+    with pytest.raises(ValueError, match="retries"):
+        RayBackend(retries=2)
+    with pytest.raises(TypeError, match="partial_sums_for"):
+        RayBackend(partial_sums_for="FedAvg")
+    spec = ClientSpec(factory="ppml_fast.datasets:synthetic_classification", shards=[3, 4], cids=[7, 9])
+    handles = spec.clients()
+    assert [c.cid for c in handles] == [7, 9] and handles[1].shard == 4
+    with pytest.raises(RuntimeError, match="Ray worker"):
+        handles[0].fit(None, {})
+    from ppml_fast.federated import FedMedian, DPFedAvgAdaptive
+    assert RayBackend(partial_sums_for=FedMedian())._mode() == (None, None)  # needs each update
+    adaptive = DPFedAvgAdaptive(FedAvg(), noise_multiplier=1.0)
+    assert RayBackend(partial_sums_for=adaptive)._mode() == (None, None)  # needs each client's norm

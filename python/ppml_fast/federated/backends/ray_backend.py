@@ -169,6 +169,7 @@ class RayBackend(Backend):
         self.init_kwargs = dict(init_kwargs or default)
         self._workers: list = []
         self._dead: set[int] = set()  # workers lost (died, or killed at a deadline)
+        self._pending: list = []  # adoptions not answered yet
         self._started_ray = False
 
     # ------------------------------------------------------------------ setup
@@ -185,6 +186,7 @@ class RayBackend(Backend):
         device = "cuda" if self.num_gpus > 0 else "cpu"
         self._workers = [actor.remote(model_fn, self.cpus_per_worker, device) for _ in range(n)]
         self._dead = set()
+        self._pending: list = []
         self._home = [i % n for i in range(len(self.clients))]  # client i's worker
         self._adopted([x for w in range(n) for x in self._adopt(w, list(range(w, len(self.clients), n)))])
 
@@ -203,15 +205,34 @@ class RayBackend(Backend):
         return sent + [(self._workers[w].add.remote(entries, factory), entries)
                        for factory, entries in specs.values()]
 
-    def _adopted(self, sent: list[tuple[Any, list]]) -> None:
-        """Wait for adoptions; record what the workers report of each spec client (its size, and
-        whether it trains with ``Client.fit``: the conservative record of a lost fit needs both)."""
+    def _adopted(self, sent: list[tuple[Any, list]], wait: bool = True) -> None:
+        """Record what the workers report of each adopted spec client (its size, and whether it
+        trains with ``Client.fit``: the conservative record of a lost fit needs both). ``wait``:
+        block until every adoption is answered; else (an adopter may be busy training: its next
+        call queues behind the adoption anyway) record the answers that are there and keep the
+        rest for later (until then a lost fit of such a client counts as unbounded spend)."""
         ray = import_ray()
-        for (_, entries), answer in zip(sent, ray.get([ref for ref, _ in sent])):
+        self._pending += sent
+        if not self._pending:
+            return
+        refs = [ref for ref, _ in self._pending]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)[0])
+        keep = []
+        for ref, entries in self._pending:
+            if ref not in ready:
+                keep.append((ref, entries))
+                continue
+            try:
+                answer = ray.get(ref)
+            except Exception:  # at setup: raised (e.g. the factory failed); later: the adopter
+                if wait:       # died, and its fit calls fail and are handled there
+                    raise
+                continue
             for (i, _, _), (n, default_fit) in zip(entries, answer):
                 c = self.clients[i]
                 if isinstance(c, SpecClient):
                     c._n, c._default_fit = n, default_fit
+        self._pending = keep
 
     # ------------------------------------------------------------------ fit
 
@@ -230,6 +251,7 @@ class RayBackend(Backend):
             configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         ray = import_ray()
         mode, clip = self._mode()
+        self._adopted([], wait=False)
         params_ref = ray.put(parameters)
         outcomes: list[Optional[Outcome]] = [None] * len(indices)
         todo = [(pos, i, {k: v for k, v in config.items() if k not in ("model", "model_fn")})
@@ -318,7 +340,7 @@ class RayBackend(Backend):
                 self._home[i] = v
             if share:
                 sent.extend(self._adopt(v, share))
-        self._adopted(sent)
+        self._adopted(sent, wait=False)
         return True
 
     def _collect(self, items: list, answer: dict, mode: Optional[str], outcomes: list) -> None:
