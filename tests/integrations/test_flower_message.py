@@ -348,8 +348,6 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
 def local_federation(tmp_path):
     """A SuperLink and two SuperNodes (partition 0 and 1) on localhost, insecure, each its own
     process (group); killed by id when the test ends. Yields (FLWR_HOME, connection name)."""
-    if shutil.which("flower-superlink", path=os.path.dirname(sys.executable)) is None:
-        pytest.skip("flower-superlink is not installed next to this Python")
     home = tmp_path / "flwr_home"
     home.mkdir()
     link = free_port()

@@ -27,7 +27,10 @@ is treated as public, as the simulator and McMahan et al. (W fixed) do. Client m
 noised, so they are left out of the round's MetricRecord unless ``client_metrics=True`` (then
 they are released outside the ε reported). Noise: Philox keyed from OS entropy, or from
 ``seed`` (then reproducible, and no privacy against whoever knows the seed); each release
-reserves its offset range first (:class:`ppml_fast.noise_keys.NoiseStream`). The accountant is
+reserves its offset range first (:class:`ppml_fast.noise_keys.NoiseStream`). There is no secure
+mode here (ChaCha20 noise hardened against floating-point attacks, as the simulator's
+``DPFedAvgFixed(secure_mode=True)`` has): the Philox noise does not defend against floating-point
+attacks on the released model. The accountant is
 held in memory (no journal): a crashed ServerApp loses its history, so a restarted run must
 start from a fresh budget only with fresh data.
 
