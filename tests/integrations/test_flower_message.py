@@ -242,6 +242,28 @@ def test_dp_train_reports_epsilon_and_keeps_the_accountant_across_rounds(task_id
     assert not np.allclose(arrays["weight"].numpy(), model0.weight.detach().numpy())
 
 
+
+def test_dp_train_stops_at_max_epsilon(task_identity):
+    torch = pytest.importorskip("torch")
+    from flwr.app import Message, MessageType
+
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    event = PoissonSampledEvent(16 / 64, GaussianEvent(1.0))
+    budget = (PLDAccountant().compose(event, 2).get_epsilon(1e-5)
+              + PLDAccountant().compose(event, 3).get_epsilon(1e-5)) / 2  # room for 2 steps
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    model = torch.nn.Linear(8, 3)
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                      "config": ConfigRecord({"server-round": 1})}),
+                  message_type=MessageType.TRAIN, dst_node_id=1)
+    reply = dp_train(msg, context, model=model,
+                     data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
+                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                     max_grad_norm=1.0, delta=1e-5, max_epsilon=budget, num_examples=100)
+    m = reply.content["metrics"]
+    assert m["dp-budget-exhausted"] == 1 and m["dp-steps"] == 2 and m["num-examples"] == 100
+    assert m["dp-epsilon"] <= budget
+
 # -- the same ServerApp / ClientApp in Flower's simulation and in a deployment ---------------------
 import json  # noqa: E402
 import os  # noqa: E402
