@@ -33,10 +33,10 @@ its clients by the live workers, which adopt them (a spec's clients are rebuilt 
 shards, object clients re-sent from the driver), and its clients of that round are retried once
 there (``retries=1``) within the round's deadline. A client's state changed by training (a local-DP
 accountant and noise offset) lives on its worker, as on a device, and is copied back to the driver
-after each fit; for a client whose worker died or was killed during its fit, the driver records
-the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit` (the whole fit
-composed; ``inf`` for a client whose class overrides ``fit`` or whose size its worker never
-reported) and a retry starts from that state, so no lost step is ever uncounted. With no live
+after each fit; for a client whose call failed (its worker died, was killed, or raised), the driver
+records the conservative bound of :func:`~ppml_fast.federated.dp.local.state_after_lost_fit` (the
+whole fit composed; ``inf`` for a client whose class overrides ``fit`` or whose size its worker
+never reported) and a retry starts from that state, so no lost step is ever uncounted. With no live
 worker left, the clients fail at once in later rounds, without being sent anywhere.
 
 GPUs: ``num_gpus`` per worker reserves them with Ray and trains the vectorized groups there
@@ -315,13 +315,11 @@ class RayBackend(Backend):
         return retry_items
 
     def _fail(self, w: int, items: list, error: BaseException, outcomes: list) -> None:
-        """The clients of a failed call: the error, and for local DP the conservative record."""
-        ray = import_ray()
+        """The clients of a failed call: the error, and for local DP the conservative record (the
+        call may have trained them before it failed; its report of their state never came)."""
         error = portable(error)
-        lost = isinstance(error, (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                                  ray.exceptions.ObjectLostError))
-        for pos, i, config in items:
-            state, spent = _lost_fit(self.clients[i], config) if lost else (None, None)
+        for pos, i, config in items:  # whatever failed, the worker's report of the fit is lost
+            state, spent = _lost_fit(self.clients[i], config)
             if state is not None:
                 self.clients[i]._local_dp = state
             outcomes[pos] = Outcome(None, error, 0.0, epsilon=spent)

@@ -24,6 +24,7 @@ import pickle
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ppml_fast.ops import weighted_aggregate
@@ -95,7 +96,8 @@ class RayWorker:
         vec_items = []
         vb = self._vectorized()
         for pos, (k, config) in enumerate(zip(keys, configs)):
-            if vb is False or config.get("local_dp") is not None:
+            if vb is False or config.get("local_dp") is not None or config.get("loss_fn") not in (
+                    None, F.cross_entropy):  # what the vectorized backend refuses, before it trains any
                 outcomes[pos] = fit_one(self.clients[k], parameters, {**config, "model": self.model})
             else:
                 vec_items.append(pos)
