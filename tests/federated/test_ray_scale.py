@@ -28,10 +28,10 @@ def local_ray(ray_cluster):
     yield ray_cluster
 
 
-def _factory(n: int, features: int, classes: int, slow_shard=None, marker=None):
-    """factory(shard) -> a Client with its own generated data (seeded by the shard: deterministic,
-    as a ClientSpec factory must be); ``slow_shard``'s client blocks in its first fit (until its
-    worker is killed) when ``marker`` does not exist yet, and trains normally afterwards."""
+def _factory(n: int, features: int, classes: int, slow_shard=None, marker=None, vary=0):
+    """factory(shard) -> a Client with ``n + vary * (shard % 4)`` generated examples (seeded by the
+    shard: deterministic, as a ClientSpec factory must be); ``slow_shard``'s client blocks in its
+    first fit (until its worker is killed) when ``marker`` does not exist yet, then trains normally."""
 
     class BlocksOnce(Client):
         def fit(self, parameters, config):
@@ -41,7 +41,8 @@ def _factory(n: int, features: int, classes: int, slow_shard=None, marker=None):
             return super().fit(parameters, config)
 
     def make(shard):
-        data = synthetic_classification(n, features=features, classes=classes, seed=1000 + int(shard))
+        data = synthetic_classification(n + vary * (int(shard) % 4), features=features, classes=classes,
+                                        seed=1000 + int(shard))
         return BlocksOnce(data) if shard == slow_shard else data
 
     return make
@@ -54,10 +55,11 @@ def _local_clients(factory, shards):
 def test_spec_partial_sums_equal_sequential_and_a_killed_worker_is_retried(tmp_path):
     marker = str(tmp_path / "started")
     shards = list(range(12))
-    factory = _factory(30, FEATURES, CLASSES, slow_shard=5, marker=marker)
+    # unequal sizes (18 to 54 examples): FedAvg's weights are not the clients' count
+    factory = _factory(18, FEATURES, CLASSES, slow_shard=5, marker=marker, vary=12)
     kw = dict(rounds=2, clients_per_round=12, lr=0.3, batch_size=8, seed=3, progress=False)
-    seq = run_simulation(tiny_model, _local_clients(_factory(30, FEATURES, CLASSES), shards), FedAvg(),
-                         backend="sequential", **kw)
+    reference = _local_clients(_factory(18, FEATURES, CLASSES, vary=12), shards)
+    seq = run_simulation(tiny_model, reference, FedAvg(), backend="sequential", **kw)
 
     strategy = FedAvg()
     backend = RayBackend(num_workers=2, partial_sums_for=strategy)
