@@ -132,7 +132,9 @@ class RayBackend(Backend):
             clients, capped by ``round_timeout``); None: no limit.
         round_timeout: seconds for all of a round's worker calls, retries included; None: no limit.
         retries: times a dead worker's clients are retried on another worker in the same round (0 or 1).
-        partial_sums_for: the run's strategy; when it is mean-type or ``DPFedAvgFixed``, workers
+        partial_sums_for: the strategy object passed to ``run_simulation`` (the same object: the
+            backend cannot see which strategy aggregates, and partial sums made for FedAvg are not
+            clipped as a DP wrapper needs); when it is mean-type or ``DPFedAvgFixed``, workers
             return partial sums instead of updates (module docstring). None: per-client updates.
         init_kwargs: other arguments of ``ray.init`` when this backend has to start Ray.
     """
@@ -258,6 +260,8 @@ class RayBackend(Backend):
                 for pos, (i, config) in enumerate(zip(indices, configs))]  # the worker has its model
         start = time.perf_counter()
         for attempt in range(1 + self.retries):
+            if attempt and self.round_timeout is not None and time.perf_counter() >= start + self.round_timeout:
+                break  # no time left for a retry: those clients keep their worker's error
             todo = self._run(todo, params_ref, mode, clip, outcomes, start, retry=attempt < self.retries)
             if not todo:
                 break
