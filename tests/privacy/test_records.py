@@ -489,3 +489,28 @@ def test_a_second_engine_is_refused_also_when_the_first_was_not_kept():
     with pytest.raises(ValueError, match="another PrivacyEngine"):
         PrivacyEngine().make_private(module=private, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                      data_loader=loader, noise_multiplier=1.0, max_grad_norm=C)
+
+
+def test_a_loop_that_fetches_one_batch_ahead_still_steps():
+    """Prefetching (accelerate's loaders fetch one batch ahead): two batches drawn, the step
+    holds one of them: allowed; the same step on both concatenated is refused."""
+    model = _mlp()
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    eng = PrivacyEngine()
+    private, opt, dp_loader = eng.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.0, max_grad_norm=C)
+    it = iter(dp_loader)
+    current = next(it)
+    for _ in range(3):
+        ahead = next(it)
+        opt.zero_grad()
+        sum_loss(private(current[0]), current[1]).backward()
+        opt.step()
+        current = ahead
+    assert opt.steps == 3
+    nxt = next(it)
+    opt.zero_grad()
+    sum_loss(private(torch.cat([current[0], nxt[0], x[:1]])), torch.cat([current[1], nxt[1], y[:1]])).backward()
+    with pytest.raises(PrivacyError, match="sampled batches"):
+        opt.step()

@@ -41,12 +41,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.epoch_sizes = []  # the i-th batch's record count (DPDataLoader.yielded_sizes)
         for _ in range(self.num_batches):
             if self.secure:
                 mask = bernoulli_mask(self.num_samples, self.sample_rate)
             else:
                 mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            batch = mask.nonzero().flatten().tolist()
+            self.epoch_sizes.append(len(batch))
+            yield batch
 
 
 def _empty_like(sample) -> object:
@@ -112,8 +115,20 @@ class DPDataLoader(DataLoader):
         that accumulated two of them: each is one Poisson sampling of the dataset)."""
         return self.__dict__.get("_batches_yielded", 0)
 
+    def yielded_sizes(self, last: int) -> list[int]:
+        """The record counts of the ``last`` batches handed out (at most the 64 latest)."""
+        sizes = self.__dict__.get("_yielded_sizes", [])
+        return sizes[-last:] if last > 0 else []
+
     def __iter__(self):
-        for batch in super().__iter__():
+        sampler = self.batch_sampler
+        for i, batch in enumerate(super().__iter__()):
+            # the DataLoader hands batches out in the sampler's order, also with workers that
+            # fetch ahead: the i-th batch is the sampler's i-th index list
+            sizes = getattr(sampler, "epoch_sizes", None)
+            kept = self.__dict__.setdefault("_yielded_sizes", [])
+            kept.append(sizes[i] if sizes is not None and i < len(sizes) else -1)
+            del kept[:-64]
             self.__dict__["_batches_yielded"] = self.batches_yielded + 1
             yield batch
 
@@ -212,6 +227,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.epoch_sizes = []  # the i-th batch's record count (DPDataLoader.yielded_sizes)
         shard = self.shard
         for _ in range(self.num_batches):
             if self.secure:
@@ -219,7 +235,9 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             else:  # randint over a power-of-two range is exactly uniform (64 random bits mod 2^53)
                 bits = torch.randint(0, 2**53, (len(shard),), generator=self.generator, dtype=torch.int64)
                 mask = bits < self._threshold
-            yield shard[mask].tolist()
+            batch = shard[mask].tolist()
+            self.epoch_sizes.append(len(batch))
+            yield batch
 
 
 def _world() -> tuple[int, int]:

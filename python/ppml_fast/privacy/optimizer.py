@@ -309,26 +309,40 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def attach_data_loader(self, loader) -> None:
         """Ties this optimizer to the Poisson loader it steps on (``make_private`` does): a step
-        whose skipped parts came from two sampled batches of it is refused."""
+        that holds the records of more than one sampled batch of it is refused."""
         self._loader = loader
         self._drawn_at_step = getattr(loader, "batches_yielded", 0)
+        self._unconsumed: list[int] = []  # sizes of drawn batches no step has used yet
+        self._after_step: Optional[list[int]] = None
 
     def _check_one_sampled_batch(self) -> None:
-        """A logical step is one Poisson sampling: virtual-batch parts (skipped steps) must all
-        come from one sampled batch, else a record could be in the step twice while the
-        accountant counts one sampling of rate q (issue 14 item 4)."""
+        """A logical step is one Poisson sampling (issue 14 item 4). The sizes of the batches
+        drawn from the loader and not yet used by a step are kept; with two or more of them (a
+        loop that fetches ahead, two batches accumulated or concatenated, virtual-batch parts
+        of two batches) the step's records must number as many as one of them, which the step
+        then uses up; else a record could be in the step twice while the accountant counts
+        one sampling of rate q. Checked before anything changes."""
         loader = getattr(self, "_loader", None)
-        if loader is None or not self._last_step_skipped:
+        if loader is None:
             return
-        drawn = loader.batches_yielded - self._drawn_at_step
-        if drawn > 1:
+        new = loader.batches_yielded - self._drawn_at_step
+        queue = (self._unconsumed + loader.yielded_sizes(new))[-64:]
+        pending = sum(b.size for b in self.module.recorder.batches if b.backpropagated)
+        records = self._samples + pending
+        if len(queue) >= 2 and records and records not in queue:
             from ppml_fast.accounting.errors import PrivacyError
 
             raise PrivacyError(
-                f"step {self.steps}: this step accumulated parts of {drawn} sampled batches "
-                "(signal_skip_step() across batches of the Poisson loader); one step must be one "
-                "sampled batch, split into physical parts if needed: use BatchMemoryManager, "
-                "which skips steps only within one sampled batch")
+                f"step {self.steps}: this step holds {records} records, while the sampled "
+                f"batches drawn from the Poisson loader and not yet stepped on hold {queue}: one "
+                "step must be one sampled batch (the accountant counts one sampling of rate q), "
+                "split into physical parts if needed with BatchMemoryManager; parts or "
+                "concatenations of two batches would put a record in the step twice")
+        if len(queue) >= 2 and records:
+            queue.remove(records)  # the oldest batch of that size: this step's
+        elif len(queue) == 1:
+            queue = []
+        self._after_step = queue
 
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
@@ -352,6 +366,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._summed, self._samples = {}, 0
         if getattr(self, "_loader", None) is not None:
             self._drawn_at_step = self._loader.batches_yielded
+            self._unconsumed, self._after_step = self._after_step or [], None
         for hook in self.step_hooks:
             hook(self)
         return True

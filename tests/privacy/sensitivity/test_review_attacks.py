@@ -338,6 +338,12 @@ class _SizeDependent(nn.Module):
         return self.head(torch.tanh(h - h.mean(0, keepdim=True)) if mix else torch.tanh(h))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "documented trust assumption (README security notes, records.py): the records probe runs once "
+    "per input layout, and the layout leaves the batch size out (one probe per Poisson batch size "
+    "would cost ~2 log2(B) extra forwards and backwards at ~6 sqrt(qN) distinct sizes); a model "
+    "whose code mixes records only at other batch sizes is caught by check_sensitivity, not by "
+    "the engine. strict: fails the suite once the engine catches it, so that the marker goes"))
 def test_mixing_that_depends_on_the_batch_size_is_refused():
     """The probe runs once per input layout, and the layout leaves out the batch size: a model
     whose records mix only at other batch sizes than the first batch's (Poisson batch sizes
