@@ -171,7 +171,7 @@ class _SleepsOnce(Client):
         return super().fit(parameters, config)
 
 
-def test_a_worker_past_its_deadline_is_stopped_and_its_clients_move(tmp_path):
+def test_a_worker_past_its_deadline_is_stopped_and_a_hung_fit_abandoned(tmp_path):
     from ppml_fast.federated import ParameterLayout
     from ._sim_helpers import make_clients
     base = make_clients(4)
@@ -181,24 +181,31 @@ def test_a_worker_past_its_deadline_is_stopped_and_its_clients_move(tmp_path):
     model = tiny_model()
     params = ParameterLayout.of(model).flatten(model)
     cfgs = [{"seed": i, "batch_size": 8, "lr": 0.2} for i in range(4)]
-    backend = RayBackend(num_workers=2, client_timeout=4, round_timeout=60)
+    backend = RayBackend(num_workers=2, round_timeout=6)
     backend.setup(clients, tiny_model)
     try:
         assert backend._home == [0, 1, 0, 1]
         start = time.perf_counter()
         out = backend.fit([0, 1, 2, 3], params, cfgs)
         elapsed = time.perf_counter() - start
-        # worker 1 (clients 1 and 3) had 2 x 4 s: stopped then, its clients failed with the reason
-        assert 8.0 <= elapsed < 30, elapsed
+        # no per-client deadline: worker 1 (clients 1 and 3) hung until the round's 6 s, was
+        # stopped then, and its clients failed with the reason; worker 0 adopted them
+        assert 6.0 <= elapsed < 25, elapsed
         assert [o.error is None for o in out] == [True, False, True, False]
         assert all(isinstance(out[p].error, TimeoutError) and "deadline" in str(out[p].error) for p in (1, 3))
         assert backend._dead == {1} and backend._home == [0, 0, 0, 0]
-        # the next round: worker 0 adopted them (the hung client now trains normally)
+        # the simulation's client_timeout (backend.deadline): worker 0 abandons the hung fit at
+        # 2 s as the sequential backend does (seconds = inf: "timeout"), the others train
+        os.remove(hung.marker)
+        backend.deadline, backend.round_timeout = 2.0, 60.0
+        start = time.perf_counter()
         out = backend.fit([0, 1, 2, 3], params, cfgs)
-        assert all(o.error is None for o in out)
-        ref = [c.fit(params, {**cfg, "model": tiny_model()}) for c, cfg in zip(clients, cfgs)]
-        for o, r in zip(out, ref):
-            torch.testing.assert_close(o.result.update, r.update, rtol=1e-5, atol=1e-6)
+        assert time.perf_counter() - start < 15
+        assert out[1].result is None and out[1].error is None and out[1].seconds == float("inf")
+        assert backend._dead == {1}
+        for p in (0, 2, 3):
+            ref = clients[p].fit(params, {**cfgs[p], "model": tiny_model()})
+            torch.testing.assert_close(out[p].result.update, ref.update, rtol=1e-5, atol=1e-6)
     finally:
         backend.close()
 

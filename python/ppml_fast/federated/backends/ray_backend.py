@@ -27,8 +27,11 @@ strategy's ``last_update_norms`` are the carriers' norms. Every other strategy (
 adaptive clipping, which needs each client's norm, secure aggregation) gets per-client updates.
 
 Faults. A worker call has a deadline, ``min(round_timeout, client_timeout x its clients)`` seconds
-after the round's calls were sent (None: no limit); a worker that misses it is killed and its
-clients of that round fail with ``TimeoutError``. A worker that dies (or is killed) is replaced for
+after the round's calls were sent (None: no limit; ``client_timeout`` defaults to the simulation's
+``run_simulation(client_timeout=...)``, which the worker also applies to each one-by-one fit, as
+the sequential backend does, :mod:`ppml_fast.federated.deadline`); a worker that misses it is
+killed and its clients of that round fail with ``TimeoutError`` (reason ``"timeout"`` when the
+simulation has a ``client_timeout``). A worker that dies (or is killed) is replaced for
 its clients by the live workers, which adopt them (a spec's clients are rebuilt there from their
 shards, object clients re-sent from the driver), and its clients of that round are retried once
 there (``retries=1``) within the round's deadline. A client's state changed by training (a local-DP
@@ -129,7 +132,7 @@ class RayBackend(Backend):
             ``ray start`` runs on this machine; ``"ray://host:10001"``: a remote one; None: start a
             local instance).
         client_timeout: seconds per client of a worker call (its deadline is this times its
-            clients, capped by ``round_timeout``); None: no limit.
+            clients, capped by ``round_timeout``); None: the simulation's ``client_timeout``.
         round_timeout: seconds for all of a round's worker calls, retries included; None: no limit.
         retries: times a dead worker's clients are retried on another worker in the same round (0 or 1).
         partial_sums_for: the strategy object passed to ``run_simulation`` (the same object: the
@@ -284,10 +287,11 @@ class RayBackend(Backend):
                 for pos, _, _ in items:
                     outcomes[pos] = Outcome(None, error, 0.0)
                 continue
+            limit = self.client_timeout if self.client_timeout is not None else self.deadline
             ref = self._workers[w].fit.remote([i for _, i, _ in items], params_ref, [c for _, _, c in items],
-                                              mode, clip)
+                                              mode, clip, limit)
             calls[ref] = w
-            per = math.inf if self.client_timeout is None else self.client_timeout * len(items)
+            per = math.inf if limit is None else limit * len(items)
             deadline[ref] = min(round_end, time.perf_counter() + per)
         retry_items, pending = [], list(calls)
         while pending:
@@ -314,11 +318,12 @@ class RayBackend(Backend):
                 ray.kill(self._workers[w])  # hung or too slow: it cannot be interrupted otherwise
                 limit = deadline[ref] - start
                 self._fail(w, plan[w], TimeoutError(f"Ray worker {w} missed its deadline ({limit:.3g} s after "
-                                                    f"the round started); it was stopped"), outcomes)
+                                                    f"the round started); it was stopped"), outcomes,
+                           late=self.deadline is not None)
                 self._lose(w)
         return retry_items
 
-    def _fail(self, w: int, items: list, error: BaseException, outcomes: list) -> None:
+    def _fail(self, w: int, items: list, error: BaseException, outcomes: list, late: bool = False) -> None:
         """The clients of a failed call: the error, and for local DP the conservative record (the
         call may have trained them before it failed; its report of their state never came)."""
         error = portable(error)
@@ -326,7 +331,10 @@ class RayBackend(Backend):
             state, spent = _lost_fit(self.clients[i], config)
             if state is not None:
                 self.clients[i]._local_dp = state
-            outcomes[pos] = Outcome(None, error, 0.0, epsilon=spent)
+            # late, under the simulation's client_timeout: no error and infinite time, which the
+            # simulation reads as "timeout" (as the sequential backend's abandoned fits)
+            outcomes[pos] = Outcome(None, None, math.inf, epsilon=spent) if late else \
+                Outcome(None, error, 0.0, epsilon=spent)
 
     def _lose(self, w: int) -> bool:
         """Worker ``w`` is gone: the live workers adopt its clients. False when none is left."""

@@ -30,7 +30,8 @@ from torch import nn
 from ppml_fast.ops import weighted_aggregate
 
 from ..client import Client
-from .base import Outcome, fit_one, make_model
+from ..deadline import DeadlineRunner
+from .base import Outcome
 from .ray_specs import build_client
 from .vectorized import VectorizedBackend
 
@@ -52,7 +53,7 @@ class RayWorker:
     def __init__(self, model_fn: Callable[[], nn.Module], threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(threads)
         self.model_fn, self.device = model_fn, device
-        self.model = make_model(model_fn)
+        self._runner = DeadlineRunner(model_fn)  # one-by-one fits, abandoned at a deadline
         self.clients: dict[int, Client] = {}
         self._vec: Any = None  # VectorizedBackend over self._order, False if it refused the model
         self._order: list[int] = []
@@ -88,8 +89,10 @@ class RayWorker:
         return self._vec
 
     def fit(self, keys: list[int], parameters: torch.Tensor, configs: list[dict],
-            mode: Optional[str] = None, clip: Optional[float] = None) -> dict:
-        """Train ``clients[keys[i]]`` with ``configs[i]``. Returns ``{"clients": [per client:
+            mode: Optional[str] = None, clip: Optional[float] = None, deadline: Optional[float] = None) -> dict:
+        """Train ``clients[keys[i]]`` with ``configs[i]``; a one-by-one fit past ``deadline``
+        seconds is abandoned as the sequential backend does (:mod:`ppml_fast.federated.deadline`:
+        ``seconds = inf``, the simulation reads "timeout"). Returns ``{"clients": [per client:
         (result or None, error, seconds, finite, epsilon, local_dp_state, summed)], "sum": S or
         None, "weight": W, "count": k}``; a summed client's result carries no update."""
         outcomes: list[Optional[Outcome]] = [None] * len(keys)
@@ -98,12 +101,13 @@ class RayWorker:
         for pos, (k, config) in enumerate(zip(keys, configs)):
             if vb is False or config.get("local_dp") is not None or config.get("loss_fn") not in (
                     None, F.cross_entropy):  # what the vectorized backend refuses, before it trains any
-                outcomes[pos] = fit_one(self.clients[k], parameters, {**config, "model": self.model})
+                outcomes[pos] = self._runner.fit(self.clients[k], parameters, config, deadline)
             else:
                 vec_items.append(pos)
         vectorized: set[int] = set()
         if vec_items:
             try:
+                vb.deadline = deadline
                 got = vb.fit([self._pos[keys[p]] for p in vec_items], parameters, [configs[p] for p in vec_items])
                 for p, o in zip(vec_items, got):
                     outcomes[p] = o
@@ -111,7 +115,7 @@ class RayWorker:
                         vectorized.add(p)
             except ValueError:  # a setting it refuses (e.g. another loss_fn): one by one
                 for p in vec_items:
-                    outcomes[p] = fit_one(self.clients[keys[p]], parameters, {**configs[p], "model": self.model})
+                    outcomes[p] = self._runner.fit(self.clients[keys[p]], parameters, configs[p], deadline)
         summed = [p for p in sorted(vectorized) if outcomes[p].error is None and outcomes[p].finite is not False]
         if mode is not None and summed:
             total, weight = self._partial_sum([outcomes[p].result for p in summed], mode, clip)
