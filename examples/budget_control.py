@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the training's events, as the engine's accountant composed them (one per sigma of the schedule)
     training = ComposedEvent(tuple(
         SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(sigma)), n)
-        for _kind, q, sigma, n in engine.accountant.history))
+        for _kind, q, sigma, n in engine.accountant.events))
     total = ledger.spend("digits-train", training, what=f"DP-SGD, {optimizer.steps} steps")
 
     # 3. one more release that would overspend is refused, and the file is unchanged
