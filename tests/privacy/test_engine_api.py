@@ -85,3 +85,12 @@ def test_accountant_history_in_opacus_format(accountant):
     assert engine.accountant.history == [(1.3, 1 / len(loader), len(loader))]
     assert len(engine.accountant) == 1
     assert engine.accountant.events == [("gaussian", 1 / len(loader), 1.3, len(loader))]
+
+
+def test_an_empty_accountant_is_still_truthy():
+    """len() counts history entries (Opacus); an empty accountant must still be an object that
+    exists for `if shadow:` checks (the budget stop's RDP shadow would skip its first event)."""
+    from ppml_fast.accounting import PLDAccountant, RDPAccountant
+
+    for acc in (RDPAccountant(), PLDAccountant()):
+        assert len(acc) == 0 and bool(acc)

@@ -238,3 +238,24 @@ def opacus_history(entries) -> list[tuple]:
     step ("gaussian", q, sigma, n) becomes (noise_multiplier, sample_rate, num_steps), as in
     ``opacus.accountants.RDPAccountant.history``; kinds Opacus has no format for stay as they are."""
     return [(h[2], h[1], h[3]) if h[0] == "gaussian" else tuple(h) for h in entries]
+
+
+class OpacusHistory:
+    """Opacus's view of an accountant's ``_history`` (a mixin of the RDP and PLD accountants):
+    ``history`` as :func:`opacus_history` gives it, ``len()`` its number of entries."""
+
+    _history: list
+
+    @property
+    def history(self) -> list[tuple]:
+        """(noise_multiplier, sample_rate, steps) per Gaussian entry, other kinds as in ``events``."""
+        return opacus_history(self._history)
+
+    def __len__(self) -> int:
+        """The number of history entries, as Opacus's accountants count them."""
+        return len(self._history)
+
+    def __bool__(self) -> bool:
+        """Always true: an accountant is an object, not a container (``if shadow:`` checks in
+        the engine mean "exists"; without this an empty accountant would read as false)."""
+        return True

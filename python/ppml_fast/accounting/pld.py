@@ -28,7 +28,7 @@ AUTO_STEP = 1e-4  # the grid step when none is given, before refinement for narr
 _KINDS = {"gaussian": 2, "laplace": 1, "poisson_laplace": 2, "randomized_response": 2}
 
 
-class PLDAccountant:
+class PLDAccountant(events.OpacusHistory):
     """Privacy loss distribution accountant (Koskela, Jalko, Honkela 2020; Doroshenko, Ghazi,
     Kamath, Kumar, Manurangsi 2022), the same surface as ``RDPAccountant``.
 
@@ -275,15 +275,6 @@ class PLDAccountant:
         ("poisson_laplace", q, scale, n), ("randomized_response", p, k, n)."""
         return list(self._history)
 
-    @property
-    def history(self) -> list[tuple]:
-        """Opacus's format: (noise_multiplier, sample_rate, steps) per Gaussian entry (other
-        kinds as in :attr:`events`), :func:`~ppml_fast.accounting.events.opacus_history`."""
-        return events.opacus_history(self._history)
-
-    def __len__(self) -> int:
-        """The number of history entries, as Opacus's accountants count them."""
-        return len(self._history)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

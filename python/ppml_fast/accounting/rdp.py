@@ -50,7 +50,7 @@ class MixedAdjacencyError(ValueError):
     substitution) cannot be composed into one epsilon."""
 
 
-class RDPAccountant:
+class RDPAccountant(events.OpacusHistory):
     """Rényi-DP accountant (Mironov 2017; Mironov, Talwar, Zhang 2019).
 
     ``compose(event, count=1)`` adds events and returns ``self``; ``get_epsilon(delta)`` and
@@ -142,15 +142,6 @@ class RDPAccountant:
         ("sampled_wor_gaussian", source_dataset_size, sample_size, sigma, n)."""
         return list(self._history)
 
-    @property
-    def history(self) -> list[tuple]:
-        """Opacus's format: (noise_multiplier, sample_rate, steps) per Gaussian entry (other
-        kinds as in :attr:`events`), :func:`~ppml_fast.accounting.events.opacus_history`."""
-        return events.opacus_history(self._history)
-
-    def __len__(self) -> int:
-        """The number of history entries, as Opacus's accountants count them."""
-        return len(self._history)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
