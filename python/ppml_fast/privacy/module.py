@@ -27,7 +27,7 @@ from ppml_fast.privacy import attention, records
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
-from ppml_fast.privacy.ownership import ParameterWatch, is_container, owned_parameters
+from ppml_fast.privacy.ownership import ParameterWatch, inner_aliases, is_container, owned_parameters
 from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
@@ -63,28 +63,6 @@ def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
     :func:`~ppml_fast.privacy.ownership.owned_parameters`) that require a gradient now (role ->
     parameter)."""
     return {role: p for role, p in owned_parameters(mod).items() if p.requires_grad}
-
-
-def _inner_aliases(root: nn.Module) -> dict[int, set[int]]:
-    """id(module) -> ids of the parameters it registers as its own that one of its submodules
-    registers too (Hugging Face's BertLMPredictionHead.bias is its decoder's bias; Opacus's
-    DPLSTM renames its cells' parameters). Such a parameter belongs, for capture, to the
-    innermost module that registers it: that is the module whose calls use it. A use by the
-    outer module itself is a use outside its owner's calls, which the parameter watch refuses."""
-    owners: dict[int, list[str]] = {}
-    mods = dict(root.named_modules(remove_duplicate=False))
-    for name, mod in mods.items():
-        if is_container(mod):  # a ParameterDict/List's parameters are its parent's own
-            continue
-        for p in owned_parameters(mod).values():
-            owners.setdefault(id(p), []).append(name)
-    out: dict[int, set[int]] = {}
-    for pid, names in owners.items():
-        for outer in names:
-            prefix = outer + "." if outer else ""
-            if any(n != outer and n.startswith(prefix) for n in names):
-                out.setdefault(id(mods[outer]), set()).add(pid)
-    return out
 
 
 class PrivateModule(ClippedSums, nn.Module):
@@ -135,7 +113,7 @@ class PrivateModule(ClippedSums, nn.Module):
                     f"{name or 'the model'} ({type(mod).__name__}) is already wrapped by a "
                     "PrivateModule (make_private called twice on one model?); call remove_hooks() "
                     "on that one first")
-        aliases = _inner_aliases(root)
+        aliases = inner_aliases(root)
 
         def owned_of(m: nn.Module) -> dict[str, nn.Parameter]:
             skip = aliases.get(id(m), ())

@@ -31,6 +31,7 @@ from ppml_fast.accounting.errors import PrivacyBudgetExceeded
 from ppml_fast.privacy import release, state as _state
 from ppml_fast.privacy.budget import BudgetStop
 from ppml_fast.privacy.module import PrivateModule
+from ppml_fast.privacy.one_batch import SampledBatches
 from ppml_fast.privacy.per_sample import sum_dtype
 
 CLIPPING = ("flat", "per_layer", "automatic")
@@ -309,40 +310,16 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def attach_data_loader(self, loader) -> None:
         """Ties this optimizer to the Poisson loader it steps on (``make_private`` does): a step
-        that holds the records of more than one sampled batch of it is refused."""
-        self._loader = loader
-        self._drawn_at_step = getattr(loader, "batches_yielded", 0)
-        self._unconsumed: list[int] = []  # sizes of drawn batches no step has used yet
-        self._after_step: Optional[list[int]] = None
+        that holds the records of more than one sampled batch of it is refused
+        (:class:`~ppml_fast.privacy.one_batch.SampledBatches`)."""
+        self._batches = SampledBatches(loader)
 
     def _check_one_sampled_batch(self) -> None:
-        """A logical step is one Poisson sampling (issue 14 item 4). The sizes of the batches
-        drawn from the loader and not yet used by a step are kept; with two or more of them (a
-        loop that fetches ahead, two batches accumulated or concatenated, virtual-batch parts
-        of two batches) the step's records must number as many as one of them, which the step
-        then uses up; else a record could be in the step twice while the accountant counts
-        one sampling of rate q. Checked before anything changes."""
-        loader = getattr(self, "_loader", None)
-        if loader is None:
-            return
-        new = loader.batches_yielded - self._drawn_at_step
-        queue = (self._unconsumed + loader.yielded_sizes(new))[-64:]
-        pending = sum(b.size for b in self.module.recorder.batches if b.backpropagated)
-        records = self._samples + pending
-        if len(queue) >= 2 and records and records not in queue:
-            from ppml_fast.accounting.errors import PrivacyError
-
-            raise PrivacyError(
-                f"step {self.steps}: this step holds {records} records, while the sampled "
-                f"batches drawn from the Poisson loader and not yet stepped on hold {queue}: one "
-                "step must be one sampled batch (the accountant counts one sampling of rate q), "
-                "split into physical parts if needed with BatchMemoryManager; parts or "
-                "concatenations of two batches would put a record in the step twice")
-        if len(queue) >= 2 and records:
-            queue.remove(records)  # the oldest batch of that size: this step's
-        elif len(queue) == 1:
-            queue = []
-        self._after_step = queue
+        """Refuses, before anything changes, a step holding more than one sampled batch."""
+        batches = getattr(self, "_batches", None)
+        if batches is not None:
+            pending = sum(b.size for b in self.module.recorder.batches if b.backpropagated)
+            batches.check(self._samples + pending, self.steps)
 
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
@@ -364,9 +341,8 @@ class DPOptimizer(torch.optim.Optimizer):
         release.finish_step(self)
         self.steps += 1
         self._summed, self._samples = {}, 0
-        if getattr(self, "_loader", None) is not None:
-            self._drawn_at_step = self._loader.batches_yielded
-            self._unconsumed, self._after_step = self._after_step or [], None
+        if getattr(self, "_batches", None) is not None:
+            self._batches.stepped()
         for hook in self.step_hooks:
             hook(self)
         return True

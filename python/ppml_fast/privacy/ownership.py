@@ -50,6 +50,28 @@ def owned_parameters(mod: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def inner_aliases(root: nn.Module) -> dict[int, set[int]]:
+    """id(module) -> ids of the parameters it registers as its own that one of its submodules
+    registers too (Hugging Face's BertLMPredictionHead.bias is its decoder's bias; Opacus's
+    DPLSTM renames its cells' parameters). Such a parameter belongs, for capture, to the
+    innermost module that registers it: that is the module whose calls use it. A use by the
+    outer module itself is a use outside its owner's calls, which the parameter watch refuses."""
+    owners: dict[int, list[str]] = {}
+    mods = dict(root.named_modules(remove_duplicate=False))
+    for name, mod in mods.items():
+        if is_container(mod):  # a ParameterDict/List's parameters are its parent's own
+            continue
+        for p in owned_parameters(mod).values():
+            owners.setdefault(id(p), []).append(name)
+    out: dict[int, set[int]] = {}
+    for pid, names in owners.items():
+        for outer in names:
+            prefix = outer + "." if outer else ""
+            if any(n != outer and n.startswith(prefix) for n in names):
+                out.setdefault(id(mods[outer]), set()).add(pid)
+    return out
+
+
 class ParameterWatch:
     """Hooks on the trainable parameters of ``root`` that flag a gradient reaching one while
     ``captured()`` is true. Parameters that become trainable later (unfrozen, or new Parameters

@@ -1,0 +1,49 @@
+"""One step, one sampled batch (DESIGN.md invariant 1; issue 14 item 4): the accountant counts one
+Poisson sampling of rate q per step, so a step must not hold the records of two sampled batches
+(a record in both would be in the step twice). :class:`SampledBatches` follows the batches a
+:class:`~ppml_fast.privacy.data.DPDataLoader` hands out and the steps taken on them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ppml_fast.accounting.errors import PrivacyError
+
+
+class SampledBatches:
+    """The sizes of the batches drawn from ``loader`` that no step has used yet. With two or more
+    of them (a loop that fetches ahead, two batches accumulated or concatenated, virtual-batch
+    parts of two batches) a step's record count must equal one of their sizes, and the step
+    uses that batch up; with one, the step uses it whatever its count (a model may drop or
+    duplicate rows of its own batch). A heuristic on sizes: two batches whose records were mixed
+    into a count equal to one of them are not caught; that is code written to evade it."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self._drawn = getattr(loader, "batches_yielded", 0)
+        self._unused: list[int] = []
+        self._after: Optional[list[int]] = None
+
+    def check(self, records: int, step: int) -> None:
+        """Raises PrivacyError when a step of ``records`` records cannot be one sampled batch;
+        nothing changes until :meth:`stepped`."""
+        new = self.loader.batches_yielded - self._drawn
+        queue = (self._unused + self.loader.yielded_sizes(new))[-64:]
+        if len(queue) >= 2 and records and records not in queue:
+            raise PrivacyError(
+                f"step {step}: this step holds {records} records, while the sampled batches "
+                f"drawn from the Poisson loader and not yet stepped on hold {queue}: one step "
+                "must be one sampled batch (the accountant counts one sampling of rate q), split "
+                "into physical parts if needed with BatchMemoryManager; parts or concatenations "
+                "of two batches would put a record in the step twice")
+        if len(queue) >= 2 and records:
+            queue.remove(records)  # the oldest batch of that size: this step's
+        elif len(queue) == 1:
+            queue = []
+        self._after = queue
+
+    def stepped(self) -> None:
+        """The checked step was taken: its batch is used up."""
+        self._drawn = self.loader.batches_yielded
+        self._unused, self._after = self._after or [], None
