@@ -1,5 +1,5 @@
-"""Issue 14's closing-note measurements on the current tree (run: python bench/issue14_failures.py): each
-after the fix (or the refusal's message), and check_sensitivity on three models."""
+"""Issue 14's closing-note measurements on the current tree (python bench/issue14_failures.py):
+each numbered failure's ||Delta||/C after the fix (or the refusal's message), and check_sensitivity on three models."""
 import copy
 import warnings
 
