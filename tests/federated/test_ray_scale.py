@@ -234,3 +234,14 @@ def test_arguments_are_checked():
     assert RayBackend(partial_sums_for=FedMedian())._mode() == (None, None)  # needs each update
     adaptive = DPFedAvgAdaptive(FedAvg(), noise_multiplier=1.0)
     assert RayBackend(partial_sums_for=adaptive)._mode() == (None, None)  # needs each client's norm
+
+
+def test_partial_sums_for_another_strategy_are_refused_before_ray_starts():
+    """RayBackend(partial_sums_for=FedAvg()) in a DP-FedAvg run would sum unclipped updates on the
+    workers: refused before any worker or round."""
+    from ._sim_helpers import make_clients
+
+    dp = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=0.1, seed=1)
+    with pytest.raises(ValueError, match="partial_sums_for"):
+        run_simulation(tiny_model, make_clients(4), dp, rounds=1, clients_per_round=4,
+                       backend=RayBackend(partial_sums_for=FedAvg()), progress=False)

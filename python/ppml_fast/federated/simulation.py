@@ -227,6 +227,13 @@ class Simulation:
         self.round = 0
         self.done = False
         self._local_epsilon: Optional[float] = None
+        summed_for = getattr(self.backend, "partial_sums_for", None)
+        if summed_for is not None and summed_for is not strategy:
+            # a backend summing (or clipping) for another strategy than the one that aggregates
+            # would hand a DP wrapper sums it never clipped per client
+            raise ValueError("backend.partial_sums_for must be the strategy object passed to "
+                             f"run_simulation; got {type(summed_for).__name__} for a run of "
+                             f"{type(strategy).__name__}")
         self.backend.setup(clients, model_fn)
         self._bar = _progress(self.rounds, progress)
 
