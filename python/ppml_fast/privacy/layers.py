@@ -79,22 +79,68 @@ if hasattr(nn, "RMSNorm") and hasattr(F, "rms_norm"):
         x, m.normalized_shape, p.get("weight", m.weight), m.eps)
 
 
+def _hf_conv1d_forward(m: nn.Module, x: torch.Tensor, p: dict) -> torch.Tensor:
+    """transformers' ``Conv1D.forward`` (``x @ W + b``, W of shape (nx, nf)), op for op."""
+    weight, bias = _weight_bias(m, p)
+    size_out = x.size()[:-1] + (m.nf,)
+    return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
+
+
+# Classes of optional libraries, matched by (module, qualified name) so that ppml_fast never
+# imports them -> (rule spec as in _RULE_MODULES, functional forward). A class is used only after
+# its forward gave bit for bit the functional's output once (_lazy_checked): a library version
+# whose forward computes something else goes to torch.func instead.
+_LAZY_MODULES: dict[tuple[str, str], tuple[tuple, Callable]] = {
+    ("transformers.pytorch_utils", "Conv1D"): (("linear_t", lambda m: {}, None), _hf_conv1d_forward),
+}
+_lazy_checked: dict[type, bool] = {}
+
+
+def _lazy_agrees(base: type, module: nn.Module, functional: Callable) -> bool:
+    """Whether ``base.forward`` and ``functional`` agree on ``module`` (checked once per class,
+    on a small random input; False when it cannot run, e.g. on the meta device)."""
+    if base not in _lazy_checked:
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta":
+            return False  # not cached: another module of the class may be usable
+        try:
+            x = torch.randn(2, 3, w.shape[0], generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64).to(device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                ok = torch.equal(base.forward(module, x), functional(module, x, {}))
+        except Exception:  # noqa: BLE001 - anything unexpected: not handled by the rule
+            ok = False
+        _lazy_checked[base] = bool(ok)
+    return _lazy_checked[base]
+
+
+def _match(module: nn.Module):
+    """(rule spec or None, functional or None) of the first class in ``module``'s MRO that is in
+    the tables, or (None, None); a class that overrides that class's forward matches nothing."""
+    cls = type(module)
+    for base in cls.__mro__:
+        if base in _RULE_MODULES or base in _FUNCTIONAL_FORWARDS:
+            if cls.forward is not base.forward:
+                return None, None
+            return _RULE_MODULES.get(base), _FUNCTIONAL_FORWARDS.get(base)
+        lazy = _LAZY_MODULES.get((base.__module__, base.__qualname__))
+        if lazy is not None:
+            if cls.forward is not base.forward or not _lazy_agrees(base, module, lazy[1]):
+                return None, None
+            return lazy
+    return None, None
+
+
 def functional_forward(module: nn.Module):
     """``f(module, input, params) -> output``, the module's stock forward as a functional, for a
     module of a class in the table whose ``forward`` is not overridden (else None)."""
-    cls = type(module)
-    for base in cls.__mro__:
-        if base in _FUNCTIONAL_FORWARDS:
-            return _FUNCTIONAL_FORWARDS[base] if cls.forward is base.forward else None
-    return None
+    return _match(module)[1]
 
 
 def rule_for(module: nn.Module):
-    """(rule key, kwargs, activation transform or None) for a module a rule handles, else None."""
-    for cls in type(module).__mro__:
-        if cls in _RULE_MODULES:
-            return _RULE_MODULES[cls] if type(module).forward is cls.forward else None
-    return None
+    """(rule key, kwargs, activation transform or None) for a module a rule handles, else None
+    (transformers' ``Conv1D`` included, matched without importing transformers)."""
+    return _match(module)[0]
 
 
 def refusal(name: str, module: nn.Module) -> Optional[str]:

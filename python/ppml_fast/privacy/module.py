@@ -51,7 +51,7 @@ def _own_forward(mod: nn.Module):
 # "ghost" picks per layer the cheaper of ghost norms and materialised gradients.
 GRAD_SAMPLE_MODES = {"ghost": "auto", "materialize": "materialize", "hooks": "materialize",
                      "functorch": "materialize", "ew": "materialize"}
-_SEQUENCE_OPS = ("linear", "layer_norm", "rms_norm")
+_SEQUENCE_OPS = ("linear", "linear_t", "layer_norm", "rms_norm")
 
 
 def _linear_or_bias(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 
 from ppml_fast.privacy.per_sample import MODES, RULES, make_rules
 
-OPS = {"linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm", "group_norm",
+OPS = {"linear", "linear_t", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm", "group_norm",
        "instance_norm", "rms_norm"}
 
 

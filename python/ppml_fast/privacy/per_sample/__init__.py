@@ -58,7 +58,7 @@ class Captured:
     """One call of a functional op whose parameters are tracked.
 
     Attributes:
-        op: the rule key: "linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm",
+        op: the rule key: "linear", "linear_t" (``x @ W + b``, W of shape (in, out)), "conv1d", "conv2d", "conv3d", "embedding", "layer_norm",
             "group_norm", "instance_norm" or "rms_norm".
         activation: the op's input, batch dimension first, detached (embedding: the integer index
             tensor ``(B, ...)``).
@@ -169,6 +169,7 @@ def make_rules(mode: str = "auto") -> dict[str, Rule]:
     mode = check_mode(mode)
     return {
         "linear": LinearRule(mode),
+        "linear_t": LinearRule(mode, transposed=True),  # x @ W + b, W (in, out): HF Conv1D
         "conv1d": ConvRule(1, mode),
         "conv2d": ConvRule(2, mode),
         "conv3d": ConvRule(3, mode),

@@ -1,7 +1,11 @@
 """Per-sample norms and clipped sums for ``F.linear`` on ``(B, d)`` and ``(B, T..., d)`` inputs.
 
 Sample i's weight gradient is ``G_i = sum_t g_{i,t} x_{i,t}^T`` (p x d), its bias gradient
-``sum_t g_{i,t}``. Two ways to ``||G_i||^2``:
+``sum_t g_{i,t}``. The same rule, built with ``transposed=True`` (op key ``"linear_t"``), covers
+``x @ W + b`` with ``W`` of shape (d, p): Hugging Face transformers' ``Conv1D`` (GPT-2's c_attn,
+c_proj, c_fc); its gradient is ``G_i^T``, so the norms are the same and only the kept per-sample
+gradients and the book-keeping sum are formed the other way round (``x^T g``, no transpose copy).
+Two ways to ``||G_i||^2``:
 
 - ghost (Li et al. 2021): ``sum_{t,s} (g_t.g_s)(x_t.x_s)``, two T x T Gram matrices per sample,
   ``B T^2 (d + p)`` multiply-adds, nothing kept; the clipped sum is then book-keeping (Bu et al.
@@ -131,10 +135,17 @@ def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class LinearRule:
-    """``F.linear(input, weight (p, d), bias (p,))``. kwargs: none used."""
+    """``F.linear(input, weight (p, d), bias (p,))``; with ``transposed=True``
+    ``input @ weight (d, p) + bias (p,)`` (transformers' ``Conv1D``). kwargs: none used."""
 
-    def __init__(self, mode: str = "auto") -> None:
+    def __init__(self, mode: str = "auto", transposed: bool = False) -> None:
         self.mode = _ps.check_mode(mode)
+        self.transposed = bool(transposed)
+
+    def _outer(self, x: Tensor, g: Tensor) -> Tensor:
+        """Per-sample weight gradients in the weight's layout from (B, T, d), (B, T, p):
+        ``g^T x`` (B, p, d), or ``x^T g`` (B, d, p) when transposed."""
+        return torch.bmm(x.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), x)
 
     def norms_sq(
         self, cap: _ps.Captured, grad_out: Tensor, *, mode: str | None = None
@@ -166,9 +177,11 @@ class LinearRule:
             if path == "ghost":
                 norms["weight"], flagged = ghost_weight_norms(x, g)
                 if flagged is not None:
+                    if self.transposed:  # (k, p, d) -> the weight's (k, d, p)
+                        flagged = (flagged[0], flagged[1].transpose(1, 2))
                     state[FLAGGED] = flagged
             else:
-                state["weight"] = torch.bmm(g.transpose(1, 2), x)
+                state["weight"] = self._outer(x, g)
                 norms["weight"] = _ps.sq_norms(state["weight"], x.dtype)
         return norms, state
 
@@ -205,7 +218,10 @@ class LinearRule:
         if "weight" in params and "weight" not in out:
             w = params["weight"]
             with bounds.full_precision():  # IEEE: bounds.book_roundoff
-                total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
+                if self.transposed:  # (d, N) @ (N, p): the weight's layout
+                    total = x.t() @ gf if gf is not None else (x * f[:, None]).t() @ g
+                else:
+                    total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
             out["weight"] = total.to(_ps.sum_dtype(w))
             if flagged is not None:
                 out["weight"] = out["weight"] + extra
@@ -221,7 +237,7 @@ class LinearRule:
             x, g = x[:, None], g[:, None]
         out: dict[str, Tensor] = {}
         if "weight" in cap.params:
-            out["weight"] = torch.bmm(g.transpose(1, 2), x).to(cap.params["weight"].dtype)
+            out["weight"] = self._outer(x, g).to(cap.params["weight"].dtype)
         if "bias" in cap.params:
             out["bias"] = g.sum(1).to(cap.params["bias"].dtype)
         return out
