@@ -28,6 +28,15 @@ def _bench(args: argparse.Namespace) -> int:
     from ppml_fast.benchmarks.secagg import secagg_cases
     from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info, to_json
 
+    # the real models of issue 16 and their step profiles: own runs, only when asked for by name
+    own = [k for k in args.only or () if k in ("models", "profile")]
+    if own:
+        from ppml_fast.benchmarks import models, profile_step
+
+        codes = [(models if k == "models" else profile_step).run_cli(args) for k in own]
+        args.only = [k for k in args.only if k not in own]
+        if not args.only:
+            return max(codes)
     profile = PROFILES["quick" if args.quick else "full"]
     if args.compile is not None:
         profile = dataclasses.replace(profile, costly=args.compile)
@@ -97,7 +106,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "(seconds; for testing the command, ratios are not meaningful)")
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="run only cases whose key contains one of these (clip, noise, aggregate, "
-                   "dp-step, accounting, federated, secagg, clip-256x1M, ...)")
+                   "dp-step, accounting, federated, secagg, clip-256x1M, ...); 'models': one DP "
+                   "step of real models (BERT, GPT-2, ViT, ResNet-18-GN, LoRA, LSTM/GRU; transformers "
+                   "and peft from the bench extra) against non-private and Opacus, with peak "
+                   "memory; 'profile': the torch.profiler breakdown of their DP steps; neither is "
+                   "part of a run without --only")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="with --only models / profile: which real models (default all: bert "
+                   "roberta bert-frozen-emb gpt2 vit resnet18-gn gpt2-lora bert-lora lstm gru)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="where the ops and the DP step run (the accountants always run on the "
                    "CPU); cuda needs a GPU and a build with the CUDA kernels; default: "

@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ppml_fast.benchmarks.device import bench_device
 from ppml_fast.benchmarks.model_zoo import (
     MODELS, SIZES, ModelSpec, forward_loss, make_batch, select_models)
 from ppml_fast.benchmarks.report import cpu_busy, machine_info
@@ -300,7 +301,8 @@ def main(argv: Optional[list[str]] = None, *, prog: str = "bench_models") -> int
     p.add_argument("--size", choices=tuple(SIZES), default=None,
                    help="'bench' (issue 16's configs, default) or 'test' (tiny; --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: $PPML_BENCH_DEVICE, else cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = p.parse_args(argv)
     try:
@@ -316,8 +318,9 @@ def run_cli(a: argparse.Namespace) -> int:
     quick = bool(getattr(a, "quick", False))
     steps = getattr(a, "steps", None) or (3 if quick else 20)
     warmup = getattr(a, "warmup", None) or (1 if quick else 3)
-    size = getattr(a, "size", None) or ("test" if quick else "bench")
-    device = getattr(a, "device", None) or "cpu"
+    tiny = quick or getattr(a, "sizes", None) == "tiny"  # ppml-fast bench's --sizes
+    size = getattr(a, "size", None) or ("test" if tiny else "bench")
+    device = bench_device(getattr(a, "device", None))
     as_json = bool(getattr(a, "json", False))
     specs = select_models(getattr(a, "models", None))
     busy = cpu_busy()

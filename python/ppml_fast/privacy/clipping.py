@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
@@ -96,7 +97,8 @@ class ClippedSums:
         self.parameter_watch.check(step)
         batches = [b for b in self.recorder.batches if b.backpropagated]
         check_records(batches, step)
-        plans = [self._norms(b) for b in batches]
+        with record_function("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
+            plans = [self._norms(b) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
                 if bool(torch.isfinite(plan["total"]).all()):
@@ -114,7 +116,8 @@ class ClippedSums:
         seen = 0
         for batch, plan in zip(batches, plans):
             seen += batch.size
-            self._accumulate(batch, plan, sums, max_grad_norm, clipping, gamma)
+            with record_function("ppml::clipped_sums"):
+                self._accumulate(batch, plan, sums, max_grad_norm, clipping, gamma)
         return sums, seen
 
     def _scale(self, batch: Batch) -> float:
@@ -204,7 +207,8 @@ class ClippedSums:
             norms_by_param = {pid: (n.double() * scale2).sqrt_() for pid, n in per_param.items()}
             common = None
         else:
-            common = factors(total.sqrt(), float(max_grad_norm))
+            with record_function("ppml::factors"):
+                common = factors(total.sqrt(), float(max_grad_norm))
         as_dtype: dict[tuple, torch.Tensor] = {}
 
         def factor_for(f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import math
 import numbers
 
 import torch
+from torch.autograd.profiler import record_function
 
 from ppml_fast.ops import noise
 
@@ -66,7 +67,8 @@ def finish_step(opt) -> None:
             opt.journal.reserve(step=opt.steps, event=event, unnoised=sigma == 0, seed=opt.seed,
                                 offset=(start, end))
         reserved = end
-        opt._noise_and_scale(grads)
+        with record_function("ppml::noise"):  # profile phase (benchmarks/profile_step.py)
+            opt._noise_and_scale(grads)
         if opt.offset > end:
             raise RuntimeError(f"step {opt.steps}: the noise used offsets up to {opt.offset}, past the "
                                f"reserved range [{start}, {end}); the gradient was discarded")
