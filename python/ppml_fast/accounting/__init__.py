@@ -3,7 +3,8 @@
 Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md): immutable events, the RDP
 and PLD accountants, calibration (noise multiplier for a budget, steps a budget affords), the
 analytic Gaussian mechanism, event (de)serialisation and the PrivacyLedger (budgets per data set,
-persisted to JSON).
+persisted to JSON), and the strategies of correlated-noise (matrix-factorization) mechanisms with
+their sensitivity and per-step events (``ppml_fast.accounting.matrix_factorization``).
 """
 
 from ppml_fast.accounting.events import (
@@ -24,13 +25,24 @@ from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaus
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
 from ppml_fast.accounting.pld import PLDAccountant
 from ppml_fast.accounting.rdp import MixedAdjacencyError, RDPAccountant
+from ppml_fast.accounting import matrix_factorization
+from ppml_fast.accounting.matrix_factorization import (
+    BandedStrategy,
+    NoiseStrategy,
+    Participation,
+    TreeStrategy,
+    optimize_banded,
+)
 
 __all__ = [
+    "BandedStrategy",
     "ComposedEvent",
     "Event",
     "GaussianEvent",
     "LaplaceEvent",
     "MixedAdjacencyError",
+    "NoiseStrategy",
+    "Participation",
     "PLDAccountant",
     "PoissonSampledEvent",
     "PrivacyBudgetExceeded",
@@ -40,6 +52,7 @@ __all__ = [
     "RandomizedResponseEvent",
     "SampledWithoutReplacementEvent",
     "SelfComposedEvent",
+    "TreeStrategy",
     "UnsupportedEventError",
     "analytic_gaussian_sigma",
     "epsilon",
@@ -48,4 +61,6 @@ __all__ = [
     "gaussian_delta",
     "get_noise_multiplier",
     "get_steps",
+    "matrix_factorization",
+    "optimize_banded",
 ]
