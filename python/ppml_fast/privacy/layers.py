@@ -163,8 +163,12 @@ def refusal(name: str, module: nn.Module) -> Optional[str]:
         return (f"{label}: parametrized parameters (torch.nn.utils.parametrize, e.g. "
                 "weight_norm / spectral_norm / orthogonal) are not supported: the trainable "
                 "tensor is not the one the layer computes with; remove the parametrization")
-    if isinstance(module, (nn.RNNBase,)):
-        return f"{label}: recurrent layers are not supported yet"
+    if isinstance(module, nn.RNNBase):  # nn.LSTM / GRU / RNN: ppml_fast.privacy.recurrent
+        from ppml_fast.privacy.recurrent import refusal as recurrent_refusal
+
+        why = recurrent_refusal(module)
+        if why:
+            return f"{label}: {why}"
     return None
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppml_fast.privacy import attention, records
+from ppml_fast.privacy import attention, records, recurrent
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
@@ -132,6 +132,9 @@ class PrivateModule(ClippedSums, nn.Module):
                         "the stock forward")
                 claimed.update(id(m) for m in mod.modules())
                 self._override_attention(mod)
+                continue
+            if recurrent.handles(mod) and not patched:  # nn.LSTM / GRU / RNN: linear-rule calls
+                recurrent.install(self, mod)
                 continue
             owned = owned_of(mod)
             if not owned:
