@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting import calibration
-from ppml_fast.privacy import checkpoint
+from ppml_fast.privacy import checkpoint, correlated_plan
 from ppml_fast.noise_keys import noise_seed as noise_seed_check
 from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
@@ -88,6 +88,10 @@ class PrivacyEngine:
         optimizer_class: Optional[type] = None,
         journal: Optional[str] = None,
         criterion: Optional[Callable] = None,
+        noise_mechanism: str = "gaussian",
+        bands: Optional[int] = None,
+        epochs: Optional[int] = None,
+        steps: Optional[int] = None,
     ) -> tuple:
         """Returns (private module, DP optimizer, data loader), or, with ``criterion`` (as
         Opacus's ghost-clipping tutorials call it), (private module, DP optimizer, criterion,
@@ -125,6 +129,16 @@ class PrivacyEngine:
         records already in the file are counted at once (one journal per run: a new run uses a
         new path). Without a journal, a resume counts the checkpoint's steps only and re-keys
         the noise. Cost: one fsync per step. With ``distributed=True`` give each rank its own path.
+
+        ``noise_mechanism``: "gaussian" (DP-SGD, the default), "tree" (DP-FTRL's tree
+        aggregation, Kairouz et al. 2021) or "banded_mf" (banded matrix factorization with
+        ``bands`` bands, Choquette-Choo et al. 2023): the noise of step t is sigma C w_t, a
+        linear combination of fresh Gaussians (:mod:`ppml_fast.privacy.correlated_noise`), and the
+        run is planned for ``steps`` steps (or ``epochs`` epochs of ``len(data_loader)`` steps);
+        a step beyond the plan is refused. The participation schema follows the loader
+        (:mod:`ppml_fast.privacy.correlated_plan`): fixed order, shuffled (conservative), or for
+        "banded_mf" with ``poisson_sampling=True`` cyclic Poisson sampling over ``bands`` parts
+        (the returned loader). The noise std stays fixed; no distributed training.
         """
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch DataLoader; got {type(data_loader).__name__}")
@@ -142,7 +156,14 @@ class PrivacyEngine:
                 raise ValueError("generator was passed with secure_mode=True: secure-mode Poisson "
                                  "sampling draws from the OS CSPRNG and cannot be seeded; pass "
                                  "generator=None")
-        if poisson_sampling:
+        correlated_plan.check_args(noise_mechanism, bands, epochs, steps)
+        correlated = None
+        if noise_mechanism != "gaussian":  # tree / banded MF: strategy, participation, loader
+            correlated, loader, sample_rate, expected = correlated_plan.plan(
+                noise_mechanism=noise_mechanism, bands=bands, epochs=epochs, steps=steps,
+                data_loader=data_loader, poisson_sampling=poisson_sampling, distributed=distributed,
+                noise_multiplier=noise_multiplier, generator=generator, secure=self.secure_mode)
+        elif poisson_sampling:
             loader_cls = DistributedDPDataLoader if distributed else DPDataLoader
             loader = loader_cls.from_data_loader(data_loader, generator=generator,
                                                  secure=self.secure_mode)  # secure: the OS CSPRNG
@@ -173,7 +194,8 @@ class PrivacyEngine:
                 private, optimizer, distributed, poisson_sampling, expected, optimizer_class,
                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
                 sample_rate=sample_rate, max_epsilon=max_epsilon, delta=delta, seed=noise_seed,
-                nonfinite=nonfinite, journal=journal, loader=loader if poisson_sampling else None)
+                nonfinite=nonfinite, journal=journal, loader=loader if poisson_sampling else None,
+                correlated_noise=correlated)
         except BaseException:
             if wrapped_here:  # bad input leaves the user's model as it was
                 private.remove_hooks()

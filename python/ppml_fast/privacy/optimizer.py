@@ -76,6 +76,10 @@ class DPOptimizer(torch.optim.Optimizer):
             before any parameter or state changes.
         seed: Philox key of the noise (None: from os.urandom); ``secure_mode``: ChaCha20 noise.
         nonfinite: "raise" (default) or "drop" (zero the samples whose gradient is not finite).
+        correlated_noise: a :class:`~ppml_fast.privacy.correlated_noise.CorrelatedNoise` (tree
+            aggregation / banded MF): step t adds sigma C w_t instead of a fresh Gaussian, the
+            accountant composes its ``event`` (None: nothing), and a step past its plan, or at
+            another noise std, is refused before anything changes. None: DP-SGD's noise.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class DPOptimizer(torch.optim.Optimizer):
         secure_mode: bool = False,
         nonfinite: str = "raise",
         gamma: float = 0.01,
+        correlated_noise=None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
@@ -120,6 +125,8 @@ class DPOptimizer(torch.optim.Optimizer):
         else:
             max_grad_norm = _positive("max_grad_norm", max_grad_norm)
         expected_batch_size = _positive("expected_batch_size", expected_batch_size)
+        if correlated_noise is not None and noise_multiplier == 0:
+            raise ValueError("noise_multiplier must be > 0 with correlated noise; got 0")
         if max_epsilon is not None:
             max_epsilon = _positive("max_epsilon", max_epsilon)
             if delta is None or accountant is None or sample_rate is None:
@@ -166,6 +173,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self._budget = BudgetStop()  # the budget stop's exact fast paths (privacy/budget.py)
         self.journal = None  # a PrivacyJournal: set by make_private(journal=) / attach_journal
+        self.correlated = correlated_noise  # CorrelatedNoise or None (privacy/correlated_noise.py)
         self._optimizer_hooks()
 
     def _optimizer_hooks(self) -> None:
@@ -271,7 +279,10 @@ class DPOptimizer(torch.optim.Optimizer):
         return out
 
     def add_noise(self, grads: list[torch.Tensor]) -> None:
-        if self.noise_multiplier > 0:
+        if self.correlated is not None:  # sigma C w_t from the offsets reserved for this step
+            self.offset = self.correlated.add_(grads, self.noise_std, seed=self.seed,
+                                               offset=self.offset, secure=self.secure_mode)
+        elif self.noise_multiplier > 0:
             self.offset = ops.add_gaussian_noise_(grads, self.noise_std, seed=self.seed,
                                                   offset=self.offset, secure=self.secure_mode)
 
@@ -282,7 +293,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _noise_and_scale(self, grads: list[torch.Tensor]) -> None:
         cls = type(self)
         if (cls.add_noise is DPOptimizer.add_noise and cls.scale_grad is DPOptimizer.scale_grad
-                and self.noise_multiplier > 0):
+                and self.noise_multiplier > 0 and self.correlated is None):
             # the kernel itself, not the registered op: these are fresh, contiguous, same-device
             # tensors outside any autograd graph, and torch.library's dispatch costs ~0.1 ms a call
             # (~2% of a small model's step); ops.noisy_scale_ is the same computation
@@ -293,8 +304,14 @@ class DPOptimizer(torch.optim.Optimizer):
             self.add_noise(grads)
             self.scale_grad(grads)
 
+    def _noise_blocks(self, grads: list[torch.Tensor]) -> int:
+        """Philox blocks this step's noise uses (reserved and journaled before it is drawn)."""
+        return noise.blocks(grads) if self.correlated is None else self.correlated.blocks(grads)
+
     # -- accounting -----------------------------------------------------------------------------
     def _event(self):
+        if self.correlated is not None:  # the strategy's per-step event (None: nothing)
+            return self.correlated.event(self.steps, self.noise_multiplier)
         return PoissonSampledEvent(self.sample_rate, GaussianEvent(self.noise_multiplier))
 
     def _check_budget(self) -> None:
@@ -305,14 +322,19 @@ class DPOptimizer(torch.optim.Optimizer):
             raise PrivacyBudgetExceeded(f"step {self.steps}: noise_multiplier is 0, so any step "
                                         "spends an infinite epsilon", epsilon=math.inf,
                                         epsilon_budget=self.max_epsilon, delta=self.delta)
-        self._budget.check(self.accountant, self._event(), max_epsilon=self.max_epsilon,
-                           delta=self.delta, step=self.steps)
+        event = self._event()
+        if event is not None:  # correlated noise: some steps release nothing new
+            self._budget.check(self.accountant, event, max_epsilon=self.max_epsilon,
+                               delta=self.delta, step=self.steps)
 
     def attach_data_loader(self, loader) -> None:
         """Ties this optimizer to the Poisson loader it steps on (``make_private`` does): a step
         that holds the records of more than one sampled batch of it is refused
         (:class:`~ppml_fast.privacy.one_batch.SampledBatches`)."""
         self._batches = SampledBatches(loader)
+        from ppml_fast.privacy.cyclic_poisson import CyclicPoissonDataLoader, CyclicSteps
+
+        self._cyclic = CyclicSteps(loader) if isinstance(loader, CyclicPoissonDataLoader) else None
 
     def _check_one_sampled_batch(self) -> None:
         """Refuses, before anything changes, a step holding more than one sampled batch."""
@@ -329,8 +351,12 @@ class DPOptimizer(torch.optim.Optimizer):
         """Clip and accumulate; for a real step also check the budget, add noise, scale and set
         ``p.grad``. Returns whether the wrapped optimizer should step."""
         skip = self._skip_next
+        if self.correlated is not None:  # the plan and the std, before anything changes
+            self.correlated.check_step(self.steps, self.noise_std)
         if not skip:
             self._check_one_sampled_batch()  # before anything changes
+            if getattr(self, "_cyclic", None) is not None:
+                self._cyclic.check(self.steps)
             self._check_budget()
         self.clip_and_accumulate()
         self._skip_next = False
@@ -338,7 +364,16 @@ class DPOptimizer(torch.optim.Optimizer):
         if skip:
             return False
         # reduce, journal, noise, account, then p.grad; fails closed (privacy/release.py)
-        release.finish_step(self)
+        try:
+            release.finish_step(self)
+        except BaseException:
+            if self.correlated is not None:  # a failed step's w_t is forgotten, never kept
+                self.correlated.discard()
+            raise
+        if self.correlated is not None:
+            self.correlated.commit(self.noise_std)
+        if getattr(self, "_cyclic", None) is not None:
+            self._cyclic.stepped()
         self.steps += 1
         self._summed, self._samples = {}, 0
         if getattr(self, "_batches", None) is not None:

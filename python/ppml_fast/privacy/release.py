@@ -59,7 +59,7 @@ def finish_step(opt) -> None:
         sigma = opt.noise_multiplier
         event = opt._event() if sigma > 0 and opt.accountant is not None and opt.sample_rate is not None else None
         start = opt.offset
-        end = start + noise.blocks(grads) if sigma > 0 else start
+        end = start + opt._noise_blocks(grads) if sigma > 0 else start  # correlated: its own count
         if end > OFFSET_LIMIT:
             raise ValueError(f"step {opt.steps}: noise offsets [{start}, {end}) pass 2**63: the "
                              "stream would wrap and repeat noise; start a new noise key")

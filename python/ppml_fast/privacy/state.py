@@ -15,6 +15,11 @@ Resuming (invariants 3 and 4):
 - without a journal nobody knows how far the run went after the state was saved: the noise is
   re-keyed from OS entropy (no replay of released noise; a seeded run is not reproducible past
   such a resume) and a warning says that epsilon counts the loaded state's steps only.
+
+Correlated noise (tree / banded MF, :mod:`ppml_fast.privacy.correlated_noise`): the state holds
+the plan, the step and the offsets of the kept noise, never the noise. The recursion continues
+exactly when the noise key is the saved one and the journal shows no step after the state;
+otherwise a new segment starts at the loaded step (see that module for why both are safe).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numbers
 import os
 import warnings
 from typing import Any, Optional
+
+import torch
 
 from ppml_fast.privacy.journal import PrivacyJournal
 
@@ -63,6 +70,8 @@ def parse(state: object) -> dict:
                              "None or an accountant's state_dict"),
         "journal": _field(state, "journal", lambda v: v is None or isinstance(v, dict),
                           "None or a journal position", None),
+        "correlated_noise": _field(state, "correlated_noise", lambda v: v is None or isinstance(v, dict),
+                                   "None or a CorrelatedNoise.state_dict()", None),
     }
 
 
@@ -79,6 +88,7 @@ def save(opt) -> dict:
         "unnoised_steps": opt.unnoised_steps,
         "accountant": None if opt.accountant is None else opt.accountant.state_dict(),
         "journal": None if opt.journal is None else opt.journal.position(),
+        "correlated_noise": None if getattr(opt, "correlated", None) is None else opt.correlated.state_dict(),
     }
 
 
@@ -106,6 +116,16 @@ def load(opt, state: object) -> None:
                 raise ValueError(f"state['accountant'] is not loadable: {e}; nothing was loaded") from e
     records = [] if opt.journal is None else opt.journal.since(s["journal"])
     trial, unnoised = _with_records(trial, records)
+    seed, offset = s["seed"], s["offset"]
+    if seed is None:  # an unsaved OS key: a fresh one (this process may have used its own)
+        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+    if opt.journal is not None:
+        offset = max(offset, opt.journal.next_offset(seed))
+    elif not opt.secure_mode:
+        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+    correlated = _correlated(opt, s, seed, exact=(
+        s["seed"] is not None and seed == s["seed"] and not opt.secure_mode
+        and opt.journal is not None and not records))
     inner = opt.original_optimizer
     before = copy.deepcopy(inner.state_dict())
     try:
@@ -119,14 +139,7 @@ def load(opt, state: object) -> None:
         except Exception:
             inner.load_state_dict(before)
             raise
-    seed, offset = s["seed"], s["offset"]
-    if seed is None:  # an unsaved OS key: a fresh one (this process may have used its own)
-        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
-    if opt.journal is not None:
-        offset = max(offset, opt.journal.next_offset(seed))
-    else:
-        if not opt.secure_mode:
-            seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+    if opt.journal is None:
         warnings.warn(
             "DPOptimizer state loaded without a journal: epsilon counts the loaded state's steps "
             "only (steps released after it was saved are unknown), and the noise was re-keyed from "
@@ -135,6 +148,32 @@ def load(opt, state: object) -> None:
     opt.noise_multiplier, opt.seed, opt.offset, opt.steps = s["noise_multiplier"], seed, offset, s["steps"]
     opt.unnoised_steps = s["unnoised_steps"] + unnoised
     opt._budget.reset()
+    if correlated is not None:
+        opt.correlated = correlated
+        cyclic = getattr(opt, "_cyclic", None)
+        if cyclic is not None:  # the loader's next batch samples part steps mod b
+            cyclic.loader.align(opt.steps)
+            cyclic.stepped()
+
+
+def _correlated(opt, s: dict, seed: int, *, exact: bool):
+    """The optimizer's correlated-noise generator at the loaded step (None without one);
+    ValueError, before anything changed, for a state of another noise plan."""
+    saved, mine = s["correlated_noise"], getattr(opt, "correlated", None)
+    if (saved is None) != (mine is None):
+        raise ValueError(
+            "state['correlated_noise'] is " + ("None (a DP-SGD state)" if saved is None else "set")
+            + " but this optimizer " + ("has none" if mine is None else f"adds {mine.kind} noise")
+            + ": the state is of another noise mechanism; nothing was loaded")
+    if mine is None:
+        return None
+    if mine.check_state(saved)["step"] != s["steps"]:
+        raise ValueError(f"state['correlated_noise']['step'] is {saved['step']}, state['steps'] is "
+                         f"{s['steps']}: the state was edited; nothing was loaded")
+    from ppml_fast.privacy.per_sample import sum_dtype
+
+    like = [torch.zeros_like(p, dtype=sum_dtype(p)) for p in opt.params]
+    return mine.resumed(saved, like=like, seed=seed, exact=exact)
 
 
 def attach(opt, journal) -> PrivacyJournal:
