@@ -18,8 +18,9 @@ intermediate on a float64 path fails it. float32: the same models in float32 aga
 float64 reference, held to 1e-5 (measured 8e-8 to 2.4e-6, the most on ResNet-18-GN, whose last
 GroupNorms normalise 2 values per group at 1x1).
 
-Models ppml_fast refuses today are strict xfails with the reason (they flip when support lands):
-nn.LSTM and nn.GRU (issue 16 item 3).
+A model ppml_fast refuses is listed in ``REFUSED``: a strict xfail with the reason (it must raise
+UnsupportedModuleError; it flips when support lands). None is refused now: nn.LSTM and nn.GRU
+came with 8c98062.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ from tests.privacy.sensitivity._harness import (
 
 TOL = 1e-5
 SIZE = SIZES["test"]
-REFUSED = {  # model -> why ppml_fast refuses it today (strict: an unexpected pass fails)
-    "lstm": "nn.LSTM: 'recurrent layers are not supported yet' (issue 16 item 3)",
-    "gru": "nn.GRU: 'recurrent layers are not supported yet' (issue 16 item 3)",
-}
+# model -> why ppml_fast refuses it (a strict xfail: an unexpected pass fails, so the entry goes
+# when support lands). Empty since 8c98062 (nn.LSTM / nn.GRU, issue 16 item 3).
+REFUSED: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _params(key: str):
+def _params(dtype_name: str):
     out = []
     for k in MODELS:
         marks = ()
@@ -102,3 +102,4 @@ def test_every_bench_model_is_checked():
     """The bench's model list and this file's cover each other (a new model gets a reference)."""
     assert set(REFUSED) <= set(MODELS)
     assert len(_params("float64")) == len(MODELS) == 10
+    assert {"lstm", "gru"} <= set(MODELS)  # the recurrent models stay in both

@@ -10,9 +10,10 @@ of each per round (a slow drift of a shared machine moves them all alike), and t
 median over ``steps`` rounds: the non-private step in ms, the others as a ratio to it.
 
 Refusals: an engine that raises while wrapping the model or in a warm-up step is a row with
-``refused`` set to its reason (Opacus refusing GPT-2's tied head; ppml_fast refusing nn.LSTM
-today) and the run goes on. Opacus is given ``ModelSpec.build_opacus`` where that differs (DPLSTM
-for nn.LSTM: Opacus refuses nn.LSTM); the table says so.
+``refused`` set to its reason (Opacus ghost refusing GPT-2's tied head; ppml_fast refusing
+nn.LSTM before 8c98062) and the run goes on. Opacus is given ``ModelSpec.build_opacus`` where that
+differs (DPLSTM / DPGRU: Opacus 1.6 refuses nn.LSTM, "ShouldReplaceModuleError: Model contains a
+trainable layer that Opacus doesn't currently support"); the table says so.
 
 Peak memory (``memory=True``): after the timing, one more step of each engine, alone, under
 ``torch.profiler`` with ``profile_memory=True``: the largest sum of the sizes of the tensors

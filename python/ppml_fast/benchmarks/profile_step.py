@@ -94,7 +94,7 @@ def profile_model(spec: ModelSpec, *, size: str = "bench", steps: int = 5, warmu
         for _ in range(warmup):
             plain()
             dp()
-    except Exception as e:  # ppml_fast refuses the model (nn.LSTM today): a row, not a crash
+    except Exception as e:  # ppml_fast refuses the model: a row, not a crash
         row["refused"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         return row
     with profile(activities=[ProfilerActivity.CPU]) as prof:
