@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from ppml_fast.accounting import calibration, events
+from ppml_fast.accounting import calibration, events, sampling_events
 from ppml_fast.accounting import (
     ComposedEvent,
     Event,
@@ -66,11 +66,16 @@ EXAMPLES = {
         ComposedEvent(()),
         SampledWithoutReplacementEvent(10, 0, GaussianEvent(1.0)),
     )),
+    # non-Poisson sampling (sampling_events.py)
+    sampling_events.ShuffledBatchesEvent: sampling_events.ShuffledBatchesEvent.dp_sgd(
+        1.1, 235, 1000, "substitution"),
+    sampling_events.BallsInBinsEvent: sampling_events.BallsInBinsEvent(LaplaceEvent(0.5), 10, 3),
+    sampling_events.TruncatedPoissonEvent: sampling_events.TruncatedPoissonEvent(60_000, 0.004, 300, 1.0),
 }
 
 
 def test_every_event_class_has_an_example_and_a_codec():
-    in_module = {c for _, c in inspect.getmembers(events, inspect.isclass)
+    in_module = {c for m in (events, sampling_events) for _, c in inspect.getmembers(m, inspect.isclass)
                  if issubclass(c, Event) and c is not Event}
     assert in_module == set(EXAMPLES) == set(EVENT_CLASSES)
 

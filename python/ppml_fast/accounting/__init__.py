@@ -2,7 +2,8 @@
 
 Pure maths: imports nothing from the rest of ppml_fast (DESIGN.md): immutable events, the RDP
 and PLD accountants, calibration (noise multiplier for a budget, steps a budget affords), the
-analytic Gaussian mechanism, event (de)serialisation and the PrivacyLedger (budgets per data set,
+analytic Gaussian mechanism, events for non-Poisson batch sampling (shuffled fixed-size batches,
+balls-in-bins, truncated Poisson: sampling_events.py), event (de)serialisation and the PrivacyLedger (budgets per data set,
 persisted to JSON), and the strategies of correlated-noise (matrix-factorization) mechanisms with
 their sensitivity and per-step events (``ppml_fast.accounting.matrix_factorization``).
 """
@@ -20,6 +21,11 @@ from ppml_fast.accounting.events import (
 )
 from ppml_fast.accounting.errors import PrivacyBudgetExceeded, PrivacyError
 from ppml_fast.accounting.ledger import PrivacyLedger
+from ppml_fast.accounting.sampling_events import (
+    BallsInBinsEvent,
+    ShuffledBatchesEvent,
+    TruncatedPoissonEvent,
+)
 from ppml_fast.accounting.serialization import event_from_dict, event_to_dict
 from ppml_fast.accounting.analytic_gaussian import analytic_gaussian_sigma, gaussian_delta
 from ppml_fast.accounting.calibration import epsilon, get_noise_multiplier, get_steps
@@ -35,6 +41,7 @@ from ppml_fast.accounting.matrix_factorization import (
 )
 
 __all__ = [
+    "BallsInBinsEvent",
     "BandedStrategy",
     "ComposedEvent",
     "Event",
@@ -52,6 +59,8 @@ __all__ = [
     "RandomizedResponseEvent",
     "SampledWithoutReplacementEvent",
     "SelfComposedEvent",
+    "ShuffledBatchesEvent",
+    "TruncatedPoissonEvent",
     "TreeStrategy",
     "UnsupportedEventError",
     "analytic_gaussian_sigma",

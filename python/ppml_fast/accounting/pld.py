@@ -14,7 +14,7 @@ import math
 import numbers
 from typing import Optional
 
-from ppml_fast.accounting import _checks, events, pld_math
+from ppml_fast.accounting import _checks, events, pld_math, sampling_events, sampling_math
 from ppml_fast.accounting.events import (
     Event,
     GaussianEvent,
@@ -25,7 +25,8 @@ from ppml_fast.accounting.events import (
 
 AUTO_STEP = 1e-4  # the grid step when none is given, before refinement for narrow PLDs
 # History kinds (the same names and parameters as RDPAccountant.history where both have them).
-_KINDS = {"gaussian": 2, "laplace": 1, "poisson_laplace": 2, "randomized_response": 2}
+_KINDS = {"gaussian": 2, "laplace": 1, "poisson_laplace": 2, "randomized_response": 2,
+          sampling_events.TRUNCATED_KIND: 3}  # (p, q, sigma): sampling_math.py
 
 
 class PLDAccountant(events.OpacusHistory):
@@ -99,11 +100,11 @@ class PLDAccountant(events.OpacusHistory):
 
     # -- events -----------------------------------------------------------------------------
     def supports(self, event: Event) -> bool:
-        return events.supported(event, _KINDS)
+        return sampling_events.supported(event, _KINDS)
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
         """The event as (key, count) steps, or UnsupportedEventError."""
-        return events.steps(event, count, _KINDS, "PLDAccountant")
+        return sampling_events.steps(event, count, _KINDS, "PLDAccountant")
 
     def compose(self, event: Event, count: int = 1) -> "PLDAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
@@ -145,6 +146,11 @@ class PLDAccountant(events.OpacusHistory):
                 continue  # nobody's record is used: no privacy loss
             if kind == "randomized_response" and key[1] == 1.0:
                 continue  # the output ignores the input
+            if kind == sampling_events.TRUNCATED_KIND:
+                remove.append((sampling_math.truncated_pld(*key[1:], "remove", step), n))
+                add.append((sampling_math.truncated_pld(*key[1:], "add", step), n))
+                symmetric = False
+                continue
             if kind == "randomized_response":
                 p = pld_math.mechanism_pld(kind, key[1:], "remove", step)
                 remove.append((p, n))
@@ -172,9 +178,9 @@ class PLDAccountant(events.OpacusHistory):
             return self.value_discretization_interval
         sds = []
         for spec in self._specs():
-            lo, hi = pld_math.loss_range(*spec)
+            lo, hi = _spec_range(spec)
             if hi - lo < 0.01 * self.max_grid_points * AUTO_STEP:  # wide ones need no refining
-                sds.append(pld_math.mechanism_pld(*spec, AUTO_STEP).sd)
+                sds.append(_spec_pld(spec, AUTO_STEP).sd)
         sds = [s for s in sds if s > 0]
         if not sds or min(sds) / 32 >= AUTO_STEP:
             return AUTO_STEP
@@ -188,7 +194,9 @@ class PLDAccountant(events.OpacusHistory):
             kind = key[0]
             if kind == "gaussian" and key[1] == 1.0:
                 inv_var += n / key[2] ** 2
-            if kind == "randomized_response":
+            if kind == sampling_events.TRUNCATED_KIND:
+                out += [(kind, key[1:], "remove"), (kind, key[1:], "add")]
+            elif kind == "randomized_response":
                 out.append((kind, key[1:], "remove"))
             elif kind == "laplace":
                 out.append((kind, (1.0, key[1]), "remove"))
@@ -205,7 +213,7 @@ class PLDAccountant(events.OpacusHistory):
         if self._result is not None:
             return self._result
         step = self._step()
-        widest = max((hi - lo for spec in self._specs() for lo, hi in [pld_math.loss_range(*spec)]),
+        widest = max((hi - lo for spec in self._specs() for lo, hi in [_spec_range(spec)]),
                      default=0.0)
         if widest / step + 2 > self.max_grid_points:  # one step alone spans too many grid points
             step *= 2.0 ** math.ceil(math.log2((widest / step + 2) / self.max_grid_points))
@@ -301,6 +309,9 @@ class PLDAccountant(events.OpacusHistory):
                     raise ValueError(f"unknown history entry {h!r}")
                 if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
                     raise ValueError(f"count must be an int >= 0 in {h!r}")
+                if kind == sampling_events.TRUNCATED_KIND:
+                    fresh._add(_truncated_key(params), int(n))
+                    continue
                 fresh.compose(_event(kind, params), int(n))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(
@@ -311,6 +322,30 @@ class PLDAccountant(events.OpacusHistory):
 
     def __getstate__(self) -> dict:  # pickling and deepcopy skip the cached composition
         return {**self.__dict__, "_result": None}
+
+
+def _spec_range(spec: tuple) -> tuple[float, float]:
+    """The loss range of a (kind, params, direction) spec (truncated Poisson: sampling_math)."""
+    if spec[0] == sampling_events.TRUNCATED_KIND:
+        return sampling_math.loss_range(*spec[1], spec[2])
+    return pld_math.loss_range(*spec)
+
+
+def _spec_pld(spec: tuple, step: float):
+    """The grid PLD of a (kind, params, direction) spec."""
+    if spec[0] == sampling_events.TRUNCATED_KIND:
+        return sampling_math.truncated_pld(*spec[1], spec[2], step)
+    return pld_math.mechanism_pld(*spec, step)
+
+
+def _truncated_key(params: tuple) -> tuple:
+    """A stored truncated-Poisson key (p, q, sigma), validated: p, q in (0, 1], sigma a
+    Gaussian's noise multiplier."""
+    p, q, sigma = (_checks.real(name, v) for name, v in zip(("p", "q", "sigma"), params))
+    if not (0.0 < p <= 1.0 and 0.0 < q <= 1.0):
+        raise ValueError(f"truncated Poisson entry needs p and q in (0, 1]; got {params!r}")
+    GaussianEvent(sigma)
+    return (sampling_events.TRUNCATED_KIND, p, q, sigma)
 
 
 def _event(kind: str, params: tuple) -> Event:

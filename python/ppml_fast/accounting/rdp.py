@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ppml_fast.accounting import _checks, events, rdp_math, rdp_sampled_wor
+from ppml_fast.accounting import _checks, events, rdp_math, rdp_sampled_wor, sampling_events, sampling_math
 from ppml_fast.accounting.events import (
     Event,
     GaussianEvent,
@@ -32,6 +32,7 @@ CURVES: dict[str, Callable[..., np.ndarray]] = {
     "laplace": rdp_math.rdp_laplace,  # (scale,)
     "randomized_response": rdp_math.rdp_randomized_response,  # (p, k)
     "sampled_wor_gaussian": rdp_sampled_wor.rdp_sampled_wor_gaussian,  # (n, m, sigma)
+    sampling_events.TRUNCATED_KIND: sampling_math.rdp_truncated_poisson_gaussian,  # (p, q, sigma)
 }
 
 
@@ -42,6 +43,8 @@ def _adjacency(key: tuple) -> Optional[str]:
         return "add/remove"  # Poisson sampling (Mironov et al. 2019 assume add/remove)
     if key[0] == "sampled_wor_gaussian":
         return "substitution"  # Wang, Balle, Kasiviswanathan 2019
+    if key[0] == sampling_events.TRUNCATED_KIND:
+        return "add/remove"  # sampling_events.TruncatedPoissonEvent
     return None
 
 
@@ -72,18 +75,18 @@ class RDPAccountant(events.OpacusHistory):
 
     # -- events -----------------------------------------------------------------------------
     def supports(self, event: Event) -> bool:
-        return events.supported(event, CURVES)
+        return sampling_events.supported(event, CURVES)
 
     def _steps(self, event: Event, count: int) -> list[tuple[tuple, int]]:
         """The event as (key, count) steps, or UnsupportedEventError."""
-        return events.steps(event, count, CURVES, "RDPAccountant")
+        return sampling_events.steps(event, count, CURVES, "RDPAccountant")
 
     def compose(self, event: Event, count: int = 1) -> "RDPAccountant":
         """Adds ``count`` repetitions of ``event``; on an unsupported event nothing changes."""
         count = events.check_count(count)
         steps = [(key, n) for key, n in self._steps(event, count) if n]
         adjacency = self._adjacency
-        for a in [_adjacency(key) for key, _ in steps] + events.adjacencies(event):
+        for a in [_adjacency(key) for key, _ in steps] + sampling_events.adjacencies(event):
             if a is not None and adjacency is not None and a != adjacency:
                 raise MixedAdjacencyError(
                     f"event {event!r} holds under {a} adjacency but the history holds under "
@@ -194,3 +197,8 @@ def _validate_key(key: tuple) -> None:
         RandomizedResponseEvent(float(params[0]), int(params[1]))
     elif kind == "sampled_wor_gaussian":
         SampledWithoutReplacementEvent(params[0], params[1], GaussianEvent(params[2]))
+    elif kind == sampling_events.TRUNCATED_KIND:
+        p, q, sigma = (_checks.real(n, v) for n, v in zip(("p", "q", "sigma"), params))
+        if not (0.0 < p <= 1.0 and 0.0 < q <= 1.0):
+            raise ValueError(f"a truncated Poisson entry needs p and q in (0, 1]; got {params!r}")
+        GaussianEvent(sigma)

@@ -23,6 +23,11 @@ from ppml_fast.accounting.events import (
     SampledWithoutReplacementEvent,
     SelfComposedEvent,
 )
+from ppml_fast.accounting.sampling_events import (
+    BallsInBinsEvent,
+    ShuffledBatchesEvent,
+    TruncatedPoissonEvent,
+)
 
 EVENT_CLASSES: tuple[type, ...] = (
     GaussianEvent,
@@ -32,6 +37,9 @@ EVENT_CLASSES: tuple[type, ...] = (
     SampledWithoutReplacementEvent,
     SelfComposedEvent,
     ComposedEvent,
+    ShuffledBatchesEvent,
+    BallsInBinsEvent,
+    TruncatedPoissonEvent,
 )
 _BY_NAME = {cls.__name__: cls for cls in EVENT_CLASSES}
 _NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf}
@@ -55,12 +63,16 @@ def _to_json(value: object, where: str) -> object:
         return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
+    if isinstance(value, str):  # a name (ShuffledBatchesEvent.adjacency); never a non-finite spelling
+        if value in _NON_FINITE:
+            raise ValueError(f"{where} must not be the string {value!r}")
+        return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = float(value)
         if math.isnan(v):
             raise ValueError(f"{where} must not be NaN")
         return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
-    raise TypeError(f"{where} must be an event, a tuple or a number; got {type(value).__name__}")
+    raise TypeError(f"{where} must be an event, a tuple, a number or a string; got {type(value).__name__}")
 
 
 def event_from_dict(data: dict) -> Event:
@@ -95,8 +107,8 @@ def _from_json(value: object, where: str) -> object:
         return _from_dict(value, where)
     if isinstance(value, list):
         return tuple(_from_json(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
+    if isinstance(value, str):  # "Infinity" / "-Infinity" are floats; any other string a name
+        return _NON_FINITE.get(value, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    raise ValueError(f"{where} must be an event dict, a list or a number; got {value!r}")
+    raise ValueError(f"{where} must be an event dict, a list, a number or a string; got {value!r}")
