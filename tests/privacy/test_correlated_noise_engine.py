@@ -1,0 +1,265 @@
+"""make_private(noise_mechanism="tree" | "banded_mf") end to end (issue 19 item 1): the gradient
+noise is sigma C w_t / B from the offsets the optimizer reserved, its covariance across steps is
+sigma^2 C^2 / B^2 (C^{-1} C^{-T}), epsilon is the strategy's (sensitivity sqrt(S_{T-1}), or
+ceil(T/b) amplified rounds under cyclic Poisson), a step past the plan changes nothing, the
+state round trip continues the exact noise (seeded, journal) or starts a new segment, offsets
+are journaled and never reused.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent, RDPAccountant
+from ppml_fast.accounting import matrix_factorization as mf
+from ppml_fast.accounting.errors import PrivacyError
+from ppml_fast.privacy import PrivacyEngine
+from ppml_fast.privacy.correlated_noise import CorrelatedNoise
+
+SIGMA, CLIP, B = 0.7, 1.5, 8
+
+
+def _data(n=64, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    return TensorDataset(X, (X[:, 0] + 0.5 * X[:, 1] > 0).long())
+
+
+def _private(mech="banded_mf", bands=4, *, shuffle=False, poisson=False, steps=None, epochs=None,
+             seed=None, journal=None, accountant="rdp", width=6, hidden=8, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(_data(d=width), batch_size=B, shuffle=shuffle)
+    eng = PrivacyEngine(accountant=accountant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, o, l = eng.make_private(module=model, optimizer=opt, data_loader=loader,
+                                   noise_multiplier=SIGMA, max_grad_norm=CLIP, noise_mechanism=mech,
+                                   bands=bands, steps=steps, epochs=epochs, poisson_sampling=poisson,
+                                   noise_seed=seed, journal=journal, **kw)
+    return eng, m, o, l
+
+
+def _noise_step(m, o, x):
+    """One step whose clipped gradients are zero: p.grad is the noise alone."""
+    o.zero_grad()
+    (m(x) * 0.0).sum().backward()
+    o.step()
+    return torch.cat([p.grad.reshape(-1) for p in o.params]).clone()
+
+
+def _x(width=6):
+    return torch.randn(B, width)
+
+
+def test_noise_is_sigma_c_w_over_b_from_the_reserved_offsets():
+    eng, m, o, _ = _private(steps=10, seed=7)
+    ref = CorrelatedNoise(o.correlated.strategy, o.correlated.participation)
+    like = [torch.zeros_like(p) for p in o.params]
+    for t in range(10):
+        start = o.offset
+        got = _noise_step(m, o, _x())
+        w = ref.draw(like, seed=7, offset=start, secure=False)
+        ref.commit(1.0)
+        want = torch.cat([(wi * (SIGMA * CLIP) / B).reshape(-1) for wi in w])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert o.offset == start + ref.blocks(like) or t == 9
+
+
+def test_noise_covariance_through_the_optimizer():
+    steps = 6
+    eng, m, o, _ = _private(steps=steps, bands=3, width=400, hidden=250)
+    G = torch.stack([_noise_step(m, o, _x(400)) for _ in range(steps)]).double().numpy()
+    M = o.correlated.strategy.noise_matrix()
+    S = (SIGMA * CLIP / B) ** 2 * (M @ M.T)
+    P = G.shape[1]
+    hat = G @ G.T / P
+    se = np.sqrt((np.outer(np.diag(S), np.diag(S)) + S * S) / P)
+    iu = np.triu_indices(steps)
+    assert (np.abs(hat - S) / se)[iu].max() < 5.0
+    identity = (SIGMA * CLIP / B) ** 2 * np.eye(steps)  # DP-SGD's covariance is rejected
+    assert (np.abs(hat - identity) / se)[iu].max() > 5.0
+
+
+@pytest.mark.parametrize("mech,bands,shuffle", [("banded_mf", 4, False), ("tree", None, False),
+                                                ("tree", None, True)])
+def test_trains_and_reports_the_strategys_epsilon(mech, bands, shuffle):
+    eng, m, o, loader = _private(mech, bands, shuffle=shuffle, epochs=3)
+    ds = loader.dataset
+    first = nn.functional.cross_entropy(m(ds.tensors[0]), ds.tensors[1]).item()
+    for _ in range(3):
+        for x, y in loader:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    last = nn.functional.cross_entropy(m(ds.tensors[0]), ds.tensors[1]).item()
+    assert o.steps == 24 and last < first
+    part = o.correlated.participation
+    if shuffle:
+        assert part == mf.Participation("min_separated", min_separation=1, max_participations=3)
+    else:
+        assert part == mf.Participation("every_epoch", steps_per_epoch=8)
+    S = o.correlated.strategy.sensitivity_sq_prefix(23, part)
+    want = RDPAccountant().compose(GaussianEvent(SIGMA / math.sqrt(S))).get_epsilon(1e-5)
+    assert eng.get_epsilon(1e-5) == pytest.approx(want, rel=1e-9)
+
+
+def test_cyclic_poisson_banded_mf_epsilon_and_alignment():
+    eng, m, o, loader = _private("banded_mf", 2, poisson=True, epochs=2)
+    assert type(loader).__name__ == "CyclicPoissonDataLoader" and loader.sample_rate == 2 / 8
+    part = o.correlated.participation
+    assert part == mf.Participation("cyclic_poisson", min_separation=2, sample_rate=0.25)
+    for x, y in loader:
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    zeta = o.correlated.strategy.max_column_norm()
+    want = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(SIGMA / zeta)), 4)
+    assert eng.get_epsilon(1e-5) == pytest.approx(want.get_epsilon(1e-5), rel=1e-9)
+    # a skipped batch would put a part's records 1 step apart: refused before anything changes
+    it = iter(loader)
+    next(it)
+    x, y = next(it)
+    o.zero_grad()
+    nn.functional.cross_entropy(m(x), y).backward()
+    steps, offset = o.steps, o.offset
+    with pytest.raises(PrivacyError, match="cyclic Poisson"):
+        o.step()
+    assert (o.steps, o.offset, o.correlated.step) == (steps, offset, steps)
+
+
+def test_step_past_the_plan_or_at_another_std_changes_nothing():
+    eng, m, o, _ = _private(steps=3, bands=2)
+    for t in range(4):
+        if t < 3:
+            _noise_step(m, o, _x())
+        grads = [p.grad for p in o.params]
+        history, offset, steps = list(eng.accountant.history), o.offset, o.steps
+        if t == 0:  # a noise schedule: refused, the matrix mechanism is for one std
+            o.noise_multiplier = 2 * SIGMA
+        elif t < 3:
+            continue
+        o.zero_grad(set_to_none=False)
+        (m(_x()) * 0.0).sum().backward()
+        with pytest.raises(PrivacyError, match="constant std" if t == 0 else "plan has 3 steps"):
+            o.step()
+        assert o.steps == steps and o.offset == offset and list(eng.accountant.history) == history
+        assert all(p.grad is g for p, g in zip(o.params, grads)) and not o._summed
+        o.noise_multiplier = SIGMA
+
+
+def test_a_failed_step_keeps_the_recursion():
+    eng, m, o, _ = _private(steps=5, seed=3)
+    _noise_step(m, o, _x())
+    compose = o.accountant.compose
+
+    def boom(*a, **k):
+        raise RuntimeError("accountant down")
+
+    o.accountant.compose = boom
+    with pytest.raises(RuntimeError, match="accountant down"):
+        _noise_step(m, o, _x())
+    o.accountant.compose = compose
+    assert o.correlated.step == o.steps == 1 and len(o.correlated._ws) == 1
+    assert all(p.grad is None for p in o.params)
+    _noise_step(m, o, _x())
+    assert o.correlated.step == 2
+
+
+def _records(path):
+    from ppml_fast.privacy.journal import PrivacyJournal
+
+    j = PrivacyJournal(path)
+    try:
+        return list(j.records)
+    finally:
+        j.close()
+
+
+@pytest.mark.parametrize("mech,bands", [("banded_mf", 3), ("tree", None)])
+def test_resume_continues_the_exact_noise_and_never_reuses_an_offset(tmp_path, mech, bands):
+    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "a.jsonl")
+    xs = [_x() for _ in range(8)]
+    whole = [_noise_step(m, o, x) for x in xs]
+    eps = eng.get_epsilon(1e-5)
+    o.journal.close()
+    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl")
+    for x in xs[:3]:
+        _noise_step(m, o, x)
+    state = o.state_dict()
+    assert state["correlated_noise"]["step"] == 3
+    o.journal.close()
+    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl")
+    o.load_state_dict(state)
+    assert o.correlated.segment_start == 0  # the same recursion
+    for t in range(3, 8):
+        assert torch.equal(_noise_step(m, o, xs[t]), whole[t])
+    assert eng.get_epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
+    o.journal.close()
+    ranges = sorted(r.offset for r in _records(tmp_path / "b.jsonl"))
+    assert len(ranges) == 8 and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_resume_after_released_steps_or_without_the_key_starts_a_new_segment(tmp_path):
+    eng, m, o, _ = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
+    for _ in range(3):
+        _noise_step(m, o, _x())
+    state = o.state_dict()
+    _noise_step(m, o, _x())  # released after the state: the old recursion must not continue
+    o.journal.close()
+    eng, m, o, _ = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
+    o.load_state_dict(state)
+    assert o.correlated.segment_start == 3 and o.correlated._seg.steps == 5
+    for _ in range(5):
+        _noise_step(m, o, _x())
+    o.journal.close()
+    ranges = sorted(r.offset for r in _records(tmp_path / "j.jsonl"))
+    assert len(ranges) == 9 and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    # an unseeded run: the key is not in the state, the noise is not either
+    eng, m, o, _ = _private(steps=8)
+    _noise_step(m, o, _x())
+    state = o.state_dict()
+    assert state["seed"] is None and not any(isinstance(v, torch.Tensor)
+                                             for v in state["correlated_noise"].values())
+    with pytest.warns(UserWarning, match="without a journal"):
+        o.load_state_dict(state)
+    assert o.correlated.segment_start == 1
+    with pytest.raises(ValueError, match="another noise mechanism"):
+        _private("gaussian", None)[2].load_state_dict(state)
+    with pytest.raises(ValueError, match="another noise plan"):
+        _private(steps=9)[2].load_state_dict(state)
+
+
+def test_arguments_and_loaders_refused():
+    with pytest.raises(ValueError, match="exactly one of epochs= or steps="):
+        _private()
+    with pytest.raises(ValueError, match="needs bands="):
+        _private(bands=None, steps=4)
+    with pytest.raises(ValueError, match="with 'gaussian' pass none"):
+        _private("gaussian", 4)
+    with pytest.raises(ValueError, match="no privacy amplification"):
+        _private("tree", None, poisson=True, steps=4)
+    with pytest.raises(ValueError, match="shuffle=True a record's steps can be 1 apart"):
+        _private(shuffle=True, epochs=2)
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number > 0"):
+        eng = PrivacyEngine()
+        model = nn.Linear(6, 2)
+        eng.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         data_loader=DataLoader(_data(), batch_size=B), noise_multiplier=0.0,
+                         max_grad_norm=1.0, noise_mechanism="tree", steps=4, poisson_sampling=False)
+    model = nn.Linear(6, 2)
+    weighted = DataLoader(_data(), batch_size=B, sampler=WeightedRandomSampler([1.0] * 64, 64))
+    with pytest.raises(ValueError, match="WeightedRandomSampler"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=weighted, noise_multiplier=1.0, max_grad_norm=1.0,
+                                         noise_mechanism="tree", steps=4, poisson_sampling=False)
