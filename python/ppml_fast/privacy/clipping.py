@@ -20,7 +20,7 @@ from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
 from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
-from ppml_fast.privacy.per_sample import Captured, sum_dtype, weighted_sum
+from ppml_fast.privacy.per_sample import Captured, sum_dtype, tied, weighted_sum
 
 
 class NonFiniteGradientError(PrivacyError, FloatingPointError):
@@ -142,8 +142,11 @@ class ClippedSums:
         per_param: dict[int, torch.Tensor] = {}
         materialised: dict[int, torch.Tensor] = {}  # shared parameters: summed per-sample grads
         states = []
-        for c in batch.calls:
-            if c.grad is None:
+        # tied embedding / linear weights: cross term instead of materialising (per_sample.tied)
+        pairs = tied.pairs(batch.calls, shared_ids, self.rules)
+        paired = {i for pair in pairs.values() for i in pair}
+        for i, c in enumerate(batch.calls):
+            if c.grad is None or i in paired:  # a pair's states are filled in below
                 states.append(None)
                 continue
             shared = any(id(p) in shared_ids for p in c.params.values())
@@ -162,6 +165,13 @@ class ClippedSums:
                 pid = id(c.params[role])  # disjoint parts of one parameter: squared norms add up
                 per_param[pid] = n if pid not in per_param else per_param[pid] + n
             states.append(("rule", state))
+        for ie, il in pairs.values():
+            e, lin = batch.calls[ie], batch.calls[il]
+            norms, st_e, st_l = tied.norms(e.cap, e.grad, lin.cap, lin.grad, self.rules)
+            states[ie], states[il] = ("rule", st_e), ("rule", st_l)
+            for role, n in norms.items():
+                pid = id(lin.params[role])
+                per_param[pid] = n if pid not in per_param else per_param[pid] + n
         for pid, g in materialised.items():
             flat = g.reshape(g.shape[0], -1)
             flat = flat if flat.dtype == torch.float64 else flat.float()

@@ -42,6 +42,15 @@ from ppml_fast.privacy.per_sample import bounds
 # (row record (m,) as an index into those, vocabulary row (m,), summed gradient rows (m, D))).
 FLAGGED = "weight:flagged"
 
+# State key of a call whose gradient another call's state already holds (per_sample.tied: the
+# embedding half of a tied weight folded into the linear half's kept per-sample gradients): its
+# clipped sum is zero.
+FOLDED = "weight:folded"
+
+# State key of each record's error bound b (float64 (B,)): |N'^2 - N^2| <= b, the norm returned
+# being N'^2 + b rounded upward (per_sample.tied combines two uses of a tied weight with it).
+BOUND = "weight:bound"
+
 # "auto" uses the Gram formula below this many indices per sample, else rows.
 GRAM_MAX_SEQ = 32
 
@@ -136,8 +145,9 @@ class EmbeddingRule:
             s2 = ((nrm[:, :, None] * nrm[:, None, :]) * same).sum(2).sum(1)
             slack = bounds.norm_slack((dim,), u_gram, seq)
             scale = bounds.gram_coef(dim, 0, seq, seq, u_gram) * slack**2
+            bound = s2 * scale
             norms, flags = bounds.upper_and_flags(
-                computed, s2 * scale, g2.dtype, s=nrm.sum(1) * slack,
+                computed, bound, g2.dtype, s=nrm.sum(1) * slack,
                 u_book=bounds.book_roundoff(g2.dtype))
         else:
             uniq, inverse = torch.unique(_keys(idx2, num), return_inverse=True)
@@ -158,15 +168,16 @@ class EmbeddingRule:
                    * (1.0 - bounds.gamma(seq, bounds.U64)))
             up = (computed / low).sqrt() + nrm.sum(1) * (
                 bounds.gamma(seq, u) * bounds.norm_slack((dim,), u, seq))
+            bound = up.square() - computed
             norms, flags = bounds.upper_and_flags(
-                computed, up.square() - computed, g2.dtype,
+                computed, bound, g2.dtype,
                 s=nrm.sum(1) * bounds.norm_slack((dim,), u, seq),
                 u_book=bounds.book_roundoff(g2.dtype))
         if not bool(flags.any()):
-            return {"weight": norms}, None
+            return {"weight": norms}, {BOUND: bound}
         flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())
         norms[flagged[0]] = bounds.exact_sq_norms_rows(flagged[1], flagged[0].shape[0], g2.dtype)
-        return {"weight": norms}, {FLAGGED: flagged}
+        return {"weight": norms}, {FLAGGED: flagged, BOUND: bound}
 
     @staticmethod
     def _flagged(idx2: Tensor, g2: Tensor, pad: int | None, num: int, recs: Tensor):
@@ -197,6 +208,9 @@ class EmbeddingRule:
         _ps.check_batch(cap, grad_out, factors)
         if isinstance(state, dict) and "weight" in state:
             return _ps.clipped_from({"weight": state["weight"]}, factors, cap.params)
+        if isinstance(state, dict) and state.get(FOLDED) and "weight" in cap.params:
+            weight = cap.params["weight"]
+            return {"weight": torch.zeros(weight.shape, dtype=_ps.sum_dtype(weight), device=weight.device)}
         prep = _prepare(cap, grad_out)
         if prep is None:
             return {}

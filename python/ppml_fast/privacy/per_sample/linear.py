@@ -57,41 +57,79 @@ KAPPA = 0.35
 # (record indices (k,), their materialised weight gradients (k, p, d) in float64).
 FLAGGED = "weight:flagged"
 
+# State key of each record's error bound b (float64 (B,)) of a weight norm N'^2 + b returned by a
+# ghost path: |N'^2 - N^2| <= b (per_sample.tied combines two uses of a tied weight with it).
+BOUND = "weight:bound"
 
-def ghost_weight_norms(x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+
+def ghost_weight_norms(x: Tensor, g: Tensor, with_bound: bool = False):
     """Upper bounds of the squared weight-gradient norms of ``x`` (B, T, d), ``g`` (B, T, p), and
-    the flagged records ``(rows, materialised gradients)`` or None.
+    the flagged records ``(rows, materialised gradients)`` or None; with ``with_bound``, also each
+    record's error bound ``b`` (float64 (B,), ``|N'^2 - N^2| <= b`` for the returned norm's
+    ``N'^2 + b``; for a flagged record, whose norm is that of its float64 gradient rounded up,
+    ``2 gamma_{n+1}(2^-53)`` times it).
 
     Ghost norm ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` from two Gram matrices (IEEE precision; in float64
     where float32's bound would flag honest records, :func:`bounds.gram_dtype`), products summed
     in float64, plus its rounding bound ``coef * S^2`` (:mod:`bounds`, Higham Lemma 3.1);
     records with ``bound > TAU * N'^2`` are materialised in float64 (``G_i = g_i^T x_i``, only
     those) and get the norm of that gradient, which is what ``clipped_sum`` then adds for them."""
-    batch, seq, d = x.shape
-    p = g.shape[-1]
-    out_dtype = x.dtype
+    xx, gg = ghost_grams(x, g)
+    norms, flags, bound = norms_from_grams(xx, gg, x.shape[-1], g.shape[-1], x.dtype)
+    flagged = None
+    if bool(flags.any()):
+        rows = flags.nonzero().flatten()
+        grads = materialise_flagged(x, g, rows)
+        norms[rows] = bounds.exact_sq_norms(grads, x.dtype)
+        flagged = (rows, grads)
+        if with_bound:
+            bound = bound.clone()
+            n = grads[0].numel()
+            bound[rows] = norms[rows].double() * (2 * bounds.gamma(n + 1, bounds.U64))
+    return (norms, flagged, bound) if with_bound else (norms, flagged)
+
+
+def ghost_grams(x: Tensor, g: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The Gram matrices ``x x^T`` and ``g g^T`` (B, T, T) of :func:`ghost_weight_norms`, in
+    :func:`bounds.gram_dtype` and IEEE precision; written into ``out`` when given (slices of a
+    group's buffers, :mod:`grouped`)."""
+    seq, d, p = x.shape[1], x.shape[-1], g.shape[-1]
     if bounds.gram_dtype(x.dtype, seq, (d, p)) != x.dtype:  # long sequences: float64 Gram
         x, g = x.double(), g.double()
-    u = bounds.unit_roundoff(x.dtype)
     with bounds.full_precision():
-        xx = torch.bmm(x, x.transpose(1, 2))
-        gg = torch.bmm(g, g.transpose(1, 2))
+        if out is None:
+            return torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+        torch.bmm(x, x.transpose(1, 2), out=out[0])
+        torch.bmm(g, g.transpose(1, 2), out=out[1])
+    return out
+
+
+def norms_from_grams(
+    xx: Tensor, gg: Tensor, d: int, p: int, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(upper bounds of the squared norms rounded to ``out_dtype``, flags) of records whose Gram
+    matrices ``xx``, ``gg`` (B, T, T) came from :func:`ghost_grams` of inputs of widths ``d`` and
+    ``p`` in ``out_dtype`` (any number of records: a group's stacked records are rows too), and
+    each record's error bound (float64)."""
+    seq = xx.shape[-1]
+    u = bounds.unit_roundoff(xx.dtype)
     # Each Gram row's T products summed by one vecdot (no (B, T, T) temporary), the T row sums
     # in float64: gamma_T(u) + gamma_T(2^-53) in the bound, not gamma_{T^2}(u).
     computed = torch.linalg.vecdot(xx, gg, dim=-1).double().sum(1)
     s = (bounds.diag_norms(xx) * bounds.diag_norms(gg)).sum(1)
     scale = bounds.gram_coef(d, p, seq, seq, u) * bounds.norm_slack((d, p), u, seq) ** 2
     u_book = bounds.book_roundoff(out_dtype)
-    norms, flags = bounds.upper_and_flags(computed, s.square() * scale, out_dtype,
+    bound = s.square() * scale
+    norms, flags = bounds.upper_and_flags(computed, bound, out_dtype,
                                           s=s * bounds.norm_slack((d, p), u, seq), u_book=u_book)
-    if not bool(flags.any()):
-        return norms, None
-    rows = flags.nonzero().flatten()
-    # In float64 (also for float32 inputs): a materialised float32 gradient of such a record
-    # still rounds its +-M terms against the others (||G' - G|| <= gamma_T S, Higham 3.5).
-    grads = torch.bmm(g[rows].double().transpose(1, 2), x[rows].double())
-    norms[rows] = bounds.exact_sq_norms(grads, out_dtype)
-    return norms, (rows, grads)
+    return norms, flags, bound
+
+
+def materialise_flagged(x: Tensor, g: Tensor, rows: Tensor) -> Tensor:
+    """The weight gradients (k, p, d) of the flagged records ``rows`` of ``x``, ``g``, in float64
+    (also for float32 inputs: a materialised float32 gradient of such a record still rounds its
+    +-M terms against the others, ``||G' - G|| <= gamma_T S``, Higham 3.5)."""
+    return torch.bmm(g[rows].double().transpose(1, 2), x[rows].double())
 
 
 def choose_path(batch: int, seq: int, d: int, p: int) -> str:
@@ -175,7 +213,7 @@ class LinearRule:
             if mode == "auto":
                 path = choose_path(x.shape[0], seq, x.shape[-1], g.shape[-1])
             if path == "ghost":
-                norms["weight"], flagged = ghost_weight_norms(x, g)
+                norms["weight"], flagged, state[BOUND] = ghost_weight_norms(x, g, with_bound=True)
                 if flagged is not None:
                     if self.transposed:  # (k, p, d) -> the weight's (k, d, p)
                         flagged = (flagged[0], flagged[1].transpose(1, 2))
