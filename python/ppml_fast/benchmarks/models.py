@@ -12,17 +12,17 @@ median over ``steps`` rounds: the non-private step in ms, the others as a ratio 
 Refusals: an engine that raises while wrapping the model or in a warm-up step is a row with
 ``refused`` set to its reason (Opacus ghost refusing GPT-2's tied head; ppml_fast refusing
 nn.LSTM before 8c98062) and the run goes on. Opacus is given ``ModelSpec.build_opacus`` where that
-differs (DPLSTM / DPGRU: Opacus 1.6 refuses nn.LSTM, "ShouldReplaceModuleError: Model contains a
-trainable layer that Opacus doesn't currently support"); the table says so.
+differs (DPLSTM / DPGRU: Opacus 1.6 refuses nn.LSTM and nn.GRU, "We do not support nn.LSTM because
+its implementation uses special modules. We have written a DPLSTM class ..."); the table says so.
 
 Peak memory (``memory=True``): after the timing, one more step of each engine, alone, under
 ``torch.profiler`` with ``profile_memory=True``: the largest sum of the sizes of the tensors
-torch's CPU allocator handed out during that step, less those it freed, counted from the step's
-start (the previous step's gradients, freed by ``zero_grad``, count negative). So it is the peak
-of the step's own live tensor bytes above what was live when it began: activations, captured
-tensors, per-sample gradients, gradients, noise. Not counted: the model and optimizer state
-(alive before and after), Python objects, and native scratch not allocated through torch
-(ppml_fast's kernels get theirs from torch). RSS would include the allocator's and the
+torch's CPU allocator handed out during that step and had not yet taken back, at its highest.
+So it is the peak of the step's own live tensor bytes: activations, captured tensors, per-sample
+gradients, gradients, noise. Not counted: blocks that were alive before the step (the model, the
+optimizer state, and the previous step's gradients, which ``zero_grad`` frees: the profiler does
+not know their size, and says so in a warning), Python objects, and native scratch not allocated
+through torch (ppml_fast's kernels get theirs from torch). RSS would include the allocator's and the
 interpreter's one-off growth, and tracemalloc does not see torch's allocations at all. On CUDA
 it is ``torch.cuda.max_memory_allocated()`` over the step (reset first) less
 ``memory_allocated()`` before it.
@@ -126,7 +126,7 @@ def _reason(e: BaseException) -> str:
 
 # -- memory ------------------------------------------------------------------------------------
 def step_peak_mb(step: Callable[[], None], device: str = "cpu") -> float:
-    """Peak MiB of tensors a step allocates above what was live when it began (module docstring)."""
+    """Peak MiB of the tensors a step allocates that are alive at once (module docstring)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -261,9 +261,10 @@ def format_models_table(rows: list[Row], meta: Optional[dict] = None) -> str:
                                         + time_cells + mem_cells) + " |")
     lines.append("")
     lines.append("time: median ms of the non-private step; the others: their median / its median "
-                 "(engines interleaved step by step). peak mem: the step's peak live tensor bytes "
-                 "above its start (torch.profiler memory events; CUDA: max_memory_allocated), "
-                 "the others as a ratio to non-private's.")
+                 "(engines interleaved step by step). peak mem: the most bytes of tensors allocated "
+                 "during one step alive at once (torch.profiler memory events; CUDA: "
+                 "max_memory_allocated less memory_allocated before the step), the others as "
+                 "a ratio to non-private's.")
     for r in rows:
         if r["refused"] is not None:
             lines.append(f"refused: {ENGINE_NAMES[str(r['engine'])]} at {r['model']}: {r['refused']}")
