@@ -263,3 +263,24 @@ def test_arguments_and_loaders_refused():
             PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                          data_loader=weighted, noise_multiplier=1.0, max_grad_norm=1.0,
                                          noise_mechanism="tree", steps=4, poisson_sampling=False)
+
+
+@pytest.mark.parametrize("mech,bands,poisson", [("banded_mf", 4, False), ("banded_mf", 2, True),
+                                                ("tree", None, False)])
+def test_make_private_with_epsilon_calibrates_to_the_plan(mech, bands, poisson):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    eng = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, o, loader = eng.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data(), batch_size=B), target_epsilon=3.0, target_delta=1e-5,
+            epochs=2, max_grad_norm=1.0, noise_mechanism=mech, bands=bands, poisson_sampling=poisson)
+    assert o.correlated.steps == 16
+    for _ in range(2):
+        for x, y in loader:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert 3.0 - 0.03 <= eng.get_epsilon(1e-5) <= 3.0

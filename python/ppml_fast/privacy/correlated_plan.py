@@ -135,3 +135,28 @@ def participation_of(data_loader: DataLoader, steps: int):
         "order) nor a RandomSampler without replacement (shuffle=True): how often a record can "
         "appear is unknown, so the correlated noise's sensitivity cannot be bounded; use "
         "DataLoader(..., shuffle=True or False) with a batch_size")
+
+
+def calibrate(correlated: CorrelatedNoise, *, target_epsilon: float, target_delta: float,
+              accountant: str, epsilon_tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier sigma (within the tolerance of
+    ``calibration.get_noise_multiplier``) whose epsilon after the whole plan of ``correlated``
+    is at most ``target_epsilon``, for the events the optimizer will compose:
+
+    - non-amplified schemas: the per-step events compose to one Gaussian mechanism of noise
+      sigma / sqrt(S_{T-1}) (Choquette-Choo et al. 2023, arXiv 2211.06530, section 2), so
+      sigma = sqrt(S_{T-1}) x the one-step Gaussian's calibrated sigma;
+    - cyclic Poisson: ceil(T / b) rounds of PoissonSampled(q, Gaussian(sigma / zeta))
+      (arXiv 2306.08153, Theorem 4), so sigma = zeta x DP-SGD's sigma for q and ceil(T / b) steps.
+    """
+    from ppml_fast.accounting import calibration
+
+    strategy, part, total = correlated.strategy, correlated.participation, correlated.steps
+    kw = dict(target_epsilon=target_epsilon, target_delta=target_delta, accountant=accountant,
+              epsilon_tolerance=epsilon_tolerance)
+    if part.kind == "cyclic_poisson":
+        rounds = -(-total // part.min_separation)
+        base = calibration.get_noise_multiplier(sample_rate=part.sample_rate, steps=rounds, **kw)
+        return base * strategy.max_column_norm()
+    base = calibration.get_noise_multiplier(sample_rate=1.0, steps=1, **kw)
+    return base * math.sqrt(strategy.sensitivity_sq_prefix(total - 1, part))

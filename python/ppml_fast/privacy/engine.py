@@ -247,12 +247,28 @@ class PrivacyEngine:
         **kwargs,
     ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
         """``make_private`` with the smallest noise multiplier whose epsilon after ``epochs``
-        epochs (``epochs * len(data_loader)`` steps) is at most ``target_epsilon``."""
+        epochs (``epochs * len(data_loader)`` steps) is at most ``target_epsilon``. With
+        ``noise_mechanism="tree"`` or ``"banded_mf"`` (in ``kwargs``) the run is planned for those
+        epochs and sigma is calibrated to the strategy's events
+        (:func:`ppml_fast.privacy.correlated_plan.calibrate`)."""
         if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
             raise ValueError("data_loader must be a non-empty torch DataLoader")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1; got {epochs!r}")
         steps = int(epochs) * len(data_loader)
+        if kwargs.get("noise_mechanism", "gaussian") != "gaussian":  # tree / banded MF: the plan's events
+            correlated = correlated_plan.plan(
+                noise_mechanism=kwargs["noise_mechanism"], bands=kwargs.get("bands"), epochs=epochs,
+                steps=kwargs.get("steps"), data_loader=data_loader, noise_multiplier=1.0,
+                poisson_sampling=kwargs.get("poisson_sampling", True),
+                distributed=kwargs.get("distributed", False))[0]
+            sigma = correlated_plan.calibrate(correlated, target_epsilon=target_epsilon,
+                                              target_delta=target_delta, accountant=self.accountant_name,
+                                              epsilon_tolerance=epsilon_tolerance)
+            kwargs.setdefault("max_epsilon", None)
+            return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                     noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                     epochs=epochs, **kwargs)
         sigma = calibration.get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta,
             sample_rate=1 / len(data_loader), steps=steps, accountant=self.accountant_name,
