@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -84,6 +85,16 @@ def test_a_refused_model_is_a_row_not_a_crash(capsys):
     [row] = profile_step.profile_models([spec], size="test", steps=1, warmup=1)
     assert row["refused"].startswith("UnsupportedModuleError")
     assert "| rows-mixed | refused |" in profile_step.format_profile_table([row])
+
+
+def test_without_transformers_its_models_say_not_installed_and_the_rest_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    rows = models.run_models(model_zoo.select_models(["bert", "gru"]), memory=False, **QUICK)
+    bert = [r for r in rows if r["model"] == "bert"]
+    assert len(bert) == 4 and all(str(r["refused"]).startswith("not installed: transformers") for r in bert)
+    assert all(r["refused"] is None or r["engine"].startswith("opacus") for r in rows if r["model"] == "gru")
+    assert models.check_rows(rows) == []
+    assert "| not installed |" in models.format_models_table(rows)
 
 
 def test_cli_only_models_quick_json(capsys):

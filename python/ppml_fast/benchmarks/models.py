@@ -173,7 +173,15 @@ def _run(specs, s, steps, warmup, engines, memory, device, progress) -> list[Row
         target = target.to(device)
         ready: dict[str, Callable[[], None]] = {}
         refused: dict[str, str] = {}
-        params = 0
+        try:  # transformers / peft missing: the model's rows say so, the others run
+            params = sum(p.numel() for p in spec.build(s).parameters() if p.requires_grad)
+        except ImportError as e:
+            missing = f"not installed: {e.name} (pip install 'ppml_fast[bench]')"
+            rows += [{"model": spec.key, "title": spec.title, "engine": engine, "batch": None,
+                      "params": None, "median_ms": None, "iqr_ms": None, "runs": None,
+                      "ratio": None, "peak_mb": None, "memory_ratio": None, "refused": missing,
+                      "note": None} for engine in engines]
+            continue
         for engine in engines:
             if progress:
                 progress(f"{spec.key}: {ENGINE_NAMES[engine]} (warm-up)")
@@ -190,7 +198,6 @@ def _run(specs, s, steps, warmup, engines, memory, device, progress) -> list[Row
                 if engine == "nonprivate":
                     raise
                 refused[engine] = _reason(e)
-        params = sum(p.numel() for p in spec.build(s).parameters() if p.requires_grad)
         if progress:
             progress(f"{spec.key}: timing {len(ready)} engines in {steps} rounds")
         timings = time_interleaved(ready, profile)
@@ -250,11 +257,11 @@ def format_models_table(rows: list[Row], meta: Optional[dict] = None) -> str:
         time_cells = []
         for e in engines:
             r = per[e]
-            if e == "nonprivate":
+            if e == "nonprivate" and r["refused"] is None:
                 time_cells.append(f"{r['median_ms']:.1f} ms")
             else:
                 time_cells.append(_cell(r, "ratio"))
-        mem_cells = [_cell(per[e], "memory_ratio") if e != "nonprivate" else
+        mem_cells = [_cell(per[e], "memory_ratio") if e != "nonprivate" or per[e]["refused"] else
                      ("-" if per[e]["peak_mb"] is None else f"{per[e]['peak_mb']:.2f} MiB")
                      for e in engines]
         lines.append("| " + " | ".join([f"{first['title']} [{model}]", str(first["batch"])]
@@ -273,7 +280,8 @@ def format_models_table(rows: list[Row], meta: Optional[dict] = None) -> str:
 
 def check_rows(rows: list[Row]) -> list[str]:
     """Problems with a result (for tests and CI smoke runs): a timed row whose ratio is not a
-    finite positive number, or a model without its non-private row."""
+    finite positive number, or a model without its non-private row (unless its package, e.g.
+    transformers, is not installed)."""
     bad = []
     for r in rows:
         if r["refused"] is not None:
@@ -282,7 +290,7 @@ def check_rows(rows: list[Row]) -> list[str]:
             v = r[f]
             if not (isinstance(v, float) and math.isfinite(v) and v > 0):
                 bad.append(f"{r['model']}/{r['engine']}: {f} = {v!r}")
-    for m in {r["model"] for r in rows}:
+    for m in {r["model"] for r in rows if not str(r["refused"]).startswith("not installed")}:
         if not any(r["model"] == m and r["engine"] == "nonprivate" and r["refused"] is None for r in rows):
             bad.append(f"{m}: no non-private row")
     return bad
