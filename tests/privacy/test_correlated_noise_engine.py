@@ -284,3 +284,36 @@ def test_make_private_with_epsilon_calibrates_to_the_plan(mech, bands, poisson):
             nn.functional.cross_entropy(m(x), y).backward()
             o.step()
     assert 3.0 - 0.03 <= eng.get_epsilon(1e-5) <= 3.0
+
+
+def test_secure_mode_with_virtual_batches_on_the_cyclic_loader():
+    from ppml_fast.privacy import BatchMemoryManager
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    eng = PrivacyEngine(accountant="rdp", secure_mode=True)
+    m, o, loader = eng.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(), batch_size=B), noise_multiplier=SIGMA, max_grad_norm=CLIP,
+        noise_mechanism="banded_mf", bands=2, epochs=1)
+    assert loader.batch_sampler.secure and sorted(torch.cat(loader.batch_sampler._members).tolist()) == list(range(64))
+    offsets = []
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3, optimizer=o) as physical:
+        for x, y in physical:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            before = o.offset
+            o.step()
+            if o.offset != before:
+                offsets.append((before, o.offset))
+    assert o.steps == len(offsets) == 8
+    assert all(b - a == o.correlated.blocks(o._grads()) for a, b in offsets)
+    assert all(a[1] == b[0] for a, b in zip(offsets, offsets[1:]))  # contiguous, never reused
+    zeta = o.correlated.strategy.max_column_norm()
+    want = RDPAccountant().compose(PoissonSampledEvent(0.25, GaussianEvent(SIGMA / zeta)), 4)
+    assert eng.get_epsilon(1e-5) == pytest.approx(want.get_epsilon(1e-5), rel=1e-9)
+    state = o.state_dict()
+    assert state["seed"] is None
+    with pytest.warns(UserWarning, match="without a journal"):
+        o.load_state_dict(state)
+    assert o.correlated.segment_start == 8
