@@ -11,8 +11,9 @@ Toeplitz C with coefficients c (McKenna 2024, arXiv 2405.15913, Sec. 3; jax_priv
 beta is the IIR recursion beta_i = (1 - sum_{m >= 1} c_m beta_{i-m}) / c_0, O(T b) (scipy lfilter),
 and so is the gradient (adjoint: L^T is L reversed):
     d/dc_m sum w_i beta_i^2 = -2 sum_{i >= m} lambda_i beta_{i-m},  lambda = L^{-T} (w * beta).
-Minimised with L-BFGS from the Fichtenberger-Henzinger-Upadhyay square-root coefficients
-(arXiv 2202.11205), as jax_privacy does. Cached per (T, b): in memory and on disk under
+Minimised (its log) with L-BFGS from the Fichtenberger-Henzinger-Upadhyay square-root
+coefficients (arXiv 2202.11205), as jax_privacy does; the optima agree with jax_privacy's to 1e-9
+(tests). Time O(iterations x T b): T = 10^4, b = 64 about 1 s. Cached per (T, b): in memory and on disk under
 ``$PPML_FAST_CACHE`` (default ``~/.cache/ppml_fast``)/matrix_factorization/. The cache only ever
 affects utility: sensitivities are always computed from the coefficients actually used.
 """
@@ -28,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-_VERSION = 1
+_VERSION = 2  # 2: the L-BFGS with backtracking (version 1's scipy L-BFGS-B stopped early at large T)
 _memory: dict = {}
 _lock = threading.Lock()
 
@@ -61,20 +62,67 @@ def toeplitz_loss_and_grad(c: np.ndarray, steps: int) -> tuple[float, np.ndarray
     return n2 * E, 2.0 * c * E + n2 * gE
 
 
+def _lbfgs(fg, x: np.ndarray, max_iter: int, memory: int = 20, tol: float = 1e-13) -> np.ndarray:
+    """L-BFGS (Nocedal & Wright 2006, Alg. 7.4/7.5) with Armijo backtracking that treats a
+    non-finite value as "too far": the loss is infinite where 1 / c(z) is unstable, right next to
+    the optimum for large T, where scipy's L-BFGS-B line search stopped at the starting point
+    (T = 10^4, b = 8: 36% above the optimum). Stops after 5 steps that gain < ``tol`` in f."""
+    f, g = fg(x)
+    S: list = []
+    Y: list = []
+    stall = 0
+    for _ in range(max_iter):
+        gn2 = float(np.linalg.norm(g))
+        if not gn2 > 0:
+            break
+        q, alphas = g.copy(), []
+        for s, y in reversed(list(zip(S, Y))):  # two-loop recursion
+            a = (s @ q) / (y @ s)
+            alphas.append(a)
+            q -= a * y
+        q *= (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1]) if S else 1e-1 / gn2
+        for (s, y), a in zip(zip(S, Y), reversed(alphas)):
+            q += s * (a - (y @ q) / (y @ s))
+        d = -q
+        if not g @ d < 0:  # not a descent direction: restart from the gradient
+            S, Y, d = [], [], -g * (1e-1 / gn2)
+        t = 1.0
+        while True:
+            x_new = x + t * d
+            f_new, g_new = fg(x_new)
+            if np.isfinite(f_new) and f_new <= f + 1e-4 * t * (g @ d):
+                break
+            t *= 0.5
+            if t < 1e-20:
+                return x
+        s, y = x_new - x, g_new - g
+        if s @ y > 1e-300:
+            S.append(s)
+            Y.append(y)
+            if len(S) > memory:
+                S.pop(0)
+                Y.pop(0)
+        stall = stall + 1 if f - f_new < tol else 0
+        x, f, g = x_new, f_new, g_new
+        if stall >= 5:
+            break
+    return x
+
+
 def _optimize(steps: int, bands: int, max_iter: int) -> np.ndarray:
-    from scipy.optimize import minimize
+    """Minimise log f(c) (scale-free values and gradients) from the square-root coefficients."""
     x0 = sqrt_coefficients(bands)
     x0 = x0 / np.linalg.norm(x0)
 
-    def fun(x):
+    def fg(x):
         f, g = toeplitz_loss_and_grad(x, steps)
-        if not np.isfinite(f):  # an unstable inverse: steer the line search back
-            return 1e300, -np.sign(x) * 1e300
-        return f, g
+        if not (np.isfinite(f) and f > 0):
+            return np.inf, None
+        return np.log(f), g / f
 
-    res = minimize(fun, x0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 30})
-    x = res.x if np.isfinite(res.fun) and res.fun <= fun(x0)[0] else x0
+    x = _lbfgs(fg, x0, max_iter)
+    if not toeplitz_loss_and_grad(x, steps)[0] <= toeplitz_loss_and_grad(x0, steps)[0]:
+        x = x0
     return x / np.linalg.norm(x)
 
 
@@ -114,15 +162,17 @@ def _load(steps: int, bands: int) -> Optional[np.ndarray]:
 
 def _store(steps: int, bands: int, c: np.ndarray, loss: float) -> None:
     path = _path(steps, bands)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump({"version": _VERSION, "steps": steps, "bands": bands, "loss": loss,
                        "coefficients": [float(v) for v in c]}, f)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
     except OSError:  # a read-only home: keep the in-memory result only
-        pass
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def optimal_toeplitz_coefficients(steps: int, bands: int, *, max_iter: int = 2000,
