@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ppml_fast.accounting import calibration
-from ppml_fast.privacy import checkpoint, correlated_plan
+from ppml_fast.privacy import checkpoint, correlated_plan, sampling
 from ppml_fast.noise_keys import noise_seed as noise_seed_check
 from ppml_fast.privacy.data import DistributedDPDataLoader, DPDataLoader
 from ppml_fast.privacy.module import PrivateModule
 from ppml_fast.privacy.distributed import DistributedDPOptimizer
-from ppml_fast.privacy.optimizer import DPOptimizer, warn_not_poisson
+from ppml_fast.privacy.optimizer import DPOptimizer
 
 
 def _loss_reduction(loss_reduction: Optional[str], criterion) -> str:
@@ -65,6 +65,8 @@ class PrivacyEngine:
         self.accountant = calibration.ACCOUNTANTS[accountant]()
         self.secure_mode = secure_mode
         self.optimizer: Optional[DPOptimizer] = None
+        # which sampling the accountant assumes, in words (privacy/sampling.py); set by make_private
+        self.accounting_analysis: Optional[str] = None
 
     def make_private(
         self,
@@ -157,7 +159,7 @@ class PrivacyEngine:
                                  "sampling draws from the OS CSPRNG and cannot be seeded; pass "
                                  "generator=None")
         correlated_plan.check_args(noise_mechanism, bands, epochs, steps)
-        correlated = None
+        correlated = plan = None
         if noise_mechanism != "gaussian":  # tree / banded MF: strategy, participation, loader
             correlated, loader, sample_rate, expected = correlated_plan.plan(
                 noise_mechanism=noise_mechanism, bands=bands, epochs=epochs, steps=steps,
@@ -170,7 +172,9 @@ class PrivacyEngine:
             sample_rate = loader.sample_rate
             expected = loader.expected_batch_size
         else:
-            warn_not_poisson()
+            # what the loader really does: its steps are accounted so (privacy/sampling.py)
+            plan = sampling.analyse(data_loader)
+            sampling.warn_not_poisson(plan)
             loader = data_loader
             sample_rate = 1 / len(data_loader)
             if data_loader.batch_size is None:
@@ -202,6 +206,9 @@ class PrivacyEngine:
             raise
         private._privacy_accountant = self.accountant  # a second engine is refused (budget restart)
         self.optimizer = dp_optimizer
+        if plan is not None:
+            sampling.attach(dp_optimizer, plan, loader)
+        self.accounting_analysis = sampling.describe(plan, sample_rate, correlated)
         if criterion is not None:
             return private, dp_optimizer, criterion, loader
         return private, dp_optimizer, loader
@@ -269,16 +276,24 @@ class PrivacyEngine:
             return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                      noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                                      epochs=epochs, **kwargs)
-        sigma = calibration.get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=target_delta,
-            sample_rate=1 / len(data_loader), steps=steps, accountant=self.accountant_name,
-            epsilon_tolerance=epsilon_tolerance)
+        if kwargs.get("poisson_sampling", True) is False and kwargs.get("noise_mechanism", "gaussian") == "gaussian":
+            sigma = sampling.calibrate(sampling.analyse(data_loader), steps=steps,  # honest shuffle account
+                                       target_epsilon=target_epsilon, target_delta=target_delta,
+                                       accountant=self.accountant_name, epsilon_tolerance=epsilon_tolerance)
+        else:
+            sigma = calibration.get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=target_delta,
+                sample_rate=1 / len(data_loader), steps=steps, accountant=self.accountant_name,
+                epsilon_tolerance=epsilon_tolerance)
         kwargs.setdefault("max_epsilon", None)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (infinity once a step ran with noise_multiplier 0)."""
+        """Epsilon spent so far at ``delta`` (infinity once a step ran with noise_multiplier 0),
+        for the sampling the run really does: ``accounting_analysis`` says which analysis that is
+        (Poisson sampling by default; with ``poisson_sampling=False`` the loader's own batches,
+        one Gaussian per epoch without amplification: :mod:`ppml_fast.privacy.sampling`)."""
         eps = self.accountant.get_epsilon(delta)
         if self.optimizer is not None and getattr(self.optimizer, "unnoised_steps", 0):
             return math.inf

@@ -312,6 +312,8 @@ class DPOptimizer(torch.optim.Optimizer):
     def _event(self):
         if self.correlated is not None:  # the strategy's per-step event (None: nothing)
             return self.correlated.event(self.steps, self.noise_multiplier)
+        if getattr(self, "sampling", None) is not None:  # poisson_sampling=False: privacy/sampling.py
+            return self.sampling.event(self)
         return PoissonSampledEvent(self.sample_rate, GaussianEvent(self.noise_multiplier))
 
     def _check_budget(self) -> None:
