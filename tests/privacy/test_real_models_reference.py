@@ -51,7 +51,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _params(dtype_name: str):
+def _params():
     out = []
     for k in MODELS:
         marks = ()
@@ -85,14 +85,14 @@ def _errors(key: str, dtype: torch.dtype) -> tuple[float, float, str]:
     return err / ref_norm, err / float(clipped_norms.sum()), detail
 
 
-@pytest.mark.parametrize("key", _params("float64"))
+@pytest.mark.parametrize("key", _params())
 def test_clipped_sum_float64(key):
     rel, rel_terms, detail = _errors(key, torch.float64)
     tol = min(TOL, rtol(torch.float64))
     assert rel <= tol and rel_terms <= tol, detail
 
 
-@pytest.mark.parametrize("key", _params("float32"))
+@pytest.mark.parametrize("key", _params())
 def test_clipped_sum_float32(key):
     rel, rel_terms, detail = _errors(key, torch.float32)
     assert rel <= TOL and rel_terms <= TOL, detail
@@ -101,5 +101,5 @@ def test_clipped_sum_float32(key):
 def test_every_bench_model_is_checked():
     """The bench's model list and this file's cover each other (a new model gets a reference)."""
     assert set(REFUSED) <= set(MODELS)
-    assert len(_params("float64")) == len(MODELS) == 10
+    assert len(_params()) == len(MODELS) == 10
     assert {"lstm", "gru"} <= set(MODELS)  # the recurrent models stay in both

@@ -49,9 +49,6 @@ class ModelSpec:
     build_opacus: Optional[Callable[[dict], nn.Module]] = None
     opacus_note: str = ""  # what the Opacus rows ran instead, e.g. "DPLSTM"
 
-    def batch_size(self, size: dict) -> int:
-        return size["resnet_batch"] if self.key == "resnet18-gn" else size["batch"]
-
 
 def forward_loss(model: nn.Module, inputs: dict, target: torch.Tensor) -> torch.Tensor:
     """The step's loss: mean cross-entropy of the model's logits (HF outputs' ``.logits``)."""
@@ -286,10 +283,11 @@ MODELS: dict[str, ModelSpec] = {m.key: m for m in (
     ModelSpec("roberta", "RobertaForSequenceClassification, full", _seeded(_roberta), _text_batch),
     ModelSpec("bert-frozen-emb", "BERT with frozen embeddings (Opacus tutorial)",
               _seeded(_bert_frozen_embeddings), _bert_batch),
-    ModelSpec("gpt2", "GPT2LMHeadModel, full (tied head; explicit (B, T) position_ids)", _seeded(_gpt2), _lm_batch),
+    ModelSpec("gpt2", "GPT2LMHeadModel, full (tied head; explicit (B, T) position_ids)",
+              _seeded(_gpt2), _lm_batch),
     ModelSpec("vit", "ViTForImageClassification, full", _seeded(_vit), _image_batch("vit")),
-    ModelSpec("resnet18-gn", "ResNet-18 with GroupNorm", _seeded(lambda s: ResNet18GN(s["resnet_width"])),
-              _image_batch("resnet18-gn")),
+    ModelSpec("resnet18-gn", "ResNet-18 with GroupNorm",
+              _seeded(lambda s: ResNet18GN(s["resnet_width"])), _image_batch("resnet18-gn")),
     ModelSpec("gpt2-lora", "GPT-2 + LoRA (peft, c_attn, r 8)", _seeded(_gpt2_lora), _lm_batch),
     ModelSpec("bert-lora", "BERT + LoRA (peft, query/value, r 8; classifier trained)",
               _seeded(_bert_lora), _bert_batch),
