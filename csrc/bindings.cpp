@@ -14,6 +14,7 @@
 #include "include/ppml/kernels.h"
 #include "include/ppml/noise.h"
 #include "include/ppml/secagg.h"
+#include "cpu/target.h"
 
 namespace py = pybind11;
 using namespace ppml;
@@ -176,6 +177,25 @@ void secagg_mask(int device, intptr_t stream, uintptr_t x, int64_t n, uintptr_t 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  // A PPML_FAST_CPU_ISA that names no instruction set is ignored, with a warning at import.
+  if (const char* problem = cpu::isa_env_problem(); problem[0] != '\0') {
+    if (PyErr_WarnEx(PyExc_RuntimeWarning, problem, 1) != 0) throw py::error_already_set();
+  }
+  m.def("_cpu_isa", [] { return std::string(cpu::isa_name(cpu::isa_limit())); },
+        "The highest instruction set the CPU kernels use now: 'avx512', 'avx2' or 'portable' "
+        "(the CPU's best, lowered by PPML_FAST_CPU_ISA or _set_cpu_isa).");
+  m.def("_cpu_isa_available", [] { return std::string(cpu::isa_name(cpu::cpu_isa())); },
+        "The best instruction set of this CPU that the kernels have builds for.");
+  m.def("_set_cpu_isa", [](const std::string& name) {
+    cpu::Isa isa;
+    bool automatic;
+    if (!cpu::parse_isa(name.c_str(), &isa, &automatic))
+      throw std::invalid_argument("isa must be one of 'auto', 'avx512', 'avx2', 'portable'; got '" +
+                                  name + "'");
+    return std::string(cpu::isa_name(cpu::set_isa_limit(automatic ? cpu::cpu_isa() : isa)));
+  }, py::arg("isa"),
+        "Switch (also for the tests): the highest instruction set of the CPU kernels, capped by "
+        "the CPU ('auto' = the CPU's best); returns the previous one. Every set gives the same bits.");
   m.doc() = "ppml_fast native kernels on raw buffers (see ppml_fast.ops for the public API)";
   m.attr("CHUNK") = py::int_(kChunk);
   m.def("cuda_available", &cuda::available, "True when this build includes the CUDA kernels");

@@ -8,87 +8,23 @@
 // output element adds the rows in row order, so the result does not depend on the thread
 // count or the block size. Without clipping (weighted_aggregate, no clip_norm) one pass does
 // it all (run_one_pass). Sums of squares accumulate in double per chunk (a float accumulator
-// over 1e6 elements loses ~1e-4 relative, DESIGN.md).
+// over 1e6 elements loses ~1e-4 relative, DESIGN.md). The row loops come in AVX-512, AVX2 and
+// portable builds (row_loops.h) giving the same bits; rows of extreme magnitude (norms that
+// overflow, factors below the accumulation type's normal range) are rescued by scaling
+// (clip_rescue.h), so a finite nonzero gradient never gets a zero factor.
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <fstream>
-#include <string>
 #include <cmath>
 #include <vector>
 
 #include "../include/ppml/kernels.h"
+#include "clip_layout.h"
+#include "clip_rescue.h"
 #include "parallel.h"
 #include "row_loops.h"
 
 namespace ppml::cpu {
 namespace {
-
-struct Chunk {
-  int seg;
-  int64_t start;
-  int64_t len;
-};
-
-// Bytes of rows per block of the two-pass kernel: PPML_FAST_BLOCK_BYTES when set (tests use it
-// to force many blocks), else a quarter of the last-level cache read from sysfs (sysconf's
-// _SC_LEVEL3_CACHE_SIZE reported 256 MiB for this VM's 32 MiB L3), else 8 MiB.
-int64_t block_budget_bytes() {
-  static const int64_t bytes = [] {
-    if (const char* env = std::getenv("PPML_FAST_BLOCK_BYTES")) {
-      long long v = std::atoll(env);
-      if (v > 0) return static_cast<int64_t>(v);
-    }
-    int64_t llc = 0;
-    for (int index = 0; index < 8; ++index) {
-      std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-      std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
-      int level = 0;
-      std::string size;
-      if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
-      int64_t v = std::atoll(size.c_str());
-      const char unit = size.back();
-      if (unit == 'K') v <<= 10;
-      if (unit == 'M') v <<= 20;
-      if (level >= 2 && v > llc) llc = v;
-    }
-    if (llc <= 0) llc = int64_t(32) << 20;
-    return std::max<int64_t>(int64_t(1) << 20, llc / 4);
-  }();
-  return bytes;
-}
-
-// Column chunks of all segments, and the share of them that each thread owns.
-struct Layout {
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> chunk_begin_elems;  // elements before each chunk
-  std::vector<int> seg_first_chunk;        // L + 1 entries
-  int64_t total = 0;                       // elements per row
-  int64_t C = 0;
-
-  explicit Layout(const std::vector<int64_t>& widths) : seg_first_chunk(widths.size() + 1, 0) {
-    for (size_t l = 0; l < widths.size(); ++l) {
-      seg_first_chunk[l] = static_cast<int>(chunks.size());
-      for (int64_t s = 0; s < widths[l]; s += kChunk) {
-        chunks.push_back({static_cast<int>(l), s, std::min(kChunk, widths[l] - s)});
-        chunk_begin_elems.push_back(total);
-        total += chunks.back().len;
-      }
-    }
-    seg_first_chunk[widths.size()] = static_cast<int>(chunks.size());
-    C = static_cast<int64_t>(chunks.size());
-  }
-
-  // chunks [*c0, *c1) of thread t of nt, balanced by elements
-  void share(int t, int nt, int64_t* c0, int64_t* c1) const {
-    const int64_t e0 = total * t / nt, e1 = total * (t + 1) / nt;
-    *c0 = std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e0) -
-          chunk_begin_elems.begin();
-    *c1 = (t == nt - 1) ? C
-                        : std::lower_bound(chunk_begin_elems.begin(), chunk_begin_elems.end(), e1) -
-                              chunk_begin_elems.begin();
-  }
-};
 
 template <typename T>
 struct Rows {
@@ -101,10 +37,14 @@ struct Rows {
 };
 
 // Norms of row b from its chunk sums (written to p.norms when write_norms), and its factor for
-// each segment into factor[0..L). Returns false when the row is dropped (a non-finite norm).
-template <typename A>
-bool row_factors(const ClipProblem& p, const Layout& lay, const double* partial_b, int64_t b,
-                 bool write_norms, A* factor, double* seg_norm) {
+// each segment into factor[0..L). Returns false when the row is dropped (an entry is infinite or
+// NaN). A row whose sums overflowed, or (when rexp is given) whose factor is too small for A, is
+// rescued (clip_rescue.h): then rexp[l] = E and factor[l] = fs, the factor in the scale of
+// g * 2^-E (axpy_scaled); else rexp[l] = kNotRescued.
+template <typename T, typename A>
+bool row_factors(const ClipProblem& p, const Layout& lay, const Rows<T>& rows,
+                 const double* partial_b, int64_t b, bool write_norms, A* factor, int* rexp,
+                 double* seg_norm) {
   const int L = static_cast<int>(p.seg_widths.size());
   bool finite = true;
   for (int l = 0; l < L; ++l) {
@@ -115,8 +55,34 @@ bool row_factors(const ClipProblem& p, const Layout& lay, const double* partial_
   }
   double flat = 0.0;
   for (int64_t c = 0; c < lay.C; ++c) flat += partial_b[c];
-  const double flat_norm = std::sqrt(flat);
+  double flat_norm = std::sqrt(flat);
   finite = finite && is_finite_double(flat_norm);
+  // The scaled sums of the rescue (clip_rescue.h), computed at most once, when needed.
+  std::vector<int> E;
+  std::vector<double> S;
+  int flat_e = 0;
+  double flat_s = 0.0;
+  auto scan = [&]() -> bool {
+    E.assign(L, 0);
+    S.assign(L, 0.0);
+    for (int l = 0; l < L; ++l)
+      if (!scaled_sumsq(rows.at(b, l), p.seg_widths[l], &E[l], &S[l])) return false;
+    flat_e = kNotRescued;
+    for (int l = 0; l < L; ++l)
+      if (S[l] > 0.0 && E[l] > flat_e) flat_e = E[l];
+    if (flat_e == kNotRescued) flat_e = 0;
+    flat_s = 0.0;
+    for (int l = 0; l < L; ++l)
+      if (S[l] > 0.0) flat_s += std::ldexp(S[l], 2 * (E[l] - flat_e));
+    return true;
+  };
+  // A sum of squares that overflowed (float64 entries beyond ~1e154) with finite entries: the
+  // norms from the scaled sums (infinite only where the norm exceeds the largest double).
+  if (!finite && p.dtype == DType::kFloat64 && scan()) {
+    finite = true;
+    for (int l = 0; l < L; ++l) seg_norm[l] = std::ldexp(std::sqrt(S[l]), E[l]);
+    flat_norm = std::ldexp(std::sqrt(flat_s), flat_e);
+  }
   if (write_norms) {
     if (p.per_layer) {
       for (int l = 0; l < L; ++l) p.norms[l * p.rows + b] = seg_norm[l];
@@ -126,12 +92,29 @@ bool row_factors(const ClipProblem& p, const Layout& lay, const double* partial_
   }
   const double scale = p.row_scale ? p.row_scale[b] : 1.0;
   for (int l = 0; l < L; ++l) {
+    if (rexp) rexp[l] = kNotRescued;
     double f = 0.0;
     if (finite) {
-      f = p.per_layer ? clip_factor(seg_norm[l], p.max_norms[l], p.mode, p.eps, p.gamma)
-                      : clip_factor(flat_norm, p.max_norms[0], p.mode, p.eps, p.gamma);
+      // an infinite norm here is an overflow of finite entries: rescued below
+      f = p.mode == ClipMode::kNone
+              ? 1.0
+              : (p.per_layer ? clip_factor(seg_norm[l], p.max_norms[l], p.mode, p.eps, p.gamma)
+                             : clip_factor(flat_norm, p.max_norms[0], p.mode, p.eps, p.gamma));
     }
-    factor[l] = static_cast<A>(scale * f);
+    const double d = scale * f;
+    if (finite && rexp && p.mode != ClipMode::kNone && scale != 0.0 &&
+        factor_needs_rescue<A>(d) && (!S.empty() || scan())) {
+      const int e = p.per_layer ? E[l] : flat_e;
+      const double s = p.per_layer ? S[l] : flat_s;
+      const double max_norm = p.per_layer ? p.max_norms[l] : p.max_norms[0];
+      const double fs = scale * scaled_clip_factor(std::sqrt(s), e, max_norm, p.mode, p.eps, p.gamma);
+      if (s > 0.0 && !factor_needs_rescue<A>(fs)) {
+        factor[l] = static_cast<A>(fs);
+        rexp[l] = e;
+        continue;
+      }
+    }
+    factor[l] = static_cast<A>(d);
   }
   return finite;
 }
@@ -172,6 +155,7 @@ void run_two_pass(const ClipProblem& p, const Layout& lay, const RowLoops<T>& lo
     lay.share(t, nt, &c0, &c1);
     std::vector<double> seg_norm(L);
     std::vector<A> factor(static_cast<size_t>(block_rows) * L);
+    std::vector<int> rexp(static_cast<size_t>(block_rows) * L);
     std::vector<const T*> gptr(block_rows);
     std::vector<A> aval(block_rows);
     for (int64_t r0 = 0; r0 < B; r0 += block_rows) {
@@ -186,21 +170,33 @@ void run_two_pass(const ClipProblem& p, const Layout& lay, const RowLoops<T>& lo
       if (nt > 1) barrier.wait();
       // factors of the block's rows: every thread computes the same numbers
       for (int64_t b = r0; b < r1; ++b)
-        row_factors(p, lay, partial.data() + b * C, b, t == 0, factor.data() + (b - r0) * L,
-                    seg_norm.data());
-      // pass 2: add the block's rows into my chunks of the outputs, read from cache
+        row_factors(p, lay, rows, partial.data() + b * C, b, t == 0,
+                    factor.data() + (b - r0) * L, rexp.data() + (b - r0) * L, seg_norm.data());
+      // pass 2: add the block's rows into my chunks of the outputs, read from cache. A rescued
+      // row (rare) goes through axpy_scaled in its place: out[j] takes the rows in row order
+      // either way, so splitting the list there changes no bit of the other rows' sums.
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = lay.chunks[c];
+        A* out = static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start;
+        bool init = r0 == 0;
         int n = 0;
         for (int64_t b = r0; b < r1; ++b) {
           const A a = factor[(b - r0) * L + ch.seg];
           if (a == A(0)) continue;
+          const int e = rexp[(b - r0) * L + ch.seg];
+          if (e != kNotRescued) {
+            if (n > 0) loops.axpy(out, gptr.data(), aval.data(), n, ch.len, init);
+            if (n > 0) init = false;
+            n = 0;
+            axpy_scaled(out, rows.at(b, ch.seg) + ch.start, a, e, ch.len, init);
+            init = false;
+            continue;
+          }
           gptr[n] = rows.at(b, ch.seg) + ch.start;
           aval[n] = a;
           ++n;
         }
-        A* out = static_cast<A*>(p.out_ptrs[ch.seg]) + ch.start;
-        loops.axpy(out, gptr.data(), aval.data(), n, ch.len, r0 == 0);
+        if (n > 0 || init) loops.axpy(out, gptr.data(), aval.data(), n, ch.len, init);
       }
     }
   }, &barrier);
@@ -291,7 +287,8 @@ void run_one_pass(const ClipProblem& p, const Layout& lay, const RowLoops<T>& lo
       std::vector<A> factor(L);
       std::vector<double> seg_norm(L);
       for (int64_t b = 0; b < B; ++b) {
-        if (!row_factors(p, lay, partial.data() + b * C, b, true, factor.data(), seg_norm.data()) &&
+        if (!row_factors(p, lay, rows, partial.data() + b * C, b, true, factor.data(), nullptr,
+                         seg_norm.data()) &&
             keep[b]) {
           keep[b] = 0;
           dropped.store(true, std::memory_order_relaxed);
@@ -321,8 +318,9 @@ std::atomic<bool>& f16c_flag() {
 template <typename T>
 void run(const ClipProblem& p) {
   const Layout lay(p.seg_widths);
-  const RowLoops<T> loops = row_loops<T>(simd_flag().load(std::memory_order_relaxed),
-                                         f16c_flag().load(std::memory_order_relaxed));
+  const bool simd = simd_flag().load(std::memory_order_relaxed);
+  const Isa isa = use_avx512(simd) ? Isa::kAvx512 : (use_avx2(simd) ? Isa::kAvx2 : Isa::kPortable);
+  const RowLoops<T> loops = row_loops<T>(isa, f16c_flag().load(std::memory_order_relaxed));
   if (p.mode == ClipMode::kNone && !p.per_layer) {
     run_one_pass<T>(p, lay, loops);
   } else {

@@ -5,8 +5,10 @@
 // thread count, the split into chunks, or the device. Threads take chunks of the concatenated
 // block space from a shared counter.
 //
-// Two paths give the same bits: with AVX2 (noise_avx2.h) Philox, Box-Muller and the update run
-// four blocks per vector (16-bit storage: where the CPU also has F16C); elsewhere, or with PPML_FAST_DISABLE_AVX2=1, the portable code of
+// Three paths give the same bits: with AVX-512 (noise_avx512.h) Philox, Box-Muller and the update
+// of float32 / float64 run eight blocks per vector; with AVX2 (noise_avx2.h) four (16-bit
+// storage: where the CPU also has F16C; AVX-512 CPUs take this for 16-bit storage too); elsewhere,
+// with PPML_FAST_CPU_ISA=portable or PPML_FAST_DISABLE_AVX2=1, the portable code of
 // include/ppml (eight Philox blocks at a time, then Box-Muller per block), built for the baseline
 // ISA (and for AVX2, which secure mode uses where the CPU has it). Secure mode (ChaCha20) always
 // takes the portable code.
@@ -20,6 +22,7 @@
 #include "../include/ppml/kernels.h"
 #include "../include/ppml/noise.h"
 #include "noise_avx2.h"
+#include "noise_avx512.h"
 #include "parallel.h"
 #include "philox_x8.h"
 #include "target.h"
@@ -175,15 +178,70 @@ __attribute__((target("avx2"))) void noise_range_avx2(T* x, int64_t numel, uint6
 }
 #endif
 
-// Local blocks [b0, b1) of tensor t: on the hand-written AVX2 path when simd_keys is given, else
-// on the portable code, its AVX2 build when avx2 is true.
+#if defined(PPML_HAVE_NOISE_AVX512)
+// The AVX-512 vector loop of one scaling mode (not inlined, as update_groups_avx2).
+template <avx2::Scale kScale, typename T>
+__attribute__((target(PPML_AVX512_ISA), noinline)) void update_groups_avx512(
+    T* x, uint64_t index, int64_t groups, const avx512::PhiloxKeys& keys, double stddev,
+    double f) {
+  avx512::update_groups<kScale>(x, index, groups, keys, stddev, f);
+}
+
+// AVX-512 path of the reproducible stream for float32 / float64, same arguments as noise_range:
+// whole groups of avx512::kGroupBlocks blocks whose elements all exist, eight blocks per vector;
+// the rest of the range (its last partial group, a tensor's odd last element) on the AVX2 path,
+// which computes the same samples.
+template <typename T>
+__attribute__((target(PPML_AVX512_ISA))) void noise_range_avx512(
+    T* x, int64_t numel, uint64_t first_block, uint64_t b0, uint64_t b1, const NoiseProblem& p,
+    const avx512::PhiloxKeys& keys, const avx2::PhiloxKeys& keys2) {
+  constexpr uint64_t kG = avx512::kGroupBlocks;
+  const uint64_t index = p.offset + first_block;
+  uint64_t b = b0;
+  const uint64_t full = std::min<uint64_t>(b1, static_cast<uint64_t>(numel) / 2);
+  if (full > b0) {
+    const int64_t groups = static_cast<int64_t>((full - b0) / kG);
+    T* xb = x + 2 * b0;
+    double inv;
+    if (!p.divide) {
+      update_groups_avx512<avx2::Scale::kNone>(xb, index + b0, groups, keys, p.stddev, 1.0);
+    } else if (exact_reciprocal(p.denominator, &inv)) {
+      update_groups_avx512<avx2::Scale::kMulReciprocal>(xb, index + b0, groups, keys, p.stddev,
+                                                        inv);
+    } else {
+      update_groups_avx512<avx2::Scale::kDivide>(xb, index + b0, groups, keys, p.stddev,
+                                                 p.denominator);
+    }
+    b = b0 + kG * static_cast<uint64_t>(groups);
+  }
+  if (b < b1) noise_range_avx2(x, numel, first_block, b, b1, p, keys2, false);
+}
+#endif
+
+// Round keys of the hand-written vector paths (null where a path is not taken).
+struct SimdKeys {
+  const void* avx2 = nullptr;    // avx2::PhiloxKeys
+  const void* avx512 = nullptr;  // avx512::PhiloxKeys
+};
+
+// Local blocks [b0, b1) of tensor t: on the hand-written AVX-512 path (float32 / float64) when
+// keys.avx512 is given, on the AVX2 one when keys.avx2 is, else on the portable code, its AVX2
+// build when avx2 is true.
 template <typename T>
 void noise_typed(T* x, int64_t numel, uint64_t first, uint64_t b0, uint64_t b1,
-                 const NoiseProblem& p, const void* simd_keys, bool avx2, bool f16c) {
+                 const NoiseProblem& p, const SimdKeys& keys, bool avx2, bool f16c) {
+#if defined(PPML_HAVE_NOISE_AVX512)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (keys.avx512)
+      return noise_range_avx512(x, numel, first, b0, b1, p,
+                                *static_cast<const avx512::PhiloxKeys*>(keys.avx512),
+                                *static_cast<const avx2::PhiloxKeys*>(keys.avx2));
+  }
+#endif
 #if defined(PPML_HAVE_NOISE_AVX2)
-  if (simd_keys)
+  if (keys.avx2)
     return noise_range_avx2(x, numel, first, b0, b1, p,
-                            *static_cast<const avx2::PhiloxKeys*>(simd_keys), f16c);
+                            *static_cast<const avx2::PhiloxKeys*>(keys.avx2), f16c);
 #endif
 #if PPML_HAVE_AVX2_TARGET
   if (avx2) return noise_portable_avx2(x, numel, first, b0, b1, p);
@@ -192,7 +250,7 @@ void noise_typed(T* x, int64_t numel, uint64_t first, uint64_t b0, uint64_t b1,
 }
 
 void noise_tensor(const NoiseTensor& t, uint64_t first, uint64_t b0, uint64_t b1,
-                  const NoiseProblem& p, const void* simd_keys, bool avx2, bool f16c) {
+                  const NoiseProblem& p, const SimdKeys& simd_keys, bool avx2, bool f16c) {
   switch (t.dtype) {
     case DType::kFloat32:
       return noise_typed(static_cast<float*>(t.ptr), t.numel, first, b0, b1, p, simd_keys, avx2,
@@ -224,14 +282,23 @@ void gaussian_noise(const NoiseProblem& p) {
     first[k + 1] = first[k] + noise_blocks(p.tensors[k].numel);
   const uint64_t total = first.back();
   if (total == 0) return;
-  const bool simd = simd_flag().load(std::memory_order_relaxed);
+  // The instruction set: AVX-512 or AVX2 where the switch is on and isa_limit() allows it.
+  const bool switch_on = simd_flag().load(std::memory_order_relaxed);
+  const bool simd = use_avx2(switch_on);
   const bool f16c = simd && f16c_flag().load(std::memory_order_relaxed);
-  const void* simd_keys = nullptr;
+  SimdKeys simd_keys;
 #if defined(PPML_HAVE_NOISE_AVX2)
   avx2::PhiloxKeys keys;
   if (!p.secure && simd) {
     avx2::philox_keys(p.seed, &keys);
-    simd_keys = &keys;
+    simd_keys.avx2 = &keys;
+  }
+#endif
+#if defined(PPML_HAVE_NOISE_AVX512)
+  avx512::PhiloxKeys keys512;
+  if (!p.secure && use_avx512(switch_on)) {
+    avx512::philox_keys(p.seed, &keys512);
+    simd_keys.avx512 = &keys512;
   }
 #endif
   // blocks [g0, g1) of the concatenated tensors
@@ -254,6 +321,9 @@ void gaussian_noise(const NoiseProblem& p) {
   constexpr uint64_t kChunkBlocks = 4080;
 #if defined(PPML_HAVE_NOISE_AVX2)
   static_assert(kChunkBlocks % avx2::kGroupBlocks == 0, "chunks of whole AVX2 groups");
+#endif
+#if defined(PPML_HAVE_NOISE_AVX512)
+  static_assert(kChunkBlocks % avx512::kGroupBlocks == 0, "chunks of whole AVX-512 groups");
 #endif
   static_assert(kChunkBlocks % kLanes == 0, "chunks of whole portable groups");
   std::atomic<uint64_t> next{0};

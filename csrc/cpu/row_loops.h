@@ -1,8 +1,9 @@
 // The vectorised inner loops of the clipping / aggregation kernel (clip_accumulate.cpp): sums
 // of squares of a row chunk, and clipped rows added into an output chunk. Each is compiled
-// twice per dtype, as explicit functions for AVX2 (PPML_TARGET_AVX2) and for the baseline ISA,
-// float16 a third time with F16C intrinsics ("avx2,f16c"), and the kernel takes one set per call
-// as a RowLoops table (row_loops<T>(avx2, f16c)). All sets run the same operations in the same
+// three times per dtype, as explicit functions for AVX-512 (PPML_TARGET_AVX512), AVX2
+// (PPML_TARGET_AVX2) and the baseline ISA, float16 a fourth time with F16C intrinsics
+// ("avx2,f16c", also used on AVX-512 CPUs), and the kernel takes one set per call as a RowLoops
+// table (row_loops<T>(isa, f16c)). All sets run the same operations in the same
 // order (no reassociation, no contraction: target.h), so they give the same bits;
 // tests/ops/test_clip_simd.py compares them.
 #pragma once
@@ -133,6 +134,24 @@ PPML_TARGET_AVX2 void axpy_avx2(A* out, const T* const* g, const A* a, int nrows
 }
 #endif
 
+#if PPML_HAVE_AVX512_TARGET
+// The same loops compiled for AVX-512 (zmm vectors of 8 doubles / 16 floats): the compiler
+// vectorises the same operations in the same order as in the other builds.
+template <typename T>
+PPML_TARGET_AVX512 double sumsq_stream_avx512(const T* x, int64_t n) {
+  return sumsq<T, 8, false>(x, n);
+}
+template <typename T>
+PPML_TARGET_AVX512 double sumsq_cached_avx512(const T* x, int64_t n) {
+  return sumsq_cached_body(x, n);
+}
+template <typename T, typename A>
+PPML_TARGET_AVX512 void axpy_avx512(A* out, const T* const* g, const A* a, int nrows, int64_t n,
+                                    bool init) {
+  axpy_rows(out, g, a, nrows, n, init);
+}
+#endif
+
 #if PPML_HAVE_F16C_TARGET
 // The float16 loops with F16C's vcvtph2ps (f16c.h; the integer half_to_float of the other builds
 // barely vectorises: float16 clipping took 5x as long as bfloat16). Each does the same
@@ -259,18 +278,22 @@ struct RowLoops {
   void (*axpy)(A*, const T* const*, const A*, int, int64_t, bool);  // axpy_rows
 };
 
-// The AVX2 build when avx2 is true (the caller checked the CPU), for float16 its F16C build when
-// f16c is true as well (the caller checked that too), else the portable one.
+// The build of isa (the caller checked the CPU): for float16 the F16C build when isa is AVX2 or
+// AVX-512 and f16c is true (the caller checked that too), else the AVX-512, AVX2 or portable one.
 template <typename T>
-RowLoops<T> row_loops(bool avx2, bool f16c) {
+RowLoops<T> row_loops(Isa isa, bool f16c) {
   using A = typename Storage<T>::acc;
 #if PPML_HAVE_F16C_TARGET
   if constexpr (std::is_same_v<T, Half>) {
-    if (avx2 && f16c) return {&sumsq_stream_f16c, &sumsq_cached_f16c, &axpy_f16c};
+    if (isa != Isa::kPortable && f16c) return {&sumsq_stream_f16c, &sumsq_cached_f16c, &axpy_f16c};
   }
 #endif
+#if PPML_HAVE_AVX512_TARGET
+  if (isa == Isa::kAvx512)
+    return {&sumsq_stream_avx512<T>, &sumsq_cached_avx512<T>, &axpy_avx512<T, A>};
+#endif
 #if PPML_HAVE_AVX2_TARGET
-  if (avx2) return {&sumsq_stream_avx2<T>, &sumsq_cached_avx2<T>, &axpy_avx2<T, A>};
+  if (isa != Isa::kPortable) return {&sumsq_stream_avx2<T>, &sumsq_cached_avx2<T>, &axpy_avx2<T, A>};
 #endif
   return {&sumsq_stream_portable<T>, &sumsq_cached_portable<T>, &axpy_portable<T, A>};
 }
