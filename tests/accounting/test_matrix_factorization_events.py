@@ -133,3 +133,11 @@ def test_epsilon_grows_with_steps():
     s, p = mf.tree(T), SCHEMAS["epoch8"]
     eps = [PLDAccountant().compose(s.event(SIGMA, p, steps=n)).get_epsilon(DELTA) for n in range(1, T + 1)]
     assert np.all(np.diff(eps) >= 0) and eps[-1] > eps[0]
+
+
+def test_tiny_increment_is_rounded_up_not_refused():
+    """An increment below GaussianEvent's range (noise multiplier > 1e100) becomes 1e100: a
+    larger privacy loss than the true one, never an error mid-run."""
+    s = mf.banded([1e-120], 4)
+    e = s.step_event(0, 1.0, Participation("single"))
+    assert e == GaussianEvent(1e100)

@@ -6,7 +6,7 @@ gradient-space noise w (for square lower-triangular C: w = C^{-1} z), so that th
 the noisy gradients are A x + B z (Denisov et al. 2022, arXiv 2202.08312, Sec. 2; Choquette-Choo
 et al. 2023, arXiv 2211.06530 and 2306.08153). Privacy: the release of the first t + 1 rows is the
 Gaussian mechanism with squared sensitivity S_t (``sensitivity_sq_prefix``), also when the x_t are
-chosen adaptively from earlier outputs (Denisov et al. 2022, Thm. 2.1, lower-triangular C;
+chosen adaptively from earlier outputs (Denisov et al. 2022, Sec. 2, for lower-triangular C;
 multi-participation: arXiv 2211.06530, Sec. 2). Pure numpy; imports nothing from the training code.
 """
 
@@ -137,7 +137,8 @@ class NoiseStrategy:
         inc = float(S[t] - (S[t - 1] if t else 0.0))
         if inc <= 0.0:
             return None
-        return GaussianEvent(sigma / math.sqrt(inc))
+        # an increment below (sigma / 1e100)^2 (GaussianEvent's range) is rounded up: conservative
+        return GaussianEvent(min(sigma / math.sqrt(inc), 1e100))
 
     def event(self, noise_multiplier: float, participation: Participation,
               steps: Optional[int] = None) -> Event:
