@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ppml_fast.accounting import _checks, mf_sensitivity
-from ppml_fast.accounting.events import Event, GaussianEvent, PoissonSampledEvent
+from ppml_fast.accounting.events import Event, GaussianEvent, PoissonSampledEvent, SelfComposedEvent
 from ppml_fast.accounting.mf_participation import Participation
 
 _MAX_DENSE = 4096  # matrix() / noise_matrix() refuse larger T (T^2 doubles)
@@ -97,11 +97,14 @@ class NoiseStrategy:
     def sensitivity_sq_prefix(self, t: int, participation: Participation) -> float:
         """S_t: the max over ``participation``'s patterns of the squared L2 sensitivity (per unit
         clipping norm, add/remove adjacency) of the rows of C released by the end of step t
-        (0-based; t = -1 gives 0). Exact where C^T C >= 0 on the pattern's entries (the tree,
-        identity, banded C under b-min-separation or single participation); otherwise the
-        conservative sum_{i, j in pattern} |(C^T C)_{ij}| (arXiv 2211.06530, Eq. 5). For
-        "cyclic_poisson" the value without amplification (every step of the part sampled).
-        Non-decreasing in t."""
+        (0-based; t = -1 gives 0). Exact where C^T C >= 0 on the pattern's entries or the
+        pattern's columns are orthogonal: identity; the tree under "single"/"every_epoch"; banded
+        C under "single", "min_separated" (separation >= bands) and "every_epoch" with
+        steps_per_epoch >= bands. Otherwise an upper bound: banded C under "every_epoch" with
+        steps_per_epoch < bands, the conservative sum_{i, j in pattern} |(C^T C)_{ij}|
+        (arXiv 2211.06530, Eq. 5); the tree under "min_separated", a packing bound
+        (mf_sensitivity.tree_min_separated). For "cyclic_poisson" the value without
+        amplification (every step of the record's part). Non-decreasing in t."""
         t = _step("t", t, self.steps, low=-1)
         S = self._prefix(participation)
         return 0.0 if t < 0 else float(S[t])
@@ -114,11 +117,12 @@ class NoiseStrategy:
         mechanism with noise sigma and sensitivity sqrt(S_t), which is the release of rows 0..t.
 
         "cyclic_poisson" (amplified BandMF, arXiv 2306.08153, Thm. 4; jax_privacy
-        ``accounting.amplified_bandmf_event``): for a b-banded C with b <= min_separation (parts),
-        max column norm zeta and noise sigma, the mechanism is as private as ceil(T / b) rounds of
-        DP-SGD: PoissonSampledEvent(q, GaussianEvent(sigma / zeta)) each. One such event at each
-        step t with t % b == 0 (the start of a round: after step t at most floor(t / b) + 1 rounds
-        of any part have begun), else None.
+        ``accounting.amplified_bandmf_event``): with b = min_separation parts (b <= T), a C with
+        at most b bands (so the columns of one part's steps are orthogonal), max column norm zeta
+        and noise sigma, the mechanism is as private as ceil(T / b) rounds of DP-SGD:
+        PoissonSampledEvent(q, GaussianEvent(sigma / zeta)) each. One such event at each step t
+        with t % b == 0 (the start of a round: after step t at most floor(t / b) + 1 rounds of
+        any part have begun), else None.
 
         Args:
             t: the step (0-based, < steps).
@@ -145,7 +149,6 @@ class NoiseStrategy:
         """The composition of ``step_event`` over steps 0..steps-1 (default: all T) as one
         event, for calibration: GaussianEvent(sigma / sqrt(S_{steps-1})), or for
         "cyclic_poisson" ceil(steps / b) Poisson-sampled Gaussian rounds."""
-        from ppml_fast.accounting.events import SelfComposedEvent
         n = self.steps if steps is None else _step("steps", steps, self.steps + 1, low=1)
         sigma = _checks.positive("noise_multiplier", noise_multiplier)
         participation = _participation(participation)
