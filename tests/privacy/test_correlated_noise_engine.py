@@ -33,11 +33,11 @@ def _data(n=64, d=6, seed=0):
 
 
 def _private(mech="banded_mf", bands=4, *, shuffle=False, poisson=False, steps=None, epochs=None,
-             seed=None, journal=None, accountant="rdp", width=6, hidden=8, **kw):
+             seed=None, journal=None, accountant="rdp", width=6, hidden=8, n=64, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loader = DataLoader(_data(d=width), batch_size=B, shuffle=shuffle)
+    loader = DataLoader(_data(n=n, d=width), batch_size=B, shuffle=shuffle)
     eng = PrivacyEngine(accountant=accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,25 +48,33 @@ def _private(mech="banded_mf", bands=4, *, shuffle=False, poisson=False, steps=N
     return eng, m, o, l
 
 
-def _noise_step(m, o, x):
-    """One step whose clipped gradients are zero: p.grad is the noise alone."""
+def _next(loader):
+    """The next batch's inputs, epoch after epoch (a new pass when one ends)."""
+    while True:
+        it = loader.__dict__.get("_test_iter") or iter(loader)
+        loader.__dict__["_test_iter"] = it
+        try:
+            return next(it)[0]
+        except StopIteration:
+            loader.__dict__["_test_iter"] = None
+
+
+def _noise_step(m, o, loader):
+    """One step on the loader's next batch whose clipped gradients are zero: p.grad is the
+    noise alone."""
     o.zero_grad()
-    (m(x) * 0.0).sum().backward()
+    (m(_next(loader)) * 0.0).sum().backward()
     o.step()
     return torch.cat([p.grad.reshape(-1) for p in o.params]).clone()
 
 
-def _x(width=6):
-    return torch.randn(B, width)
-
-
 def test_noise_is_sigma_c_w_over_b_from_the_reserved_offsets():
-    eng, m, o, _ = _private(steps=10, seed=7)
+    eng, m, o, l = _private(steps=10, seed=7)
     ref = CorrelatedNoise(o.correlated.strategy, o.correlated.participation)
     like = [torch.zeros_like(p) for p in o.params]
     for t in range(10):
         start = o.offset
-        got = _noise_step(m, o, _x())
+        got = _noise_step(m, o, l)
         w = ref.draw(like, seed=7, offset=start, secure=False)
         ref.commit(1.0)
         want = torch.cat([(wi * (SIGMA * CLIP) / B).reshape(-1) for wi in w])
@@ -76,8 +84,8 @@ def test_noise_is_sigma_c_w_over_b_from_the_reserved_offsets():
 
 def test_noise_covariance_through_the_optimizer():
     steps = 6
-    eng, m, o, _ = _private(steps=steps, bands=3, width=400, hidden=250)
-    G = torch.stack([_noise_step(m, o, _x(400)) for _ in range(steps)]).double().numpy()
+    eng, m, o, l = _private(steps=steps, bands=3, width=400, hidden=250)
+    G = torch.stack([_noise_step(m, o, l) for _ in range(steps)]).double().numpy()
     M = o.correlated.strategy.noise_matrix()
     S = (SIGMA * CLIP / B) ** 2 * (M @ M.T)
     P = G.shape[1]
@@ -137,28 +145,32 @@ def test_cyclic_poisson_banded_mf_epsilon_and_alignment():
 
 
 def test_step_past_the_plan_or_at_another_std_changes_nothing():
-    eng, m, o, _ = _private(steps=3, bands=2)
-    for t in range(4):
-        if t < 3:
-            _noise_step(m, o, _x())
+    eng, m, o, l = _private(steps=3, bands=2)
+    _noise_step(m, o, l)
+
+    def refused(match):
         grads = [p.grad for p in o.params]
         history, offset, steps = list(eng.accountant.history), o.offset, o.steps
-        if t == 0:  # a noise schedule: refused, the matrix mechanism is for one std
-            o.noise_multiplier = 2 * SIGMA
-        elif t < 3:
-            continue
-        o.zero_grad(set_to_none=False)
-        (m(_x()) * 0.0).sum().backward()
-        with pytest.raises(PrivacyError, match="constant std" if t == 0 else "plan has 3 steps"):
+        with pytest.raises(PrivacyError, match=match):
             o.step()
         assert o.steps == steps and o.offset == offset and list(eng.accountant.history) == history
         assert all(p.grad is g for p, g in zip(o.params, grads)) and not o._summed
-        o.noise_multiplier = SIGMA
+
+    o.zero_grad(set_to_none=False)
+    (m(_next(l)) * 0.0).sum().backward()
+    o.noise_multiplier = 2 * SIGMA  # a noise schedule: the matrix mechanism is for one std
+    refused("constant std")
+    o.noise_multiplier = SIGMA
+    o.step()  # the same batch, at the planned std
+    _noise_step(m, o, l)
+    o.zero_grad(set_to_none=False)
+    (m(_next(l)) * 0.0).sum().backward()
+    refused("plan has 3 steps")
 
 
 def test_a_failed_step_keeps_the_recursion():
-    eng, m, o, _ = _private(steps=5, seed=3)
-    _noise_step(m, o, _x())
+    eng, m, o, l = _private(steps=5, seed=3)
+    _noise_step(m, o, l)
     compose = o.accountant.compose
 
     def boom(*a, **k):
@@ -166,11 +178,15 @@ def test_a_failed_step_keeps_the_recursion():
 
     o.accountant.compose = boom
     with pytest.raises(RuntimeError, match="accountant down"):
-        _noise_step(m, o, _x())
+        _noise_step(m, o, l)
     o.accountant.compose = compose
     assert o.correlated.step == o.steps == 1 and len(o.correlated._ws) == 1
     assert all(p.grad is None for p in o.params)
-    _noise_step(m, o, _x())
+    l.__dict__["_test_iter"] = None  # the failed step's batch is gone: the retry starts a new pass
+    with pytest.raises(PrivacyError, match="position 1 of its pass"):
+        _noise_step(m, o, l)
+    o._order.stepped()  # (a test shortcut) realign: the next batch of the pass is position 1
+    _noise_step(m, o, l)
     assert o.correlated.step == 2
 
 
@@ -186,22 +202,23 @@ def _records(path):
 
 @pytest.mark.parametrize("mech,bands", [("banded_mf", 3), ("tree", None)])
 def test_resume_continues_the_exact_noise_and_never_reuses_an_offset(tmp_path, mech, bands):
-    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "a.jsonl")
-    xs = [_x() for _ in range(8)]
-    whole = [_noise_step(m, o, x) for x in xs]
+    # 24 records in batches of 8: 3 steps per epoch, the checkpoint at an epoch's end (a resumed
+    # loop starts a new pass; mid-epoch it would start a new segment instead)
+    eng, m, o, l = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "a.jsonl", n=24)
+    whole = [_noise_step(m, o, l) for _ in range(8)]
     eps = eng.get_epsilon(1e-5)
     o.journal.close()
-    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl")
-    for x in xs[:3]:
-        _noise_step(m, o, x)
+    eng, m, o, l = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl", n=24)
+    for _ in range(3):
+        _noise_step(m, o, l)
     state = o.state_dict()
     assert state["correlated_noise"]["step"] == 3
     o.journal.close()
-    eng, m, o, _ = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl")
+    eng, m, o, l = _private(mech, bands, steps=8, seed=5, journal=tmp_path / "b.jsonl", n=24)
     o.load_state_dict(state)
     assert o.correlated.segment_start == 0  # the same recursion
     for t in range(3, 8):
-        assert torch.equal(_noise_step(m, o, xs[t]), whole[t])
+        assert torch.equal(_noise_step(m, o, l), whole[t])
     assert eng.get_epsilon(1e-5) == pytest.approx(eps, rel=1e-12)
     o.journal.close()
     ranges = sorted(r.offset for r in _records(tmp_path / "b.jsonl"))
@@ -209,23 +226,23 @@ def test_resume_continues_the_exact_noise_and_never_reuses_an_offset(tmp_path, m
 
 
 def test_resume_after_released_steps_or_without_the_key_starts_a_new_segment(tmp_path):
-    eng, m, o, _ = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
+    eng, m, o, l = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
     for _ in range(3):
-        _noise_step(m, o, _x())
+        _noise_step(m, o, l)
     state = o.state_dict()
-    _noise_step(m, o, _x())  # released after the state: the old recursion must not continue
+    _noise_step(m, o, l)  # released after the state: the old recursion must not continue
     o.journal.close()
-    eng, m, o, _ = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
+    eng, m, o, l = _private(steps=8, seed=5, journal=tmp_path / "j.jsonl")
     o.load_state_dict(state)
     assert o.correlated.segment_start == 3 and o.correlated._seg.steps == 5
     for _ in range(5):
-        _noise_step(m, o, _x())
+        _noise_step(m, o, l)
     o.journal.close()
     ranges = sorted(r.offset for r in _records(tmp_path / "j.jsonl"))
     assert len(ranges) == 9 and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
     # an unseeded run: the key is not in the state, the noise is not either
-    eng, m, o, _ = _private(steps=8)
-    _noise_step(m, o, _x())
+    eng, m, o, l = _private(steps=8)
+    _noise_step(m, o, l)
     state = o.state_dict()
     assert state["seed"] is None and not any(isinstance(v, torch.Tensor)
                                              for v in state["correlated_noise"].values())

@@ -106,7 +106,10 @@ def plan(*, noise_mechanism: str, bands: Optional[int], epochs: Optional[int], s
         if data_loader.batch_size is None:
             raise ValueError("data_loader must have a batch_size when poisson_sampling=False")
         participation = participation_of(data_loader, total)
-        loader, sample_rate, expected = data_loader, 1 / per_epoch, float(data_loader.batch_size)
+        from ppml_fast.privacy.fixed_batches import FixedBatchesDataLoader
+
+        loader = FixedBatchesDataLoader.from_data_loader(data_loader)  # the order, step by step
+        sample_rate, expected = 1 / per_epoch, float(data_loader.batch_size)
     strategy = mf.tree(total) if noise_mechanism == "tree" else mf.optimize_banded(total, int(bands))
     try:  # the strategy's sensitivity under this schema, computed (and cached) once now
         strategy.sensitivity_sq_prefix(total - 1, participation)

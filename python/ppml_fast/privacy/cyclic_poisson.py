@@ -131,7 +131,7 @@ class CyclicSteps:
         self.loader = loader
         self._drawn = loader.batches_yielded
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, segment_start: int = 0) -> None:
         new = self.loader.batches_yielded - self._drawn
         part, want = self.loader.last_part, step % self.loader.parts
         if new != 1 or part != want:
@@ -143,3 +143,7 @@ class CyclicSteps:
 
     def stepped(self) -> None:
         self._drawn = self.loader.batches_yielded
+
+    def aligned(self, step: int, segment_start: int) -> bool:
+        """A resumed run re-aligns the loader (:meth:`CyclicPoissonDataLoader.align`)."""
+        return True

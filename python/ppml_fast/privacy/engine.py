@@ -198,7 +198,8 @@ class PrivacyEngine:
                 private, optimizer, distributed, poisson_sampling, expected, optimizer_class,
                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
                 sample_rate=sample_rate, max_epsilon=max_epsilon, delta=delta, seed=noise_seed,
-                nonfinite=nonfinite, journal=journal, loader=loader if poisson_sampling else None,
+                nonfinite=nonfinite, journal=journal,
+                loader=loader if poisson_sampling or correlated is not None else None,
                 correlated_noise=correlated)
         except BaseException:
             if wrapped_here:  # bad input leaves the user's model as it was

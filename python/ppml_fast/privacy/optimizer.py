@@ -332,11 +332,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def attach_data_loader(self, loader) -> None:
         """Ties this optimizer to the Poisson loader it steps on (``make_private`` does): a step
         that holds the records of more than one sampled batch of it is refused
-        (:class:`~ppml_fast.privacy.one_batch.SampledBatches`)."""
-        self._batches = SampledBatches(loader)
-        from ppml_fast.privacy.cyclic_poisson import CyclicPoissonDataLoader, CyclicSteps
+        (:class:`~ppml_fast.privacy.one_batch.SampledBatches`). Correlated noise's loaders
+        (cyclic Poisson, fixed batches) also fix which batch each step must use
+        (:mod:`ppml_fast.privacy.fixed_batches`)."""
+        from ppml_fast.privacy import fixed_batches
 
-        self._cyclic = CyclicSteps(loader) if isinstance(loader, CyclicPoissonDataLoader) else None
+        self._order = fixed_batches.guard(loader)  # correlated noise: the accounted batch order
+        if not isinstance(loader, fixed_batches.FixedBatchesDataLoader):
+            self._batches = SampledBatches(loader)
 
     def _check_one_sampled_batch(self) -> None:
         """Refuses, before anything changes, a step holding more than one sampled batch."""
@@ -357,8 +360,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self.correlated.check_step(self.steps, self.noise_std)
         if not skip:
             self._check_one_sampled_batch()  # before anything changes
-            if getattr(self, "_cyclic", None) is not None:
-                self._cyclic.check(self.steps)
+            if getattr(self, "_order", None) is not None:
+                self._order.check(self.steps, getattr(self.correlated, "segment_start", 0))
             self._check_budget()
         self.clip_and_accumulate()
         self._skip_next = False
@@ -374,8 +377,8 @@ class DPOptimizer(torch.optim.Optimizer):
             raise
         if self.correlated is not None:
             self.correlated.commit(self.noise_std)
-        if getattr(self, "_cyclic", None) is not None:
-            self._cyclic.stepped()
+        if getattr(self, "_order", None) is not None:
+            self._order.stepped()
         self.steps += 1
         self._summed, self._samples = {}, 0
         if getattr(self, "_batches", None) is not None:

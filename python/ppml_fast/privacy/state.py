@@ -123,7 +123,8 @@ def load(opt, state: object) -> None:
         offset = max(offset, opt.journal.next_offset(seed))
     elif not opt.secure_mode:
         seed, offset = int.from_bytes(os.urandom(8), "little"), 0
-    correlated = _correlated(opt, s, seed, exact=(
+    order = getattr(opt, "_order", None)  # a resumed loop starts a new pass over the data
+    correlated = _correlated(opt, s, seed, order, exact=(
         s["seed"] is not None and seed == s["seed"] and not opt.secure_mode
         and opt.journal is not None and not records))
     inner = opt.original_optimizer
@@ -150,13 +151,13 @@ def load(opt, state: object) -> None:
     opt._budget.reset()
     if correlated is not None:
         opt.correlated = correlated
-        cyclic = getattr(opt, "_cyclic", None)
-        if cyclic is not None:  # the loader's next batch samples part steps mod b
-            cyclic.loader.align(opt.steps)
-            cyclic.stepped()
+        if order is not None:
+            if hasattr(order.loader, "align"):  # cyclic Poisson: the next batch samples part steps mod b
+                order.loader.align(opt.steps)
+            order.stepped()
 
 
-def _correlated(opt, s: dict, seed: int, *, exact: bool):
+def _correlated(opt, s: dict, seed: int, order, *, exact: bool):
     """The optimizer's correlated-noise generator at the loaded step (None without one);
     ValueError, before anything changed, for a state of another noise plan."""
     saved, mine = s["correlated_noise"], getattr(opt, "correlated", None)
@@ -173,6 +174,7 @@ def _correlated(opt, s: dict, seed: int, *, exact: bool):
     from ppml_fast.privacy.per_sample import sum_dtype
 
     like = [torch.zeros_like(p, dtype=sum_dtype(p)) for p in opt.params]
+    exact = exact and (order is None or order.aligned(s["steps"], saved["segment_start"]))
     return mine.resumed(saved, like=like, seed=seed, exact=exact)
 
 
