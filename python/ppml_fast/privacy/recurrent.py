@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ppml_fast.privacy.capture import Call, stamp
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured
-from ppml_fast.privacy.per_sample.recurrent import Direction, Grads, Layer
+from ppml_fast.privacy.per_sample.recurrent import Direction, Grads, Layer, batch_first
 
 _CLASSES = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -113,7 +113,8 @@ def _run(private, m: nn.Module, batch, input: torch.Tensor, hx):
         m.check_input(input, None)
     else:
         m.check_forward_args(input, hx, None)
-    x = input.transpose(0, 1) if m.batch_first else input  # time-major (T, B, d)
+    x = input.transpose(0, 1).contiguous() if m.batch_first else input  # time-major (T, B, d)
+    first = input.detach() if m.batch_first and input.is_contiguous() else None
     hout = m.proj_size if lstm and m.proj_size > 0 else m.hidden_size
     if hx is None:
         h0 = _zeros_state(m, x, hout)
@@ -148,13 +149,17 @@ def _run(private, m: nn.Module, batch, input: torch.Tensor, hx):
                     call.grad = grad if call.grad is None else call.grad + grad
 
         saved: list = []
-        out, hn, cn = Layer.apply(x, h0[sl], None if c0 is None else c0[sl], kind, dirs, sink, saved)
+        out, hn, cn = Layer.apply(x, h0[sl], None if c0 is None else c0[sl], kind, dirs, sink, saved,
+                                  rec._anchor)
         for k, s in enumerate(saved):
             acts = {"ih": s.x, "hh": s.h_prev, "hr": s.m}
             for part, params in calls[k].items():
                 if not params:
                     continue
-                act = acts[part].transpose(0, 1).detach()  # batch first (B, T, .)
+                if part == "ih" and k == 0 and layer == 0 and first is not None:
+                    act = first  # the input itself (batch first)
+                else:
+                    act = batch_first(acts[part].detach())
                 cap = Captured("linear", act, {("weight" if r.startswith("weight") else "bias"): p
                                                for r, p in params.items()}, {})
                 call = Call(m, dict(cap.params), cap=cap)

@@ -99,6 +99,13 @@ def _pre(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return F.linear(x, w, b)
 
 
+def _tanh_(v: Tensor) -> Tensor:
+    """``tanh`` in place as ``2 sigmoid(2 v) - 1`` (absolute error a few ulp of 1; only the
+    backward's factors use it): ~3x faster than ``torch.tanh`` on the CPU builds measured
+    (32K float32 elements: 28 vs 85 us)."""
+    return v.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
 def _recompute(kind: str, x: Tensor, h: Tensor, h0: Tensor, c0: Optional[Tensor],
                d: Direction) -> Saved:
     """Gate activations and the backward's factors of one direction (time-major, own order)."""
@@ -111,7 +118,7 @@ def _recompute(kind: str, x: Tensor, h: Tensor, h0: Tensor, c0: Optional[Tensor]
         rz = (gx[..., :2 * hs] + gh[..., :2 * hs]).sigmoid_()
         r, z = rz[..., :hs], rz[..., hs:]
         hn = gh[..., 2 * hs:]
-        n = torch.addcmul(gx[..., 2 * hs:], r, hn).tanh_()
+        n = _tanh_(torch.addcmul(gx[..., 2 * hs:], r, hn))
         kn = (1 - z) * (1 - n * n)  # dL/da_n = dL/dh * kn
         kz = (h_prev - n) * z * (1 - z)
         kr = kn * hn * r * (1 - r)
@@ -120,15 +127,16 @@ def _recompute(kind: str, x: Tensor, h: Tensor, h0: Tensor, c0: Optional[Tensor]
         return Saved(h_prev, (k, k2, z))
     hs = c0.shape[-1]
     a = gx.add_(gh)
-    g = a[..., 2 * hs:3 * hs].tanh()
-    a.sigmoid_()
+    a[..., 2 * hs:3 * hs].mul_(2)
+    a.sigmoid_()  # i, f, o; and g = tanh(a_g) = 2 sigmoid(2 a_g) - 1
+    g = a[..., 2 * hs:3 * hs].mul_(2).sub_(1)
     i, f, o = a[..., :hs], a[..., hs:2 * hs], a[..., 3 * hs:]
     ig = i * g
     c = torch.empty_like(ig)
     prev = c0
     for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), c.unbind(0)):  # c_t = f_t c_{t-1} + i_t g_t
         prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
-    tc = c.tanh()
+    tc = _tanh_(c.clone())
     c_prev = torch.cat([c0.unsqueeze(0), c[:-1]], 0)
     p3 = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T, B, 3, H)
     po = tc * o * (1 - o)
@@ -197,15 +205,24 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
     return delta, delta, dh_all, nxt @ w_hh, dc
 
 
+def batch_first(t: Tensor) -> Tensor:
+    """A time-major (T, B, .) tensor as a contiguous (B, T, .) one (one copy: the linear rule's
+    batched matmuls on the transposed view were 4x slower than on the copy)."""
+    return t.transpose(0, 1).contiguous()
+
+
 class Layer(torch.autograd.Function):
-    """``Layer.apply(x, h0, c0, kind, dirs, sink)``: one layer (1 or 2 directions), time-major
-    ``x`` (T, B, d), ``h0`` (D, B, Hout), ``c0`` (D, B, H) or None (not LSTM). Returns
+    """``Layer.apply(x, h0, c0, kind, dirs, sink, saved, anchor=None)``: one layer (1 or 2
+    directions), time-major ``x`` (T, B, d), ``h0`` (D, B, Hout), ``c0`` (D, B, H) or None (not LSTM); ``anchor``, a
+    scalar that requires grad, makes the backward run also when no input requires one (the
+    first layer of a model: the gate gradients are needed all the same). Returns
     ``(out (T, B, D Hout), h_n (D, B, Hout), c_n (D, B, H) or an empty tensor)``; ``sink(k,
     Grads)`` receives direction k's gate gradients during backward. Parameters are never
     differentiated (they are detached in ``dirs``)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, kind: str, dirs: list, sink: Callable, saved_out: list):
+    def forward(ctx, x, h0, c0, kind: str, dirs: list, sink: Callable, saved_out: list,
+                anchor: Optional[Tensor] = None):
         out, hn, cn = _native(kind, x, h0, c0, dirs)
         hout = hn.shape[-1]
         saves = []
@@ -238,8 +255,9 @@ class Layer(torch.autograd.Function):
             ghn = g_hn[k] if g_hn is not None else None
             gcn = g_cn[k] if (g_cn is not None and kind == "LSTM") else None
             dx, dhh, dh, dh0, dc0 = _backward(kind, s, d, gh, ghn, gcn)
-            ctx.sink(k, Grads(dx.transpose(0, 1), dhh.transpose(0, 1),
-                              None if dh is None else dh.transpose(0, 1)))
+            bx = batch_first(dx)  # the linear rule's bmm / matmuls want batch-first rows
+            ctx.sink(k, Grads(bx, bx if dhh is dx else batch_first(dhh),
+                              None if dh is None else batch_first(dh)))
             if ctx.needs_x:
                 part = dx.reshape(steps * batch, -1) @ d.w_ih
                 part = part.view(steps, batch, -1)
@@ -249,4 +267,4 @@ class Layer(torch.autograd.Function):
             dc0s.append(dc0 if dc0 is not None else torch.zeros_like(s.coef[0][0, :, 0]))
         dh0 = torch.stack(dh0s, 0) if ctx.needs_input_grad[1] else None
         dc0 = torch.stack(dc0s, 0) if kind == "LSTM" and ctx.needs_input_grad[2] else None
-        return gx, dh0, dc0, None, None, None, None
+        return gx, dh0, dc0, None, None, None, None, None
