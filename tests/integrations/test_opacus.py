@@ -57,7 +57,7 @@ MODELS = {
                            {"0": "rule", "1": "refused", "4": "rule"}),
     "custom": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5)), {"0": "rule", "1": "torch.func"}),
     "attention": (SelfAttention, {"att": "attention", "fc": "rule"}),
-    "lstm": (lambda: nn.LSTM(4, 5), {"": "refused"}),
+    "lstm": (lambda: nn.LSTM(4, 5), {"": "recurrent"}),
     "embedding_bag": (lambda: nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 2)),
                       {"0": "torch.func", "1": "rule"}),
 }

@@ -75,9 +75,10 @@ needed, though Opacus's works too, through its Linear layers); any
 other layer with parameters of its own goes through torch.func (exact for layers whose samples are
 independent, but slower: it reruns the layer once per sample under ``vmap``). Refused:
 BatchNorm (use ``fix_module``), InstanceNorm with ``track_running_stats=True``, Embedding with
-``sparse``/``scale_grad_by_freq``/``max_norm``, torch's recurrent layers (``nn.RNN``/``LSTM``/``GRU``;
-Opacus's ``DPRNN``/``DPLSTM``/``DPGRU`` work: their parameters, registered again on the outer
-module under torch's names, belong to the inner Linear layers whose calls use them).
+``sparse``/``scale_grad_by_freq``/``max_norm``. torch's recurrent layers (``nn.RNN``/``LSTM``/``GRU``,
+every option but ``PackedSequence`` inputs) need no swap: each weight matrix is a linear-rule call;
+Opacus's ``DPRNN``/``DPLSTM``/``DPGRU`` work too: their parameters, registered again on the outer
+module under torch's names, belong to the inner Linear layers whose calls use them.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ppml_fast.privacy import recurrent
 from ppml_fast.privacy.layers import refusal, rule_for
 from ppml_fast.privacy.ownership import is_container, owned_parameters
 
@@ -98,8 +100,9 @@ __all__ = ["LayerPlan", "MigrationReport", "migration_report"]
 @dataclass(frozen=True)
 class LayerPlan:
     """How the DP step treats one module: ``status`` is "rule" (per-sample norms by a dedicated
-    rule; ``detail`` names it), "attention" (nn.MultiheadAttention's own path),
-    "torch.func" (the exact, slower fallback) or "refused" (``detail`` says why and what to do)."""
+    rule; ``detail`` names it), "attention" (nn.MultiheadAttention's own path), "recurrent"
+    (nn.LSTM / GRU / RNN: their weights as linear-rule calls), "torch.func" (the exact, slower
+    fallback) or "refused" (``detail`` says why and what to do)."""
 
     name: str
     type: str
@@ -161,6 +164,9 @@ def _plan(model: nn.Module) -> list[LayerPlan]:
         if isinstance(mod, nn.MultiheadAttention):
             claimed.update(id(m) for m in mod.modules())
             plans.append(LayerPlan(name, kind, "attention", "projections by the linear rule (any call)"))
+            continue
+        if recurrent.handles(mod) and "forward" not in mod.__dict__:
+            plans.append(LayerPlan(name, kind, "recurrent", "weight matrices by the linear rule"))
             continue
         if is_container(mod):  # a ParameterDict/List: its parameters are its parent's
             continue
