@@ -20,7 +20,7 @@ from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
 from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
-from ppml_fast.privacy.per_sample import Captured, sum_dtype, tied, weighted_sum
+from ppml_fast.privacy.per_sample import Captured, grouped, sum_dtype, tied, weighted_sum
 
 
 class NonFiniteGradientError(PrivacyError, FloatingPointError):
@@ -142,12 +142,21 @@ class ClippedSums:
         per_param: dict[int, torch.Tensor] = {}
         materialised: dict[int, torch.Tensor] = {}  # shared parameters: summed per-sample grads
         states = []
+        # calls of one kind and shape: their norms in one batched step (per_sample.grouped)
+        pre = grouped.norms(batch.calls, self.rules, lambda c: not c.spans and not any(
+            id(p) in shared_ids for p in c.params.values()))
         # tied embedding / linear weights: cross term instead of materialising (per_sample.tied)
         pairs = tied.pairs(batch.calls, shared_ids, self.rules)
         paired = {i for pair in pairs.values() for i in pair}
         for i, c in enumerate(batch.calls):
             if c.grad is None or i in paired:  # a pair's states are filled in below
                 states.append(None)
+                continue
+            if i in pre:
+                norms, state = pre[i]
+                for role, n in norms.items():
+                    per_param[id(c.params[role])] = n  # not shared, no parts: one call each
+                states.append(("rule", state))
                 continue
             shared = any(id(p) in shared_ids for p in c.params.values())
             if c.cap is None or shared:
@@ -263,7 +272,13 @@ class ClippedSums:
             if not roles:  # every parameter of the layer was frozen after wrapping
                 continue
             fs = [c_of[id(c.params[r])] for r in roles]
-            if all(f is fs[0] for f in fs):
+            grp = state.get(grouped.GROUP) if isinstance(state, dict) and not drop else None
+            if grp is not None and common is not None and grp[0].can_sum(c.params):
+                # the group's clipped sums in one matmul (flat clipping: one factor vector)
+                out = grp[0].clipped(grp[1], factor_for(common, grad), c.params)
+                for role, t in out.items():
+                    self._add_call(sums, c, role, t)
+            elif all(f is fs[0] for f in fs):
                 out = self.rules[cap.op].clipped_sum(cap, grad, factor_for(fs[0], grad), state)
                 for role, t in out.items():
                     self._add_call(sums, c, role, t)
