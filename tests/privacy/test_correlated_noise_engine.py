@@ -115,6 +115,7 @@ def test_trains_and_reports_the_strategys_epsilon(mech, bands, shuffle):
         assert part == mf.Participation("min_separated", min_separation=1, max_participations=3)
     else:
         assert part == mf.Participation("every_epoch", steps_per_epoch=8)
+    assert eng.accounting_analysis == o.correlated.analysis and "zero-out" in eng.accounting_analysis
     S = o.correlated.strategy.sensitivity_sq_prefix(23, part)
     want = RDPAccountant().compose(GaussianEvent(SIGMA / math.sqrt(S))).get_epsilon(1e-5)
     assert eng.get_epsilon(1e-5) == pytest.approx(want, rel=1e-9)

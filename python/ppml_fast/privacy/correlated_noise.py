@@ -245,6 +245,28 @@ class CorrelatedNoise:
         return [e for t in range(self.step, self.steps)
                 if (e := self.event(t, noise_multiplier)) is not None]
 
+    @property
+    def analysis(self) -> str:
+        """The sentence ``PrivacyEngine.accounting_analysis`` reports for this plan."""
+        p = self.participation
+        kind = getattr(p, "kind", None)
+        schema = {
+            "every_epoch": f"fixed order, a record every {getattr(p, 'steps_per_epoch', None)} steps",
+            "min_separated": (f"a record's steps >= {getattr(p, 'min_separation', None)} apart, at most "
+                              f"{getattr(p, 'max_participations', None)} of them"),
+            "cyclic_poisson": (f"cyclic Poisson sampling over {getattr(p, 'min_separation', None)} parts "
+                               f"at rate {getattr(p, 'sample_rate', 0) or 0:.6g}"),
+            "single": "each record in one step",
+        }.get(kind, repr(p))
+        how = ("amplified BandMF: ceil(T/b) Poisson-sampled Gaussians at sigma / zeta (Choquette-Choo "
+               "et al. 2023, arXiv 2306.08153, Thm. 4), add/remove adjacency" if kind == "cyclic_poisson"
+               else "the Gaussian mechanism with sensitivity sqrt(S_t) of the rows released, composed "
+               "step by step (Choquette-Choo et al. 2023, arXiv 2211.06530, sec. 2), zero-out "
+               "adjacency, no amplification")
+        seg = f", a new segment since step {self.segment_start}" if self.segment_start else ""
+        bands = f", b={self.bands}" if self.kind == "banded" else ""
+        return f"correlated noise ({self.kind}, T={self.steps}{bands}{seg}); {schema}; {how}"
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The plan, the step, the segment and the offsets of the kept noise (never the noise)."""
