@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppml_fast.accounting import GaussianEvent, RDPAccountant
+from ppml_fast.accounting import GaussianEvent, PLDAccountant, RDPAccountant
 from ppml_fast.accounting import matrix_factorization as mf
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.federated import ClientProxy, DPFTRLFedAvg, FedAvg, FitResult, run_simulation
@@ -121,3 +121,24 @@ def test_arguments_refused():
         DPFTRLFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, rounds=4, mechanism="gaussian")
     with pytest.raises(ValueError, match="rounds must be an int"):
         DPFTRLFedAvg(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, rounds=0, bands=1)
+
+
+def test_max_participations_caps_the_picks_and_empty_rounds_still_release_noise():
+    strategy = DPFTRLFedAvg(FedAvg(), noise_multiplier=SIGMA, clip_norm=CLIP, rounds=6,
+                            mechanism="tree", max_participations=1)
+    strategy.setup(num_available_clients=8, clients_per_round=2)
+    rng = np.random.default_rng(0)
+    proxies = [ClientProxy(i) for i in range(8)]
+    params, seen = torch.zeros(5), []
+    for r in range(6):
+        picked = strategy.configure_fit(r + 1, params, proxies, 2, rng)
+        seen += [c.cid for c, _ in picked]
+        res = [(c, FitResult(update=torch.ones(5), num_examples=1, metrics={})) for c, _ in picked]
+        new, _ = strategy.aggregate_fit(r + 1, params, res, [])
+        assert not torch.equal(new, params)  # noise even when nobody was eligible
+        params = new
+    assert sorted(seen) == list(range(8))  # each client once, rounds 5 and 6 empty
+    part = mf.Participation("min_separated", min_separation=1, max_participations=1)
+    S = mf.tree(6).sensitivity_sq_prefix(5, part)
+    want = PLDAccountant().compose(GaussianEvent(SIGMA / math.sqrt(S))).get_epsilon(1e-5)
+    assert strategy.epsilon(1e-5) == pytest.approx(want, rel=1e-2)

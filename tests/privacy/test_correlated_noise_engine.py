@@ -335,3 +335,20 @@ def test_secure_mode_with_virtual_batches_on_the_cyclic_loader():
     with pytest.warns(UserWarning, match="without a journal"):
         o.load_state_dict(state)
     assert o.correlated.segment_start == 8
+
+
+def test_fixed_batches_loader_gives_the_users_batches():
+    from ppml_fast.privacy.fixed_batches import FixedBatchesDataLoader
+
+    data = _data(n=30)
+    user = DataLoader(data, batch_size=B)
+    ours = FixedBatchesDataLoader.from_data_loader(user)
+    assert len(ours) == len(user) == 4
+    for (a, _), (b, _) in zip(user, ours):
+        assert torch.equal(a, b)
+    assert (ours.handed, ours.position) == (4, 3)
+    shuffled = FixedBatchesDataLoader.from_data_loader(DataLoader(data, batch_size=B, shuffle=True))
+    rows = {tuple(r.tolist()): i for i, r in enumerate(data.tensors[0])}
+    for _ in range(2):  # each pass a permutation: every record once
+        seen = [rows[tuple(r.tolist())] for x, _ in shuffled for r in x]
+        assert sorted(seen) == list(range(30))
