@@ -148,17 +148,25 @@ def norms(emb_cap, emb_grad, lin_cap, lin_grad, rules: dict, mode: str | None = 
     _ps.check_batch(emb_cap, emb_grad)
     _ps.check_batch(lin_cap, lin_grad)
     lin_rule, emb_rule = rules["linear"], rules["embedding"]
-    lin_norms, lin_state = lin_rule.norms_sq(lin_cap, lin_grad, mode=mode)
-    out_dtype = lin_norms["weight"].dtype
+    mode = _ps.check_mode(lin_rule.mode if mode is None else mode)
     idx, delta, x, g = _inputs(emb_cap, emb_grad, lin_cap, lin_grad)
-    if isinstance(lin_state, dict) and "weight" in lin_state:  # fold path
-        folded = _fold(idx, delta, lin_state["weight"])
-        lin_state = {**lin_state, "weight": folded}
-        lin_norms = {**lin_norms, "weight": _ps.sq_norms(folded, out_dtype)}
-        return lin_norms, {FOLDED: True}, lin_state
-    emb_norms, emb_state = emb_rule.norms_sq(emb_cap, emb_grad, mode=mode)
     batch, seq_e, dim = delta.shape
     seq_l, vocab = g.shape[1], g.shape[2]
+    if mode == "materialize" or (mode == "auto" and seq_l > 1
+                                 and _lin.choose_path(batch, seq_l, dim, vocab) == "materialize"):
+        # fold path: the linear rule's materialise branch, the embedding rows added in place
+        kept = lin_rule._outer(x, g)  # (B, V, D)
+        keys = (torch.arange(batch, device=idx.device)[:, None] * vocab + idx).reshape(-1)
+        kept.view(batch * vocab, dim).index_add_(0, keys, delta.reshape(-1, dim))
+        lin_state = {"weight": kept}
+        lin_norms = {"weight": _ps.sq_norms(kept, x.dtype)}
+        if "bias" in lin_cap.params:
+            lin_state["bias"] = g.sum(1)
+            lin_norms["bias"] = _ps.sq_norms(lin_state["bias"], x.dtype)
+        return lin_norms, {FOLDED: True}, lin_state
+    lin_norms, lin_state = lin_rule.norms_sq(lin_cap, lin_grad, mode=mode)
+    out_dtype = lin_norms["weight"].dtype
+    emb_norms, emb_state = emb_rule.norms_sq(emb_cap, emb_grad, mode=mode)
     u = bounds.unit_roundoff(delta.dtype)
     with bounds.full_precision():
         a = torch.bmm(delta, x.transpose(1, 2))  # (B, T_e, T_l): delta_t . x_s
