@@ -352,3 +352,20 @@ def test_fixed_batches_loader_gives_the_users_batches():
     for _ in range(2):  # each pass a permutation: every record once
         seen = [rows[tuple(r.tolist())] for x, _ in shuffled for r in x]
         assert sorted(seen) == list(range(30))
+
+
+def test_budget_stop_uses_the_strategys_events():
+    from ppml_fast.accounting.errors import PrivacyBudgetExceeded
+
+    eng, m, o, l = _private(steps=24)  # 3 epochs of 8 steps: epsilon grows in the 2nd epoch
+    part, strategy = o.correlated.participation, o.correlated.strategy
+    eps = [RDPAccountant().compose(GaussianEvent(SIGMA / math.sqrt(strategy.sensitivity_sq_prefix(t, part))))
+           .get_epsilon(1e-5) for t in range(24)]
+    t = next(t for t in range(8, 24) if eps[t] > eps[t - 1] * 1.001)
+    eng, m, o, l = _private(steps=24, max_epsilon=(eps[t - 1] + eps[t]) / 2, delta=1e-5)
+    for _ in range(t):
+        _noise_step(m, o, l)
+    offset = o.offset
+    with pytest.raises(PrivacyBudgetExceeded):
+        _noise_step(m, o, l)
+    assert o.steps == o.correlated.step == t and o.offset == offset
