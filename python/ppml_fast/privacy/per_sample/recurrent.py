@@ -138,11 +138,12 @@ def _recompute(kind: str, x: Tensor, h: Tensor, h0: Tensor, c0: Optional[Tensor]
         prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
     tc = _tanh_(c.clone())
     c_prev = torch.cat([c0.unsqueeze(0), c[:-1]], 0)
-    p3 = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (T, B, 3, H)
-    po = tc * o * (1 - o)
-    dc_dm = o * (1 - tc * tc)
+    # dL/dc_t times these: [its part of dL/dc_{t-1}, delta_i, delta_f, delta_g]  (T, B, 4, H)
+    p4 = torch.stack([f, g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)
+    po = tc * o * (1 - o)  # dL/dm_t times this: delta_o
+    dc_dm = o * (1 - tc * tc)  # dL/dm_t times this: its part of dL/dc_t
     m = o * tc if d.w_hr is not None else None
-    return Saved(h_prev, (p3, po, dc_dm, f), m)
+    return Saved(h_prev, (p4, po, dc_dm), m)
 
 
 def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tensor],
@@ -180,15 +181,19 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
         dh0 = torch.addmm(z[0] * dh_all[0], dvf[0], w_hh)
         delta_x = (dh_all.unsqueeze(2) * k).view(steps, batch, 3 * hs)
         return delta_x, dv.view(steps, batch, 3 * hs), None, dh0, None
-    p3, po, dc_dm, f = s.coef
+    p4, po, dc_dm = s.coef
     hs = po.shape[-1]
     proj = d.w_hr
-    delta = gh.new_empty(steps, batch, 4, hs)
+    # per step (B, 5, H): [dL/dc_t f_t (carried to t-1), delta_i, delta_f, delta_g, delta_o]; the
+    # last four, viewed as (B, 4H) with row stride 5H, are delta_t for the recurrent matmul
+    buf = gh.new_empty(steps, batch, 5, hs)
     dh_all = torch.empty_like(gh) if proj is not None else gh
     dc = gcn if gcn is not None else None
     nxt = None
-    views = (v.unbind(0)[::-1] for v in (gh, dh_all, dc_dm, p3, po, f, delta))
-    for gh_t, dh_t, dc_dm_t, p3_t, po_t, f_t, delta_t in zip(*views):
+    # every per-step view made once (unbind): a view op per step and tensor costs ~1-2 us
+    views = [v.unbind(0)[::-1] for v in (gh, dh_all, dc_dm, p4, po, buf[:, :, :4], buf[:, :, 4],
+                                         buf.view(steps, batch, 5 * hs)[:, :, hs:], buf[:, :, 0])]
+    for gh_t, dh_t, dc_dm_t, p4_t, po_t, d4_t, do_t, delta_t, carry_t in zip(*views):
         # dL/dh_t = g_t + delta_{t+1} W_hh (projected LSTM: then dL/dm_t = dL/dh_t W_hr)
         dh = gh_t if nxt is None else torch.addmm(gh_t, nxt, w_hh, out=dh_t if proj is not None else None)
         if proj is not None:
@@ -196,12 +201,11 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
                 dh_t.copy_(dh)
             dh = dh @ proj
         dc = dh * dc_dm_t if dc is None else torch.addcmul(dc, dh, dc_dm_t)  # dL/dc_t
-        torch.mul(dc.unsqueeze(1), p3_t, out=delta_t[:, :3])  # i, f, g gates
-        torch.mul(dh, po_t, out=delta_t[:, 3])  # o gate
-        dc = dc * f_t  # its part of dL/dc_{t-1}
-        nxt = delta_t.view(batch, 4 * hs)
+        torch.mul(dc.unsqueeze(1), p4_t, out=d4_t)  # carry, delta_i, delta_f, delta_g
+        torch.mul(dh, po_t, out=do_t)  # delta_o
+        dc, nxt = carry_t, delta_t
     dh_all = dh_all if proj is not None else None
-    delta = delta.view(steps, batch, 4 * hs)
+    delta = buf.view(steps, batch, 5 * hs)[:, :, hs:]  # (T, B, 4H), rows strided
     return delta, delta, dh_all, nxt @ w_hh, dc
 
 
@@ -258,9 +262,8 @@ class Layer(torch.autograd.Function):
             bx = batch_first(dx)  # the linear rule's bmm / matmuls want batch-first rows
             ctx.sink(k, Grads(bx, bx if dhh is dx else batch_first(dhh),
                               None if dh is None else batch_first(dh)))
-            if ctx.needs_x:
-                part = dx.reshape(steps * batch, -1) @ d.w_ih
-                part = part.view(steps, batch, -1)
+            if ctx.needs_x:  # dL/dx_t = delta_t W_ih
+                part = (bx.view(steps * batch, -1) @ d.w_ih).view(batch, steps, -1).transpose(0, 1)
                 part = part if k == 0 else part.flip(0)
                 gx = part if gx is None else gx + part
             dh0s.append(dh0)
