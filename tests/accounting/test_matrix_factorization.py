@@ -115,6 +115,8 @@ def test_strategies_are_immutable():
 def test_participation_valid():
     assert Participation("single").participations(10) == 1
     assert Participation("every_epoch", steps_per_epoch=4).participations(10) == 3
+    assert Participation("shuffled", steps_per_epoch=4).participations(10) == 3
+    assert Participation("shuffled", steps_per_epoch=4).period(10) is None
     assert Participation("min_separated", min_separation=3).participations(10) == 4
     assert Participation("min_separated", min_separation=3, max_participations=2).participations(10) == 2
     p = Participation("cyclic_poisson", min_separation=4, sample_rate=0.25)
@@ -129,6 +131,8 @@ def test_participation_valid():
     (("every_epoch",), {"steps_per_epoch": 2.0}, TypeError, "steps_per_epoch must be an int"),
     (("every_epoch",), {"steps_per_epoch": True}, TypeError, "steps_per_epoch must be an int"),
     (("single",), {"min_separation": 3}, ValueError, "takes only no arguments"),
+    (("shuffled",), {}, ValueError, "needs steps_per_epoch"),
+    (("shuffled",), {"steps_per_epoch": 3, "max_participations": 2}, ValueError, "takes only"),
     (("min_separated",), {}, ValueError, "needs min_separation"),
     (("min_separated",), {"min_separation": 2, "max_participations": 0}, ValueError, "max_participations"),
     (("min_separated",), {"min_separation": 2, "sample_rate": 0.1}, ValueError, "takes only"),

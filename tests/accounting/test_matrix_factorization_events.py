@@ -43,6 +43,7 @@ SCHEMAS = {
     "single": Participation("single"),
     "epoch8": Participation("every_epoch", steps_per_epoch=8),
     "epoch2": Participation("every_epoch", steps_per_epoch=2),
+    "shuffled8": Participation("shuffled", steps_per_epoch=8),
     "minsep8_k5": Participation("min_separated", min_separation=8, max_participations=5),
 }
 

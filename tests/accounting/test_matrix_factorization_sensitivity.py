@@ -34,6 +34,9 @@ SCHEMAS = {
     "epoch3": Participation("every_epoch", steps_per_epoch=3),
     "epoch4": Participation("every_epoch", steps_per_epoch=4),
     "epoch20": Participation("every_epoch", steps_per_epoch=20),
+    "shuffled2": Participation("shuffled", steps_per_epoch=2),
+    "shuffled3": Participation("shuffled", steps_per_epoch=3),
+    "shuffled5": Participation("shuffled", steps_per_epoch=5),
     "minsep4": Participation("min_separated", min_separation=4),
     "minsep5_k2": Participation("min_separated", min_separation=5, max_participations=2),
     "minsep1_k3": Participation("min_separated", min_separation=1, max_participations=3),
@@ -47,6 +50,9 @@ def _patterns(p: Participation, n: int) -> list[list[int]]:
     if p.kind in ("every_epoch", "cyclic_poisson"):
         per = p.steps_per_epoch if p.kind == "every_epoch" else p.min_separation
         return [list(range(i, n, per)) for i in range(min(per, n))]
+    if p.kind == "shuffled":  # at most one step per epoch; the full choices suffice (below)
+        per = p.steps_per_epoch
+        return [list(c) for c in itertools.product(*[range(e, min(e + per, n)) for e in range(0, n, per)])]
     k = p.participations(n)
     out = []
     for r in range(1, k + 1):
@@ -64,7 +70,9 @@ def _released(s, t):
 
 def _brute(s, p):
     """(max over patterns of sum |X_t[pi, pi]|, max over patterns and signs g in {-1, 1}^pi of
-    g^T X_t g (a lower bound on the true squared sensitivity)) for every t."""
+    g^T X_t g (a lower bound on the true squared sensitivity)) for every t. For "shuffled" only
+    the patterns with a step in every epoch: both maxima are reached there when X_t >= 0 (every
+    term >= 0), and the bound's maximum always is (every |X| term >= 0)."""
     bound, lower = [], []
     pats = _patterns(p, s.steps)
     for t in range(s.steps):
@@ -89,6 +97,8 @@ def _covered(name: str, p: Participation) -> bool:
         return bands <= p.min_separation
     if p.kind == "min_separated":
         return bands <= p.min_separation
+    if p.kind == "shuffled":
+        return bands - 1 <= p.steps_per_epoch
     return True
 
 
@@ -97,7 +107,7 @@ def _covered(name: str, p: Participation) -> bool:
 def test_prefix_sensitivity_against_brute_force(name, schema):
     s, p = STRATEGIES[name](), SCHEMAS[schema]
     if not _covered(name, p):
-        with pytest.raises(ValueError, match="bands <= min_separation|not banded"):
+        with pytest.raises(ValueError, match="bands <= min_separation|not banded|steps_per_epoch >= bands - 1"):
             s.sensitivity_sq_prefix(0, p)
         return
     S = np.array([s.sensitivity_sq_prefix(t, p) for t in range(T)])
@@ -106,7 +116,7 @@ def test_prefix_sensitivity_against_brute_force(name, schema):
     assert np.all(np.diff(S) >= 0) and S[0] > 0  # non-decreasing
     assert np.all(S >= lower - 1e-12)  # never below the true sensitivity
     running = np.maximum.accumulate(bound)
-    if name == "tree" and p.kind == "min_separated":
+    if name == "tree" and p.kind in ("min_separated", "shuffled"):
         assert np.all(S >= running - 1e-12)  # a packing bound (X >= 0: brute = exact)
         if p.participations(T) == 1:
             np.testing.assert_allclose(S, running)
@@ -172,6 +182,25 @@ def test_large_T_min_separated_matches_every_epoch_for_unit_columns():
     assert s.sensitivity_sq_prefix(3999, Participation("single")) == pytest.approx(1.0, rel=1e-12)
 
 
+@pytest.mark.parametrize("T_, b, p", [(64, 4, 8), (64, 8, 7), (4000, 32, 100), (1000, 16, 1000)])
+def test_shuffled_lies_between_fixed_order_and_min_separated(T_, b, p):
+    """Fixed order's patterns are shuffled patterns, which are 1-separated patterns with at most
+    one per epoch: the sensitivities are ordered. For unit columns and C^T C >= 0, a shuffled
+    pattern adds at most 2 |X[j, k]| <= 2 per pair of neighbouring epochs: S <= 3 k."""
+    k = -(-T_ // p)
+    fixed = Participation("every_epoch", steps_per_epoch=p)
+    shuf = Participation("shuffled", steps_per_epoch=p)
+    sep1 = Participation("min_separated", min_separation=1, max_participations=k)
+    s, tr = mf.optimize_banded(T_, b), mf.tree(T_)
+    a, c = s.sensitivity_sq_prefix(T_ - 1, fixed), s.sensitivity_sq_prefix(T_ - 1, shuf)
+    if p >= b:  # else fixed order has neighbouring participations in one band too
+        assert a == pytest.approx(k, rel=1e-12)
+        assert (c > 1.2 * a) == (k > 1)  # shuffling costs: neighbouring epochs' steps can be adjacent
+    assert a - 1e-9 <= c <= 3 * k
+    ta, tb, tc = (tr.sensitivity_sq_prefix(T_ - 1, q) for q in (fixed, shuf, sep1))
+    assert ta <= tb <= tc
+
+
 # --- refusals ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, err, match", [
     (lambda: mf.tree(8).step_event(0, 1.0, Participation("cyclic_poisson", min_separation=2, sample_rate=0.1)),
@@ -183,6 +212,8 @@ def test_large_T_min_separated_matches_every_epoch_for_unit_columns():
      ValueError, "min_separation <= steps"),
     (lambda: mf.banded([1.0, 0.5, 0.2], 8).sensitivity_sq_prefix(7, Participation("min_separated", min_separation=2)),
      ValueError, "bands <= min_separation"),
+    (lambda: mf.banded([1.0, 0.5, 0.2, 0.1], 8).sensitivity_sq_prefix(7, Participation("shuffled", steps_per_epoch=2)),
+     ValueError, "steps_per_epoch >= bands - 1"),
     (lambda: mf.identity(8).sensitivity_sq_prefix(8, Participation("single")), ValueError, "t must be in"),
     (lambda: mf.identity(8).sensitivity_sq_prefix(-2, Participation("single")), ValueError, "t must be in"),
     (lambda: mf.identity(8).sensitivity_sq_prefix(1.0, Participation("single")), TypeError, "t must be an int"),

@@ -18,7 +18,7 @@ from typing import Optional
 
 from ppml_fast.accounting import _checks
 
-KINDS = ("single", "every_epoch", "min_separated", "cyclic_poisson")
+KINDS = ("single", "every_epoch", "shuffled", "min_separated", "cyclic_poisson")
 
 
 def _int_at_least(name: str, value: object, low: int) -> int:
@@ -38,6 +38,9 @@ class Participation:
       - ``"every_epoch"``: a fixed order, the record in steps i, i + p, i + 2p, ... with
         p = ``steps_per_epoch``; i is unknown, so sensitivities are the max over i
         ((k, b)-participation of arXiv 2211.06530, Sec. 2).
+      - ``"shuffled"``: each epoch [e p, (e + 1) p), p = ``steps_per_epoch``, is a fresh
+        shuffle: the record in at most one step of each epoch, anywhere in it (a pattern may have
+        two steps 1 apart, across an epoch boundary).
       - ``"min_separated"``: any set of steps at least ``min_separation`` apart (|i - j| >= b),
         at most ``max_participations`` of them (None: as many as fit) (b-min-separated
         participation, arXiv 2306.08153, Sec. 2).
@@ -64,6 +67,7 @@ class Participation:
         allowed = {
             "single": (),
             "every_epoch": ("steps_per_epoch",),
+            "shuffled": ("steps_per_epoch",),
             "min_separated": ("min_separation", "max_participations"),
             "cyclic_poisson": ("min_separation", "sample_rate"),
         }[kind]
@@ -71,9 +75,9 @@ class Participation:
         if extra:
             raise ValueError(f"participation kind {kind!r} takes only {list(allowed) or 'no arguments'}; "
                              f"got {', '.join(f'{k}={given[k]!r}' for k in extra)}")
-        if kind == "every_epoch":
+        if kind in ("every_epoch", "shuffled"):
             if steps_per_epoch is None:
-                raise ValueError("participation kind 'every_epoch' needs steps_per_epoch (an int >= 1)")
+                raise ValueError(f"participation kind {kind!r} needs steps_per_epoch (an int >= 1)")
             steps_per_epoch = _int_at_least("steps_per_epoch", steps_per_epoch, 1)
         if kind in ("min_separated", "cyclic_poisson"):
             if min_separation is None:
@@ -96,7 +100,8 @@ class Participation:
     def period(self, steps: int) -> Optional[int]:
         """For the schemas whose patterns are {i, i + p, i + 2p, ...} (every record's worst case):
         p; "single" is p = steps (one step per pattern), "cyclic_poisson" is p = b (its worst case
-        without amplification: sampled at every step of its part). None for "min_separated"."""
+        without amplification: sampled at every step of its part). None for "min_separated" and
+        "shuffled"."""
         if self.kind == "single":
             return steps
         if self.kind == "every_epoch":
@@ -112,5 +117,7 @@ class Participation:
         p = self.period(steps)
         if p is not None:
             return math.ceil(steps / p)
+        if self.kind == "shuffled":
+            return math.ceil(steps / self.steps_per_epoch)
         k = math.ceil(steps / self.min_separation)
         return k if self.max_participations is None else min(k, self.max_participations)

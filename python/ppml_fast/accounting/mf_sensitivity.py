@@ -102,6 +102,93 @@ def banded_min_separated(R: np.ndarray, min_separation: int, max_participations:
     return out
 
 
+def banded_shuffled(R: np.ndarray, steps_per_epoch: int) -> np.ndarray:
+    """S_t for a banded C (band R, T x b) when each epoch [e p, (e + 1) p) is a fresh shuffle:
+    a record is in at most one step of each epoch, anywhere in it (p = ``steps_per_epoch``).
+    Needs p >= b - 1: then steps two epochs apart are >= b apart (orthogonal columns) and only
+    neighbouring epochs interact, so max_pi sum_{j, k in pi} |X_t[j, k]| is a dynamic program over
+    epochs, F_e(k) = X[k, k] + A_e(k), A_e(k) = max(max F_{e-1}, max_{j: k - j < b} F_{e-1}(j) +
+    2 |X[j, k]|) (an element in every epoch is never worse: every term is >= 0). Exact when
+    those X entries are >= 0 (banded Toeplitz with c >= 0, as optimised), an upper bound
+    otherwise. At step t of epoch e, A_{e-1} is final (its cross terms and F_{e-2} are
+    complete), so F_{e-1} = X[k, k] + A_{e-1}; A_e is final from step e p + b - 2 on, after which
+    a step only raises X[k, k] of its last b columns: O(T b + (T / p) b (p + b^2)) (cross terms
+    are kept only for pairs across an epoch boundary, the only ones the program reads)."""
+    T, b = R.shape
+    p = int(steps_per_epoch)
+    if p < b - 1:
+        raise ValueError(f"banded_shuffled needs steps_per_epoch >= bands - 1; got {p} < {b - 1}")
+    dg = np.zeros(T)  # X_t[j, j]
+    X = np.zeros((T, b))  # X[j, d] = X_t[j, j + d], kept for pairs across an epoch boundary only
+    U, O = np.meshgrid(np.arange(b - 1), np.arange(b - 1), indexing="ij")
+    gap = O + 1 + U  # k - j for j = e p - 1 - u (previous epoch), k = e p + o
+    mask = gap < b
+    gidx = np.where(mask, gap, 0)
+
+    def a_vector(e: int, prev) -> np.ndarray:
+        """A_e over epoch e (prev = F_{e-1}, a full epoch; None for e = 0)."""
+        n_e = min((e + 1) * p, T) - e * p
+        if prev is None:
+            return np.zeros(n_e)
+        M = float(prev.max())
+        A = np.full(n_e, M)
+        n = min(b - 1, n_e)
+        if n:
+            cross = prev[p - 1 - U] + 2.0 * np.abs(X[e * p - 1 - U, gidx])
+            A[:n] = np.maximum(M, np.where(mask, cross, -np.inf).max(axis=0)[:n])
+        return A
+
+    A = A_last = np.zeros(0)  # A_e of the current epoch; A_{e-1}, final once epoch e began
+    out = np.empty(T)
+    S = 0.0
+    for t in range(T):
+        kk = min(b, t + 1)
+        r = R[t, :kk]
+        dg[t - np.arange(kk)] += r * r
+        e = t // p
+        start = e * p
+        if t == start and e >= 1:
+            A_last = A
+        if 0 < start and start > t - b + 1:  # row t holds pairs across the epoch boundary
+            js = np.arange(max(t - b + 1, 0), start)
+            ks = np.arange(start, t + 1)
+            J, K = np.meshgrid(js, ks, indexing="ij")
+            ok = K - J < b
+            X[J[ok], (K - J)[ok]] += r[t - J[ok]] * r[t - K[ok]]
+        if t <= start + b - 1:  # F_{e-1} and A_e may still change: recompute, all of [start, t]
+            prev = dg[start - p:start] + A_last if e >= 1 else None
+            A = a_vector(e, prev)
+            lo = start
+        else:  # only the last b columns' norms grew
+            lo = max(start, t - b + 1)
+        S = max(S, float((dg[lo:t + 1] + A[lo - start:t + 1 - start]).max()))
+        out[t] = S
+    return out
+
+
+def tree_shuffled(steps: int, steps_per_epoch: int) -> np.ndarray:
+    """An upper bound on S_t for tree aggregation under per-epoch shuffling (at most one step in
+    each epoch of p steps): the packing bound of ``tree_min_separated`` with k_t = t // p + 1
+    epochs begun and at most min(k_t, s, ceil((s - 1) / p) + 1) elements in a node of s steps
+    (the epochs it can touch)."""
+    T, p = int(steps), int(steps_per_epoch)
+    out = np.empty(T)
+    S = 0.0
+    for t in range(T):
+        kt = t // p + 1
+        total, s = 0, 1
+        while s <= t + 1:
+            nh = (t + 1) // s
+            mh = min(kt, s, -(-(s - 1) // p) + 1)
+            full = min(nh, kt // mh)
+            rem = kt - full * mh
+            total += full * mh * mh + (rem * rem if full < nh else 0)
+            s *= 2
+        S = max(S, float(total))
+        out[t] = S
+    return out
+
+
 def tree_node_count(steps: int) -> int:
     """The number of complete dyadic nodes [m 2^h, (m + 1) 2^h) inside [0, steps)."""
     n, s = 0, 1

@@ -75,6 +75,12 @@ class NoiseStrategy:
                 raise ValueError(
                     f"participation 'cyclic_poisson' needs min_separation <= steps (each of the b "
                     f"parts takes part at least once); got min_separation={b} > steps={self.steps}")
+        if participation.kind == "shuffled" and self.kind != "tree" \
+                and min(participation.steps_per_epoch, self.steps) < self.bands - 1:
+            raise ValueError(
+                f"participation 'shuffled' needs steps_per_epoch >= bands - 1 for a banded strategy "
+                f"(then only neighbouring epochs' steps can share a band); got steps_per_epoch="
+                f"{participation.steps_per_epoch} < bands - 1 = {self.bands - 1}")
         if participation.kind == "min_separated" and self.kind != "tree" \
                 and self.bands > participation.min_separation:
             raise ValueError(
@@ -100,10 +106,11 @@ class NoiseStrategy:
         (0-based; t = -1 gives 0). Exact where C^T C >= 0 on the pattern's entries or the
         pattern's columns are orthogonal: identity; the tree under "single"/"every_epoch"; banded
         C under "single", "min_separated" (separation >= bands) and "every_epoch" with
-        steps_per_epoch >= bands. Otherwise an upper bound: banded C under "every_epoch" with
-        steps_per_epoch < bands, the conservative sum_{i, j in pattern} |(C^T C)_{ij}|
-        (arXiv 2211.06530, Eq. 5); the tree under "min_separated", a packing bound
-        (mf_sensitivity.tree_min_separated). For "cyclic_poisson" the value without
+        steps_per_epoch >= bands; banded C with C^T C >= 0 (e.g. optimised BandMF) under
+        "shuffled". Otherwise an upper bound: banded C under "every_epoch" with steps_per_epoch <
+        bands or under "shuffled", the conservative sum_{i, j in pattern} |(C^T C)_{ij}|
+        (arXiv 2211.06530, Eq. 5); the tree under "min_separated" or "shuffled", a packing bound
+        (mf_sensitivity.tree_min_separated, tree_shuffled). For "cyclic_poisson" the value without
         amplification (every step of the record's part). Non-decreasing in t."""
         t = _step("t", t, self.steps, low=-1)
         S = self._prefix(participation)
@@ -224,6 +231,8 @@ class BandedStrategy(NoiseStrategy):
 
     def _compute_prefix(self, participation: Participation) -> np.ndarray:
         R = np.asarray(self._band)
+        if participation.kind == "shuffled":
+            return mf_sensitivity.banded_shuffled(R, min(participation.steps_per_epoch, self.steps))
         if participation.kind == "min_separated":
             k = participation.participations(self.steps)
             return mf_sensitivity.banded_min_separated(R, participation.min_separation, k)
@@ -309,6 +318,8 @@ class TreeStrategy(NoiseStrategy):
         return out
 
     def _compute_prefix(self, participation: Participation) -> np.ndarray:
+        if participation.kind == "shuffled":
+            return mf_sensitivity.tree_shuffled(self.steps, min(participation.steps_per_epoch, self.steps))
         if participation.kind == "min_separated":
             k = participation.participations(self.steps)
             return mf_sensitivity.tree_min_separated(self.steps, participation.min_separation, k)
