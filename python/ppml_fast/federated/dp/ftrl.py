@@ -26,8 +26,12 @@ What differs:
   drawn, and ``epsilon(rounds_ahead=...)`` past it is infinite.
 
 State: as the optimizer's (privacy/state.py): never the noise, and the noise key only when the
-user gave it. A server has no journal, so a loaded state always starts a new segment of the
-strategy at its round (composition; see :mod:`ppml_fast.privacy.correlated_noise`).
+user gave it. A server has no journal, so nobody knows whether rounds were released after a
+state was saved (a crash): a loaded state always starts a new segment of the strategy at its
+round (composition; see :mod:`ppml_fast.privacy.correlated_noise`) and re-keys the noise from
+OS entropy, also for a user-given seed (the saved key's next offsets may have been used by such
+rounds: reusing them would let their noise be subtracted). A seeded run is therefore
+reproducible up to a resume, not across it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from ppml_fast.noise_keys import NoiseStream
 
 from ..strategy.base import Failures, Instructions, Strategy
 from ..strategy.wrapper import StrategyWrapper
@@ -200,7 +206,7 @@ class DPFTRLFedAvg(DPFedAvgFixed):
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (validated first; nothing changes on an error). The
-        correlated noise continues as a new segment at the loaded round."""
+        correlated noise continues as a new segment at the loaded round, under a fresh key."""
         try:
             saved, picks = state["correlated_noise"], state["picks"]
             rounds = state["rounds"]
@@ -214,7 +220,8 @@ class DPFTRLFedAvg(DPFedAvgFixed):
             raise ValueError("state['correlated_noise'] does not match state['rounds']; nothing was loaded")
         correlated = self.correlated.resumed(saved, like=[], seed=None, exact=False)
         expected = self.expected_clients
-        super().load_state_dict(state)  # seed None (an OS key, not saved): a fresh key
+        super().load_state_dict(state)
+        self.noise = NoiseStream(None, secure=self.secure_mode)  # never the saved key's offsets again
         self.expected_clients = self.expected_clients or expected
         self.correlated = correlated
         self._last = {int(c): v[0] for c, v in picks.items()}
