@@ -369,3 +369,15 @@ def test_budget_stop_uses_the_strategys_events():
     with pytest.raises(PrivacyBudgetExceeded):
         _noise_step(m, o, l)
     assert o.steps == o.correlated.step == t and o.offset == offset
+
+
+def test_resume_with_another_journal_is_not_exact(tmp_path):
+    eng, m, o, l = _private(steps=6, seed=5, journal=tmp_path / "a.jsonl", n=24)
+    for _ in range(3):
+        _noise_step(m, o, l)
+    state = o.state_dict()
+    o.journal.close()
+    # a fresh journal cannot tell whether steps were released after the state: a new segment
+    eng, m, o, l = _private(steps=6, seed=5, journal=tmp_path / "other.jsonl", n=24)
+    o.load_state_dict(state)
+    assert o.correlated.segment_start == 3

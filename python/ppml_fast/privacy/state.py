@@ -126,7 +126,8 @@ def load(opt, state: object) -> None:
     order = getattr(opt, "_order", None)  # a resumed loop starts a new pass over the data
     correlated = _correlated(opt, s, seed, order, exact=(
         s["seed"] is not None and seed == s["seed"] and not opt.secure_mode
-        and opt.journal is not None and not records))
+        and opt.journal is not None and not records
+        and (s["journal"] or {}).get("id") == opt.journal.id))  # the state's own journal
     inner = opt.original_optimizer
     before = copy.deepcopy(inner.state_dict())
     try:
