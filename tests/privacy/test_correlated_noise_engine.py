@@ -98,7 +98,7 @@ def test_noise_covariance_through_the_optimizer():
 
 
 @pytest.mark.parametrize("mech,bands,shuffle", [("banded_mf", 4, False), ("tree", None, False),
-                                                ("tree", None, True)])
+                                                ("tree", None, True), ("banded_mf", 4, True)])
 def test_trains_and_reports_the_strategys_epsilon(mech, bands, shuffle):
     eng, m, o, loader = _private(mech, bands, shuffle=shuffle, epochs=3)
     ds = loader.dataset
@@ -112,7 +112,7 @@ def test_trains_and_reports_the_strategys_epsilon(mech, bands, shuffle):
     assert o.steps == 24 and last < first
     part = o.correlated.participation
     if shuffle:
-        assert part == mf.Participation("min_separated", min_separation=1, max_participations=3)
+        assert part == mf.Participation("shuffled", steps_per_epoch=8)
     else:
         assert part == mf.Participation("every_epoch", steps_per_epoch=8)
     assert eng.accounting_analysis == o.correlated.analysis and "zero-out" in eng.accounting_analysis
@@ -265,8 +265,8 @@ def test_arguments_and_loaders_refused():
         _private("gaussian", 4)
     with pytest.raises(ValueError, match="no privacy amplification"):
         _private("tree", None, poisson=True, steps=4)
-    with pytest.raises(ValueError, match="shuffle=True a record's steps can be 1 apart"):
-        _private(shuffle=True, epochs=2)
+    with pytest.raises(ValueError, match="steps_per_epoch >= bands - 1"):
+        _private(shuffle=True, bands=12, epochs=2)  # 8 batches per epoch
     with pytest.raises(ValueError, match="noise_multiplier must be a finite number > 0"):
         eng = PrivacyEngine()
         model = nn.Linear(6, 2)

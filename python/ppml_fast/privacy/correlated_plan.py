@@ -11,9 +11,11 @@ schema's patterns, Choquette-Choo et al. 2023, arXiv 2211.06530, section 2 / Def
 - ``poisson_sampling=False`` with ``shuffle=True`` (``RandomSampler`` without replacement):
   each epoch is a new permutation, so a record's steps are one per epoch at arbitrary places —
   the last step of one epoch and the first of the next are 1 apart. The fixed-order schema
-  does **not** hold. Conservative and honest: "min_separated" with separation 1 and at most
-  ceil(T / k) participations (a superset of the one-per-epoch patterns; no amplification by
-  shuffling is claimed).
+  does **not** hold: "shuffled" with ``steps_per_epoch`` k (every pattern with at most one step
+  in each epoch [e k, (e + 1) k), the worst case over all of them; no amplification by
+  shuffling is claimed). Banded C needs k >= b - 1 there.
+- both rely on the loop taking one batch per step, epoch after epoch, which
+  :mod:`ppml_fast.privacy.fixed_batches` enforces.
 - any other sampler (with replacement, weighted, custom batch samplers): refused — how often a
   record appears is unknown.
 - ``poisson_sampling=True``: only "banded_mf", with cyclic Poisson sampling over b parts
@@ -115,9 +117,9 @@ def plan(*, noise_mechanism: str, bands: Optional[int], epochs: Optional[int], s
         strategy.sensitivity_sq_prefix(total - 1, participation)
     except ValueError as e:
         raise ValueError(f"noise_mechanism={noise_mechanism!r} cannot be accounted for this data "
-                         f"loader ({participation}): {e}. With shuffle=True a record's steps can be "
-                         "1 apart; use a fixed order (shuffle=False), poisson_sampling=True (cyclic "
-                         "Poisson, banded_mf) or noise_mechanism='tree'") from e
+                         f"loader ({participation}): {e}. Use fewer bands (at most the batches per "
+                         "epoch + 1), poisson_sampling=True (cyclic Poisson, banded_mf) or "
+                         "noise_mechanism='tree'") from e
     return CorrelatedNoise(strategy, participation), loader, sample_rate, expected
 
 
@@ -131,8 +133,7 @@ def participation_of(data_loader: DataLoader, steps: int):
     if type(sampler) is SequentialSampler:
         return mf.Participation("every_epoch", steps_per_epoch=per_epoch)
     if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples <= n:
-        return mf.Participation("min_separated", min_separation=1,
-                                max_participations=math.ceil(steps / per_epoch))
+        return mf.Participation("shuffled", steps_per_epoch=per_epoch)
     raise ValueError(
         f"data_loader's sampler ({type(sampler).__name__}) is neither a SequentialSampler (fixed "
         "order) nor a RandomSampler without replacement (shuffle=True): how often a record can "
