@@ -273,7 +273,7 @@ class ClippedSums:
                 continue
             fs = [c_of[id(c.params[r])] for r in roles]
             grp = state.get(grouped.GROUP) if isinstance(state, dict) and not drop else None
-            if grp is not None and common is not None and grp[0].can_sum(c.params):
+            if grp is not None and common is not None and grp[0].can_sum(grp[1], c.params):
                 # the group's clipped sums in one matmul (flat clipping: one factor vector)
                 out = grp[0].clipped(grp[1], factor_for(common, grad), c.params)
                 for role, t in out.items():

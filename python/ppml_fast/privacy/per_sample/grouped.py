@@ -3,32 +3,35 @@
 per layer (issue 16, item 2).
 
 Why: on small and medium models the DP step's extra cost was ~0.2 ms per parameterised layer,
-mostly dispatch of ~15 small torch ops per layer (views, norms, sums, dtype conversions, matvecs).
-Here each call of a group still runs its one compute op (the per-sample gradient ``bmm``, or
-the layer norm's pass), writing into one ``(L, B, ...)`` buffer of the group (``out=``: the
-inputs are not copied, which measured slower than the ops it saved: stacking BERT's inputs cost
-~0.27 ms a group), and everything after runs once per group: one norm reduction, one matmul for
-all the clipped sums (flat clipping: one factor vector for all).
+mostly small torch ops per layer (views, norms, sums, dtype conversions, matvecs) and, on the
+ghost path, the ~20 small ops of the rounding bound (bounds.py). Here each call of a group still
+runs its own compute ops (the Gram ``bmm``s, the layer norm's pass), writing into one
+``(L, B, ...)`` buffer of the group (``out=``: the inputs are never copied), and everything after
+runs once per group: the ghost norms with their bounds and flags, one norm reduction, one matmul
+for all the materialised clipped sums (flat clipping: one factor vector for all).
 
 What is grouped (the rest goes through its rule, one call at a time, as before):
 
-- ``linear`` calls on the materialise path (``T >= 2`` positions where :func:`linear.choose_path`
-  picks it, or ``mode="materialize"``) with the same ``(B, T, d, p)``, dtypes and roles: BERT's
-  q/k/v/o projections, LoRA's adapters;
+- ``linear`` / ``linear_t`` calls on the ghost path (``T >= 2`` positions where
+  :func:`linear.choose_path` picks it) with the same ``(B, T, d, p)``, dtypes and roles, and
+  bias-only calls; BERT's q/k/v/o projections at short sequences, GPT-2's Conv1D layers;
 - ``layer_norm`` calls with the same input shape, dtypes, ``normalized_shape``, eps and roles.
 
-Not grouped: ghost-path linears (their Gram matrices and rounding bounds are compute-bound per
-call; their flagged-record check stays one per call), the ``T = 1`` linear norm (two norms),
-calls whose parameter is shared between calls or used in parts (the engine's materialised and
-span paths), calls whose rule object is not the stock rule, and calls whose shapes fail the
+Not grouped: materialise-path linears (measured no faster grouped: their per-sample ``bmm`` and
+the passes over ``B d p`` numbers dominate, and one large fresh ``(L, B, p, d)`` buffer cost page
+faults: BERT-tiny's clipping 1.02-1.06x slower grouped), the ``T = 1`` linear norm (two norms),
+calls whose parameter is shared between calls or used in parts (the engine's materialised, tied
+and span paths), calls whose rule object is not the stock rule, and calls whose shapes fail the
 rule's checks (the rule then raises its own error).
 
-Equal results: every record's per-sample gradient is computed by the same op on the same operands
-as the rule's per-call path (``out=`` a slice of the group's buffer), and its norm by the same
-row reduction; the clipped sums come from one ``(B,) @ (L, B, n)`` matmul instead of ``L``
-matvecs, equal up to float summation order. The norms here are of materialised gradients (sums
-of squares of exactly what is summed: relative error only, :mod:`bounds`), so no flagging
-applies, as on the rule's own materialise path.
+Equal results: every record's Gram matrices (or normalised activations) are computed by the same
+op on the same operands as the rule's per-call path (``out=`` a slice of the group's buffer) and
+its norm, bound and flag by the same elementwise and row operations
+(:func:`linear.norms_from_grams`, whatever the number of rows), so the norms are bit-identical;
+flagged records are materialised in float64 per call exactly as :func:`linear.ghost_weight_norms`
+does, and their state (``FLAGGED``, ``BOUND``) goes to their own call, so the rounding
+guarantees of :mod:`bounds` hold unchanged. Clipped sums of kept per-sample gradients come from
+one ``(B,) @ (L, B, n)`` matmul instead of ``L`` matvecs, equal up to float summation order.
 
 :data:`GROUPING` switches the grouping off (``False``: the per-call path; tests compare both).
 """
@@ -55,9 +58,15 @@ class Group:
     """``L`` calls computed together; ``stacked[role]`` holds their per-sample gradients as
     ``(L, B, ...)`` where they were materialised."""
 
-    def __init__(self, batch: int, stacked: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+    def __init__(self, batch: int, stacked: dict[str, Tensor], params: dict[str, Tensor],
+                 ghost: tuple | None = None) -> None:
         self.batch = batch
         self.stacked = stacked
+        # ghost linear groups: (each call's (x (B, T, d), g (B, T, p)), T, transposed) for their
+        # weights' book-keeping, and the calls holding flagged records (their rule sums them)
+        self.ghost = ghost
+        self.flagged: set[int] = set()
+        self._repeated: Tensor | None = None
         # the clipped sums' dtypes (the key holds the parameters' dtypes: equal in the group)
         self.dtypes = {r: _ps.sum_dtype(p) for r, p in params.items()}
         self._factors: Tensor | None = None
@@ -77,14 +86,29 @@ class Group:
                     flat = flat.to(dt)
                 # (B,) @ (L, B, n) -> (L, n): one matmul for the L weighted sums
                 self._sums[role] = torch.matmul(factors.to(flat.dtype), flat)
+            self._repeated = None
         out = {}
         for role, p in params.items():
-            out[role] = self._sums[role][index].reshape(p.shape).to(_ps.sum_dtype(p))
+            if role in self._sums:
+                out[role] = self._sums[role][index].reshape(p.shape).to(_ps.sum_dtype(p))
+                continue
+            # ghost weight: book-keeping as LinearRule.clipped_sum does it, the factors repeated
+            # over the T positions once for the group
+            (x, g), seq, transposed = self.ghost[0][index], self.ghost[1], self.ghost[2]
+            if self._repeated is None:
+                f = factors if factors.dtype == x.dtype else factors.to(x.dtype)
+                self._repeated = f.repeat_interleave(seq)
+            f = self._repeated
+            x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            gf = g * f[:, None] if (g.shape[-1] <= x.shape[-1] or "bias" in params) else None
+            out[role] = _lin.book_keeping(x, g, f, gf, transposed).to(_ps.sum_dtype(p))
         return out
 
-    def can_sum(self, params: dict[str, Tensor]) -> bool:
-        """Whether :meth:`clipped` covers every role of ``params`` (materialised ones only)."""
-        return all(r in self.stacked for r in params)
+    def can_sum(self, index: int, params: dict[str, Tensor]) -> bool:
+        """Whether :meth:`clipped` covers every role of call ``index``'s ``params``: kept
+        per-sample gradients, or a ghost weight without flagged records."""
+        return all(r in self.stacked or (r == "weight" and self.ghost is not None
+                                         and index not in self.flagged) for r in params)
 
 
 def _roles(cap: _ps.Captured) -> tuple:
@@ -93,7 +117,8 @@ def _roles(cap: _ps.Captured) -> tuple:
 
 
 def _linear_key(rule, cap: _ps.Captured, grad: Tensor):
-    """(key, x (B, T, d), g (B, T, p), params) of a groupable linear call, or None."""
+    """(key, x (B, T, d), g (B, T, p), params) of a groupable linear call (ghost path, or no
+    weight), or None."""
     if type(rule) is not _lin.LinearRule:
         return None
     transposed = bool(getattr(rule, "transposed", False))
@@ -111,16 +136,16 @@ def _linear_key(rule, cap: _ps.Captured, grad: Tensor):
     path = mode
     if "weight" in cap.params and mode == "auto":
         path = _lin.choose_path(b, seq, d, p)
+    if path != "ghost" and "weight" in cap.params:
+        return None  # measured no faster grouped (module docstring)
     key = ("linear", path, transposed, b, seq, d, p, x.dtype, _roles(cap))
     return key, x, g, cap.params
 
 
 def _linear_group(items: list) -> list[tuple[dict, dict]]:
-    """LinearRule.norms_sq for calls of one key. Materialise path: each call's per-sample
-    gradients written by its own ``bmm`` into one ``(L, B, p, d)`` buffer, then one norm
-    reduction for all. Ghost path: each call's Gram matrices written into ``(L, B, T, T)``
-    buffers, then the norms, their rounding bounds and the flags once for all (one check for
-    flagged records per group)."""
+    """LinearRule.norms_sq (ghost path) for calls of one key: each call's Gram matrices written
+    into ``(L, B, T, T)`` buffers, then the norms, their rounding bounds and the flags once for
+    all (one check for flagged records per group); biases into one ``(L, B, p)`` buffer."""
     path, transposed, b, seq, d, p, dtype, roles = items[0][0][1:]
     roles = dict(roles)
     L = len(items)
@@ -132,14 +157,6 @@ def _linear_group(items: list) -> list[tuple[dict, dict]]:
             torch.sum(it[2], 1, out=stacked["bias"][i])
     if "weight" not in roles:
         return _finish(items, b, stacked, dtype)
-    if path != "ghost":
-        w = stacked["weight"] = x0.new_empty((L, b, d, p) if transposed else (L, b, p, d))
-        for i, (_, x, g, _) in enumerate(items):
-            if transposed:
-                torch.bmm(x.transpose(1, 2), g, out=w[i])
-            else:
-                torch.bmm(g.transpose(1, 2), x, out=w[i])
-        return _finish(items, b, stacked, dtype)
     gram = bounds.gram_dtype(dtype, seq, (d, p))
     xx = x0.new_empty((L, b, seq, seq), dtype=gram)
     gg = x0.new_empty((L, b, seq, seq), dtype=gram)
@@ -147,7 +164,8 @@ def _linear_group(items: list) -> list[tuple[dict, dict]]:
         _lin.ghost_grams(x, g, out=(xx[i], gg[i]))
     norms, flags, bound = _lin.norms_from_grams(xx.view(L * b, seq, seq), gg.view(L * b, seq, seq),
                                                 d, p, dtype)
-    out = _finish(items, b, stacked, dtype, {"weight": norms.view(L, b)}, bound.view(L, b))
+    ghost = ([(it[1], it[2]) for it in items], seq, transposed)
+    out = _finish(items, b, stacked, dtype, {"weight": norms.view(L, b)}, bound.view(L, b), ghost)
     if bool(flags.any()):  # rare (bounds.py): materialised per call, as ghost_weight_norms does
         flags = flags.view(L, b)
         for i, (_, x, g, _) in enumerate(items):
@@ -162,18 +180,19 @@ def _linear_group(items: list) -> list[tuple[dict, dict]]:
             state[_lin.BOUND] = state[_lin.BOUND].clone()
             state[_lin.BOUND][rows] = exact.double() * (2 * bounds.gamma(grads[0].numel() + 1, bounds.U64))
             state[_lin.FLAGGED] = (rows, grads.transpose(1, 2) if transposed else grads)
+            state[GROUP][0].flagged.add(i)
     return out
 
 
 def _finish(items: list, b: int, stacked: dict[str, Tensor], dtype, norms: dict | None = None,
-            bound: Tensor | None = None) -> list[tuple[dict, dict]]:
+            bound: Tensor | None = None, ghost: tuple | None = None) -> list[tuple[dict, dict]]:
     """Each call's (norms, state) from the group's per-sample gradients ``stacked`` (and the
     ghost weight norms ``norms`` (L, B) with their error bounds ``bound``)."""
     L = len(items)
     # the rules' order (bias before a ghost weight): the float64 sum of the norms adds alike
     norms = {**{r: _ps.sq_norms(s.view(L * b, -1), dtype).view(L, b) for r, s in stacked.items()},
              **(norms or {})}
-    group = Group(b, stacked, items[0][3])
+    group = Group(b, stacked, items[0][3], ghost)
     out = []
     for i in range(L):
         state: dict = {r: s[i] for r, s in stacked.items()}

@@ -132,6 +132,17 @@ def materialise_flagged(x: Tensor, g: Tensor, rows: Tensor) -> Tensor:
     return torch.bmm(g[rows].double().transpose(1, 2), x[rows].double())
 
 
+def book_keeping(x: Tensor, g: Tensor, f: Tensor, gf: Tensor | None, transposed: bool) -> Tensor:
+    """``sum_n f_n g_n x_n^T`` from rows ``x`` (N, d), ``g`` (N, p) and factors ``f`` (N,), in
+    the weight's layout ((p, d), or (d, p) when ``transposed``): one matmul, the factors folded
+    into ``g`` (``gf = g * f[:, None]`` when given) or else into ``x``; IEEE precision
+    (:func:`bounds.book_roundoff`)."""
+    with bounds.full_precision():
+        if transposed:  # (d, N) @ (N, p): the weight's layout
+            return x.t() @ gf if gf is not None else (x * f[:, None]).t() @ g
+        return gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
+
+
 def choose_path(batch: int, seq: int, d: int, p: int) -> str:
     """"ghost" or "materialize" for a linear call with ``seq`` positions per sample."""
     if seq <= 1:
@@ -255,12 +266,7 @@ class LinearRule:
         gf = g * f[:, None] if (p <= d or "bias" in params) else None
         if "weight" in params and "weight" not in out:
             w = params["weight"]
-            with bounds.full_precision():  # IEEE: bounds.book_roundoff
-                if self.transposed:  # (d, N) @ (N, p): the weight's layout
-                    total = x.t() @ gf if gf is not None else (x * f[:, None]).t() @ g
-                else:
-                    total = gf.t() @ x if gf is not None else g.t() @ (x * f[:, None])
-            out["weight"] = total.to(_ps.sum_dtype(w))
+            out["weight"] = book_keeping(x, g, f, gf, self.transposed).to(_ps.sum_dtype(w))
             if flagged is not None:
                 out["weight"] = out["weight"] + extra
         if "bias" in params and "bias" not in out:
