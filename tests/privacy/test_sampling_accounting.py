@@ -228,3 +228,22 @@ def test_journal_records_the_sampling_events(tmp_path, accountant):
     got = engine.get_epsilon(1e-5)
     assert got == pytest.approx(want, rel=1e-9) if accountant == "pld" else got >= want
     assert path.exists()
+
+
+@pytest.mark.parametrize("n,drop_last,scale", [(100, False, 0.5), (99, False, 1.0), (100, True, 1.0)])
+def test_a_padding_distributed_sampler_is_charged_twice_the_sensitivity(n, drop_last, scale):
+    """DistributedSampler pads a dataset not divisible by the ranks with repeated records: a
+    record can then be in an epoch twice, so the per-epoch Gaussian has sensitivity 2C."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    d = _data(n)
+    s = DistributedSampler(d, num_replicas=3, rank=0, shuffle=True, drop_last=drop_last)
+    plan = sampling.analyse(DataLoader(d, batch_size=B, sampler=s))
+    assert plan.noise_scale == scale and plan.kind == "shuffle"
+    assert plan.steps_per_epoch == len(DataLoader(d, batch_size=B, sampler=s))
+
+
+def test_a_custom_batch_sampler_is_per_step():
+    d = _data()
+    plan = sampling.analyse(DataLoader(d, batch_sampler=[[0, 1], [2, 3], [4, 5]]))
+    assert plan.kind == "per_step" and plan.participations(5) == 5
