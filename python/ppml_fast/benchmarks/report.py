@@ -22,14 +22,36 @@ LEGEND = (
 
 
 def _cpu_model() -> str:
+    """The CPU's model name with its family/model/stepping numbers and vector extensions (a
+    hypervisor may shorten the name to e.g. "AMD EPYC": the numbers still tell Zen 3 (family 25,
+    model 1) from Zen 4 (family 25, model 17), and AVX2 from AVX-512 machines)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = ("avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+           else "avx2" if "avx2" in flags else None)
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    extra = "; ".join(x for x in (", ".join(numbers), isa) if x)
+    return f"{name} ({extra})" if extra else name
+
+
+def _kernels_isa() -> Optional[str]:
+    """The instruction set ppml_fast's CPU kernels use (PPML_FAST_CPU_ISA can lower it)."""
+    try:
+        from ppml_fast import _C
+
+        return str(_C._cpu_isa())
+    except (ImportError, AttributeError):
+        return None
 
 
 def cpu_busy(seconds: float = 0.25) -> Optional[float]:
@@ -59,6 +81,7 @@ def machine_info(**extra: object) -> dict[str, object]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
+        "cpu_kernels_isa": _kernels_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
