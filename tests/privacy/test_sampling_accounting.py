@@ -247,3 +247,18 @@ def test_a_custom_batch_sampler_is_per_step():
     d = _data()
     plan = sampling.analyse(DataLoader(d, batch_sampler=[[0, 1], [2, 3], [4, 5]]))
     assert plan.kind == "per_step" and plan.participations(5) == 5
+
+
+def test_a_substitution_plan_attached_before_the_first_step():
+    engine, m, opt, dl = _private()
+    sampling.attach(opt, sampling.analyse(dl, adjacency="substitution"), dl)
+    assert sum(h.__qualname__.endswith("stepped") for h in opt.step_hooks) == 1
+    _run(m, opt, dl, K + 1)
+    assert engine.get_epsilon(1e-5) == pytest.approx(_gauss_eps(SIGMA / 2, 2), rel=1e-9)
+
+
+def test_a_second_make_private_on_the_same_loader_sees_its_sampler():
+    loader = DataLoader(_data(), batch_size=B, shuffle=True)
+    _private(loader)
+    engine, m, opt, dl = _private(loader)
+    assert opt.sampling.plan.kind == "shuffle" and opt.sampling.counter is not None

@@ -75,6 +75,8 @@ def analyse(data_loader: DataLoader, *, adjacency: str = "zero-out") -> Sampling
         raise ValueError("data_loader must yield at least one batch per epoch")
     batch_sampler = data_loader.batch_sampler
     sampler = getattr(batch_sampler, "sampler", None) if type(batch_sampler) is BatchSampler else None
+    if isinstance(sampler, _EpochCounter):  # a loader made private before: its own sampler
+        sampler = sampler.sampler
     sub = 0.5 if adjacency == "substitution" else 1.0
     head = (f"poisson_sampling=False, {k} steps per epoch: each record is in at most one step "
             "of each epoch; ")
@@ -265,7 +267,12 @@ def _fingerprint(accountant) -> tuple:
 
 
 def attach(optimizer, plan: SamplingPlan, data_loader: DataLoader) -> EpochAccounting:
-    """Makes ``optimizer``'s steps account as ``plan`` says (``optimizer.sampling``)."""
+    """Makes ``optimizer``'s steps account as ``plan`` says (``optimizer.sampling``), replacing
+    a plan attached before (``make_private(poisson_sampling=False)`` attaches the zero-out one;
+    attach ``analyse(loader, adjacency="substitution")`` before the first step for substitution)."""
+    old = getattr(optimizer, "sampling", None)
+    if old is not None and old.stepped in optimizer.step_hooks:
+        optimizer.step_hooks.remove(old.stepped)
     tracker = EpochAccounting(plan, data_loader)
     optimizer.sampling = tracker
     optimizer.step_hooks.append(tracker.stepped)
