@@ -73,6 +73,7 @@ returned as computed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -98,10 +99,18 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def gamma(n: int, u: float) -> float:
     """Higham's ``gamma_n = n u / (1 - n u)`` (inf when ``n u >= 1``: no bound)."""
-    nu = max(int(n), 0) * u
+    return _gamma(max(int(n), 0), float(u))
+
+
+# The constants below are pure functions of a layer's shape: cached, so that the DP step does
+# not recompute them in Python for every layer and step (~180 gamma calls a step on a tiny BERT).
+@functools.lru_cache(maxsize=4096)
+def _gamma(n: int, u: float) -> float:
+    nu = n * u
     return math.inf if nu >= 1.0 else _up(nu / (1.0 - nu))
 
 
+@functools.lru_cache(maxsize=4096)
 def gram_coef(d: int, p: int, inner: int, outer: int, u: float) -> float:
     """``coef`` of the module docstring: |N'^2 - N^2| <= coef * S^2 for a ghost norm from Gram
     matrices with dot lengths ``d`` and ``p`` (p = 0: one Gram matrix, the embedding's, whose
@@ -118,6 +127,11 @@ def norm_slack(lengths: tuple[int, ...], u: float, terms: int = 1) -> float:
     each ``||v_k,t||`` (length ``lengths[k]``) came from ``vector_norm`` in precision ``u`` (sum of
     squares: relative error ``gamma_len`` on the square; square root: ``u``) and the ``terms``
     products were formed and summed in float64."""
+    return _norm_slack(tuple(int(n) for n in lengths), float(u), int(terms))
+
+
+@functools.lru_cache(maxsize=4096)
+def _norm_slack(lengths: tuple[int, ...], u: float, terms: int) -> float:
     low = 1.0
     for n in lengths:
         low *= math.sqrt(max(1.0 - gamma(n + 1, u), 0.0)) * (1.0 - u)
@@ -183,7 +197,8 @@ def round_up(v: Tensor, dtype: torch.dtype) -> Tensor:
         return v
     w = v.to(dtype)
     low = w.double() < v
-    if bool(low.any()):
+    # on the CPU a check skips the where when nothing rounded down; elsewhere no host sync
+    if v.device.type != "cpu" or bool(low.any()):
         w = torch.where(low, torch.nextafter(w, torch.full_like(w, math.inf)), w)
     return w
 
@@ -193,16 +208,19 @@ def scaled_up(v: Tensor, factor: float) -> Tensor:
     return round_up(v.double() * _up(factor), v.dtype)
 
 
+# The matmul backends with an ``fp32_precision`` setting (module objects: found once).
+_MATMUL_BACKENDS = [b for b in (getattr(torch.backends.cuda, "matmul", None),
+                                getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+                    if b is not None and hasattr(b, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def full_precision(conv: bool = False):
     """IEEE float32 matmuls inside (no TF32 / bf16 input rounding, which the bounds do not
     cover); with ``conv``, cuDNN convolutions without TF32 too (``torch.backends.cudnn
     .allow_tf32``, on by default). The caller's settings are restored after; a no-op under
     torch's defaults for matmuls ('highest') and on machines without cuDNN for convolutions."""
-    backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
-                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
-                if b is not None and hasattr(b, "fp32_precision")]
-    saved = [(b, b.fp32_precision) for b in backends]
+    saved = [(b, b.fp32_precision) for b in _MATMUL_BACKENDS]
     prec = torch.get_float32_matmul_precision()
     matmul_ok = prec == "highest" and all(v in ("none", "ieee") for _, v in saved)
     cudnn = torch.backends.cudnn
@@ -278,6 +296,11 @@ def gram_dtype(dtype: torch.dtype, positions: int, lengths: tuple[int, ...]) -> 
     the bound ~1e-13 relative."""
     if dtype == torch.float64:
         return torch.float64
+    return _gram_dtype(dtype, int(positions), tuple(int(n) for n in lengths), TAU, GRAM64_MARGIN)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gram_dtype(dtype, positions: int, lengths: tuple[int, ...], tau: float, margin: float):
     u = unit_roundoff(dtype)
     predicted = (sum(gamma(n, u) for n in lengths) + gamma(positions, u)) * positions
-    return torch.float32 if GRAM64_MARGIN * predicted <= TAU else torch.float64
+    return torch.float32 if margin * predicted <= tau else torch.float64
