@@ -8,8 +8,10 @@ steps under ppml_fast (``make_private``, ghost; noise 1.0, C 1.0, SGD), alternat
 
 - ``plain::forward`` / ``dp::forward``, ``plain::backward`` / ``dp::backward``: set here around
   the forward + loss and the backward of each engine;
-  **capture** is the DP step's forward + backward less the non-private one's (the capture hooks,
-  the detached-parameter forwards, the record checks run in them);
+  **capture** is the DP step's forward + backward less the non-private one's: what the capture
+  hooks, the detached-parameter forwards and the record checks add, less the weight gradients
+  that autograd no longer computes for captured layers (the clipped sums do that work instead),
+  so it can be negative (ResNet-18-GN: the conv weight gradients are most of its backward);
 - ``ppml::norms`` (per-sample squared norms, ghost or materialised), ``ppml::factors`` (clip
   factors from the norms, flat/automatic), ``ppml::clipped_sums`` (book-keeping sums; it contains
   ``ppml::factors``, which the table subtracts; per-layer clipping's factors stay in it):
@@ -152,8 +154,10 @@ def format_profile_table(rows: list[Row], meta: Optional[dict] = None) -> str:
             cells.append("-" if v is None else f"{v:.2f} ({100 * v / dp:.0f}%)")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "ms per step under torch.profiler (its per-op cost included), (share of the DP "
-            "step). capture = DP forward+backward - non-private forward+backward; clipped_sums "
-            "excludes factors; other = the rest of optimizer.step() (checks, accounting, p.grad)."]
+            "step). capture = DP forward+backward - non-private forward+backward (the hooks' cost "
+            "less the weight gradients autograd skips for captured layers: can be negative); "
+            "clipped_sums excludes factors; other = the rest of optimizer.step() (checks, "
+            "accounting, p.grad)."]
     out += [f"refused: ppml_fast at {r['model']}: {r['refused']}" for r in rows if r["refused"]]
     return "\n".join(out)
 
