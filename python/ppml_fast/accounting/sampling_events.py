@@ -17,7 +17,6 @@ Gaussian mechanism with sensitivity ceil(iterations / epoch_length) ** 0.5").
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Container
@@ -164,9 +163,10 @@ class TruncatedPoissonEvent(Event):
     the B-subset U of S + {x}; if x is in U, the other side keeps U - {x} plus one uniform y of
     S - U): the sums differ by g(x) - g(y), norm <= 2C, only when x is sampled, which is the
     Poisson-subsampled Gaussian with sensitivity 2C (noise sigma / 2). With the label revealed
-    the pair is the mixture of the two (Ganesh 2025, "Tighter Privacy Analysis for Truncated
-    Poisson Sampling", arXiv 2508.15089, Sec. 3, the same decomposition; dp_accounting uses a
-    smaller sampling rate and substitution in the second branch), so its hockey-stick curve is
+    the pair is the mixture of the two (the decomposition of Ganesh 2025, "Tighter Privacy
+    Analysis for Truncated Poisson Sampling", arXiv 2508.15089, Sec. 3, which dp_accounting 0.6
+    implements in ``from_truncated_subsampled_gaussian_mechanism`` with a smaller conditional
+    sampling rate and substitution in the second branch), so its hockey-stick curve is
         delta(eps) = (1 - p) delta_{q, sigma}(eps) + p delta_{q, sigma / 2}(eps)
     for each direction, and its Rényi divergence
         exp((a - 1) eps(a)) = (1 - p) exp((a - 1) eps_{q,sigma}(a)) + p exp((a - 1) eps_{q,sigma/2}(a))
