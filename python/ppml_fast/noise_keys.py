@@ -21,6 +21,12 @@ would draw the same noise. Every stream registered here (:class:`NoiseStream`,
 Threads: :meth:`NoiseStream.reserve` reads and advances the offset under a lock, so threads
 sharing one stream get disjoint offset ranges.
 
+Resumes (:func:`resume_key`, the one rule every loader of a saved noise state follows: the DP
+optimizer, correlated noise, the federated DP strategies): a saved state continues its key only
+when the key is the user's (an OS-drawn key is never saved) and there is evidence that nothing
+reserved offsets under it after the state was saved — the journal the state was saved with, or
+the user's explicit word; otherwise the noise is re-keyed from OS entropy at offset 0.
+
 Copies: a :class:`NoiseStream` copied by ``pickle`` or ``copy.deepcopy`` (a "spawn" worker, a
 Ray task, a deep-copied strategy) would draw its original's noise; an unseeded copy therefore
 gets a fresh OS key. A seeded copy keeps its key and offset (a pickled checkpoint must resume
@@ -44,7 +50,7 @@ REPRODUCIBLE_NOISE = "reproducible noise: no privacy against anyone who knows th
 OFFSET_LIMIT = 1 << 63
 
 __all__ = ["REPRODUCIBLE_NOISE", "NoiseStream", "os_key", "noise_seed", "rekey_after_fork",
-           "reserve_range"]
+           "reserve_range", "resume_key"]
 
 
 def os_key() -> int:
@@ -75,6 +81,28 @@ def reserve_range(offset: int, blocks: int) -> int:
             f"noise offset range [{offset}, {offset} + {blocks}) does not fit the 2**63 blocks of a "
             "noise stream: the counter would wrap and repeat noise; start a new stream (new key)")
     return offset + blocks
+
+
+def resume_key(seed: Optional[int], offset: int, *, unused_from: Optional[int]) -> tuple[int, int, bool]:
+    """The noise key and first offset of a resumed stream: ``(key, offset, continued)``.
+
+    ``seed``/``offset``: the saved state's key (None: the key was drawn from OS entropy and, by
+    rule, not saved) and next offset. ``unused_from``: evidence about what happened after the
+    state was saved — the first offset that nobody can have reserved under ``seed`` since (the
+    journal the state was saved with: the end of its last range under the key; the user's
+    explicit assurance: ``offset``), or None when nothing vouches for it (a fresh journal, a
+    copy, none: the run may have released rounds or steps after the state, under the saved key's
+    next offsets).
+
+    The saved key continues — at ``max(offset, unused_from)`` — only with a saved key *and* such
+    evidence; otherwise a fresh OS key at offset 0 (``continued`` False: the caller must treat
+    the key as OS-drawn, never save it, and say that the noise is not reproducible past the
+    resume). Reusing the saved key's offsets would draw the same Gaussian twice, and anyone who
+    sees both releases could subtract it (DESIGN.md invariant 3; issue 15).
+    """
+    if seed is not None and unused_from is not None:
+        return int(seed), reserve_range(max(int(offset), int(unused_from)), 0), True
+    return os_key(), 0, False
 
 
 def derived_key(key: int, fork_number: int) -> int:

@@ -6,8 +6,10 @@ offsets (Philox blocks) it is about to use — and fsyncs it. A ``kill -9`` at a
 leaves in the journal every step whose gradient may have been seen (and possibly one that was
 not: a crash can only over-report epsilon). On resume (:meth:`DPOptimizer.load_state_dict`,
 ``PrivacyEngine.load_checkpoint``) every record the loaded state does not already count is
-composed into the accountant, and the noise stream continues after the last offset reserved
-under the state's key, so no noise is ever drawn twice (invariant 3).
+composed into the accountant. The noise continues under the state's key (after the last offset
+reserved under it) only when this is the journal the state was saved with (:meth:`vouches_for`:
+same id and path); otherwise it is re-keyed (:func:`ppml_fast.noise_keys.resume_key`), so no
+noise is ever drawn twice (invariant 3).
 
 File format (JSON lines, UTF-8): a header ``{"format": "ppml_fast.PrivacyJournal", "version":
 1, "id": <random hex>}`` then one record per step::
@@ -177,7 +179,21 @@ class PrivacyJournal:
         return list(self.records)
 
     def position(self) -> dict:
-        return {"id": self.id, "records": len(self.records)}
+        """Where a state saved now stands: this journal's id and path, and how many records it
+        counts."""
+        return {"id": self.id, "path": self.path, "records": len(self.records)}
+
+    def vouches_for(self, position: Optional[dict]) -> bool:
+        """True when this journal is the one a state saved at ``position`` wrote to — the same
+        id *and* the same path — so every offset reserved after the state is in it. A copy (same
+        id, another path: a backup taken with a checkpoint, a file moved to another machine)
+        may lack what the original recorded later, and a fresh or other journal knows nothing
+        of the state's run: neither can show that the state's next offsets are unused. A state
+        of an older version (no path) is not vouched for either (conservative)."""
+        return (isinstance(position, dict) and position.get("id") == self.id
+                and position.get("path") == self.path
+                and isinstance(position.get("records"), int)
+                and 0 <= position["records"] <= len(self.records))
 
     def close(self) -> None:
         for name in ("_fd", "_lock_fd"):

@@ -9,17 +9,25 @@ Resuming (invariants 3 and 4):
 
 - with a journal (``make_private(journal=...)``): the accountant gets the loaded history plus
   every journal record the loaded state did not count (steps released after it was saved, a
-  crash's lost steps), ``unnoised_steps`` likewise, and the noise continues after the last
-  offset reserved under the loaded key: a resumed run never reports less than every released
-  step, and never draws noise twice;
-- without a journal nobody knows how far the run went after the state was saved: the noise is
-  re-keyed from OS entropy (no replay of released noise; a seeded run is not reproducible past
-  such a resume) and a warning says that epsilon counts the loaded state's steps only.
+  crash's lost steps), ``unnoised_steps`` likewise: a resumed run never reports less than every
+  released step;
+- the noise (:func:`ppml_fast.noise_keys.resume_key`, the rule shared with the federated DP
+  strategies): a seeded state continues its key only with the journal it was saved with (same
+  id and same path, :meth:`PrivacyJournal.vouches_for`), after the last offset reserved under
+  the key — bit for bit the run that never stopped when nothing was reserved after the state.
+  With a fresh journal, a copy of the journal (a backup taken with the checkpoint may lack the
+  steps released after it), or no journal, nobody can show that the state's next offsets are
+  unused: the noise is re-keyed from OS entropy at offset 0, with a warning (no replay of
+  released noise; a seeded run is not reproducible past such a resume). A re-keyed key is
+  OS-drawn: it is never saved, so the next resume re-keys again. An unseeded state never holds
+  its key and always resumes under a fresh one;
+- without a journal a warning also says that epsilon counts the loaded state's steps only.
 
 Correlated noise (tree / banded MF, :mod:`ppml_fast.privacy.correlated_noise`): the state holds
 the plan, the step and the offsets of the kept noise, never the noise. The recursion continues
-exactly when the noise key is the saved one and the journal shows no step after the state;
-otherwise a new segment starts at the loaded step (see that module for why both are safe).
+exactly when the saved key continues (above) and the journal shows no step after the state;
+otherwise a new segment starts at the loaded step, under the key the rule above gives (see that
+module for why both are safe).
 """
 
 from __future__ import annotations
@@ -27,12 +35,12 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import warnings
 from typing import Any, Optional
 
 import torch
 
+from ppml_fast import noise_keys
 from ppml_fast.privacy.journal import PrivacyJournal
 
 
@@ -116,18 +124,14 @@ def load(opt, state: object) -> None:
                 raise ValueError(f"state['accountant'] is not loadable: {e}; nothing was loaded") from e
     records = [] if opt.journal is None else opt.journal.since(s["journal"])
     trial, unnoised = _with_records(trial, records)
-    seed, offset = s["seed"], s["offset"]
-    if seed is None:  # an unsaved OS key: a fresh one (this process may have used its own)
-        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
-    if opt.journal is not None:
-        offset = max(offset, opt.journal.next_offset(seed))
-    elif not opt.secure_mode:
-        seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+    # the saved key continues only where the state's own journal (same id and path) shows every
+    # offset reserved under it after the save; else a fresh OS key (noise_keys.resume_key)
+    vouched = opt.journal is not None and opt.journal.vouches_for(s["journal"])
+    unused_from = opt.journal.next_offset(s["seed"]) if vouched and s["seed"] is not None else None
+    seed, offset, continued = noise_keys.resume_key(
+        None if opt.secure_mode else s["seed"], s["offset"], unused_from=unused_from)
     order = getattr(opt, "_order", None)  # a resumed loop starts a new pass over the data
-    correlated = _correlated(opt, s, seed, order, exact=(
-        s["seed"] is not None and seed == s["seed"] and not opt.secure_mode
-        and opt.journal is not None and not records
-        and (s["journal"] or {}).get("id") == opt.journal.id))  # the state's own journal
+    correlated = _correlated(opt, s, seed, order, exact=continued and not records)
     inner = opt.original_optimizer
     before = copy.deepcopy(inner.state_dict())
     try:
@@ -147,7 +151,17 @@ def load(opt, state: object) -> None:
             "only (steps released after it was saved are unknown), and the noise was re-keyed from "
             "OS entropy so that no released noise is drawn again; pass journal= to make_private "
             "for a crash-safe resume", UserWarning, stacklevel=3)
+    elif s["seed"] is not None and not continued:
+        warnings.warn(
+            f"DPOptimizer state loaded with journal {opt.journal.path}, which is not the journal "
+            "the state was saved with (another id or path): it cannot show whether steps were "
+            "released after the state under the seeded key's next offsets, so the noise was "
+            "re-keyed from OS entropy (not reproducible from the seed any more); resume with the "
+            "state's own journal file for an exact continuation", UserWarning, stacklevel=3)
     opt.noise_multiplier, opt.seed, opt.offset, opt.steps = s["noise_multiplier"], seed, offset, s["steps"]
+    # a re-keyed stream is OS-drawn: never saved, and re-keyed afresh in a forked child
+    opt._seed_given = continued
+    noise_keys.rekey_after_fork(opt, "seed", user_seeded=continued)
     opt.unnoised_steps = s["unnoised_steps"] + unnoised
     opt._budget.reset()
     if correlated is not None:
