@@ -14,13 +14,13 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.autograd.profiler import record_function
 
 from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.privacy import fallback
 from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, grouped, sum_dtype, tied, weighted_sum
+from ppml_fast.privacy.profiling import phase
 
 
 class NonFiniteGradientError(PrivacyError, FloatingPointError):
@@ -97,7 +97,7 @@ class ClippedSums:
         self.parameter_watch.check(step)
         batches = [b for b in self.recorder.batches if b.backpropagated]
         check_records(batches, step)
-        with record_function("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
+        with phase("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
             plans = [self._norms(b) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
@@ -116,7 +116,7 @@ class ClippedSums:
         seen = 0
         for batch, plan in zip(batches, plans):
             seen += batch.size
-            with record_function("ppml::clipped_sums"):
+            with phase("ppml::clipped_sums"):
                 self._accumulate(batch, plan, sums, max_grad_norm, clipping, gamma)
         return sums, seen
 
@@ -226,7 +226,7 @@ class ClippedSums:
             norms_by_param = {pid: (n.double() * scale2).sqrt_() for pid, n in per_param.items()}
             common = None
         else:
-            with record_function("ppml::factors"):
+            with phase("ppml::factors"):
                 common = factors(total.sqrt(), float(max_grad_norm))
         as_dtype: dict[tuple, torch.Tensor] = {}
 

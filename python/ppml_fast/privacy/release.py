@@ -30,9 +30,9 @@ import math
 import numbers
 
 import torch
-from torch.autograd.profiler import record_function
 
 from ppml_fast.ops import noise
+from ppml_fast.privacy.profiling import phase
 
 OFFSET_LIMIT = 1 << 63  # offsets are signed 64-bit in torch schemas: a range never passes it
 
@@ -67,7 +67,7 @@ def finish_step(opt) -> None:
             opt.journal.reserve(step=opt.steps, event=event, unnoised=sigma == 0, seed=opt.seed,
                                 offset=(start, end))
         reserved = end
-        with record_function("ppml::noise"):  # profile phase (benchmarks/profile_step.py)
+        with phase("ppml::noise"):  # profile phase (benchmarks/profile_step.py)
             opt._noise_and_scale(grads)
         if opt.offset > end:
             raise RuntimeError(f"step {opt.steps}: the noise used offsets up to {opt.offset}, past the "
