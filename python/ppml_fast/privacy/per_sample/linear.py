@@ -263,14 +263,17 @@ class LinearRule:
             f = f.repeat_interleave(seq)
         # Book-keeping: the factors folded into the smaller operand, then one (p, N) @ (N, d).
         d, p = x.shape[-1], g.shape[-1]
-        gf = g * f[:, None] if (p <= d or "bias" in params) else None
+        # (independent of the roles asked for: per-layer clipping's one-role calls must give
+        # the whole call's sums bit for bit)
+        gf = g * f[:, None] if p <= d else None
         if "weight" in params and "weight" not in out:
             w = params["weight"]
             out["weight"] = book_keeping(x, g, f, gf, self.transposed).to(_ps.sum_dtype(w))
             if flagged is not None:
                 out["weight"] = out["weight"] + extra
         if "bias" in params and "bias" not in out:
-            out["bias"] = gf.sum(0).to(_ps.sum_dtype(params["bias"]))
+            total = gf.sum(0) if gf is not None else f @ g
+            out["bias"] = total.to(_ps.sum_dtype(params["bias"]))
         return out
 
     def per_sample(self, cap: _ps.Captured, grad_out: Tensor) -> dict[str, Tensor]:
