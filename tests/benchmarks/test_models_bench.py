@@ -122,3 +122,15 @@ def test_profile_phases_come_from_the_engine_markers():
         assert ph[k] is not None and ph[k] >= 0, (k, ph)  # the labels in clipping.py / release.py fired
     assert row["dp_ms"] > 0 and row["nonprivate_ms"] > 0
     assert sum(v for k, v in ph.items() if k != "capture") <= row["ms"]["dp::step"] * 1.001
+
+
+def test_engine_phase_labels_are_free_without_a_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    from ppml_fast.privacy import profiling
+
+    assert profiling.phase("ppml::norms") is profiling._OFF  # no op dispatched per step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profiling.phase("ppml::norms"):
+            torch.ones(1).add_(1)
+    assert "ppml::norms" in {e.key for e in prof.key_averages()}
