@@ -272,7 +272,11 @@ class LinearRule:
             if flagged is not None:
                 out["weight"] = out["weight"] + extra
         if "bias" in params and "bias" not in out:
-            total = gf.sum(0) if gf is not None else f @ g
+            if gf is not None:
+                total = gf.sum(0)
+            else:
+                with bounds.full_precision():  # a matvec: IEEE, no TF32 (bounds.book_roundoff)
+                    total = f @ g
             out["bias"] = total.to(_ps.sum_dtype(params["bias"]))
         return out
 
