@@ -262,3 +262,16 @@ def test_a_second_make_private_on_the_same_loader_sees_its_sampler():
     _private(loader)
     engine, m, opt, dl = _private(loader)
     assert opt.sampling.plan.kind == "shuffle" and opt.sampling.counter is not None
+
+
+def test_distributed_ranks_without_a_distributed_sampler_multiply_the_sensitivity(monkeypatch):
+    """Every rank iterating the whole dataset puts a record in a global step once per rank."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    monkeypatch.setattr(sampling, "_world_size", lambda: 3)
+    d = _data(99)
+    plan = sampling.analyse(DataLoader(d, batch_size=B, shuffle=True), distributed=True)
+    assert plan.noise_scale == pytest.approx(1 / 3) and "3 ranks" in plan.analysis
+    s = DistributedSampler(d, num_replicas=3, rank=1)
+    assert sampling.analyse(DataLoader(d, batch_size=B, sampler=s), distributed=True).noise_scale == 1.0
+    assert sampling.analyse(DataLoader(d, batch_size=B, shuffle=True)).noise_scale == 1.0

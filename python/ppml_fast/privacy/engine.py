@@ -173,7 +173,7 @@ class PrivacyEngine:
             expected = loader.expected_batch_size
         else:
             # what the loader really does: its steps are accounted so (privacy/sampling.py)
-            plan = sampling.analyse(data_loader)
+            plan = sampling.analyse(data_loader, distributed=distributed)
             sampling.warn_not_poisson(plan)
             loader = data_loader
             sample_rate = 1 / len(data_loader)
@@ -278,7 +278,8 @@ class PrivacyEngine:
                                      noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                                      epochs=epochs, **kwargs)
         if kwargs.get("poisson_sampling", True) is False and kwargs.get("noise_mechanism", "gaussian") == "gaussian":
-            sigma = sampling.calibrate(sampling.analyse(data_loader), steps=steps,  # honest shuffle account
+            plan = sampling.analyse(data_loader, distributed=bool(kwargs.get("distributed", False)))
+            sigma = sampling.calibrate(plan, steps=steps,  # the honest account of the loader's batches
                                        target_epsilon=target_epsilon, target_delta=target_delta,
                                        accountant=self.accountant_name, epsilon_tolerance=epsilon_tolerance)
         else:

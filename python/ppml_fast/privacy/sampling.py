@@ -28,6 +28,7 @@ multiplier lowered mid-epoch, is charged more (module code says how); all of it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -65,9 +66,36 @@ class SamplingPlan:
         return -(-steps // self.steps_per_epoch)
 
 
-def analyse(data_loader: DataLoader, *, adjacency: str = "zero-out") -> SamplingPlan:
+def analyse(data_loader: DataLoader, *, adjacency: str = "zero-out",
+            distributed: bool = False) -> SamplingPlan:
     """The :class:`SamplingPlan` of ``data_loader`` run as it is (``poisson_sampling=False``);
-    ValueError for samplers that can put a record in a batch twice."""
+    ValueError for samplers that can put a record in a batch twice. ``distributed``: every rank
+    steps on its own copy of this loader; without a ``DistributedSampler`` each rank sees every
+    record, so a record can be in a (global) step once per rank: sensitivity world_size x C."""
+    plan = _analyse(data_loader, adjacency)
+    world = _world_size() if distributed else 1
+    if world > 1 and not _distributed_sampler(data_loader):
+        plan = dataclasses.replace(
+            plan, noise_scale=plan.noise_scale / world,
+            analysis=plan.analysis + f"; {world} ranks without a DistributedSampler: each rank "
+                     f"sees every record, charged as sensitivity {world} x that")
+    return plan
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _distributed_sampler(data_loader: DataLoader) -> bool:
+    bs = data_loader.batch_sampler
+    sampler = getattr(bs, "sampler", None) if type(bs) is BatchSampler else None
+    sampler = sampler.sampler if isinstance(sampler, _EpochCounter) else sampler
+    return type(sampler) is DistributedSampler
+
+
+def _analyse(data_loader: DataLoader, adjacency: str) -> SamplingPlan:
     if adjacency not in ("zero-out", "substitution"):
         raise ValueError(f"adjacency must be 'zero-out' or 'substitution'; got {adjacency!r}")
     k = len(data_loader)
