@@ -17,13 +17,13 @@ loader runs as it is, and :func:`analyse` reads from it what it does:
 - any other sampler or batch sampler: a participation is charged at every step (assuming only
   that no record is twice in one batch), with a warning.
 
-:class:`EpochAccounting` gives the per-step events: a step charges the participations of the
-epochs it begins, which it counts three ways and takes the largest of: steps (K per epoch),
-records (cumulative records over records per epoch, catching steps that hold several batches),
-and new passes over the loader (each ``iter(loader)`` draws a new permutation, so a loop broken
-off mid-epoch starts a new epoch; counted by wrapping the ``BatchSampler``'s sampler in place,
-a wrapper that yields the same indices). A step whose records span k epochs, or a noise
-multiplier lowered mid-epoch, is charged more (module code says how); all of it errs high.
+:class:`EpochAccounting` gives the per-step events: a step charges the epochs it begins, counted
+as new passes over the loader (each ``iter(loader)`` draws a new permutation, so a loop broken off
+mid-epoch starts a new epoch; counted by wrapping the ``BatchSampler``'s sampler in place, with a
+wrapper that yields the same indices) and at least one per K steps. A step that may hold a record
+twice, or a noise multiplier lowered mid-epoch, is charged more (:class:`EpochAccounting` says
+how); all of it errs high. With ``distributed=True`` and no ``DistributedSampler`` every rank
+sees every record: sensitivity world_size x C.
 """
 
 from __future__ import annotations
