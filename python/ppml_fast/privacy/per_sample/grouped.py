@@ -38,6 +38,8 @@ one ``(B,) @ (L, B, n)`` matmul instead of ``L`` matvecs, equal up to float summ
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -122,6 +124,14 @@ def _linear_key(rule, cap: _ps.Captured, grad: Tensor):
     if type(rule) is not _lin.LinearRule:
         return None
     transposed = bool(getattr(rule, "transposed", False))
+    x = cap.activation
+    if "weight" in cap.params and x.dim() >= 2 and grad.dim() == x.dim():
+        # the path from the shapes alone first: a materialise-path call (not grouped) costs
+        # no second round of the rule's checks and views
+        seq = math.prod(x.shape[1:-1])
+        if seq <= 1 or rule.mode == "materialize" or (rule.mode == "auto" and _lin.choose_path(
+                x.shape[0], seq, x.shape[-1], grad.shape[-1]) != "ghost"):
+            return None
     try:
         _ps.check_batch(cap, grad)
         x, g, seq = _lin._views(cap, grad)
