@@ -214,11 +214,13 @@ def test_rounds_ahead_before_the_first_round_needs_sampling_rate():
 
 
 def test_state_dict_round_trip_continues_the_same_noise_and_accounting():
+    # continue_noise=True: the caller vouches that no round was released after the state (the
+    # default re-keys: tests/federated/test_dp_fedavg_resume.py)
     zeros = {i: torch.zeros(64) for i in range(10)}
     a = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, seed=9)
     _round(a, 1, torch.zeros(64), _proxies(10), 5, zeros)
     b = DPFedAvgFixed(FedAvg(), noise_multiplier=1.0, clip_norm=1.0)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(a.state_dict(), continue_noise=True)
     assert b.epsilon(1e-5) == a.epsilon(1e-5)
     _, (xa, _) = _round(a, 2, torch.zeros(64), _proxies(10), 5, zeros)
     _, (xb, _) = _round(b, 2, torch.zeros(64), _proxies(10), 5, zeros)

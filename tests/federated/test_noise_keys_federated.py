@@ -128,11 +128,14 @@ def test_secure_client_sampling_does_not_follow_the_simulation_rng():
 def test_state_round_trip_keeps_the_key_kind():
     s = _fixed()
     s2 = _fixed(seed=5)
+    assert s.state_dict()["seed"] is None  # an OS-drawn key never leaves the process
     for src in (s, s2):
         dst = _fixed()
-        dst.load_state_dict(src.state_dict())
-        assert (dst.seed, dst.offset, dst.reproducible_noise) == (src.seed, src.offset,
-                                                                  src.reproducible_noise)
+        dst.load_state_dict(src.state_dict())  # re-keyed (test_dp_fedavg_resume.py)
+        assert dst.seed != src.seed and dst.reproducible_noise == src.reproducible_noise
+    dst = _fixed()
+    dst.load_state_dict(s2.state_dict(), continue_noise=True)
+    assert (dst.seed, dst.offset, dst.reproducible_noise) == (s2.seed, s2.offset, s2.reproducible_noise)
     old = s2.state_dict()
     del old["seed_given"]  # a state from before: its seed may be the simulation's
     dst = _fixed()

@@ -34,6 +34,19 @@ noise does not defend against floating-point attacks.
 
 ``min_fit_clients`` is 0: a round with no surviving result still releases noise / (qN) and is
 accounted. A simulation that skipped such a round instead would reveal that nobody took part.
+
+State and resume (the rule of :func:`ppml_fast.noise_keys.resume_key`, as for the DP optimizer
+and :class:`~ppml_fast.federated.dp.DPFTRLFedAvg`): :meth:`~DPFedAvgFixed.state_dict` holds the
+noise key only when the user gave it (an OS-drawn key never leaves the process). A server has
+no journal, so nobody knows whether rounds were released after a state was saved (a crash after
+a checkpoint): :meth:`~DPFedAvgFixed.load_state_dict` therefore re-keys the noise from OS entropy
+by default, also for a user seed — continuing the saved key would draw the released rounds'
+noise again, and whoever saw both releases could subtract it. A seeded run is reproducible up to
+a resume, not across it (like Opacus, whose checkpoints do not hold the noise generator; Flower's
+DP strategies keep no noise state at all). ``load_state_dict(state, continue_noise=True)`` keeps
+the user's key at the saved offset, for a state saved after the last released round (the user
+vouches for it). Epsilon counts the state's rounds; rounds released after the save and lost in a
+crash are not counted (no journal).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -48,7 +62,7 @@ import torch
 
 from ppml_fast.accounting import GaussianEvent, PoissonSampledEvent
 from ppml_fast.accounting.calibration import ACCOUNTANTS
-from ppml_fast.noise_keys import REPRODUCIBLE_NOISE, NoiseStream
+from ppml_fast.noise_keys import REPRODUCIBLE_NOISE, NoiseStream, resume_key
 from ppml_fast.ops import noisy_scale_, weighted_aggregate
 from ppml_fast.ops.noise import blocks as noise_blocks
 from ppml_fast.secure_random import bernoulli_mask
@@ -117,6 +131,9 @@ class DPFedAvgFixed(StrategyWrapper):
         self.accountant = ACCOUNTANTS[accountant]()
         self.secure_mode = secure_mode
         self.noise = NoiseStream(seed, name="seed", secure=secure_mode)
+        #: whether noise of this run was ever keyed from a user seed (it stays REPRODUCIBLE_NOISE
+        #: after a resume re-keys it: the earlier rounds can still be denoised by the seed's holder)
+        self._seeded_run = self.noise.user_seeded
         self.rounds = 0
         self.min_fit_clients = 0
         self.expected_clients: Optional[float] = None  # qN of the last configured round
@@ -138,7 +155,8 @@ class DPFedAvgFixed(StrategyWrapper):
     def reproducible_noise(self) -> Optional[str]:
         """``noise_keys.REPRODUCIBLE_NOISE`` when the noise is keyed from a user-given seed,
         else None (a simulation puts it in its History)."""
-        return REPRODUCIBLE_NOISE if self.noise.reproducible and not self.secure_mode else None
+        seeded = self.noise.reproducible or self._seeded_run
+        return REPRODUCIBLE_NOISE if seeded and not self.secure_mode else None
 
     def _noise_range(self, tensors) -> tuple[int, int]:
         """(key, first offset) of a release on ``tensors``, reserved before the draw."""
@@ -273,15 +291,28 @@ class DPFedAvgFixed(StrategyWrapper):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The privacy state: accountant history, noise seed and offset, rounds, q and qN."""
+        """The privacy state: accountant history, the noise key (None unless the user gave it:
+        an OS-drawn key is never saved) and offset, whether the run's noise was ever seeded,
+        rounds, q and qN."""
+        user_key = self.noise.user_seeded and not self.secure_mode
         return {"accountant_name": self.accountant_name, "accountant": self.accountant.state_dict(),
-                "seed": self.seed, "offset": self.offset, "seed_given": self.noise.user_seeded,
+                "seed": self.seed if user_key else None, "offset": self.offset,
+                "seed_given": bool(self._seeded_run and not self.secure_mode),
                 "rounds": self.rounds,
                 "sampling_rate": self.sampling_rate, "expected_clients": self.expected_clients,
                 "clip_norm": self.clip_norm}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores :meth:`state_dict` (validated first; nothing changes on an error)."""
+    def load_state_dict(self, state: dict, *, continue_noise: bool = False) -> None:
+        """Restores :meth:`state_dict` (validated first; nothing changes on an error).
+
+        The noise is re-keyed from OS entropy (module docstring: rounds released after the
+        state was saved may have used the saved key's next offsets). ``continue_noise=True``
+        continues the user's seeded key at the saved offset, bit for bit the run that never
+        stopped — only correct when no round was released after the state was saved (the
+        caller vouches for it); a state without a user key (OS-drawn keys are never saved, and
+        secure mode has none) is then an error."""
+        if not isinstance(continue_noise, bool):
+            raise TypeError(f"continue_noise must be a bool; got {type(continue_noise).__name__}")
         try:
             if state["accountant_name"] != self.accountant_name:
                 raise ValueError(f"accountant {state['accountant_name']!r} != "
@@ -302,15 +333,33 @@ class DPFedAvgFixed(StrategyWrapper):
             raise ValueError(f"state: offset and rounds must be >= 0; got {offset}, {rounds}")
         if seed is not None and not 0 <= seed < 2**64:
             raise ValueError(f"state: seed must be None or in [0, 2**64); got {seed}")
-        noise = NoiseStream(None, secure=self.secure_mode)
-        if seed is not None and not self.secure_mode:  # secure mode keys every release afresh
-            noise.seed, noise.user_seeded = seed, seed_given
-        noise.advance_to(offset)
         if q is not None and not 0 < q <= 1:
             raise ValueError(f"state: sampling_rate must be in (0, 1]; got {q}")
         if expected is not None and not expected > 0:
             raise ValueError(f"state: expected_clients must be > 0; got {expected}")
+        if continue_noise and (seed is None or state.get("seed_given") is not True or self.secure_mode):
+            raise ValueError(
+                "continue_noise=True needs a state holding the user's noise seed; this one holds "
+                + ("none (secure mode keys every release from OS entropy)" if self.secure_mode else
+                   "none (an OS-drawn key is never saved)" if seed is None else
+                   "a key that may not be the user's (a state written before 'seed_given')")
+                + "; nothing was loaded")
+        # noise_keys.resume_key: the user's key continues only on the caller's word
+        key, start, continued = resume_key(None if self.secure_mode else seed, offset,
+                                           unused_from=offset if continue_noise else None)
+        noise = NoiseStream(None, secure=self.secure_mode)
+        if continued:
+            noise.seed, noise.user_seeded = key, True
+            noise.advance_to(start)
+        elif seed is not None and seed_given and not self.secure_mode:
+            warnings.warn(
+                f"{type(self).__name__} state loaded: the seeded noise was re-keyed from OS entropy "
+                "(rounds released after the state was saved may have used the saved key's next "
+                "offsets); the run is not reproducible from the seed past this resume. Pass "
+                "continue_noise=True only if no round was released after the state was saved",
+                UserWarning, stacklevel=2)
         self.accountant, self.noise, self.rounds = acc, noise, rounds
+        self._seeded_run = seed_given and not self.secure_mode
         self.sampling_rate, self.expected_clients, self.clip_norm = q, expected, clip
 
     def __repr__(self) -> str:
