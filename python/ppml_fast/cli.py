@@ -29,11 +29,15 @@ def _bench(args: argparse.Namespace) -> int:
     from ppml_fast.benchmarks.report import cpu_busy, format_table, machine_info, to_json
 
     # the real models of issue 16 and their step profiles: own runs, only when asked for by name
-    own = [k for k in args.only or () if k in ("models", "profile")]
+    own = [k for k in args.only or () if k in ("models", "profile", "privacy-utility")]
     if own:
-        from ppml_fast.benchmarks import models, profile_step
+        from ppml_fast.benchmarks import models, privacy_utility, profile_step
 
-        codes = [(models if k == "models" else profile_step).run_cli(args) for k in own]
+        def privacy_table(a):  # issue 19's privacy-utility table (--quick: the CI size)
+            return privacy_utility.main(["--quick"] if a.quick else [])
+
+        run = {"models": models.run_cli, "profile": profile_step.run_cli, "privacy-utility": privacy_table}
+        codes = [run[k](args) for k in own]
         args.only = [k for k in args.only if k not in own]
         if not args.only:
             return max(codes)
@@ -109,7 +113,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "dp-step, accounting, federated, secagg, clip-256x1M, ...); 'models': one DP "
                    "step of real models (BERT, GPT-2, ViT, ResNet-18-GN, LoRA, LSTM/GRU; transformers "
                    "and peft from the bench extra) against non-private and Opacus, with peak "
-                   "memory; 'profile': the torch.profiler breakdown of their DP steps; neither is "
+                   "memory; 'profile': the torch.profiler breakdown of their DP steps; "
+                   "'privacy-utility': issue 19's accuracy at epsilon 1, 3, 8 of DP-SGD, DP-FTRL "
+                   "and banded MF with audits (15-30 min; --quick: CI size); none of these is "
                    "part of a run without --only")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="with --only models / profile: which real models (default all: bert "
