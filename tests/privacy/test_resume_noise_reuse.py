@@ -28,7 +28,7 @@ from ppml_fast.privacy.journal import PrivacyJournal
 
 def _private(seed=7, journal=None, mechanism="gaussian"):
     torch.manual_seed(0)
-    model = nn.Linear(6, 4)
+    model = nn.Linear(6, 4 if mechanism == "gaussian" else 64)  # 448 coordinates for correlations
     data = TensorDataset(torch.randn(32, 6), torch.zeros(32))
     kw = {} if mechanism == "gaussian" else {"noise_mechanism": mechanism, "bands": 2, "steps": 12,
                                              "poisson_sampling": False}
@@ -154,11 +154,12 @@ def test_a_rekeyed_run_saves_no_key_and_its_next_resume_is_fresh_too(tmp_path):
 def test_correlated_noise_follows_the_same_rule(tmp_path):
     state, released, _ = _released_after_state(tmp_path, mechanism="banded_mf")
     again, warned, saved = _resumed(state, tmp_path / "new.jsonl", mechanism="banded_mf")
-    # banded MF noise mixes fresh Gaussians: a replayed Gaussian would make a step's noise
-    # correlate strongly with a released one; compare the raw vectors' correlations
+    # banded MF noise mixes fresh Gaussians: a replayed Gaussian makes a resumed step's noise
+    # correlate strongly with a released one (0.8-0.95 on the old code); independent vectors of
+    # 448 coordinates: |correlation| ~ 0.05
     a = torch.stack(again).double()
     r = torch.stack(released).double()
     a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True)
     r = (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
-    assert (a @ r.T / a.shape[1]).abs().max() < 0.9
+    assert (a @ r.T / a.shape[1]).abs().max() < 0.4
     assert saved["seed"] is None and any("re-keyed" in w for w in warned)
