@@ -102,6 +102,8 @@ def test_cli_only_models_quick_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert out["meta"]["bench"] == "models" and out["meta"]["cpu"] and out["meta"]["torch"]
+    assert out["meta"]["cpu_isa"] in ("avx512f", "avx2", "avx", "sse4_2", "none", "unknown")
+    assert out["meta"]["torch_threads"] == 1
     assert {r["engine"] for r in out["results"]} == set(models.ENGINES)
     assert all(_finite(r["ratio"]) for r in out["results"])
 

@@ -119,6 +119,17 @@ def make_step(engine: str, spec: ModelSpec, size: dict, inputs: dict, target: to
     return _step(model, dp, ghost_loss, inputs, target)
 
 
+def cpu_vector_isa() -> str:
+    """The widest x86 vector extension /proc/cpuinfo lists ("avx512f", "avx2", ...; "unknown" off
+    Linux): the same CPU model name can come with either (issue 16 item 6)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in flags), "none")
+
+
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"
@@ -346,8 +357,9 @@ def run_cli(a: argparse.Namespace) -> int:
         import opacus  # noqa: F401  (its version for the header; the rows say when it is missing)
     except ImportError:
         pass
-    meta = machine_info(bench="models", size=size, steps=steps, warmup=warmup, device=device,
-                        cpu_busy_before=busy, wall_s=round(time.perf_counter() - start, 1))
+    meta = machine_info(cpu_isa=cpu_vector_isa(), bench="models", size=size, steps=steps,
+                        warmup=warmup, device=device, cpu_busy_before=busy,
+                        wall_s=round(time.perf_counter() - start, 1))
     meta["opacus"] = getattr(sys.modules.get("opacus"), "__version__", None)
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()

@@ -42,7 +42,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ppml_fast.benchmarks.model_zoo import SIZES, ModelSpec, forward_loss, make_batch, select_models
-from ppml_fast.benchmarks.models import LR, MAX_GRAD_NORM, NOISE, _loader
+from ppml_fast.benchmarks.models import LR, MAX_GRAD_NORM, NOISE, _loader, cpu_vector_isa
 from ppml_fast.benchmarks.report import cpu_busy, machine_info
 
 MARKERS = {"norms": "ppml::norms", "factors": "ppml::factors", "clipped_sums": "ppml::clipped_sums",
@@ -181,7 +181,8 @@ def run_cli(a: argparse.Namespace) -> int:
         print(f"  [{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     rows = profile_models(specs, size=size, steps=steps, progress=None if as_json else progress)
-    meta = machine_info(bench="profile", size=size, steps=steps, cpu_busy_before=busy,
+    meta = machine_info(cpu_isa=cpu_vector_isa(), bench="profile", size=size, steps=steps,
+                        cpu_busy_before=busy,
                         wall_s=round(time.perf_counter() - start, 1))
     print(json.dumps({"meta": meta, "results": rows}, indent=2) if as_json
           else format_profile_table(rows, meta))
