@@ -41,7 +41,10 @@ fresh z after steps were released past the checkpoint would not be: two releases
 the same past w's are not covered by the per-step increments S_t - S_{t-1}.
 
 The noise std must stay fixed for the whole run (the per-step events compose to one Gaussian
-with sensitivity sqrt(S_T) only for a constant sigma C): a changed std is refused.
+with sensitivity sqrt(S_T) only for a constant sigma C): a changed std is refused. So is a
+changed noise multiplier sigma at the same std (C lowered and sigma raised): row t of C also
+holds earlier steps' gradients, clipped at the old, larger C, while step t's event would use the
+new sigma (tree, steps 0-1: reported 1.25 / sigma^2, true 2 / sigma^2).
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class CorrelatedNoise:
         self._segment_strategy = segment_strategy
         self.fingerprint = fingerprint(strategy)
         self.std: Optional[float] = None  # sigma C, fixed at the first step
+        self.sigma: Optional[float] = None  # sigma, fixed at the first step (module docstring)
         self._reset(0, strategy)
 
     def _reset(self, start: int, seg) -> None:
@@ -121,8 +125,9 @@ class CorrelatedNoise:
         self._pending = None
 
     # -- one step ------------------------------------------------------------------------------
-    def check_step(self, step: int, std: float) -> None:
-        """Refuses (before anything changes) a step past the plan, out of sync, or at another std."""
+    def check_step(self, step: int, std: float, sigma: Optional[float] = None) -> None:
+        """Refuses (before anything changes) a step past the plan, out of sync, or at another std
+        or noise multiplier ``sigma``."""
         if step >= self.steps:
             raise PrivacyError(
                 f"step {step}: the correlated-noise plan has {self.steps} steps (noise mechanism "
@@ -137,6 +142,13 @@ class CorrelatedNoise:
                 f"correlated noise was started at {self.std!r}: the accounting of a matrix "
                 "mechanism holds for one constant std (no noise or clipping schedules); nothing "
                 "was changed")
+        if sigma is not None and self.sigma is not None \
+                and not math.isclose(sigma, self.sigma, rel_tol=1e-12):
+            raise PrivacyError(
+                f"step {step}: the noise multiplier is {sigma!r}, but the correlated noise was "
+                f"started at {self.sigma!r}: a matrix mechanism's per-step events hold for one "
+                "constant sigma and clipping norm (rows of C also hold earlier steps' gradients, "
+                "clipped at the earlier norm), also at an unchanged std; nothing was changed")
 
     def _new_nodes(self, t: int) -> tuple[list[int], list[int]]:
         now = set(self._seg.prefix_nodes(t))
@@ -202,7 +214,7 @@ class CorrelatedNoise:
             g.add_(wi, alpha=std)
         return offset + self.blocks(grads)
 
-    def commit(self, std: float) -> None:
+    def commit(self, std: float, sigma: Optional[float] = None) -> None:
         """The drawn step was released and accounted: keep what later steps need."""
         if self._pending is None:
             raise RuntimeError("commit() without a draw()")
@@ -229,6 +241,8 @@ class CorrelatedNoise:
         self._pending = None
         self.step += 1
         self.std = float(std) if self.std is None else self.std
+        if self.sigma is None and sigma is not None:
+            self.sigma = float(sigma)
 
     def discard(self) -> None:
         """The drawn step failed: forget it (its range is never reused; the optimizer moved on)."""
@@ -274,7 +288,7 @@ class CorrelatedNoise:
                 "fingerprint": self.fingerprint,
                 "participation": _participation_dict(self.participation),
                 "step": self.step, "segment_start": self.segment_start, "std": self.std,
-                "runs": [list(r) for r in self._runs],
+                "sigma": self.sigma, "runs": [list(r) for r in self._runs],
                 "nodes": {int(n): int(o) for n, o in self._node_offsets.items()}}
 
     def check_state(self, saved: object) -> dict:
@@ -296,6 +310,7 @@ class CorrelatedNoise:
         step, start, std = saved.get("step"), saved.get("segment_start"), saved.get("std")
         ok = (isinstance(step, int) and isinstance(start, int) and 0 <= start <= step <= self.steps
               and (std is None or (isinstance(std, float) and std > 0))
+              and (saved.get("sigma") is None or (isinstance(saved["sigma"], float) and saved["sigma"] > 0))
               and ints(saved.get("runs"), 3) and isinstance(saved.get("nodes"), dict)
               and ints([[k, v] for k, v in saved["nodes"].items()], 2))
         if not ok:
@@ -312,7 +327,7 @@ class CorrelatedNoise:
         out.__dict__.update({k: v for k, v in self.__dict__.items()
                              if k in ("strategy", "participation", "kind", "steps", "bands",
                                       "_segment_strategy", "fingerprint")})
-        out.std = saved["std"]
+        out.std, out.sigma = saved["std"], saved.get("sigma")
         step, start = saved["step"], saved["segment_start"]
         if not exact or seed is None or step == start:
             out._reset(step, self.strategy if step == 0 else out._restarted(step))
@@ -331,7 +346,7 @@ class CorrelatedNoise:
                              f"{step - start} steps of its segment; nothing was loaded")
         for off in offsets:  # replay the segment: the same draws in the same order
             out.draw(like, seed=seed, offset=off, secure=False)
-            out.commit(out.std)
+            out.commit(out.std, out.sigma)
         return out
 
     def _restarted(self, start: int):

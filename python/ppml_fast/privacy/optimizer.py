@@ -357,7 +357,7 @@ class DPOptimizer(torch.optim.Optimizer):
         ``p.grad``. Returns whether the wrapped optimizer should step."""
         skip = self._skip_next
         if self.correlated is not None:  # the plan and the std, before anything changes
-            self.correlated.check_step(self.steps, self.noise_std)
+            self.correlated.check_step(self.steps, self.noise_std, sigma=self.noise_multiplier)
         if not skip:
             self._check_one_sampled_batch()  # before anything changes
             if getattr(self, "_order", None) is not None:
@@ -376,7 +376,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 self.correlated.discard()
             raise
         if self.correlated is not None:
-            self.correlated.commit(self.noise_std)
+            self.correlated.commit(self.noise_std, self.noise_multiplier)
         if getattr(self, "_order", None) is not None:
             self._order.stepped()
         self.steps += 1

@@ -1,0 +1,96 @@
+"""Adversarial review of the correlated-noise paths (issue 19, helper A19): each test is a way a
+user's loop or settings could make the reported epsilon smaller than the privacy loss the code
+ran, or reuse / leak noise. A test that reproduced a flaw on the reviewed code says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ppml_fast.accounting import GaussianEvent, RDPAccountant
+from ppml_fast.accounting import matrix_factorization as mf
+from ppml_fast.accounting.errors import PrivacyError
+from ppml_fast.privacy import PrivacyEngine
+
+SIGMA, CLIP, B = 0.7, 1.5, 8
+
+
+def _private(mech="tree", bands=None, *, shuffle=False, steps=None, epochs=None, n=64, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 6, generator=g)
+    loader = DataLoader(TensorDataset(X, (X[:, 0] > 0).long()), batch_size=B, shuffle=shuffle)
+    eng = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, o, l = eng.make_private(module=model, optimizer=opt, data_loader=loader,
+                                   noise_multiplier=SIGMA, max_grad_norm=CLIP, noise_mechanism=mech,
+                                   bands=bands, steps=steps, epochs=epochs, poisson_sampling=False,
+                                   **kw)
+    return eng, m, o, l
+
+
+def _step(m, o, x, y):
+    o.zero_grad()
+    nn.functional.cross_entropy(m(x), y).backward()
+    o.step()
+
+
+def _true_rho_varying_clip(C: np.ndarray, clips: list, std: float, pattern) -> float:
+    """1 / sigma_eff^2 of the release C x + z (z ~ N(0, std^2)) when the record's gradient of
+    step j is clipped to clips[j] (X = C^T C >= 0: all g_j aligned is the worst case)."""
+    cols = sum(C[:, j] * clips[j] for j in pattern)
+    return float(cols @ cols) / std ** 2
+
+
+def test_clip_lowered_and_sigma_raised_at_the_same_std_is_refused():
+    """Found by A19 (reproduced on 9c1bd7f-era main): the plan checked only the noise std
+    sigma x C. Halving max_grad_norm and doubling noise_multiplier keeps the std, but the
+    strategy's per-step events then use the doubled sigma for rows that still hold the earlier
+    steps' gradients clipped at the old, larger C: tree, single participation at step 0, steps
+    0 and 1 released: reported rho = 1/sigma^2 + 1/(2 sigma)^2 = 1.25/sigma^2, true 2/sigma^2."""
+    C = mf.tree(2).matrix()
+    std = SIGMA * CLIP
+    true = _true_rho_varying_clip(C, [CLIP, CLIP / 2], std, [0])
+    reported = 1 / SIGMA ** 2 + 1 / (2 * SIGMA) ** 2
+    assert true == pytest.approx(2 / SIGMA ** 2) and reported < true  # the flaw, in numbers
+
+    eng, m, o, l = _private("tree", steps=4)
+    it = iter(l)
+    _step(m, o, *next(it))
+    x, y = next(it)
+    o.max_grad_norm, o.noise_multiplier = CLIP / 2, 2 * SIGMA  # same std, different sigma and C
+    assert o.noise_std == pytest.approx(std)
+    history, offset = list(eng.accountant.history), o.offset
+    with pytest.raises(PrivacyError, match="noise multiplier"):
+        _step(m, o, x, y)
+    assert (o.steps, o.offset, list(eng.accountant.history)) == (1, offset, history)
+    o.max_grad_norm, o.noise_multiplier = CLIP, SIGMA
+    o.step()  # the planned sigma and C: accepted (same batch, its step was refused)
+    assert o.steps == 2
+
+
+def test_sigma_change_after_a_resume_is_refused():
+    """The noise multiplier of the plan survives a state round trip (else a resumed run could
+    change sigma and C at the same std)."""
+    eng, m, o, l = _private("tree", steps=4)
+    it = iter(l)
+    _step(m, o, *next(it))
+    state = o.state_dict()
+    eng2, m2, o2, l2 = _private("tree", steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o2.load_state_dict(state)
+    o2.max_grad_norm, o2.noise_multiplier = CLIP / 2, 2 * SIGMA
+    it2 = iter(l2)
+    with pytest.raises(PrivacyError, match="noise multiplier"):
+        _step(m2, o2, *next(it2))
