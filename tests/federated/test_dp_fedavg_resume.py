@@ -19,6 +19,7 @@ import torch
 
 from ppml_fast.federated import ClientProxy, DPFedAvgAdaptive, DPFedAvgFixed, FedAvg, FitResult
 from ppml_fast.noise_keys import REPRODUCIBLE_NOISE
+from ppml_fast.privacy.journal import PrivacyJournal
 
 N, P = 10, 64
 
@@ -108,3 +109,64 @@ def test_continue_noise_without_a_user_key_is_refused_and_changes_nothing():
         assert s.state_dict() == before
     with pytest.raises(TypeError, match="continue_noise"):
         _make().load_state_dict(_crash_after_checkpoint()[0], continue_noise=1)
+
+
+# ------------------------------------------------------------------ with a journal
+
+def _journal_ranges(path):
+    j = PrivacyJournal(path)
+    try:
+        return [r.offset for r in j.records], [r.step for r in j.records]
+    finally:
+        j.close()
+
+
+@pytest.mark.parametrize("kind", ["fixed", "adaptive"])
+def test_the_states_own_journal_counts_lost_rounds_and_continues_after_them(tmp_path, kind):
+    path = tmp_path / "server.jsonl"
+    s = _make(kind, seed=9, journal=path)
+    _noise(s, 1)
+    state = s.state_dict()
+    released = [_noise(s, r) for r in (2, 3, 4)]
+    eps = s.epsilon(1e-5)
+    s.journal.close()  # the crash
+    t = _make(kind, seed=9, journal=path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.load_state_dict(state)
+    assert not any("re-keyed" in str(x.message) for x in w)
+    assert t.rounds == 4 and t.epsilon(1e-5) == pytest.approx(eps, rel=1e-12)  # no lost round
+    again = [_noise(t, r) for r in (5, 6)]
+    assert not _shares_noise(again, released) and t.state_dict()["seed"] == 9
+    t.journal.close()
+    ranges, steps = _journal_ranges(path)
+    per_round = 1 if kind == "fixed" else 2  # adaptive: the update's range and the count's
+    assert len(ranges) == 6 * per_round and sorted(set(steps)) == list(range(6))
+    ranges.sort()
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # no offset reserved twice
+
+
+def test_journal_honest_resume_is_bit_for_bit(tmp_path):
+    whole = _make(seed=4)
+    ref = [_noise(whole, r) for r in (1, 2, 3)]
+    a = _make(seed=4, journal=tmp_path / "j.jsonl")
+    _noise(a, 1)
+    state = a.state_dict()
+    a.journal.close()
+    b = _make(seed=4, journal=tmp_path / "j.jsonl")
+    b.load_state_dict(state)
+    assert torch.equal(_noise(b, 2), ref[1]) and torch.equal(_noise(b, 3), ref[2])
+    b.journal.close()
+
+
+def test_another_journal_cannot_vouch_and_still_counts_its_own_records(tmp_path):
+    state, released = _crash_after_checkpoint(seed=9)  # saved without a journal
+    s = _make(seed=9, journal=tmp_path / "fresh.jsonl")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s.load_state_dict(state)
+    assert any("re-keyed" in str(x.message) for x in w)
+    assert not _shares_noise([_noise(s, r) for r in (2, 3, 4)], released)
+    s.journal.close()
+    with pytest.raises(TypeError, match="journal"):
+        _make(journal=3)

@@ -67,13 +67,14 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
         target_clipped_quantile: γ in [0, 1], the fraction of updates C should leave unclipped.
         clip_norm_lr: η_C (> 0), the step of log C per unit of (b̄ - γ).
         clipped_count_stddev: σ_b (> 0), noise std of the count; None: qN / 20 each round.
-        sampling_rate, accountant, secure_mode, seed: as in :class:`DPFedAvgFixed`.
+        sampling_rate, accountant, secure_mode, seed, journal: as in :class:`DPFedAvgFixed`.
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, initial_clip_norm: float = 0.1,
                  target_clipped_quantile: float = 0.5, clip_norm_lr: float = 0.2,
                  clipped_count_stddev: Optional[float] = None, sampling_rate: Optional[float] = None,
-                 accountant: str = "pld", secure_mode: bool = False, seed: Optional[int] = None) -> None:
+                 accountant: str = "pld", secure_mode: bool = False, seed: Optional[int] = None,
+                 journal=None) -> None:
         super().__init__(strategy, noise_multiplier=noise_multiplier, clip_norm=_positive(
             "initial_clip_norm", initial_clip_norm), sampling_rate=sampling_rate,
             accountant=accountant, secure_mode=secure_mode, seed=seed)
@@ -89,6 +90,7 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
             update_noise_multiplier(self.noise_multiplier, clipped_count_stddev)  # 2σ_b > z
         self.clipped_count_stddev_arg = clipped_count_stddev
         self.initial_clip_norm = self.clip_norm
+        self._attach_journal(journal)  # last: after every check of the arguments
 
     def count_stddev(self) -> float:
         """σ_b of the current round (given, or qN / 20)."""
@@ -108,7 +110,7 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
 
     def _after_aggregate(self, norms: torch.Tensor, clip_norm: float) -> dict[str, float]:
         centred = torch.tensor([float((norms <= clip_norm).sum()) - 0.5 * norms.numel()], dtype=torch.float64)
-        key, start = self._noise_range([centred])
+        key, start = self._noise_range([centred], step=self.rounds - 1)  # the round just released
         add_gaussian_noise_(centred, self.count_stddev(), seed=key, offset=start,
                             secure=self.secure_mode)
         unclipped = float(centred) / self.expected_clients + 0.5

@@ -45,8 +45,10 @@ noise again, and whoever saw both releases could subtract it. A seeded run is re
 a resume, not across it (like Opacus, whose checkpoints do not hold the noise generator; Flower's
 DP strategies keep no noise state at all). ``load_state_dict(state, continue_noise=True)`` keeps
 the user's key at the saved offset, for a state saved after the last released round (the user
-vouches for it). Epsilon counts the state's rounds; rounds released after the save and lost in a
-crash are not counted (no journal).
+vouches for it). Without a journal epsilon counts the state's rounds only. With ``journal=path``
+(:mod:`ppml_fast.federated.dp.journaled`) every noise reservation is durably recorded before the
+draw: a loaded state then counts every round released after it, and a user's key continues
+(after every offset reserved under it) when the journal is the state's own.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from ppml_fast.ops import noisy_scale_, weighted_aggregate
 from ppml_fast.ops.noise import blocks as noise_blocks
 from ppml_fast.secure_random import bernoulli_mask
 
+from . import journaled
 from ..strategy._hparams import check_positive as _positive
 from ..strategy.base import Failures, FitResults, Instructions, Strategy, check_results, stack_updates
 from ..strategy.wrapper import StrategyWrapper
@@ -108,11 +111,15 @@ class DPFedAvgFixed(StrategyWrapper):
             CSPRNG (a ``seed`` is then an error).
         seed: a noise seed in [0, 2**64) for reproducible noise (no privacy against whoever
             knows it); None (the default): the noise key comes from OS entropy.
+        journal: None, or a path (or :class:`~ppml_fast.privacy.journal.PrivacyJournal`) where
+            each round's cost and noise range are recorded before its noise is drawn (one per
+            run; records already in it are counted at once): a crash-safe resume
+            (:mod:`ppml_fast.federated.dp.journaled`).
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip_norm: float,
                  sampling_rate: Optional[float] = None, accountant: str = "pld",
-                 secure_mode: bool = False, seed: Optional[int] = None) -> None:
+                 secure_mode: bool = False, seed: Optional[int] = None, journal=None) -> None:
         super().__init__(strategy)
         _check_inner(strategy)
         self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
@@ -135,10 +142,24 @@ class DPFedAvgFixed(StrategyWrapper):
         #: after a resume re-keys it: the earlier rounds can still be denoised by the seed's holder)
         self._seeded_run = self.noise.user_seeded
         self.rounds = 0
+        self.journal = None
         self.min_fit_clients = 0
         self.expected_clients: Optional[float] = None  # qN of the last configured round
         #: each update's L2 norm before clipping in the last aggregated round (server-side)
         self.last_update_norms = torch.empty(0, dtype=torch.float64)
+        self._attach_journal(journal)  # last: nothing else can fail once it is held
+
+    def _attach_journal(self, journal) -> None:
+        """Opens ``journal`` (None: none): its records count at once (the run's record) and the
+        noise continues after every offset it reserved under this strategy's key."""
+        if journal is None:
+            return
+        j = journaled.open_journal(journal)
+        for r in j.records:
+            if r.event is not None:
+                self.accountant.compose(r.event)
+        self.noise.advance_to(j.next_offset(self.noise.seed))
+        self.journal = j
 
     # -- noise ----------------------------------------------------------------------------------
     @property
@@ -158,9 +179,14 @@ class DPFedAvgFixed(StrategyWrapper):
         seeded = self.noise.reproducible or self._seeded_run
         return REPRODUCIBLE_NOISE if seeded and not self.secure_mode else None
 
-    def _noise_range(self, tensors) -> tuple[int, int]:
-        """(key, first offset) of a release on ``tensors``, reserved before the draw."""
-        return self.noise.reserve(noise_blocks(tensors))
+    def _noise_range(self, tensors, *, event=None, step: Optional[int] = None) -> tuple[int, int]:
+        """(key, first offset) of a release on ``tensors``, reserved (and journaled, with the
+        release's ``event`` and round ``step``, default :attr:`rounds`) before the draw."""
+        blocks = noise_blocks(tensors)
+        key, start = self.noise.reserve(blocks)
+        journaled.record(self.journal, step=self.rounds if step is None else step, event=event,
+                         key=key, start=start, blocks=blocks)
+        return key, start
 
     # -- what the subclass (adaptive clipping) changes -------------------------------------------
     def round_clip_norm(self) -> float:
@@ -257,7 +283,7 @@ class DPFedAvgFixed(StrategyWrapper):
             raise ValueError("release_sum before configure_fit: the round's sampling rate q and "
                              "expected number of clients qN are unknown")
         clip, sigma = self.round_clip_norm(), self.update_noise_multiplier()
-        key, start = self._noise_range([total])
+        key, start = self._noise_range([total], event=self._event(self.sampling_rate))
         noisy_scale_(total, sigma * clip, self.expected_clients, seed=key, offset=start,
                      secure=self.secure_mode)
         self.last_update_norms = norms
@@ -298,6 +324,7 @@ class DPFedAvgFixed(StrategyWrapper):
         return {"accountant_name": self.accountant_name, "accountant": self.accountant.state_dict(),
                 "seed": self.seed if user_key else None, "offset": self.offset,
                 "seed_given": bool(self._seeded_run and not self.secure_mode),
+                "journal": None if self.journal is None else self.journal.position(),
                 "rounds": self.rounds,
                 "sampling_rate": self.sampling_rate, "expected_clients": self.expected_clients,
                 "clip_norm": self.clip_norm}
@@ -306,11 +333,13 @@ class DPFedAvgFixed(StrategyWrapper):
         """Restores :meth:`state_dict` (validated first; nothing changes on an error).
 
         The noise is re-keyed from OS entropy (module docstring: rounds released after the
-        state was saved may have used the saved key's next offsets). ``continue_noise=True``
-        continues the user's seeded key at the saved offset, bit for bit the run that never
-        stopped — only correct when no round was released after the state was saved (the
-        caller vouches for it); a state without a user key (OS-drawn keys are never saved, and
-        secure mode has none) is then an error."""
+        state was saved may have used the saved key's next offsets), unless the strategy's
+        journal is the one the state was saved with: a user's key then continues after every
+        offset reserved under it. ``continue_noise=True`` continues the user's seeded key at
+        the saved offset, bit for bit the run that never stopped — only correct when no round
+        was released after the state was saved (the caller vouches for it); a state without a
+        user key (OS-drawn keys are never saved, and secure mode has none) is then an error.
+        With a journal, the rounds it recorded after the state are counted."""
         if not isinstance(continue_noise, bool):
             raise TypeError(f"continue_noise must be a bool; got {type(continue_noise).__name__}")
         try:
@@ -327,6 +356,12 @@ class DPFedAvgFixed(StrategyWrapper):
             q = None if state["sampling_rate"] is None else float(state["sampling_rate"])
             expected = None if state["expected_clients"] is None else float(state["expected_clients"])
             clip = _positive("clip_norm", state["clip_norm"])
+            position = state.get("journal")
+            records = journaled.unseen(self.journal, position)
+            for r in records:  # rounds released after the state (a crash's lost rounds)
+                if r.event is not None:
+                    acc.compose(r.event)
+            rounds += journaled.rounds_in(records)
         except (KeyError, TypeError) as e:
             raise ValueError(f"state must be a {type(self).__name__}.state_dict(); {e!r}") from e
         if offset < 0 or rounds < 0:
@@ -344,9 +379,14 @@ class DPFedAvgFixed(StrategyWrapper):
                    "none (an OS-drawn key is never saved)" if seed is None else
                    "a key that may not be the user's (a state written before 'seed_given')")
                 + "; nothing was loaded")
-        # noise_keys.resume_key: the user's key continues only on the caller's word
+        # noise_keys.resume_key: the user's key continues only with the state's own journal
+        # (after every offset it reserved under the key) or on the caller's word
+        unused_from = offset if continue_noise else None
+        if (self.journal is not None and seed is not None and state.get("seed_given") is True
+                and self.journal.vouches_for(position)):
+            unused_from = max(offset, self.journal.next_offset(seed))
         key, start, continued = resume_key(None if self.secure_mode else seed, offset,
-                                           unused_from=offset if continue_noise else None)
+                                           unused_from=unused_from)
         noise = NoiseStream(None, secure=self.secure_mode)
         if continued:
             noise.seed, noise.user_seeded = key, True
@@ -355,8 +395,9 @@ class DPFedAvgFixed(StrategyWrapper):
             warnings.warn(
                 f"{type(self).__name__} state loaded: the seeded noise was re-keyed from OS entropy "
                 "(rounds released after the state was saved may have used the saved key's next "
-                "offsets); the run is not reproducible from the seed past this resume. Pass "
-                "continue_noise=True only if no round was released after the state was saved",
+                "offsets); the run is not reproducible from the seed past this resume. Resume with "
+                "the state's own journal=, or pass continue_noise=True only if no round was "
+                "released after the state was saved",
                 UserWarning, stacklevel=2)
         self.accountant, self.noise, self.rounds = acc, noise, rounds
         self._seeded_run = seed_given and not self.secure_mode
