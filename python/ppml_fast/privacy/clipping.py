@@ -193,7 +193,7 @@ class ClippedSums:
             first = next(self.parameters(), None)
             total = torch.zeros(b, dtype=torch.float64, device=None if first is None else first.device)
         return {"per_param": per_param, "scale2": scale2, "total": total, "states": states,
-                "materialised": materialised}
+                "materialised": materialised, "pairs": pairs}
 
     def _per_sample(self, c: Call) -> dict[str, torch.Tensor]:
         if c.cap is not None:
@@ -237,6 +237,8 @@ class ClippedSums:
                 as_dtype[key] = _factor_dtype(f, grad)
             return as_dtype[key]
 
+        # tied pairs under nonfinite="drop": their states recomputed jointly (per_sample.tied)
+        redo = tied.drop_states(batch.calls, plan.get("pairs") or {}, self.rules, finite) if drop else {}
         done: set[int] = set()
         for c, st in zip(batch.calls, plan["states"]):
             if st is None:
@@ -267,7 +269,7 @@ class ClippedSums:
                                    cap.params, cap.kwargs)
                 state = None if kind == "rule" else state
                 if state is None:
-                    _, state = self.rules[cap.op].norms_sq(cap, grad)
+                    state = redo[id(c)] if id(c) in redo else self.rules[cap.op].norms_sq(cap, grad)[1]
             roles = list(c.params)
             if not roles:  # every parameter of the layer was frozen after wrapping
                 continue

@@ -144,3 +144,54 @@ def test_pairs_only_one_embedding_and_one_linear():
     assert tied.pairs([emb, _call("linear", {"weight": w}, spans={"weight": (0, 5)})], {id(w)}, rules) == {}
     assert tied.pairs([emb, lin], {id(w), id(bias)}, rules) == {}  # the bias shared elsewhere
     assert tied.pairs([emb, _call("linear", {"weight": w}, grad=False)], {id(w)}, rules) == {}
+
+
+class _TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, D)
+        self.head = torch.nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "auto"])
+def test_dropped_record_keeps_the_pair_joint(mode):
+    """nonfinite="drop": a record with a non-finite gradient is dropped, and the pair's states
+    are recomputed jointly (tied.drop_states): the sum equals the float64 per-record reference of
+    the other records, also for the record whose parts cancel."""
+    from ppml_fast.privacy import PrivateModule
+    from ppml_fast.privacy.per_sample import make_rules as mk
+
+    torch.manual_seed(0)
+    model = _TiedLM().double()
+    ref = _TiedLM().double()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, V, (5, 4), generator=torch.Generator().manual_seed(1))
+    weights = torch.ones(5, 4, V, dtype=torch.float64)
+    weights[3] = float("inf")  # record 3: an infinite gradient
+
+    def loss_of(net, rows):
+        return (net(ids[rows]) * weights[rows]).sum()
+
+    private = PrivateModule(model, loss_reduction="sum")
+    private.rules = mk(mode)
+    seen = []
+    drop_states = tied.drop_states
+    tied.drop_states = lambda *a: seen.append(1) or drop_states(*a)
+    try:
+        loss_of(private, slice(None)).backward()
+        sums, _ = private.clipped_sums(max_grad_norm=1.0, nonfinite="drop")
+    finally:
+        tied.drop_states = drop_states
+    assert seen
+    want = torch.zeros(V, D, dtype=torch.float64)
+    for i in (0, 1, 2, 4):
+        ref.zero_grad()
+        loss_of(ref, slice(i, i + 1)).backward()
+        g = ref.emb.weight.grad
+        want += min(1.0, 1.0 / (float(g.norm()) + 1e-6)) * g
+    got = sums[model.emb.weight]
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got - want).abs().max()

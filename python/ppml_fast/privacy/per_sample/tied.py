@@ -207,10 +207,27 @@ def norms(emb_cap, emb_grad, lin_cap, lin_grad, rules: dict, mode: str | None = 
     return {**lin_norms, "weight": combined}, emb_state, lin_state
 
 
+def drop_states(calls: list, pairs: dict, rules: dict, finite: Tensor) -> dict[int, object]:
+    """id(call) -> the state of each paired call recomputed jointly (:func:`norms`) with the
+    records that are not ``finite`` zeroed, as the DP step zeroes them (``nonfinite="drop"``:
+    their output gradients, and a floating-point activation): the pair's states must stay joint
+    (a record whose parts cancel stays out of both book-keeping sums)."""
+    out: dict[int, object] = {}
+    for ie, il in pairs.values():
+        e, lin = calls[ie], calls[il]
+
+        def zero(t: Tensor) -> Tensor:
+            return torch.where(finite.view(-1, *[1] * (t.dim() - 1)), t, torch.zeros_like(t))
+
+        lcap = _ps.Captured(lin.cap.op, zero(lin.cap.activation), lin.cap.params, lin.cap.kwargs)
+        _, out[id(e)], out[id(lin)] = norms(e.cap, zero(e.grad), lcap, zero(lin.grad), rules)
+    return out
+
+
 def per_sample(emb_cap, emb_grad, lin_cap, lin_grad) -> Tensor:
     """The shared weight's per-sample gradients ``E_i + H_i`` (B, V, D) (reference path)."""
     idx, delta, x, g = _inputs(emb_cap, emb_grad, lin_cap, lin_grad)
     return _fold(idx, delta, torch.bmm(g.transpose(1, 2), x))
 
 
-__all__ = ["FOLDED", "norms", "per_sample", "supported"]
+__all__ = ["FOLDED", "drop_states", "norms", "pairs", "per_sample", "supported"]
