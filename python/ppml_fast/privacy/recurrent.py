@@ -22,17 +22,23 @@ records), ``bias``, ``dropout`` between layers (F.dropout on the layer's output,
 per record), ``proj_size``, ``nonlinearity``, given or omitted ``hx`` (its batch dimension is 1,
 as in torch), unbatched 2-D inputs (a batch of one). Refused: ``PackedSequence`` inputs (while a
 batch is captured; at the call, naming the layer) and subclasses that override ``forward``.
+Packed batches would need per-record masks in the backward (each record's own last step and, for
+the reverse direction, its own reversal: tried, exact) but their padded length is the longest
+record's, so the captured tensors' shape depends on other records, which the records probe
+rightly refuses (it perturbs lengths too); pass padded tensors instead.
 
 Records (privacy invariant 1): the calls' rows are the module's batch dimension; a batch-first
 tensor fed to a ``batch_first=False`` module makes the time steps the module's batch: refused by
 the size check when T != B and by the records probe (:mod:`ppml_fast.privacy.records`: the
 recurrence then mixes records into every row) when T == B.
 
-Speed (Embedding(1000, 64) -> LSTM(64, 64) -> Linear, seq 32, batch 16, 2-core shared CPU,
-noisy): the native LSTM forward + backward took ~1.7 ms, this layer ~2.8 ms (1.1 ms of it the
-Python loop of the backward); the identity trick (native op on ``U = X W_ih^T + b_ih`` with
-``W_ih = I``, ``delta`` from autograd) ~3.7 ms (its (4H x 4H) input matmul forward and backward);
-cells unrolled under autograd ~7.5 ms.
+Speed (``bench/bench_recurrent.py``: Embedding(1000, 64) -> LSTM(64, 64) -> Linear, 32 steps,
+batch 16, one thread, thread CPU time, median of 30 interleaved rounds; a 2-core host shared with
+~9 other jobs, load ~10, so noisy): the LSTM layer forward + backward 1.43x the native one (which
+also forms the summed weight gradients), against 1.83x for the identity trick (native op on
+``U = X W_ih^T + b_ih`` with ``W_ih = I``: a (4H x 4H) input matmul forward and backward) and
+2.96x for the cells unrolled under autograd; the whole DP step 2.4-2.6x a non-private one (its
+norms, sums and noise included; issue 16's target is 1.5x: not met on this CPU).
 """
 
 from __future__ import annotations
