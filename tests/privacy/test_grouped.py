@@ -170,3 +170,21 @@ def test_cancellation_record_inside_a_group_is_flagged_and_clipped(monkeypatch):
     without, _ = _sums(model, x[1:], y[1:], "ghost", True, monkeypatch)
     moved = torch.cat([(got[n] - without[n]).flatten() for n in got]).norm()
     assert float(moved) <= C * (1 + 1e-9)
+
+
+def test_groups_are_split_under_the_buffer_limit(monkeypatch):
+    """A group whose buffers would pass MAX_GROUP_ELEMENTS is computed in chunks (here: the three
+    d x d Linears as two and one, the last on its own), with the same sums."""
+    d, T = PATHS["ghost"]
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = Stack(d)
+    x = torch.randn(6, T, d, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    per_call = 2 * 6 * T * T + 6 * d  # Gram matrices and bias of one call
+    monkeypatch.setattr(grouped, "MAX_GROUP_ELEMENTS", 2 * per_call)
+    got, seen = _sums(model, x, y, "ghost", True, monkeypatch)
+    linear = [i for i, (n, _) in seen[0].items() if n["weight"].shape == (6,) and "bias" in n
+              and grouped.GROUP in seen[0][i][1] and seen[0][i][1][grouped.GROUP][0].ghost]
+    assert len(linear) == 2, "two of the three Linears in one chunk, the third on its own"
+    _close(got, _reference(model, x, y), 1e-5, "chunked groups vs float64 reference")
