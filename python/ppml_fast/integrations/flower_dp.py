@@ -32,7 +32,10 @@ mode here (ChaCha20 noise hardened against floating-point attacks, as the simula
 ``DPFedAvgFixed(secure_mode=True)`` has): the Philox noise does not defend against floating-point
 attacks on the released model. The accountant is
 held in memory (no journal): a crashed ServerApp loses its history, so a restarted run must
-start from a fresh budget only with fresh data.
+start from a fresh budget only with fresh data. The noise stream is in memory too: a restarted
+ServerApp with the same ``seed`` starts again at offset 0 and draws the crashed run's noise for
+its rounds (anyone who saw a round of both runs could subtract it), so give a restarted run a new
+seed, or none (the default: a fresh OS key, nothing to replay).
 
 Budget stop (``max_epsilon``): ``start`` runs only the rounds whose release keeps ε <= max_epsilon
 at ``delta`` and logs where and why it stopped; ``configure_train`` raises Flower's
