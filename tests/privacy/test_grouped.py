@@ -85,8 +85,8 @@ def _reference(model, x, y, clipping="flat", gamma=0.01):
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), y)
     if clipping == "per_layer":
-        return {n: torch.einsum("b,b...->...", (C / (t.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0), t)
-                for n, t in g.items()}
+        f = {n: (C / (t.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0) for n, t in g.items()}
+        return {n: torch.einsum("b,b...->...", f[n], t) for n, t in g.items()}
     total = torch.cat([t.flatten(1) for t in g.values()], 1).norm(dim=1)
     f = C / (total + gamma) if clipping == "automatic" else (C / (total + 1e-6)).clamp(max=1.0)
     return {n: torch.einsum("b,b...->...", f, t) for n, t in g.items()}

@@ -199,7 +199,8 @@ def _linear_group(items: list) -> list[tuple[dict, dict]]:
             n["weight"] = n["weight"].clone()
             n["weight"][rows] = exact
             state[_lin.BOUND] = state[_lin.BOUND].clone()
-            state[_lin.BOUND][rows] = exact.double() * (2 * bounds.gamma(grads[0].numel() + 1, bounds.U64))
+            rel = 2 * bounds.gamma(grads[0].numel() + 1, bounds.U64)  # as ghost_weight_norms
+            state[_lin.BOUND][rows] = exact.double() * rel
             state[_lin.FLAGGED] = (rows, grads.transpose(1, 2) if transposed else grads)
             state[GROUP][0].flagged.add(i)
     return out
@@ -236,7 +237,8 @@ def _layer_norm_key(rule, cap: _ps.Captured, grad: Tensor):
     if tuple(grad.shape) != tuple(x.shape):
         return None
     ns = _norm._normalized_shape(cap)
-    if any(tuple(p.shape) != ns for p in cap.params.values()) or tuple(x.shape[x.dim() - len(ns):]) != ns:
+    if (any(tuple(p.shape) != ns for p in cap.params.values())
+            or tuple(x.shape[x.dim() - len(ns):]) != ns):
         return None  # the rule reports the mismatch
     dt = _ps.acc_dtype(x, grad)
     key = ("layer_norm", tuple(x.shape), dt, ns, float(cap.kwargs.get("eps", 1e-5)), _roles(cap))

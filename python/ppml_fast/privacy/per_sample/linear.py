@@ -89,7 +89,9 @@ def ghost_weight_norms(x: Tensor, g: Tensor, with_bound: bool = False):
     return (norms, flagged, bound) if with_bound else (norms, flagged)
 
 
-def ghost_grams(x: Tensor, g: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def ghost_grams(
+    x: Tensor, g: Tensor, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """The Gram matrices ``x x^T`` and ``g g^T`` (B, T, T) of :func:`ghost_weight_norms`, in
     :func:`bounds.gram_dtype` and IEEE precision; written into ``out`` when given (slices of a
     group's buffers, :mod:`grouped`)."""
