@@ -22,7 +22,8 @@ from ppml_fast.privacy import PrivacyEngine
 SIGMA, CLIP, B = 0.7, 1.5, 8
 
 
-def _private(mech="tree", bands=None, *, shuffle=False, steps=None, epochs=None, n=64, **kw):
+def _private(mech="tree", bands=None, *, shuffle=False, steps=None, epochs=None, n=64,
+             poisson=False, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -34,7 +35,7 @@ def _private(mech="tree", bands=None, *, shuffle=False, steps=None, epochs=None,
         warnings.simplefilter("ignore")
         m, o, l = eng.make_private(module=model, optimizer=opt, data_loader=loader,
                                    noise_multiplier=SIGMA, max_grad_norm=CLIP, noise_mechanism=mech,
-                                   bands=bands, steps=steps, epochs=epochs, poisson_sampling=False,
+                                   bands=bands, steps=steps, epochs=epochs, poisson_sampling=poisson,
                                    **kw)
     return eng, m, o, l
 
@@ -94,3 +95,36 @@ def test_sigma_change_after_a_resume_is_refused():
     it2 = iter(l2)
     with pytest.raises(PrivacyError, match="noise multiplier"):
         _step(m2, o2, *next(it2))
+
+
+@pytest.mark.parametrize("mech,bands,poisson", [("tree", None, False), ("banded_mf", 2, False),
+                                                ("banded_mf", 2, True)])
+def test_two_views_of_one_batch_in_one_forward_are_refused(mech, bands, poisson):
+    """Found by A19: a step on torch.cat([x, augment(x)]) (every record twice, each row clipped
+    to C: the record's clipped sum moves by 2C) was accepted on the fixed-batches and cyclic
+    Poisson loaders; the sensitivity counts C per participation. Now refused before anything
+    changes; virtual steps over the one batch still work."""
+    eng, m, o, l = _private(mech, bands, steps=6, poisson=poisson)
+    it = iter(l)
+    x, y = next(it)
+    while poisson and len(x) < 2:  # (the cyclic loader's batches are random; need 2 records)
+        _step(m, o, x, y)
+        x, y = next(it)
+    o.zero_grad()
+    nn.functional.cross_entropy(m(torch.cat([x, x])), torch.cat([y, y])).backward()
+    steps, offset, history = o.steps, o.offset, list(eng.accountant.history)
+    with pytest.raises(PrivacyError, match="more than once"):
+        o.step()
+    assert (o.steps, o.offset, list(eng.accountant.history)) == (steps, offset, history)
+    assert o.correlated.step == steps
+    o.zero_grad()
+    nn.functional.cross_entropy(m(x), y).backward()
+    o.step()  # the batch itself: accepted
+    x, y = next(it)  # virtual steps: the next batch in physical parts of at most 3 records
+    parts = list(zip(x.split(3), y.split(3)))
+    for i, (xb, yb) in enumerate(parts):
+        o.signal_skip_step(i < len(parts) - 1)
+        o.zero_grad()
+        nn.functional.cross_entropy(m(xb), yb).backward()
+        o.step()
+    assert o.steps == steps + 2

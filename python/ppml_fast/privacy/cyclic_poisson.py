@@ -131,7 +131,9 @@ class CyclicSteps:
         self.loader = loader
         self._drawn = loader.batches_yielded
 
-    def check(self, step: int, segment_start: int = 0) -> None:
+    def check(self, step: int, segment_start: int = 0, records: Optional[int] = None) -> None:
+        from ppml_fast.privacy.fixed_batches import _check_records
+
         new = self.loader.batches_yielded - self._drawn
         part, want = self.loader.last_part, step % self.loader.parts
         if new != 1 or part != want:
@@ -140,6 +142,8 @@ class CyclicSteps:
                 f"one new batch of part {want} (step mod {self.loader.parts}); {new} batch(es) were "
                 f"drawn since the last step, the last of part {part}: draw exactly one batch per "
                 "step, in order (after a resume, loader.align(optimizer.steps)); nothing was changed")
+        sizes = self.loader.yielded_sizes(1)
+        _check_records(step, records, sizes[0] if sizes and sizes[0] >= 0 else None)
 
     def stepped(self) -> None:
         self._drawn = self.loader.batches_yielded

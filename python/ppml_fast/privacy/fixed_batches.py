@@ -13,8 +13,10 @@ mechanism's sensitivity is fixed in advance, so here they are refused before any
 size, ``drop_last``, collate function and workers (the batches are the ones the user's loader
 would give), which counts the batches it hands out and their position in their pass;
 :class:`BatchOrder` requires step t (of the noise's current segment, started at step s) to use
-exactly one new batch, at position (t - s) mod K of its pass. Batches are counted when handed
-to the loop, so DataLoader workers that prefetch do not matter.
+exactly one new batch, at position (t - s) mod K of its pass, and to hold at most that batch's
+records (a step on ``torch.cat([x, augment(x)])`` holds every record twice: its clipped sum
+moves by 2C, which the sensitivity never counted). Batches are counted when handed to the loop,
+so DataLoader workers that prefetch do not matter.
 """
 
 from __future__ import annotations
@@ -52,14 +54,21 @@ class FixedBatchesDataLoader(DataLoader):
         return self.__dict__.get("_handed", 0)
 
     @property
+    def last_size(self) -> Optional[int]:
+        """The record count of the batch handed out last (None before the first)."""
+        return self.__dict__.get("_last_size")
+
+    @property
     def position(self) -> Optional[int]:
         """The position in its pass of the batch handed out last (None before the first)."""
         return self.__dict__.get("_position")
 
     def __iter__(self):
+        n, size = len(self.sampler), self.batch_size  # BatchSampler: batch i holds min(B, n - iB)
         for i, batch in enumerate(super().__iter__()):
             self.__dict__["_handed"] = self.handed + 1
             self.__dict__["_position"] = i
+            self.__dict__["_last_size"] = max(min(size, n - i * size), 0)
             yield batch
 
 
@@ -70,7 +79,7 @@ class BatchOrder:
         self.loader, self.per_epoch = loader, len(loader)
         self._handed = loader.handed
 
-    def check(self, step: int, segment_start: int) -> None:
+    def check(self, step: int, segment_start: int, records: Optional[int] = None) -> None:
         new, pos = self.loader.handed - self._handed, self.loader.position
         want = (step - segment_start) % self.per_epoch
         if new != 1 or pos != want:
@@ -81,6 +90,7 @@ class BatchOrder:
                 f"returned since the last step, the last at position {pos}. Do not skip batches, "
                 "break an epoch off or start a pass mid-epoch (after a resume, start a new pass); "
                 "nothing was changed")
+        _check_records(step, records, self.loader.last_size)
 
     def stepped(self) -> None:
         self._handed = self.loader.handed
@@ -89,6 +99,18 @@ class BatchOrder:
         """Whether a fresh pass can serve ``step`` within the segment started at
         ``segment_start`` (a resumed run starts a new pass)."""
         return (step - segment_start) % self.per_epoch == 0
+
+
+def _check_records(step: int, records: Optional[int], size: Optional[int]) -> None:
+    """Refuses a step holding more records (rows) than the one batch it drew: some record is
+    then in it twice (e.g. ``torch.cat([x, augment(x)])``), moving the clipped sum by 2C."""
+    if records is not None and size is not None and records > size:
+        raise PrivacyError(
+            f"step {step}: this step holds {records} records (rows), but the one batch it drew "
+            f"holds {size}: some record is in the step more than once (two views of one batch "
+            "concatenated?), and its clipped sum could move by more than C, which the correlated "
+            "noise's sensitivity does not count (average the views per record inside the model "
+            "instead); nothing was changed")
 
 
 def guard(loader):

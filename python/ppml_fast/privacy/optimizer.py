@@ -360,8 +360,10 @@ class DPOptimizer(torch.optim.Optimizer):
             self.correlated.check_step(self.steps, self.noise_std, sigma=self.noise_multiplier)
         if not skip:
             self._check_one_sampled_batch()  # before anything changes
-            if getattr(self, "_order", None) is not None:
-                self._order.check(self.steps, getattr(self.correlated, "segment_start", 0))
+            if getattr(self, "_order", None) is not None:  # and at most that batch's records
+                pending = sum(b.size for b in self.module.recorder.batches if b.backpropagated)
+                self._order.check(self.steps, getattr(self.correlated, "segment_start", 0),
+                                  records=self._samples + pending)
             self._check_budget()
         self.clip_and_accumulate()
         self._skip_next = False
