@@ -56,6 +56,14 @@ def test_quick_audits_do_not_exceed_claims(quick):
         assert r["audit"]["epsilon_lower_bound"] <= r["epsilon"], r
 
 
+def test_quick_noise_is_the_claimed_factorization(quick):
+    """What the optimizer added at the coordinates of canaries that never joined, whitened by the
+    strategy's covariance sigma^2 M M^T, has variance 1 (4 steps x ~50 canaries: the sample
+    variance's sd is ~0.1; 5 sd allowed): a noise std off by 25% or more fails."""
+    for r in quick["rows"]:
+        assert abs(r["audit"]["whitened_noise_var"] - 1.0) < 0.5, r
+
+
 # -- the audit's scorer, on simulated observations y = u + s w (w with the mechanism's covariance)
 
 def _bound(kind, sigma_true, sigma_scored, *, strategy=None, T=64, K=8, q=0.25, parts=4, m=1000, seed=0):

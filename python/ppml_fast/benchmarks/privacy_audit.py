@@ -151,4 +151,20 @@ def audit_run(optimizer: CanaryDPOptimizer, kind: str, known: dict, included: np
                 sample_rate=sample_rate, parts=parts)
     test = one_run_audit(sc, included, delta=delta, confidence=confidence)
     return {"epsilon_lower_bound": test.epsilon_lower_bound, "canaries": test.canaries,
-            "guesses": test.guesses, "correct": test.correct, "confidence": confidence}
+            "guesses": test.guesses, "correct": test.correct, "confidence": confidence,
+            "whitened_noise_var": whitened_variance(y[:, ~included], float(optimizer.noise_multiplier), M)}
+
+
+def whitened_variance(y: np.ndarray, sigma: float, noise_matrix: Optional[np.ndarray]) -> float:
+    """The variance of L^{-1} y / sigma over all entries, L the Cholesky factor of M M^T: 1 (to
+    about sqrt(2 / y.size)) when the observations of canaries that never joined are exactly the
+    noise the strategy claims, sigma w with Cov(w) = M M^T (an end-to-end check of the noise the
+    optimizer adds against the factorization the accountant assumes)."""
+    if noise_matrix is None:
+        x = y / sigma
+    else:
+        L = np.linalg.cholesky(noise_matrix @ noise_matrix.T)
+        from scipy.linalg import solve_triangular
+
+        x = solve_triangular(L, y, lower=True) / sigma
+    return float((x * x).mean())

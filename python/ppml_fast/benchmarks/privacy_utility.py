@@ -297,6 +297,24 @@ def run(tasks: list[Task], *, epsilons=EPSILONS, seeds=(0, 1, 2), audit_canaries
     return {"runs": runs, "rows": rows}
 
 
+def audit_rows(task: Task, rows: list[dict], *, canaries: int = 1000, cyclic_bands: int = 4,
+               progress: Optional[Callable[[str], None]] = None) -> None:
+    """Adds to ``rows`` (of an earlier :func:`run` on ``task``, e.g. one without audits) the
+    one-run audit of each, at the row's learning rate and calibrated sigma."""
+    K = -(-len(task.train) // task.batch_size)
+    by_key = {m.key: m for m in methods(K, cyclic_bands)}
+    for r in rows:
+        if r["task"] != task.name:
+            continue
+        a = train_once(task, by_key[r["method"]], r["target_epsilon"], r["lr"], 100, evaluate=task.test,
+                       sigma=r["sigma"], canaries=canaries)
+        r["audit"] = a["audit"]
+        r["epsilon"] = max(r["epsilon"], a["epsilon"])
+        if progress:
+            progress(f"{task.name} {r['method']} eps={r['target_epsilon']:g}: audit lb "
+                     f"{a['audit']['epsilon_lower_bound']:.2f} (claim {a['epsilon']:.3f})")
+
+
 def format_table(result: dict) -> str:
     """Markdown: the accuracy table, the accounting cross-checks, the analyses in words."""
     rows = result["rows"]
@@ -314,7 +332,8 @@ def format_table(result: dict) -> str:
         label = next(r["label"] for r in rows if (r["task"], r["method"]) == (t, m))
         out.append(f"| {t} | {label} | " + " | ".join(cells) + " |")
     out += ["", "| task | method | target eps | engine eps | event | ppml_fast PLD | dp_accounting PLD | "
-            "audit lower bound (canaries, guesses, correct) |", "|---|---|---|---|---|---|---|---|"]
+            "audit lower bound (canaries, guesses, correct) | whitened noise var |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, a = r["crosscheck"], r["audit"]
         dp = "-" if c["dp_accounting_pld"] is None else f"{c['dp_accounting_pld']:.4f}"
@@ -322,7 +341,8 @@ def format_table(result: dict) -> str:
                                     f"{a['correct']})" + (" **ABOVE CLAIM**" if a["epsilon_lower_bound"]
                                                           > r["epsilon"] else ""))
         out.append(f"| {r['task']} | {r['method']} | {r['target_epsilon']:g} | {r['epsilon']:.4f} | "
-                   f"{c['event']} | {c['ppml_fast_pld']:.4f} | {dp} | {au} |")
+                   f"{c['event']} | {c['ppml_fast_pld']:.4f} | {dp} | {au} | "
+                   + ("-" if a is None or "whitened_noise_var" not in a else f"{a['whitened_noise_var']:.4f}") + " |")
     out += ["", "accounting_analysis per method (first task, largest epsilon):"]
     seen = set()
     for r in rows:
@@ -343,17 +363,24 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write every run as JSON")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--tasks", nargs="+", default=["digits", "text"])
+    p.add_argument("--audit-from", metavar="JSON", help="audit the rows of an earlier --json run "
+                   "(its tasks) instead of training the table again")
     a = p.parse_args(argv)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
         print(f"  [{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    if a.quick:
+    builders = {"digits": lambda: digits_task(lrs=(0.1, 0.3)), "text": lambda: text_task(lrs=(0.3, 1.0))}
+    if a.audit_from:
+        with open(a.audit_from) as f:
+            result = json.load(f)
+        for name in dict.fromkeys(r["task"] for r in result["rows"]):
+            audit_rows(builders[name](), result["rows"], progress=progress)
+    elif a.quick:
         result = run(quick_tasks(), epsilons=(3.0,), seeds=(0,), audit_canaries=100, cyclic_bands=2,
                      progress=progress)
     else:
-        builders = {"digits": lambda: digits_task(lrs=(0.1, 0.3)), "text": lambda: text_task(lrs=(0.3, 1.0))}
         result = run([builders[t]() for t in a.tasks], seeds=tuple(range(a.seeds)), progress=progress)
     print(format_table(result))
     print(f"\nwall {time.perf_counter() - start:.0f} s, delta {DELTA:g}, torch threads {torch.get_num_threads()}")
