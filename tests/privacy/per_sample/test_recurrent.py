@@ -112,7 +112,8 @@ def test_per_record_gradients_are_each_records_own(kind):
         xi, hi = x.detach()[:, i:i + 1], h0.detach()[:, i:i + 1]
         if kind == "LSTM":
             o, (a, c) = m(xi, (hi, c0.detach()[:, i:i + 1]))
-            loss = (o * cot[0][:, i:i + 1]).sum() + (a * cot[1][:, i:i + 1]).sum() + (c * cot[2][:, i:i + 1]).sum()
+            loss = ((o * cot[0][:, i:i + 1]).sum() + (a * cot[1][:, i:i + 1]).sum()
+                    + (c * cot[2][:, i:i + 1]).sum())
         else:
             o, a = m(xi, hi)
             loss = (o * cot[0][:, i:i + 1]).sum() + (a * cot[1][:, i:i + 1]).sum()

@@ -228,9 +228,10 @@ def batch_first(t: Tensor) -> Tensor:
 
 class Layer(torch.autograd.Function):
     """``Layer.apply(x, h0, c0, kind, dirs, sink, saved, anchor=None)``: one layer (1 or 2
-    directions), time-major ``x`` (T, B, d), ``h0`` (D, B, Hout), ``c0`` (D, B, H) or None (not LSTM); ``anchor``, a
-    scalar that requires grad, makes the backward run also when no input requires one (the
-    first layer of a model: the gate gradients are needed all the same). Returns
+    directions), time-major ``x`` (T, B, d), ``h0`` (D, B, Hout), ``c0`` (D, B, H) or None (not
+    LSTM); ``saved`` (a list) receives each direction's :class:`Saved`; ``anchor``, a scalar that
+    requires grad, makes the backward run also when no input requires one (the first layer of a
+    model: the gate gradients are needed all the same). Returns
     ``(out (T, B, D Hout), h_n (D, B, Hout), c_n (D, B, H) or an empty tensor)``; ``sink(k,
     Grads)`` receives direction k's gate gradients during backward. Parameters are never
     differentiated (they are detached in ``dirs``)."""
