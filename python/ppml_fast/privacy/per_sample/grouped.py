@@ -117,6 +117,12 @@ class Group:
             out[role] = _lin.book_keeping(x, g, f, gf, transposed).to(_ps.sum_dtype(p))
         return out
 
+    def release(self, index: int) -> None:
+        """Forgets call ``index``'s captured (x, g) once its clipped sums are taken (the group
+        would otherwise keep every member's until the last one's sum: peak memory)."""
+        if self.ghost is not None:
+            self.ghost[0][index] = None
+
     def can_sum(self, index: int, params: dict[str, Tensor]) -> bool:
         """Whether :meth:`clipped` covers every role of call ``index``'s ``params``: kept
         per-sample gradients, or a ghost weight without flagged records."""
