@@ -214,6 +214,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_clip_simd", &cpu::set_clip_simd, py::arg("enabled"),
         "Test hook: AVX2 (True) or portable (False) build of the CPU clipping / aggregation "
         "loops; returns the previous setting. Both give the same bits.");
+  m.def("_set_clip_avx512", &cpu::set_clip_avx512, py::arg("enabled"),
+        "Switch: the AVX-512 build of the CPU clipping / aggregation loops where the instruction "
+        "set allows it (on by default; PPML_FAST_CLIP_AVX512=0 starts it off); "
+        "returns the previous setting. All builds give the same bits.");
   m.def("_set_clip_f16c", &cpu::set_clip_f16c, py::arg("enabled"),
         "Test hook: within the AVX2 build, F16C (True) or plain AVX2 (False) float16 clipping / "
         "aggregation loops; returns the previous setting. All give the same bits.");

@@ -86,6 +86,9 @@ inline Isa cpu_isa() {
 Isa isa_limit();
 // Sets the limit to min(isa, cpu_isa()); returns the previous limit.
 Isa set_isa_limit(Isa isa);
+// The clipping kernel's AVX-512 row loops (on by default, PPML_FAST_CLIP_AVX512=0 turns them
+// off; they run only where isa_limit() is kAvx512); returns the previous setting.
+bool set_clip_avx512(bool enabled);
 // Parses a PPML_FAST_CPU_ISA value ("portable" or "scalar", "avx2", "avx512", "auto" or
 // empty); false for anything else.
 bool parse_isa(const char* text, Isa* isa, bool* automatic);
@@ -98,7 +101,8 @@ const char* isa_name(Isa isa);
 // PPML_FAST_DISABLE_AVX2 is set in the environment.
 inline bool avx2_on_by_default() { return cpu_has_avx2() && !std::getenv("PPML_FAST_DISABLE_AVX2"); }
 
-// Whether a kernel whose AVX2 switch is `simd` runs its AVX-512 build now.
+// Whether a kernel whose AVX2 switch is `simd` may run its AVX-512 build now (the clipping
+// kernel's row loops also need their own switch, set_clip_avx512: see clip_accumulate.cpp).
 inline bool use_avx512(bool simd) { return simd && isa_limit() == Isa::kAvx512; }
 // Whether a kernel whose AVX2 switch is `simd` runs its AVX2 (or AVX-512) build now.
 inline bool use_avx2(bool simd) { return simd && isa_limit() >= Isa::kAvx2; }

@@ -5,7 +5,8 @@ of csrc/cpu/noise_avx512.h, eight blocks per vector; AVX2; portable) on float32/
 tensors, sizes around the vector groups, counters that cross 2^32, plain and fused with each
 scaling (divide, power-of-two reciprocal), 1 and 2 threads; and clip_and_accumulate /
 weighted_aggregate (flat, per-layer, automatic, the one-pass kernel) over widths that cross the
-16-float vectors and the 4096-element chunks. PPML_FAST_CPU_ISA selects the set for a process
+16-float vectors and the 4096-element chunks (their AVX-512 loops switched by
+_C._set_clip_avx512). PPML_FAST_CPU_ISA selects the set for a process
 (checked in a child process), a value naming no set is ignored with a warning, and the switch
 _C._set_cpu_isa refuses unknown names. On a CPU without AVX-512 the comparisons cover the sets
 it has (AVX2 and portable)."""
@@ -46,8 +47,10 @@ def restore():
     """Each test sets the instruction set and threads it needs; put back what was there."""
     previous = _C._set_cpu_isa("auto")
     simd = (_C._set_clip_simd(True), _C._set_noise_simd(True))
+    clip_avx512 = _C._set_clip_avx512(False)
     threads = torch.get_num_threads()
     yield
+    _C._set_clip_avx512(clip_avx512)
     _C._set_cpu_isa(previous)
     _C._set_clip_simd(simd[0])
     _C._set_noise_simd(simd[1])
@@ -103,6 +106,7 @@ def test_noise_is_bit_identical_on_every_instruction_set(dtype, sizes, denominat
 
 def _clip_outputs(isa, grads, clipping, threads, weights=None, clip_norm=None):
     _C._set_cpu_isa(isa)
+    _C._set_clip_avx512(isa == "avx512")
     torch.set_num_threads(threads)
     if weights is not None:
         return list(weighted_aggregate(grads, weights, clip_norm=clip_norm))
