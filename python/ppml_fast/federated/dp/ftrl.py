@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ppml_fast.accounting.errors import PrivacyError
 from ppml_fast.noise_keys import NoiseStream
 
 from ..strategy.base import Failures, Instructions, Strategy
@@ -131,7 +132,8 @@ class DPFTRLFedAvg(DPFedAvgFixed):
         num_clients = _count("num_clients", num_clients)
         if len(clients) == 0:
             raise ValueError("clients must not be empty")
-        self.correlated.check_step(self.rounds, self.noise_multiplier * self.clip_norm)
+        self.correlated.check_step(self.rounds, self.noise_multiplier * self.clip_norm,
+                                   sigma=self.noise_multiplier)
         pool = self.eligible(clients)
         idx = rng.permutation(len(pool))[:min(num_clients, len(pool))] if pool else []
         picked = sorted((pool[i] for i in idx), key=lambda c: c.cid)
@@ -146,8 +148,25 @@ class DPFTRLFedAvg(DPFedAvgFixed):
         for c in picked:  # the round's state only once nothing can fail
             self._last[c.cid] = self.rounds
             self._picks[c.cid] = self._picks.get(c.cid, 0) + 1
+        self._round_picks = (self.rounds, {c.cid for c in picked})
         self.expected_clients = float(num_clients)
         return out
+
+    def aggregate_fit(self, server_round: int, parameters: torch.Tensor, results,
+                      failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
+        """DPFedAvgFixed's clip, sum and release, for results of this round's picked clients
+        only, each once: a result from a client not picked this round (a straggler of an earlier
+        round, a client the caller added) or a second result of one client would put a user into
+        rounds the min-separated schema never counted; refused before anything changes."""
+        r, picked = getattr(self, "_round_picks", (None, set()))
+        cids = [proxy.cid for proxy, _ in results]
+        if len(set(cids)) != len(cids) or (cids and (r != self.rounds or not set(cids) <= picked)):
+            raise PrivacyError(
+                f"round {self.rounds}: results from clients {sorted(cids)[:20]}, but this round "
+                f"picked {sorted(picked)[:20] if r == self.rounds else 'none yet'}: DP-FTRL's "
+                "accounting (min-separated participation) holds only for one result per client "
+                "picked by configure_fit this round; nothing was changed")
+        return super().aggregate_fit(server_round, parameters, results, failures)
 
     def release_sum(self, server_round: int, parameters: torch.Tensor, total: torch.Tensor,
                     norms: torch.Tensor, failures: Failures) -> tuple[torch.Tensor, dict[str, float]]:
@@ -158,7 +177,7 @@ class DPFTRLFedAvg(DPFedAvgFixed):
                              "round (the denominator) is unknown")
         clip, sigma, r = self.clip_norm, self.noise_multiplier, self.rounds
         std = sigma * clip
-        self.correlated.check_step(r, std)
+        self.correlated.check_step(r, std, sigma=sigma)
         key, start = self.noise.reserve(self.correlated.blocks([total]))
         try:
             self.correlated.add_([total], std, seed=key, offset=start, secure=self.secure_mode)
@@ -169,7 +188,7 @@ class DPFTRLFedAvg(DPFedAvgFixed):
         except BaseException:
             self.correlated.discard()
             raise
-        self.correlated.commit(std)
+        self.correlated.commit(std, sigma)
         self.last_update_norms = norms
         self.rounds += 1
         single = [(ClientProxy(0), FitResult(update=total, num_examples=1, metrics={}))]
