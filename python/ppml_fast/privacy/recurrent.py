@@ -63,13 +63,32 @@ def handles(mod: nn.Module) -> bool:
     return any(isinstance(mod, c) and type(mod).forward is c.forward for c in _CLASSES)
 
 
+def _foreign_weights(mod: nn.Module) -> Optional[str]:
+    """Why ``mod``'s parameters are not exactly its own weights, or None. The recorded calls
+    read each weight by name (``weight_ih_l0``, ...) and give the linear rule that tensor; a
+    weight rebuilt from other parameters before each forward (``torch.nn.utils.weight_norm``'s
+    pre-hook: ``weight_ih_l0_g`` / ``_v`` trainable, ``weight_ih_l0`` a plain tensor) would be
+    clipped and summed as a tensor the optimizer never sees, while ``_g`` / ``_v`` got no
+    gradient at all (review A16)."""
+    names = set(getattr(mod, "_flat_weights_names", ()))
+    params = {n for n, p in mod._parameters.items() if p is not None}
+    if params == names:
+        return None
+    return (f"its parameters {sorted(params ^ names)[:4]} are not the layer's own weights "
+            f"({sorted(names)[:2]}, ...) (torch.nn.utils.weight_norm or another hook rebuilding a "
+            "weight from other parameters?): ppml_fast's recurrent layers compute with the "
+            "layer's weights themselves; remove the hook")
+
+
 def refusal(mod: nn.Module) -> Optional[str]:
     """Why a recurrent module cannot be trained privately, or None."""
-    if not isinstance(mod, nn.RNNBase) or handles(mod):
+    if not isinstance(mod, nn.RNNBase):
         return None
-    return ("a recurrent layer whose class is not nn.LSTM / nn.GRU / nn.RNN with the stock "
-            "forward (a subclass overriding forward, or nn.RNNBase itself) is not supported: "
-            "ppml_fast computes recurrent per-sample gradients from the stock forward")
+    if not handles(mod):
+        return ("a recurrent layer whose class is not nn.LSTM / nn.GRU / nn.RNN with the stock "
+                "forward (a subclass overriding forward, or nn.RNNBase itself) is not supported: "
+                "ppml_fast computes recurrent per-sample gradients from the stock forward")
+    return _foreign_weights(mod)
 
 
 def _param(m: nn.Module, role: str, layer: int, k: int):
@@ -94,6 +113,10 @@ def install(private, mod: nn.Module) -> None:
         trainable = {n: p for n, p in m._parameters.items() if p is not None and p.requires_grad}
         if (batch is None or m is not mod or not trainable
                 or any(not isinstance(p, nn.Parameter) for p in m._parameters.values() if p is not None)):
+            return cls.forward(m, input, hx)
+        why = _foreign_weights(m)  # a hook added after make_private (review A16)
+        if why:
+            batch.refusal = batch.refusal or f"{private._name(m)}: {why}"
             return cls.forward(m, input, hx)
         if isinstance(input, PackedSequence):
             raise UnsupportedModuleError(

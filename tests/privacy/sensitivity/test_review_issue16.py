@@ -1,0 +1,250 @@
+"""Review of the issue-16 rules by an attacker (helper A16): recurrent layers, transformers'
+``Conv1D`` (op ``linear_t``), tied embeddings and grouped norms under models built to break the
+per-record guarantee: a recurrent layer shared with another module or run twice, its weights
+re-parametrised, initial states mixing records, a ``Conv1D`` on 2-D and 4-D inputs or sharing its
+weight with an embedding, a weight tied three ways or also used outside its modules, equal-shape
+layers that are frozen or shared inside a group. Every case asserts the harness's two checks
+(``_harness``): the clipped sum equals the float64 per-record reference, and a removed (or
+replaced) record moves it by at most the bound; a case marked ``refuse_ok`` may instead be
+refused (PrivacyError) before any parameter changed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ppml_fast.privacy import PrivacyEngine, PrivacyError
+from tests.privacy.sensitivity._harness import Case, check_case, scaled
+
+B, T, D, HID, K, V = 5, 4, 6, 4, 3, 12
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _x(seed=1, b=B, t=T, d=D):
+    return torch.randn(b, t, d, generator=_gen(seed), dtype=torch.float64)
+
+
+def _y(seed=2, b=B):
+    return torch.randint(0, K, (b,), generator=_gen(seed))
+
+
+def _ids(seed=3, b=B, t=T):
+    return torch.randint(0, V, (b, t), generator=_gen(seed))
+
+
+def _seeded(cls, *a, **kw):
+    def build():
+        torch.manual_seed(0)
+        return cls(*a, **kw).double()
+    return build
+
+
+# -- recurrent layers -----------------------------------------------------------------------------
+class TwiceLSTM(nn.Module):
+    """One LSTM run twice in a forward (on the input and on its time reversal): the same weights
+    in two recorded call sets, whose per-record gradients must be summed before the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(D, HID, batch_first=True)
+        self.head = nn.Linear(2 * HID, K)
+
+    def forward(self, x):
+        a = self.rnn(x)[0][:, -1]
+        b = self.rnn(x.flip(1))[0][:, -1]
+        return self.head(torch.cat([a, b], -1))
+
+
+class TiedLSTMLinear(nn.Module):
+    """An LSTM whose input weight is also a Linear's weight (the same Parameter)."""
+
+    def __init__(self, kind=nn.LSTM, gates=4):
+        super().__init__()
+        self.rnn = kind(D, HID, batch_first=True)
+        self.lin = nn.Linear(D, gates * HID)
+        self.lin.weight = self.rnn.weight_ih_l0
+        self.head = nn.Linear(HID + gates * HID, K)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.rnn(x)[0][:, -1], torch.tanh(self.lin(x)).mean(1)], -1))
+
+
+class LSTMFunctional(nn.Module):
+    """An LSTM weight also used by F.linear in the parent's forward (outside any module call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(D, HID, batch_first=True)
+        self.head = nn.Linear(HID + 4 * HID, K)
+
+    def forward(self, x):
+        extra = F.linear(x, self.rnn.weight_ih_l0).mean(1)
+        return self.head(torch.cat([self.rnn(x)[0][:, -1], extra], -1))
+
+
+class LearnedH0(nn.Module):
+    """A learned initial state (a Parameter of the parent) expanded over the batch."""
+
+    def __init__(self, kind="lstm"):
+        super().__init__()
+        self.kind = kind
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(D, HID, batch_first=True)
+        self.h0 = nn.Parameter(torch.randn(1, 1, HID) * 0.5)
+        self.c0 = nn.Parameter(torch.randn(1, 1, HID) * 0.5)
+        self.head = nn.Linear(HID, K)
+
+    def forward(self, x):
+        h0 = self.h0.expand(1, x.shape[0], HID).contiguous()
+        hx = (h0, self.c0.expand(1, x.shape[0], HID).contiguous()) if self.kind == "lstm" else h0
+        return self.head(self.rnn(x, hx)[0][:, -1])
+
+
+class MixedH0(nn.Module):
+    """The initial state from the batch's mean (mixes records: must be refused)."""
+
+    def __init__(self, detach=False):
+        super().__init__()
+        self.detach = detach
+        self.init = nn.Linear(D, HID)
+        self.rnn = nn.GRU(D, HID, batch_first=True)
+        self.head = nn.Linear(HID, K)
+
+    def forward(self, x):
+        m = x[:, 0].mean(0, keepdim=True)
+        m = m.detach() if self.detach else m
+        h0 = torch.tanh(self.init(m)).expand(x.shape[0], HID)[None].contiguous()
+        return self.head(self.rnn(x, h0)[0][:, -1])
+
+
+class WeightNormLSTM(nn.Module):
+    """An LSTM under weight norm (old-style hook, or torch.nn.utils.parametrizations)."""
+
+    def __init__(self, new=False):
+        super().__init__()
+        rnn = nn.LSTM(D, HID, batch_first=True)
+        if new:
+            rnn = nn.utils.parametrizations.weight_norm(rnn, "weight_hh_l0")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rnn = nn.utils.weight_norm(rnn, "weight_hh_l0")
+        self.rnn = rnn
+        self.head = nn.Linear(HID, K)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class StackedShared(nn.Module):
+    """Two recurrent layers of equal shape (grouped together), the second frozen or tied to the
+    first's weights, under a projected bidirectional LSTM."""
+
+    def __init__(self, share=False, freeze=False):
+        super().__init__()
+        self.a = nn.GRU(D, HID, batch_first=True, bias=False)
+        self.b = nn.GRU(D, HID, batch_first=True, bias=False)
+        if share:
+            self.b.weight_hh_l0 = self.a.weight_hh_l0
+        if freeze:
+            self.b.weight_ih_l0.requires_grad_(False)
+        self.p = nn.LSTM(D, HID, batch_first=True, bidirectional=True, proj_size=2, num_layers=2)
+        self.head = nn.Linear(2 * HID + 4, K)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x)[0][:, -1], self.b(x.flip(1))[0][:, -1],
+                                    self.p(x)[0][:, 0]], -1))
+
+
+def _rec_cases():
+    x, y = _x(), _y()
+    big = scaled(x, 2, 1e3)
+    return {
+        "lstm_twice": dict(build=_seeded(TwiceLSTM), inputs=(big,), target=y, adversarial=(2,)),
+        "lstm_tied_linear": dict(build=_seeded(TiedLSTMLinear), inputs=(big,), target=y,
+                                 adversarial=(2,)),
+        "gru_tied_linear": dict(build=_seeded(TiedLSTMLinear, nn.GRU, 3), inputs=(big,),
+                                target=y, adversarial=(2,)),
+        "lstm_functional_use": dict(build=_seeded(LSTMFunctional), inputs=(x,), target=y,
+                                    refuse_ok=True),
+        "lstm_learned_h0": dict(build=_seeded(LearnedH0), inputs=(big,), target=y, refuse_ok=True,
+                                adversarial=(2,)),
+        "gru_learned_h0": dict(build=_seeded(LearnedH0, "gru"), inputs=(big,), target=y, refuse_ok=True,
+                               adversarial=(2,)),
+        "gru_h0_batch_mean": dict(build=_seeded(MixedH0), inputs=(x,), target=y, refuse_ok=True),
+        "gru_h0_batch_mean_detached": dict(build=_seeded(MixedH0, True), inputs=(x,), target=y,
+                                           refuse_ok=True),
+        "grouped_gru_shared": dict(build=_seeded(StackedShared, share=True), inputs=(big,),
+                                   target=y, adversarial=(2,)),
+        "grouped_gru_frozen": dict(build=_seeded(StackedShared, freeze=True), inputs=(big,),
+                                   target=y, adversarial=(2,)),
+    }
+
+
+REC = _rec_cases()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+@pytest.mark.parametrize("name", sorted(REC))
+def test_recurrent_attacks(name, mode):
+    check_case(Case(name=f"{name}[{mode}]", mode=mode, **REC[name]), replace=True)
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "automatic"])
+@pytest.mark.parametrize("name", ["lstm_twice", "lstm_tied_linear", "grouped_gru_shared"])
+def test_recurrent_attacks_clipping(name, clipping):
+    check_case(Case(name=f"{name}[{clipping}]", clipping=clipping, **REC[name]), replace=True)
+
+
+def _private(model, C=1e-3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.arange(B)), batch_size=B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                            noise_multiplier=0.0, max_grad_norm=C,
+                                            poisson_sampling=False)[:2]
+
+
+def _step(private, dp):
+    dp.zero_grad()
+    F.cross_entropy(private(_x()), _y()).backward()
+    dp.step()
+
+
+@pytest.mark.parametrize("new", [False, True])
+def test_lstm_weight_norm_refused(new):
+    """Weight norm on a recurrent layer is refused at make_private. The old-style hook
+    (torch.nn.utils.weight_norm: weight_hh_l0 rebuilt from trainable _g / _v before each
+    forward) was accepted before review A16: the recorded call clipped and summed the rebuilt
+    tensor, which no optimizer holds, and _g / _v got a zero gradient (trained by noise alone).
+    (The harness cannot deep-copy such a model, hence a direct test.)"""
+    torch.manual_seed(0)
+    with pytest.raises(PrivacyError, match="weight"):
+        _private(WeightNormLSTM(new).double())
+
+
+def test_lstm_weight_norm_after_make_private_refused():
+    """The same hook put on after make_private: the step is refused, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.net = WeightNormLSTM.__new__(WeightNormLSTM)
+    nn.Module.__init__(model.net)
+    model.net.rnn, model.net.head = nn.LSTM(D, HID, batch_first=True), nn.Linear(HID, K)
+    model = model.double()
+    private, dp = _private(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.utils.weight_norm(model.net.rnn, "weight_hh_l0")
+    dp.param_groups[0]["params"] = list(model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(PrivacyError):
+        _step(private, dp)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
