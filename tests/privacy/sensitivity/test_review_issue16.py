@@ -248,3 +248,286 @@ def test_lstm_weight_norm_after_make_private_refused():
     with pytest.raises(PrivacyError):
         _step(private, dp)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# -- transformers' Conv1D (op linear_t) -----------------------------------------------------------
+def _conv1d():
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    transformers.logging.set_verbosity_error()
+    return Conv1D
+
+
+class Conv1DShapes(nn.Module):
+    """Conv1D on a 2-D input (B, nx) and on a 4-D one (B, 2, T, nx)."""
+
+    def __init__(self):
+        super().__init__()
+        Conv1D = _conv1d()
+        self.flat, self.deep = Conv1D(5, D), Conv1D(5, D)
+        self.head = nn.Linear(10, K)
+
+    def forward(self, x):
+        x4 = torch.stack([x, x.flip(1) * 0.5], 1)  # (B, 2, T, D)
+        return self.head(torch.cat([torch.tanh(self.flat(x[:, 0])),
+                                    torch.tanh(self.deep(x4)).mean((1, 2))], -1))
+
+
+class Conv1DTiedLinear(nn.Module):
+    """A square weight used as a Linear's (out, in) and a Conv1D's (in, out): one Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        Conv1D = _conv1d()
+        self.c = Conv1D(D, D)
+        self.lin = nn.Linear(D, D)
+        self.lin.weight = self.c.weight
+        self.head = nn.Linear(D, K)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.c(x)))).mean(1))
+
+
+class Conv1DTiedEmbedding(nn.Module):
+    """An embedding (V, D) whose weight is also a Conv1D(nf=D, nx=V)'s (in, out) weight: the
+    pair is not the tied rule's (linear_t), so both uses are materialised."""
+
+    def __init__(self):
+        super().__init__()
+        Conv1D = _conv1d()
+        self.emb = nn.Embedding(V, D)
+        self.c = Conv1D(D, V)
+        self.c.weight = self.emb.weight
+        self.head = nn.Linear(D, K)
+
+    def forward(self, ids):
+        soft = torch.softmax(F.one_hot(ids, V).double() * 3.0, -1).to(self.emb.weight.dtype)
+        return self.head(torch.tanh(self.emb(ids) + self.c(soft)).mean(1))
+
+
+class Conv1DPairGroup(nn.Module):
+    """Three Conv1Ds of one shape (one group): the second's bias frozen, the third's weight
+    shared with the first (so not grouped), plus a subclass of Conv1D with the stock forward and
+    one overriding it (torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        Conv1D = _conv1d()
+
+        class Same(Conv1D):
+            pass
+
+        class Doubled(Conv1D):
+            def forward(self, x):
+                return super().forward(x) * 2.0
+
+        self.a, self.b, self.c = Conv1D(D, D), Conv1D(D, D), Conv1D(D, D)
+        self.b.bias.requires_grad_(False)
+        self.c.weight = self.a.weight
+        self.s, self.d = Same(D, D), Doubled(D, D)
+        self.head = nn.Linear(D, K)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + torch.tanh(self.b(x)) + torch.tanh(self.c(x.flip(1)))
+        return self.head(torch.tanh(self.d(torch.tanh(self.s(h)))).mean(1))
+
+
+def _conv_cases():
+    x, y = _x(), _y()
+    big = scaled(x, 2, 1e3)
+    return {
+        "conv1d_2d_4d": dict(build=_seeded(Conv1DShapes), inputs=(big,), target=y,
+                             adversarial=(2,)),
+        "conv1d_tied_linear": dict(build=_seeded(Conv1DTiedLinear), inputs=(big,), target=y,
+                                   adversarial=(2,)),
+        "conv1d_tied_embedding": dict(build=_seeded(Conv1DTiedEmbedding), inputs=(_ids(),),
+                                      target=y),
+        "conv1d_group": dict(build=_seeded(Conv1DPairGroup), inputs=(big,), target=y,
+                             adversarial=(2,)),
+    }
+
+
+CONV = _conv_cases()
+
+
+MODES = [("ghost", None), ("ghost", "ghost"), ("materialize", None)]
+
+
+@pytest.mark.parametrize("mode,rules", MODES)
+@pytest.mark.parametrize("name", sorted(CONV))
+def test_conv1d_attacks(name, mode, rules):
+    check_case(Case(name=f"{name}[{mode},{rules}]", mode=mode, rules=rules, **CONV[name]),
+               replace=True)
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "automatic"])
+@pytest.mark.parametrize("name", sorted(CONV))
+def test_conv1d_attacks_clipping(name, clipping):
+    check_case(Case(name=f"{name}[{clipping}]", clipping=clipping, **CONV[name]), replace=True)
+
+
+# -- tied embeddings ------------------------------------------------------------------------------
+class TiedThrice(nn.Module):
+    """One (V, D) weight: the input embedding and two heads (one per position, one on the mean)."""
+
+    def __init__(self, pad=None):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=pad)
+        self.h1, self.h2 = nn.Linear(D, V, bias=False), nn.Linear(D, V)
+        self.h1.weight = self.h2.weight = self.emb.weight
+        self.out = nn.Linear(2 * V, K)
+
+    def forward(self, ids):
+        e = torch.tanh(self.emb(ids))
+        return self.out(torch.cat([self.h1(e).mean(1), self.h2(e.mean(1))], -1))
+
+
+class TiedTwiceEmbedding(nn.Module):
+    """The embedding looked up twice (two index tensors of the record) and one tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+        self.out = nn.Linear(V, K)
+
+    def forward(self, ids):
+        e = self.emb(ids) + self.emb(ids.flip(1))
+        return self.out(self.head(torch.tanh(e)).mean(1))
+
+
+class TiedFunctional(nn.Module):
+    """Embedding and head tied, the weight also read by F.linear in the parent's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+        self.out = nn.Linear(V, K)
+
+    def forward(self, ids):
+        e = torch.tanh(self.emb(ids))
+        return self.out(self.head(e).mean(1) + F.linear(e, self.emb.weight).sum(1))
+
+
+class TiedPositions(nn.Module):
+    """A position embedding looked up with broadcast (1, T) ids, tied to a head over positions,
+    with padding_idx on the token embedding: every record repeats the same position rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(V, D, padding_idx=0)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(D, T, bias=False)
+        self.head.weight = self.pos.weight
+        self.tokhead = nn.Linear(D, V, bias=False)
+        self.tokhead.weight = self.tok.weight
+        self.out = nn.Linear(T + V, K)
+
+    def forward(self, ids):
+        h = torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None]))
+        return self.out(torch.cat([self.head(h).mean(1), self.tokhead(h).mean(1)], -1))
+
+
+class TiedCancel(nn.Module):
+    """Tied embedding/head where the head reads the looked-up row itself, negated and scaled:
+    with a crafted record the embedding and head parts of the record's gradient nearly cancel."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        e = self.emb(ids)  # (B, T, D)
+        return self.head(-e).mean(1)[:, :K]
+
+
+def _tied_cases():
+    ids, y = _ids(), _y()
+    pad = ids.clone()
+    pad[1, :2] = 0
+    rep = ids.clone()
+    rep[2] = 5  # one token repeated over the record
+    return {
+        "tied_thrice": dict(build=_seeded(TiedThrice), inputs=(rep,), target=y, adversarial=(2,)),
+        "tied_thrice_padding": dict(build=_seeded(TiedThrice, 0), inputs=(pad,), target=y,
+                                    adversarial=(1,)),
+        "tied_twice_embedding": dict(build=_seeded(TiedTwiceEmbedding), inputs=(rep,), target=y,
+                                     adversarial=(2,)),
+        "tied_functional": dict(build=_seeded(TiedFunctional), inputs=(ids,), target=y,
+                                refuse_ok=True),
+        "tied_positions": dict(build=_seeded(TiedPositions), inputs=(pad,), target=y,
+                               adversarial=(1,)),
+        "tied_cancel": dict(build=_seeded(TiedCancel), inputs=(rep,), target=y, adversarial=(2,)),
+    }
+
+
+TIED = _tied_cases()
+
+
+@pytest.mark.parametrize("mode,rules", MODES)
+@pytest.mark.parametrize("name", sorted(TIED))
+def test_tied_attacks(name, mode, rules):
+    check_case(Case(name=f"{name}[{mode},{rules}]", mode=mode, rules=rules, **TIED[name]),
+               replace=True)
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "automatic"])
+@pytest.mark.parametrize("name", sorted(TIED))
+def test_tied_attacks_clipping(name, clipping):
+    check_case(Case(name=f"{name}[{clipping}]", clipping=clipping, **TIED[name]), replace=True)
+
+
+class TiedCrossCancel(nn.Module):
+    """Embedding and tied head whose two parts of a record's gradient cancel by construction:
+    out_0 = <emb(idx), v> + sum_s head(u_s)[idx], so (times the loss's factor) E = e_idx v^T and
+    H = e_idx (sum_s u_s)^T; a record with sum_s u_s = -v + a has G = e_idx a^T while ||E|| and
+    ||H|| are ||v|| = 2^30 |r| (the ghost path's cross term cancels M^2: its rounding bound must
+    flag the record)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids, u, v):
+        e = self.emb(ids[:, :1])[:, 0]  # (B, D)
+        logits = self.head(u)  # (B, D) or (B, S, D) -> (..., V)
+        picked = logits.gather(-1, ids[:, :1].expand(*logits.shape[:-1], 1).contiguous()
+                               if logits.dim() == 2 else
+                               ids[:, None, :1].expand(*logits.shape[:-1], 1))[..., 0]
+        picked = picked if picked.dim() == 1 else picked.sum(1)
+        s = (e * v).sum(-1) + picked
+        return torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)], -1)
+
+
+def _cross_cancel_case(seq: bool, dtype):
+    from tests.privacy.sensitivity._harness import CANCEL_A, CANCEL_KAPPA, CANCEL_M, cancellation_pair
+
+    g = _gen(11)
+    ids = torch.randint(0, V, (B, 1), generator=g)
+    u = torch.randn(B, 2, D, generator=g, dtype=torch.float64) if seq else \
+        torch.randn(B, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, D, generator=g, dtype=torch.float64)
+    x1, x2 = cancellation_pair(D, CANCEL_M, CANCEL_A)  # x1 = M r + a, x2 = -M r + a
+    v[2] = (x1 - x2) / 2  # M r
+    if seq:
+        u[2, 0], u[2, 1] = -(x1 - x2) / 2, (x1 + x2) / 2  # -M r, a: sum = -v + a
+    else:
+        u[2] = x2  # -M r + a
+    return Case(name=f"tied_cross_cancel[{'seq' if seq else 'one'},{dtype}]",
+                build=_seeded(TiedCrossCancel), inputs=(ids, u, v), target=torch.zeros(B, dtype=torch.long),
+                dtype=dtype, kappa=CANCEL_KAPPA, adversarial=(2,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seq", [False, True])
+@pytest.mark.parametrize("mode,rules", MODES)
+def test_tied_cross_term_cancellation(seq, dtype, mode, rules):
+    check_case(_cross_cancel_case(seq, dtype).with_(mode=mode, rules=rules), replace=True)
