@@ -531,3 +531,53 @@ def _cross_cancel_case(seq: bool, dtype):
 @pytest.mark.parametrize("mode,rules", MODES)
 def test_tied_cross_term_cancellation(seq, dtype, mode, rules):
     check_case(_cross_cancel_case(seq, dtype).with_(mode=mode, rules=rules), replace=True)
+
+
+# -- grouped norms --------------------------------------------------------------------------------
+GD = 16  # wide enough for the ghost path at T = 2 (grouped linear calls)
+
+
+class EqualShapes(nn.Module):
+    """Linear(GD, GD) calls of one shape on (B, 2, GD) sequences, in pairs of equal roles (each
+    pair one group): plain, weight frozen (bias-only calls), bias frozen; then two sharing one
+    weight and one called twice (shared: materialised, outside the groups), and a LayerNorm pair
+    of one shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2, self.b1, self.b2, self.c1, self.c2 = (nn.Linear(GD, GD) for _ in range(6))
+        self.d, self.e, self.f = (nn.Linear(GD, GD) for _ in range(3))
+        for m in (self.b1, self.b2):
+            m.weight.requires_grad_(False)
+        for m in (self.c1, self.c2):
+            m.bias.requires_grad_(False)
+        self.e.weight = self.d.weight
+        self.n1, self.n2 = nn.LayerNorm(GD), nn.LayerNorm(GD)
+        self.head = nn.Linear(GD, K)
+
+    def forward(self, x):
+        h = sum(torch.tanh(m(x)) for m in (self.a1, self.b1, self.c1))
+        h = h + sum(torch.tanh(m(x.flip(1) * 0.5)) for m in (self.a2, self.b2, self.c2))
+        h = self.n1(h + torch.tanh(self.d(h)) + torch.tanh(self.e(x)))
+        h = self.n2(torch.tanh(self.f(h)) + torch.tanh(self.f(x.flip(1))))
+        return self.head(h.mean(1))
+
+
+def _grouped_case(**kw):
+    x = torch.randn(B, 2, GD, generator=_gen(5), dtype=torch.float64)
+    from tests.privacy.sensitivity._harness import CANCEL_KAPPA, with_cancellation
+
+    x = with_cancellation(x, 3)
+    x = scaled(x, 1, 1e3)
+    return Case(name="grouped_equal_shapes", build=_seeded(EqualShapes), inputs=(x,), target=_y(),
+                adversarial=(1, 3), kappa=CANCEL_KAPPA, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "automatic"])
+@pytest.mark.parametrize("mode,rules", MODES)
+def test_grouped_equal_shapes(mode, rules, clipping, dtype):
+    n = sum(p.requires_grad for p in EqualShapes().parameters())
+    C = [0.1 + 0.05 * i for i in range(n)] if clipping == "per_layer" else 1.0
+    check_case(_grouped_case(mode=mode, rules=rules, clipping=clipping, dtype=dtype, C=C),
+               replace=True)
