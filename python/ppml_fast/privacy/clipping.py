@@ -20,6 +20,7 @@ from ppml_fast.privacy import fallback
 from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, grouped, sum_dtype, tied, weighted_sum
+from ppml_fast.privacy.per_sample.linear import FLAGGED, LinearRule
 from ppml_fast.privacy.profiling import phase
 
 
@@ -73,6 +74,28 @@ def check_records(batches: list[Batch], step: int) -> None:
             "that each record's gradients are clipped together.")
 
 
+def _kept_all(rule, state, params: dict) -> bool:
+    """Whether a linear call's state holds every role's per-sample gradients (the materialise
+    path: its clipped sums are ``factors @ kept``, its captured tensors are no longer read)."""
+    return (type(rule) is LinearRule and isinstance(state, dict) and FLAGGED not in state
+            and all(isinstance(state.get(r), torch.Tensor) for r in params))
+
+
+def _release_capture(c: Call) -> None:
+    """Drops what call ``c`` captured once its kept per-sample gradients hold all its clipped
+    sums need (issue 16: peak memory): the activation and output gradient become stand-ins of
+    the same shapes and dtypes without storage (what the rules' batch checks read), the
+    torch.func inputs and output gradients go. Its in-place check already ran (check_records)."""
+    if c.cap is not None:
+        a = c.cap.activation
+        c.cap = Captured(c.cap.op, a.new_empty(()).expand(a.shape), c.cap.params, c.cap.kwargs)
+    if isinstance(c.grad, torch.Tensor):
+        c.grad = c.grad.new_empty(()).expand(c.grad.shape)
+    elif isinstance(c.grad, list):
+        c.grad = [None] * len(c.grad)
+    c.inputs = c.kwargs = c.rerun = c.versions = None
+
+
 def _releasing(batch: Batch, plan: dict):
     """Yields each call of ``batch`` with its state, and releases what the call kept (its captured
     activation and output gradient, or its torch.func inputs, its kept per-sample gradients, its
@@ -116,7 +139,9 @@ class ClippedSums:
         batches = [b for b in self.recorder.batches if b.backpropagated]
         check_records(batches, step)
         with phase("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
-            plans = [self._norms(b) for b in batches]
+            # a batch's plan is kept on it when the step raised below: _norms released the
+            # captures of materialised calls, so the retry reuses their kept gradients
+            plans = [getattr(b, "plan", None) or self._norms(b) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
                 if bool(torch.isfinite(plan["total"]).all()):
@@ -124,6 +149,8 @@ class ClippedSums:
                     continue
                 bad = ~torch.isfinite(plan["total"])
                 if bad.any():
+                    for b, kept in zip(batches, plans):  # nothing forgotten
+                        b.plan = kept
                     raise NonFiniteGradientError(
                         f"step {step}: the per-sample gradients of samples "
                         f"{bad.nonzero().flatten().tolist()[:10]} of a batch are not finite; "
@@ -160,6 +187,7 @@ class ClippedSums:
         per_param: dict[int, torch.Tensor] = {}
         materialised: dict[int, torch.Tensor] = {}  # shared parameters: summed per-sample grads
         states = []
+        released: set[int] = set()  # id(call): captures dropped, its state holds its gradients
         # calls of one kind and shape: their norms in one batched step (per_sample.grouped)
         pre = grouped.norms(batch.calls, self.rules, lambda c: not c.spans and not any(
             id(p) in shared_ids for p in c.params.values()))
@@ -185,6 +213,8 @@ class ClippedSums:
                         g = _embed(g, c.params[role], c.spans[role])
                     materialised[pid] = g if pid not in materialised else materialised[pid] + g
                 states.append(("materialised", None))  # _accumulate sums materialised[pid]
+                _release_capture(c)
+                released.add(id(c))
                 continue
             rule = self.rules[c.cap.op]
             norms, state = rule.norms_sq(c.cap, c.grad)
@@ -192,6 +222,9 @@ class ClippedSums:
                 pid = id(c.params[role])  # disjoint parts of one parameter: squared norms add up
                 per_param[pid] = n if pid not in per_param else per_param[pid] + n
             states.append(("rule", state))
+            if _kept_all(rule, state, c.params):  # captures no longer read: freed now
+                _release_capture(c)
+                released.add(id(c))
         for ie, il in pairs.values():
             e, lin = batch.calls[ie], batch.calls[il]
             norms, st_e, st_l = tied.norms(e.cap, e.grad, lin.cap, lin.grad, self.rules)
@@ -211,7 +244,7 @@ class ClippedSums:
             first = next(self.parameters(), None)
             total = torch.zeros(b, dtype=torch.float64, device=None if first is None else first.device)
         return {"per_param": per_param, "scale2": scale2, "total": total, "states": states,
-                "materialised": materialised, "pairs": pairs}
+                "materialised": materialised, "pairs": pairs, "released": released}
 
     def _per_sample(self, c: Call) -> dict[str, torch.Tensor]:
         if c.cap is not None:
@@ -278,7 +311,10 @@ class ClippedSums:
                     self._add(sums, p, weighted_sum(g, c_of[pid], p))
                 continue
             cap, grad = c.cap, c.grad
-            if drop:
+            if drop and id(c) in plan["released"]:  # the kept per-sample gradients, rows zeroed
+                state = {r: torch.where(finite.view(-1, *[1] * (v.dim() - 1)), v, torch.zeros_like(v))
+                         for r, v in state.items()}
+            elif drop:
                 keep = finite.view(-1, *[1] * (grad.dim() - 1))
                 grad = torch.where(keep, grad, torch.zeros_like(grad))
                 if cap.activation.is_floating_point():
