@@ -163,10 +163,49 @@ class StackedShared(nn.Module):
                                     self.p(x)[0][:, 0]], -1))
 
 
+class TiedInsideLSTM(nn.Module):
+    """Weights tied inside one recurrent module: the reverse direction's input weight is the
+    forward one's, and layer 1's recurrent weight is layer 0's (RNNBase.__setattr__ keeps its
+    flat weights in step)."""
+
+    def __init__(self, kind=nn.LSTM):
+        super().__init__()
+        self.rnn = kind(D, D, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn.weight_ih_l0_reverse = self.rnn.weight_ih_l0
+        self.rnn.weight_hh_l1 = self.rnn.weight_hh_l0
+        self.head = nn.Linear(2 * D, K)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class SeqFirst(nn.Module):
+    """Sequence-first (T, B, D) data: a Conv1D, a GRU(batch_first=False), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = _conv1d()(D, D)
+        self.rnn = nn.GRU(D, HID)
+        self.head = nn.Linear(HID, K)
+
+    def forward(self, x):
+        return self.head(self.rnn(torch.tanh(self.c(x)))[0][-1])
+
+
 def _rec_cases():
     x, y = _x(), _y()
     big = scaled(x, 2, 1e3)
+    sq = _x(b=B, t=B).transpose(0, 1).contiguous()  # (T, B, D), T == B
     return {
+        "lstm_tied_inside": dict(build=_seeded(TiedInsideLSTM), inputs=(big,), target=y,
+                                 adversarial=(2,)),
+        "gru_tied_inside": dict(build=_seeded(TiedInsideLSTM, nn.GRU), inputs=(big,), target=y,
+                                adversarial=(2,)),
+        "seq_first_conv1d_gru": dict(build=_seeded(SeqFirst), inputs=(sq,),
+                                     target=y, batch_first=False, record_dim=1),
+        "seq_first_data_declared_batch_first": dict(build=_seeded(SeqFirst),
+                                                    inputs=(sq,), target=y,
+                                                    record_dim=1, refuse_ok=True),
         "lstm_twice": dict(build=_seeded(TwiceLSTM), inputs=(big,), target=y, adversarial=(2,)),
         "lstm_tied_linear": dict(build=_seeded(TiedLSTMLinear), inputs=(big,), target=y,
                                  adversarial=(2,)),
