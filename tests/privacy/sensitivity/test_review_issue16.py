@@ -653,3 +653,50 @@ def test_max_norm_set_after_make_private_leaves_weight_unchanged():
         F.cross_entropy(private(_ids()), _y()).backward()
         dp.step()
     assert torch.equal(model.emb.weight.detach(), before)
+
+
+class EmbGRU(nn.Module):
+    """Embedding -> bidirectional GRU (two layers) -> LSTM(proj_size) -> head, on (ids, x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.gru = nn.GRU(2 * D, HID, num_layers=2, bidirectional=True, batch_first=True)
+        self.lstm = nn.LSTM(2 * HID, HID, proj_size=2, batch_first=True)
+        self.head = nn.Linear(2, K)
+
+    def forward(self, ids, x):
+        h = self.gru(torch.cat([self.emb(ids), x], -1))[0]
+        return self.head(self.lstm(h)[0][:, -1])
+
+
+@pytest.mark.parametrize("mode,rules", MODES)
+def test_recurrent_virtual_batches(mode, rules):
+    """BatchMemoryManager chunks of 2 records: one logical step, the same clipped sum."""
+    x = scaled(_x(), 2, 1e3)
+    check_case(Case(name=f"emb_gru_chunks[{mode},{rules}]", build=_seeded(EmbGRU),
+                    inputs=(_ids(), x), target=_y(), mode=mode, rules=rules, chunk=2,
+                    adversarial=(2,)), replace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recurrent_nonfinite_drop(dtype):
+    """nonfinite='drop': a record whose input holds NaN is dropped from every call of the
+    recurrent layers (the recurrence keeps it in its own rows); the others' clipped sum equals
+    the float64 reference over them."""
+    from tests.privacy.sensitivity._harness import (clip_and_sum, engine_sums, lowered,
+                                                    per_record_grads, rtol, select)
+
+    x = _x()
+    bad = x.clone()
+    bad[2, 1, 0] = float("nan")
+    ids, y = _ids(), _y()
+    case = Case(name="nonfinite", build=_seeded(EmbGRU), inputs=(ids, bad), target=y,
+                dtype=dtype, make={"nonfinite": "drop"})
+    model64 = case.build()
+    got = engine_sums(case, lowered(case, model64), (ids, bad.to(dtype)), y)
+    keep = [i for i in range(B) if i != 2]
+    xs, ys = select(case, (ids, x), y, keep)
+    want, clipped = clip_and_sum(case, per_record_grads(case, case.build(), xs, ys))
+    err = sum(float((got[n] - want[n]).pow(2).sum()) for n in want) ** 0.5
+    assert err <= rtol(dtype) * float(clipped.sum()), err
