@@ -700,3 +700,14 @@ def test_recurrent_nonfinite_drop(dtype):
     want, clipped = clip_and_sum(case, per_record_grads(case, case.build(), xs, ys))
     err = sum(float((got[n] - want[n]).pow(2).sum()) for n in want) ** 0.5
     assert err <= rtol(dtype) * float(clipped.sum()), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,rules", MODES)
+@pytest.mark.parametrize("name", ["tied_thrice_padding", "tied_positions", "tied_cancel",
+                                  "conv1d_group", "conv1d_tied_embedding", "lstm_twice",
+                                  "gru_tied_inside"])
+def test_low_precision(name, mode, rules, dtype):
+    cases = {**TIED, **CONV, **REC}
+    check_case(Case(name=f"{name}[{mode},{rules},{dtype}]", mode=mode, rules=rules, dtype=dtype,
+                    **cases[name]), replace=True)
