@@ -237,9 +237,12 @@ def test_recurrent_attacks(name, mode):
 
 
 @pytest.mark.parametrize("clipping", ["per_layer", "automatic"])
-@pytest.mark.parametrize("name", ["lstm_twice", "lstm_tied_linear", "grouped_gru_shared"])
+@pytest.mark.parametrize("name", ["lstm_twice", "lstm_tied_linear", "grouped_gru_shared",
+                                  "gru_tied_inside", "seq_first_conv1d_gru"])
 def test_recurrent_attacks_clipping(name, clipping):
-    check_case(Case(name=f"{name}[{clipping}]", clipping=clipping, **REC[name]), replace=True)
+    n = sum(p.requires_grad for p in REC[name]["build"]().parameters())
+    C = [0.05 * (i + 1) for i in range(n)] if clipping == "per_layer" else 1.0  # one C_p each
+    check_case(Case(name=f"{name}[{clipping}]", clipping=clipping, C=C, **REC[name]), replace=True)
 
 
 def _private(model, C=1e-3):
@@ -711,3 +714,27 @@ def test_low_precision(name, mode, rules, dtype):
     cases = {**TIED, **CONV, **REC}
     check_case(Case(name=f"{name}[{mode},{rules},{dtype}]", mode=mode, rules=rules, dtype=dtype,
                     **cases[name]), replace=True)
+
+
+class BroadcastIds(nn.Module):
+    """Embeddings looked up with (1, T) ids broadcast over the records that repeat an index
+    (position ids [0, 1, 1, 2], e.g. a shared prefix), and with per-record ids of which only one
+    record repeats a token: the distinct-rows path must not be taken for either."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.tok = nn.Embedding(T, D), nn.Embedding(V, D)
+        self.head = nn.Linear(D, K)
+
+    def forward(self, ids):
+        shared = torch.tensor([[0, 1, 1, 2]])
+        return self.head(torch.tanh(self.pos(shared) + self.tok(ids)).mean(1))
+
+
+@pytest.mark.parametrize("mode,rules", MODES)
+def test_embedding_repeats_in_broadcast_and_one_record(mode, rules):
+    ids = torch.stack([torch.randperm(V, generator=_gen(i))[:T] for i in range(B)])  # distinct
+    ids[3] = 7  # one record repeats one token T times
+    check_case(Case(name=f"broadcast_repeats[{mode},{rules}]", build=_seeded(BroadcastIds),
+                    inputs=(ids,), target=_y(), mode=mode, rules=rules, adversarial=(3,)),
+               replace=True)
