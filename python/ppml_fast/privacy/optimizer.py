@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -439,9 +438,3 @@ def _no_overflow(grad_scaler, optimizer: DPOptimizer) -> None:
     state = grad_scaler._per_optimizer_states[id(optimizer)]
     state["found_inf_per_device"] = {device: torch.zeros((), dtype=torch.float32, device=device)}
 
-
-def warn_not_poisson() -> None:
-    warnings.warn(
-        "poisson_sampling=False: the reported epsilon assumes Poisson sampling and may overstate "
-        "the privacy of fixed-size shuffled batches (Chua et al. 2024, arXiv 2411.10614)",
-        UserWarning, stacklevel=3)
