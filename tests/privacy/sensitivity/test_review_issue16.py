@@ -738,3 +738,15 @@ def test_embedding_repeats_in_broadcast_and_one_record(mode, rules):
     check_case(Case(name=f"broadcast_repeats[{mode},{rules}]", build=_seeded(BroadcastIds),
                     inputs=(ids,), target=_y(), mode=mode, rules=rules, adversarial=(3,)),
                replace=True)
+
+
+def test_pruned_lstm_refused():
+    """torch.nn.utils.prune on a recurrent weight (weight_hh_l0_orig trainable, weight_hh_l0 =
+    orig * mask rebuilt by a pre-hook): the same shape as weight_norm's, refused (review A16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(D, HID, batch_first=True))
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model[0], "weight_hh_l0", amount=0.5)
+    with pytest.raises(PrivacyError, match="weight_hh_l0_orig"):
+        _private(model.double())
