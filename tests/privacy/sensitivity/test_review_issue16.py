@@ -750,3 +750,38 @@ def test_pruned_lstm_refused():
     prune.l1_unstructured(model[0], "weight_hh_l0", amount=0.5)
     with pytest.raises(PrivacyError, match="weight_hh_l0_orig"):
         _private(model.double())
+
+
+class TiedEmbeddingCancel(nn.Module):
+    """Tied pair whose embedding part cancels inside itself: out_0 = sum_t <emb(idx_t), v_t> +
+    head(u)[idx_0]; a record repeating one token with v_0 = M r, v_1 = -M r + a has E = e_idx
+    a^T from two rows of size M (the embedding rule's Gram cancels: its flag must reach the
+    pair's joint recomputation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids, u, v):
+        s = (self.emb(ids) * v).sum((1, 2)) + self.head(u).gather(-1, ids[:, :1])[:, 0]
+        return torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode,rules", MODES)
+def test_tied_embedding_internal_cancellation(mode, rules, dtype):
+    from tests.privacy.sensitivity._harness import CANCEL_A, CANCEL_KAPPA, CANCEL_M, cancellation_pair
+
+    g = _gen(12)
+    ids = torch.randint(0, V, (B, 2), generator=g)
+    u = torch.randn(B, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, 2, D, generator=g, dtype=torch.float64)
+    x1, x2 = cancellation_pair(D, CANCEL_M, CANCEL_A)
+    ids[2] = ids[2, 0]
+    v[2, 0], v[2, 1] = (x1 - x2) / 2, x2  # M r and -M r + a: sum a
+    check_case(Case(name=f"tied_embedding_cancel[{mode},{rules},{dtype}]",
+                    build=_seeded(TiedEmbeddingCancel), inputs=(ids, u, v),
+                    target=torch.zeros(B, dtype=torch.long), dtype=dtype, kappa=CANCEL_KAPPA,
+                    mode=mode, rules=rules, adversarial=(2,)), replace=True)
