@@ -21,7 +21,10 @@ says where its batch is; make_private's ``batch_first`` says where the model's i
 records), ``bias``, ``dropout`` between layers (F.dropout on the layer's output, per element:
 per record), ``proj_size``, ``nonlinearity``, given or omitted ``hx`` (its batch dimension is 1,
 as in torch), unbatched 2-D inputs (a batch of one). Refused: ``PackedSequence`` inputs (while a
-batch is captured; at the call, naming the layer) and subclasses that override ``forward``.
+batch is captured; at the call, naming the layer), subclasses that override ``forward``, and
+layers whose parameters are not exactly their weights (``torch.nn.utils.weight_norm``, pruning:
+a weight rebuilt from other parameters by a pre-hook; at make_private, or at the call when added
+later).
 Packed batches would need per-record masks in the backward (each record's own last step and, for
 the reverse direction, its own reversal: tried, exact) but their padded length is the longest
 record's, so the captured tensors' shape depends on other records, which the records probe
