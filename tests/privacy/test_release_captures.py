@@ -65,3 +65,28 @@ def test_released_sums_equal_reference(nonfinite):
     w, b = _reference(model, x, 1.5, keep=[0, 1, 2, 3])
     torch.testing.assert_close(sums[model.weight].double(), w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sums[model.bias].double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_failure_inside_the_norms_refuses_the_retry(monkeypatch):
+    """A step that fails after some captures were released never computes on the stand-ins."""
+    from ppml_fast.accounting.errors import PrivacyError
+    from ppml_fast.privacy import clipping
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    private = PrivateModule(model, loss_reduction="sum")
+    private(torch.randn(3, 6, 4)).sum().backward()
+    calls = []
+    real = clipping._release_capture
+
+    def release_then_fail(c):
+        real(c)
+        calls.append(c)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(clipping, "_release_capture", release_then_fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        private.clipped_sums(max_grad_norm=1.0)
+    monkeypatch.setattr(clipping, "_release_capture", real)
+    with pytest.raises(PrivacyError, match="forward and backward pass of the batch again"):
+        private.clipped_sums(max_grad_norm=1.0)

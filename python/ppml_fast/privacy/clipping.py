@@ -138,6 +138,12 @@ class ClippedSums:
         self.parameter_watch.check(step)
         batches = [b for b in self.recorder.batches if b.backpropagated]
         check_records(batches, step)
+        for b in batches:  # an earlier step failed inside the norms, after releasing captures
+            if getattr(b, "released", False) and getattr(b, "plan", None) is None:
+                raise PrivacyError(
+                    f"step {step}: an earlier step on this batch failed while computing the "
+                    "per-sample norms, after some layers' captured tensors were released; run "
+                    "the forward and backward pass of the batch again")
         with phase("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
             # a batch's plan is kept on it when the step raised below: _norms released the
             # captures of materialised calls, so the retry reuses their kept gradients
@@ -215,6 +221,7 @@ class ClippedSums:
                 states.append(("materialised", None))  # _accumulate sums materialised[pid]
                 _release_capture(c)
                 released.add(id(c))
+                batch.released = True
                 continue
             rule = self.rules[c.cap.op]
             norms, state = rule.norms_sq(c.cap, c.grad)
@@ -225,6 +232,7 @@ class ClippedSums:
             if _kept_all(rule, state, c.params):  # captures no longer read: freed now
                 _release_capture(c)
                 released.add(id(c))
+                batch.released = True
         for ie, il in pairs.values():
             e, lin = batch.calls[ie], batch.calls[il]
             norms, st_e, st_l = tied.norms(e.cap, e.grad, lin.cap, lin.grad, self.rules)
