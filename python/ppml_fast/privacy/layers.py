@@ -93,13 +93,16 @@ def _hf_conv1d_forward(m: nn.Module, x: torch.Tensor, p: dict) -> torch.Tensor:
 _LAZY_MODULES: dict[tuple[str, str], tuple[tuple, Callable]] = {
     ("transformers.pytorch_utils", "Conv1D"): (("linear_t", lambda m: {}, None), _hf_conv1d_forward),
 }
-_lazy_checked: dict[type, bool] = {}
+_lazy_checked: dict[tuple, bool] = {}
 
 
 def _lazy_agrees(base: type, module: nn.Module, functional: Callable) -> bool:
-    """Whether ``base.forward`` and ``functional`` agree on ``module`` (checked once per class,
-    on a small random input; False when it cannot run, e.g. on the meta device)."""
-    if base not in _lazy_checked:
+    """Whether ``base.forward`` and ``functional`` agree on ``module`` (checked once per class
+    and forward function, on a small random input; False when it cannot run, e.g. on the meta
+    device). Keyed by the forward too: a class whose forward was patched after the check (a
+    library's monkeypatch) is checked again instead of trusted (review A16)."""
+    key = (base, base.forward)
+    if key not in _lazy_checked:
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta":
             return False  # not cached: another module of the class may be usable
@@ -110,8 +113,8 @@ def _lazy_agrees(base: type, module: nn.Module, functional: Callable) -> bool:
                 ok = torch.equal(base.forward(module, x), functional(module, x, {}))
         except Exception:  # noqa: BLE001 - anything unexpected: not handled by the rule
             ok = False
-        _lazy_checked[base] = bool(ok)
-    return _lazy_checked[base]
+        _lazy_checked[key] = bool(ok)
+    return _lazy_checked[key]
 
 
 def _match(module: nn.Module):
@@ -125,7 +128,11 @@ def _match(module: nn.Module):
             return _RULE_MODULES.get(base), _FUNCTIONAL_FORWARDS.get(base)
         lazy = _LAZY_MODULES.get((base.__module__, base.__qualname__))
         if lazy is not None:
-            if cls.forward is not base.forward or not _lazy_agrees(base, module, lazy[1]):
+            # parameters other than weight / bias (an adapter a patched forward reads) would get
+            # no gradient from the functional: torch.func runs the module's own forward instead
+            own = {n for n, p in module._parameters.items() if p is not None}
+            if (cls.forward is not base.forward or not own <= {"weight", "bias"}
+                    or not _lazy_agrees(base, module, lazy[1])):
                 return None, None
             return lazy
     return None, None

@@ -785,3 +785,52 @@ def test_tied_embedding_internal_cancellation(mode, rules, dtype):
                     build=_seeded(TiedEmbeddingCancel), inputs=(ids, u, v),
                     target=torch.zeros(B, dtype=torch.long), dtype=dtype, kappa=CANCEL_KAPPA,
                     mode=mode, rules=rules, adversarial=(2,)), replace=True)
+
+
+class PatchedConv1DNet(nn.Module):
+    """A Conv1D with an adapter parameter that a class-level patch of Conv1D.forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = _conv1d()(5, D)
+        self.c.extra = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+        self.head = nn.Linear(5, K)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c(x)).mean(1))
+
+
+def _patch_conv1d(monkeypatch, scale=None):
+    Conv1D = _conv1d()
+    orig = Conv1D.forward
+
+    def forward(self, x):
+        out = orig(self, x)
+        if scale is not None:
+            return out * scale
+        return out * self.extra if hasattr(self, "extra") else out
+
+    monkeypatch.setattr(Conv1D, "forward", forward)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_conv1d_class_patched_after_the_check(monkeypatch, mode):
+    """transformers' Conv1D.forward patched at the class after ppml_fast had checked the class
+    (a library's monkeypatch adding an adapter parameter). Before review A16 the cached check
+    kept the class on the linear_t rule, whose functional ignores the patch: the adapter got a
+    zero gradient (trained by noise alone) and the captured forward was not the model's."""
+    from ppml_fast.privacy import layers
+
+    assert layers.rule_for(_conv1d()(5, D)) is not None  # the stock class, checked and cached
+    _patch_conv1d(monkeypatch)
+    x = scaled(_x(), 2, 1e3)
+    check_case(Case(name=f"conv1d_patched[{mode}]", build=_seeded(PatchedConv1DNet), inputs=(x,),
+                    target=_y(), mode=mode, adversarial=(2,)), replace=True)
+
+
+def test_conv1d_forward_patched_is_checked_again(monkeypatch):
+    from ppml_fast.privacy import layers
+
+    assert layers.rule_for(_conv1d()(5, D))[0] == "linear_t"
+    _patch_conv1d(monkeypatch, scale=2.0)
+    assert layers.rule_for(_conv1d()(5, D)) is None  # computes 2 (x W + b): not the rule's
