@@ -147,7 +147,7 @@ class ClippedSums:
         with phase("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
             # a batch's plan is kept on it when the step raised below: _norms released the
             # captures of materialised calls, so the retry reuses their kept gradients
-            plans = [getattr(b, "plan", None) or self._norms(b) for b in batches]
+            plans = [getattr(b, "plan", None) or self._norms(b, release=True) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
                 if bool(torch.isfinite(plan["total"]).all()):
@@ -178,10 +178,11 @@ class ClippedSums:
         scale = float(batch.size) if self.loss_reduction == "mean" else 1.0
         return scale / getattr(self, "loss_scale", 1.0)
 
-    def _norms(self, batch: Batch) -> dict:
+    def _norms(self, batch: Batch, release: bool = False) -> dict:
         """Per-sample squared norms: ``total`` (float64, of the true per-sample gradients) and
         ``per_param`` (float32 or float64, of the loss's gradients: times ``scale2`` for the true
-        ones)."""
+        ones). With ``release`` (the step's own call), the captures of calls whose kept per-sample
+        gradients hold all their clipped sums need are released on the way."""
         scale2 = self._scale(batch) ** 2
         uses: dict[int, list] = {}  # parameter -> the part each call used (None: all of it)
         for c in batch.calls:
@@ -219,9 +220,10 @@ class ClippedSums:
                         g = _embed(g, c.params[role], c.spans[role])
                     materialised[pid] = g if pid not in materialised else materialised[pid] + g
                 states.append(("materialised", None))  # _accumulate sums materialised[pid]
-                _release_capture(c)
-                released.add(id(c))
-                batch.released = True
+                if release:
+                    _release_capture(c)
+                    released.add(id(c))
+                    batch.released = True
                 continue
             rule = self.rules[c.cap.op]
             norms, state = rule.norms_sq(c.cap, c.grad)
@@ -229,7 +231,7 @@ class ClippedSums:
                 pid = id(c.params[role])  # disjoint parts of one parameter: squared norms add up
                 per_param[pid] = n if pid not in per_param else per_param[pid] + n
             states.append(("rule", state))
-            if _kept_all(rule, state, c.params):  # captures no longer read: freed now
+            if release and _kept_all(rule, state, c.params):  # captures no longer read: freed
                 _release_capture(c)
                 released.add(id(c))
                 batch.released = True
