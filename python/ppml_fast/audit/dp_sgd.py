@@ -157,12 +157,10 @@ def _train(model: nn.Module, data: TensorDataset, config: DPSGDConfig, cls: type
     engine.optimizer = opt
     if setup is not None:
         setup(opt)
-    x, y = data.tensors
     for _ in range(config.epochs):
-        for idx in loader.batch_sampler:  # the loader's (Poisson) batches, indexed in one go
-            idx = torch.as_tensor(idx, dtype=torch.int64)
+        for xb, yb in loader:  # the loader's (Poisson) batches: the optimizer checks one per step
             opt.zero_grad()
-            config.loss(module(x[idx]), y[idx]).backward()
+            config.loss(module(xb), yb).backward()
             opt.step()
     return _Run(engine, opt, module.remove_hooks())
 

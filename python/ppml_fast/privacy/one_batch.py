@@ -15,9 +15,11 @@ class SampledBatches:
     """The sizes of the batches drawn from ``loader`` that no step has used yet. With two or more
     of them (a loop that fetches ahead, two batches accumulated or concatenated, virtual-batch
     parts of two batches) a step's record count must equal one of their sizes, and the step
-    uses that batch up; with one, the step uses it whatever its count (a model may drop or
-    duplicate rows of its own batch). A heuristic on sizes: two batches whose records were mixed
-    into a count equal to one of them are not caught; that is code written to evade it."""
+    uses that batch up; with one, the step may hold at most its records (a model may drop rows of
+    its own batch; a row repeated as a record of its own would put that record in the step twice);
+    with none, a step holding records is refused (a second step on the same batch is not a fresh
+    Poisson sample). A heuristic on sizes: two batches whose records were mixed into a count
+    equal to one of them are not caught; that is code written to evade it."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -30,6 +32,20 @@ class SampledBatches:
         nothing changes until :meth:`stepped`."""
         new = self.loader.batches_yielded - self._drawn
         queue = (self._unused + self.loader.yielded_sizes(new))[-64:]
+        if not queue and records:
+            raise PrivacyError(
+                f"step {step}: this step holds {records} records but no sampled batch was drawn "
+                "from the Poisson loader since the last step: a second step on the same batch "
+                "(several optimizer steps per batch) or on records from another loader is not "
+                "the fresh Poisson sample of rate q the accountant counts for each step; draw "
+                "one batch from the loader make_private returned for each step")
+        if len(queue) == 1 and 0 <= queue[0] < records:
+            raise PrivacyError(
+                f"step {step}: this step holds {records} records, more than the {queue[0]} "
+                "records of the sampled batch it was drawn from: rows repeated or added as "
+                "records (e.g. torch.cat([x, augment(x)]) or a collate_fn that turns one record "
+                "into several rows) put one record in the step more than once, and its clipped "
+                "sum can then move by more than the clipping norm C the accountant assumes")
         if len(queue) >= 2 and records and records not in queue:
             raise PrivacyError(
                 f"step {step}: this step holds {records} records, while the sampled batches "
