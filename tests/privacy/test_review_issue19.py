@@ -150,12 +150,7 @@ class _ReshufflingDataset(torch.utils.data.Dataset):
         return self.X[r], r  # the label is the record id (the test reads who was in each step)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A19, not fixed: 'every_epoch' (fixed order) is chosen from the sampler type alone "
-    "(SequentialSampler); a dataset that reorders itself between epochs makes the run a "
-    "shuffled one, whose banded-MF sensitivity is larger (T=12, b=4, K=4: S 4.11 vs 3.00). "
-    "Needs a design decision (charge 'shuffled' for every non-Poisson loader, ~2x S, or probe "
-    "the dataset's order per pass); documented in the report"))
+# A19: fixed-order accounting only for index-stable datasets (correlated_plan.index_stable)
 def test_a_dataset_reordering_itself_under_shuffle_false_is_accounted():
     n, epochs = 32, 3
     torch.manual_seed(0)
@@ -183,3 +178,16 @@ def test_a_dataset_reordering_itself_under_shuffle_false_is_accounted():
     realized = max(X[np.ix_(s, s)].sum() for s in steps_of.values())
     reported = strategy.sensitivity_sq_prefix(T - 1, o.correlated.participation)
     assert reported >= realized * (1 - 1e-9), (reported, realized)
+
+
+def test_fixed_order_schema_only_for_index_stable_datasets():
+    from torch.utils.data import ConcatDataset, Subset, TensorDataset
+
+    from ppml_fast.privacy import correlated_plan
+
+    t = TensorDataset(torch.randn(32, 6))
+    for ds, kind in [(t, "every_epoch"), (Subset(t, list(range(16))), "every_epoch"),
+                     (ConcatDataset([t, t]), "every_epoch"), (_ReshufflingDataset(32), "shuffled"),
+                     (Subset(_ReshufflingDataset(32), list(range(16))), "shuffled")]:
+        part = correlated_plan.participation_of(DataLoader(ds, batch_size=4, shuffle=False), 12)
+        assert part.kind == kind, (type(ds).__name__, part)

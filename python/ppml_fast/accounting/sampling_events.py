@@ -155,7 +155,8 @@ class TruncatedPoissonEvent(Event):
     0.6's ``TruncatedSubsampledGaussianDpEvent``, JAX Privacy's ``truncated_dpsgd_event``.
     Adjacency: add/remove (``dataset_size`` is either neighbour's size).
 
-    Accounting (an upper bound, looser than dp_accounting's; tests compare). Let S be the sample
+    Accounting (an upper bound; neither it nor dp_accounting's dominates: on a 216-point grid ours was
+    lower in 20 cases, by up to 27 %, higher elsewhere; tests compare). Let S be the sample
     of the other records: at most ``dataset_size`` of them, so |S| ~ Bin(<= n, q), and
     p = P[Bin(n, q) >= B] (B = ``max_batch_size``; ``truncation_probability``). Reveal whether
     |S| >= B (same law on both neighbours). If |S| < B, adding record x never truncates: the

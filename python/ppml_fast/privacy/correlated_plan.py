@@ -5,9 +5,12 @@ gives, and the loader the optimizer steps on.
 Participation (which records can be in which steps; the sensitivity is a maximum over the
 schema's patterns, Choquette-Choo et al. 2023, arXiv 2211.06530, section 2 / Definition 2):
 
-- ``poisson_sampling=False`` with a loader in fixed order (``SequentialSampler``, shuffle off):
+- ``poisson_sampling=False`` with a loader in fixed order (``SequentialSampler``, shuffle off)
+  over a dataset whose index i is the same record every epoch by construction (a
+  ``TensorDataset``, or a ``Subset`` / ``ConcatDataset`` of such: :func:`index_stable`):
   record j is in the same batch position every epoch, i.e. in steps i, i + k, i + 2k, ...
-  (k = len(loader)): "every_epoch" with ``steps_per_epoch`` k (i unknown: a max over i).
+  (k = len(loader)): "every_epoch" with ``steps_per_epoch`` k (i unknown: a max over i). Over
+  any other dataset (which may reorder its records between epochs) the "shuffled" schema below.
 - ``poisson_sampling=False`` with ``shuffle=True`` (``RandomSampler`` without replacement):
   each epoch is a new permutation, so a record's steps are one per epoch at arbitrary places —
   the last step of one epoch and the first of the next are 1 apart. The fixed-order schema
@@ -34,7 +37,8 @@ import math
 import numbers
 from typing import Optional
 
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import (ConcatDataset, DataLoader, RandomSampler, SequentialSampler, Subset,
+                              TensorDataset)
 
 from ppml_fast.privacy.correlated_noise import CorrelatedNoise
 
@@ -123,6 +127,22 @@ def plan(*, noise_mechanism: str, bands: Optional[int], epochs: Optional[int], s
     return CorrelatedNoise(strategy, participation), loader, sample_rate, expected
 
 
+def index_stable(dataset) -> bool:
+    """Whether index i of ``dataset`` is the same record in every epoch by construction: a
+    ``TensorDataset`` (or a ``Subset`` / ``ConcatDataset`` of such). Any other dataset may map
+    indices to records differently each epoch (its own per-epoch shuffle, re-drawn length
+    buckets), which makes a fixed-order loader a shuffled run; such loaders are accounted with
+    the "shuffled" schema, a valid bound for every order (conservative: it can be ~2x the
+    fixed-order sensitivity). Tensors changed in place between epochs are not detected."""
+    if isinstance(dataset, TensorDataset):
+        return True
+    if isinstance(dataset, Subset):
+        return index_stable(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return all(index_stable(d) for d in dataset.datasets)
+    return False
+
+
 def participation_of(data_loader: DataLoader, steps: int):
     """The participation schema of ``data_loader``'s fixed-size batches over ``steps`` steps
     (module docstring); ValueError for a sampler whose repetitions are unknown."""
@@ -130,8 +150,10 @@ def participation_of(data_loader: DataLoader, steps: int):
 
     per_epoch, sampler = len(data_loader), data_loader.sampler
     n = len(data_loader.dataset)  # type: ignore[arg-type]
-    if type(sampler) is SequentialSampler:
+    if type(sampler) is SequentialSampler and index_stable(data_loader.dataset):
         return mf.Participation("every_epoch", steps_per_epoch=per_epoch)
+    if type(sampler) is SequentialSampler:  # fixed indices, but the dataset may reorder records
+        return mf.Participation("shuffled", steps_per_epoch=per_epoch)
     if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples <= n:
         return mf.Participation("shuffled", steps_per_epoch=per_epoch)
     raise ValueError(
