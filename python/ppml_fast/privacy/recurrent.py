@@ -76,7 +76,13 @@ def _foreign_weights(mod: nn.Module) -> Optional[str]:
     names = set(getattr(mod, "_flat_weights_names", ()))
     params = {n for n, p in mod._parameters.items() if p is not None}
     if params == names:
-        return None
+        # a subclass property (or attribute) shadowing a weight's name: the calls read it
+        shadowed = sorted(n for n in names if getattr(mod, n, None) is not mod._parameters[n])
+        if not shadowed:
+            return None
+        return (f"its weights {shadowed[:4]} read by name are not its parameters of that name (a "
+                "property or attribute of the class shadows them): ppml_fast's recurrent layers "
+                "compute with the parameters themselves")
     return (f"its parameters {sorted(params ^ names)[:4]} are not the layer's own weights "
             f"({sorted(names)[:2]}, ...) (torch.nn.utils.weight_norm or another hook rebuilding a "
             "weight from other parameters?): ppml_fast's recurrent layers compute with the "

@@ -860,3 +860,21 @@ def test_linear_class_patched(monkeypatch):
                         if hasattr(self, "extra") else orig(self, x))
     check_case(Case(name="linear_patched", build=_seeded(PatchedLinearNet),
                     inputs=(scaled(_x(), 2, 1e3),), target=_y(), adversarial=(2,)))
+
+
+def test_lstm_subclass_shadowing_a_weight_refused():
+    """An LSTM subclass (stock forward) whose property shadows weight_hh_l0 with a tensor computed
+    from the parameter: the recorded calls read the property, so the parameter itself got a zero
+    gradient before review A16 (trained by noise alone). Refused."""
+
+    class Shadowed(nn.LSTM):
+        @property
+        def weight_hh_l0(self):
+            p = self._parameters.get("weight_hh_l0")
+            if p is None:  # during __init__, before registration
+                raise AttributeError("weight_hh_l0")
+            return p * 2.0
+
+    torch.manual_seed(0)
+    with pytest.raises(PrivacyError, match="shadow"):
+        _private(nn.Sequential(Shadowed(D, HID, batch_first=True)).double())
