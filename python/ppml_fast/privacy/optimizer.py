@@ -191,11 +191,24 @@ class DPOptimizer(torch.optim.Optimizer):
     # GradScaler calls step(grad_scaler=...) instead of unscaling .grad (which is None here)
     _step_supports_amp_scaling = True
 
-    def __getstate__(self) -> dict:  # pickle / deepcopy: everything (Optimizer keeps 3 fields)
-        return self.__dict__.copy()
+    def __getstate__(self) -> dict:
+        """pickle / deepcopy / torch.save: everything (Optimizer keeps 3 fields) except what would
+        let a holder of the bytes regenerate released noise: an OS-drawn key is left out (the
+        copy is re-keyed from OS entropy) and correlated noise's kept vectors are dropped (the
+        copy starts a new segment, accounted on its own). A user seed travels: its noise is
+        reproducible by design."""
+        state = self.__dict__.copy()
+        if not state.get("_seed_given", True):
+            state["seed"] = None
+            c = state.get("correlated")
+            if c is not None:
+                state["correlated"] = c.resumed(c.state_dict(), like=[], seed=None, exact=False)
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if self.seed is None:
+            self.seed = noise_keys.os_key()
         self._optimizer_hooks()
 
     # -- the torch.optim.Optimizer surface ------------------------------------------------------
