@@ -93,7 +93,7 @@ class Group:
             self._factors = factors
             self._sums = {}
             for role, s in self.stacked.items():
-                flat = s.reshape(s.shape[0], s.shape[1], -1)
+                flat = s.reshape(s.shape[0], s.shape[1], math.prod(s.shape[2:]))  # also B = 0
                 dt = self.dtypes[role]  # as per_sample.weighted_sum converts
                 if flat.dtype != dt and flat.dtype != torch.float64:
                     flat = flat.to(dt)
@@ -218,7 +218,8 @@ def _finish(items: list, b: int, stacked: dict[str, Tensor], dtype, norms: dict 
     ghost weight norms ``norms`` (L, B) with their error bounds ``bound``)."""
     L = len(items)
     # the rules' order (bias before a ghost weight): the float64 sum of the norms adds alike
-    norms = {**{r: _ps.sq_norms(s.view(L * b, -1), dtype).view(L, b) for r, s in stacked.items()},
+    norms = {**{r: _ps.sq_norms(s.reshape(L * b, math.prod(s.shape[2:])), dtype).view(L, b)
+                 for r, s in stacked.items()},  # (L, B, ...): also for B = 0
              **(norms or {})}
     group = Group(b, stacked, items[0][3], ghost)
     out = []
