@@ -60,10 +60,19 @@ def test_rows_repeated_as_records_are_refused():
     assert opt.steps == steps
 
 
-def test_records_from_another_loader_are_refused():
-    _, model, opt, _ = _setup()
+def test_records_from_another_loader_warn_then_are_refused_once_the_loader_was_used():
+    _, model, opt, dl = _setup()
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     _backward(model, x, y)
+    with pytest.warns(UserWarning, match="nothing was drawn from the Poisson loader"):
+        opt.step()  # never drew from the loader: the epsilon's assumption is named
+    for xb, yb in dl:  # the loader is used from here on
+        opt.zero_grad()
+        _backward(model, xb, yb)
+        opt.step()
+        break
+    opt.zero_grad()
+    _backward(model, x, y)  # back to records of another loader
     with pytest.raises(PrivacyError, match="no sampled batch was drawn"):
         opt.step()
 

@@ -357,8 +357,8 @@ class DPOptimizer(torch.optim.Optimizer):
         """Refuses, before anything changes, a step holding more than one sampled batch."""
         batches = getattr(self, "_batches", None)
         if batches is not None:
-            pending = sum(b.size for b in self.module.recorder.batches if b.backpropagated)
-            batches.check(self._samples + pending, self.steps)
+            done = [b.size for b in self.module.recorder.batches if b.backpropagated]
+            batches.check(self._samples + sum(done), self.steps, forwards=len(done))
 
     # -- step -----------------------------------------------------------------------------------
     def _reduce(self, grads: list[torch.Tensor]) -> None:
