@@ -58,6 +58,20 @@ def _weight_bias(m: nn.Module, params: dict) -> tuple:
     return params.get("weight", m.weight), params.get("bias", m.bias)
 
 
+def _embedding_forward(m: nn.Embedding, x: torch.Tensor, p: dict) -> torch.Tensor:
+    """F.embedding as the module runs it, refusing (before the lookup) the options make_private
+    refuses when one was set afterwards: ``max_norm`` would renormalise the looked-up rows of the
+    weight in place (the weight would change on a refused step and tell which tokens the batch
+    held), ``sparse`` / ``scale_grad_by_freq`` change the gradient the rule computes."""
+    if m.max_norm is not None or m.sparse or m.scale_grad_by_freq:
+        raise UnsupportedModuleError(
+            f"{type(m).__name__}: max_norm={m.max_norm!r}, sparse={m.sparse!r}, "
+            f"scale_grad_by_freq={m.scale_grad_by_freq!r} were set after make_private; the DP "
+            "step supports max_norm=None, sparse=False, scale_grad_by_freq=False (nothing was "
+            "looked up or changed)")
+    return F.embedding(x, p.get("weight", m.weight), m.padding_idx, None, m.norm_type, False, False)
+
+
 # class -> its forward as a functional of (module, input, parameters): ``params`` maps roles to the
 # (detached) tensors to use instead of the module's own; a role not in it is read from the module.
 # The DP step calls these with detached trainable parameters, so that autograd does not compute
@@ -68,9 +82,7 @@ _FUNCTIONAL_FORWARDS: dict[type, Callable[[nn.Module, torch.Tensor, dict], torch
     nn.Conv1d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
     nn.Conv2d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
     nn.Conv3d: lambda m, x, p: m._conv_forward(x, *_weight_bias(m, p)),
-    nn.Embedding: lambda m, x, p: F.embedding(x, p.get("weight", m.weight), m.padding_idx,
-                                              m.max_norm, m.norm_type, m.scale_grad_by_freq,
-                                              m.sparse),
+    nn.Embedding: lambda m, x, p: _embedding_forward(m, x, p),
     nn.LayerNorm: lambda m, x, p: F.layer_norm(x, m.normalized_shape, *_weight_bias(m, p), m.eps),
     nn.GroupNorm: lambda m, x, p: F.group_norm(x, m.num_groups, *_weight_bias(m, p), m.eps),
 }

@@ -247,13 +247,7 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.emb(ids))).mean(1)[:, :K]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review A16, not fixed (module.py/layers.py embedding path, outside issue 16's hunks): "
-    "max_norm set on an embedding after make_private is refused at the step, but the captured "
-    "forward (F.embedding on the detached weight, which shares its storage) has already "
-    "renormalised in place the rows of the batch's token ids: the parameter is left changed "
-    "(invariant 6: no state half-changed) and tells which tokens the refused batch held. Fix: "
-    "refuse at the call (batch.refusal) and look up without max_norm"))
+# review A16: refused at the call, before the lookup (layers._embedding_forward)
 def test_max_norm_set_after_make_private_leaves_weight_unchanged():
     torch.manual_seed(0)
     model = TiedLM().double()
