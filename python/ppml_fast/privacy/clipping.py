@@ -21,6 +21,7 @@ from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, grouped, sum_dtype, tied, weighted_sum
 from ppml_fast.privacy.per_sample.linear import FLAGGED, LinearRule
+from ppml_fast.privacy.per_sample.workspace import Workspace
 from ppml_fast.privacy.profiling import phase
 
 
@@ -147,7 +148,8 @@ class ClippedSums:
         with phase("ppml::norms"):  # profile phases (benchmarks/profile_step.py)
             # a batch's plan is kept on it when the step raised below: _norms released the
             # captures of materialised calls, so the retry reuses their kept gradients
-            plans = [getattr(b, "plan", None) or self._norms(b, release=True) for b in batches]
+            with self.workspace.arena():  # the kept per-sample tensors: reused CPU memory
+                plans = [getattr(b, "plan", None) or self._norms(b, release=True) for b in batches]
         if nonfinite == "raise":
             for plan in plans:
                 if bool(torch.isfinite(plan["total"]).all()):
@@ -170,6 +172,14 @@ class ClippedSums:
             with phase("ppml::clipped_sums"):
                 self._accumulate(batch, plan, sums, max_grad_norm, clipping, gamma)
         return sums, seen
+
+    @property
+    def workspace(self) -> Workspace:
+        """The memory the DP step's per-sample tensors reuse between steps (per_sample.workspace)."""
+        ws = self.__dict__.get("_per_sample_workspace")
+        if ws is None:
+            ws = self.__dict__["_per_sample_workspace"] = Workspace()
+        return ws
 
     def _scale(self, batch: Batch) -> float:
         """What turns the captured gradients of the loss into per-sample gradients: the batch

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
-from ppml_fast.privacy.per_sample import bounds
+from ppml_fast.privacy.per_sample import bounds, workspace
 from ppml_fast.privacy.per_sample import linear as _lin
 from ppml_fast.privacy.per_sample import normalization as _norm
 
@@ -179,7 +179,7 @@ def _linear_group(items: list) -> list[tuple[dict, dict]]:
     stacked: dict[str, Tensor] = {}
     x0 = items[0][1]
     if "bias" in roles:
-        stacked["bias"] = x0.new_empty((L, b, p))
+        stacked["bias"] = workspace.empty((L, b, p), like=x0)
         for i, it in enumerate(items):
             torch.sum(it[2], 1, out=stacked["bias"][i])
     if "weight" not in roles:
@@ -260,7 +260,7 @@ def _layer_norm_group(items: list) -> list[tuple[dict, dict]]:
     L, b = len(items), shape[0]
     lead = tuple(range(1, len(shape) - len(ns)))  # positions between record and normalized dims
     x0 = items[0][1]
-    stacked = {r: x0.new_empty((L, b) + ns) for r in ("weight", "bias") if r in roles}
+    stacked = {r: workspace.empty((L, b) + ns, like=x0) for r in ("weight", "bias") if r in roles}
     for i, (_, x, g, _) in enumerate(items):
         if "weight" in roles:
             t = g * F.layer_norm(x, ns, None, None, eps)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
-from ppml_fast.privacy.per_sample import bounds
+from ppml_fast.privacy.per_sample import bounds, workspace
 
 # Ghost iff T (d + p) < KAPPA d p (see the module docstring for the fit).
 KAPPA = 0.35
@@ -196,7 +196,11 @@ class LinearRule:
     def _outer(self, x: Tensor, g: Tensor) -> Tensor:
         """Per-sample weight gradients in the weight's layout from (B, T, d), (B, T, p):
         ``g^T x`` (B, p, d), or ``x^T g`` (B, d, p) when transposed."""
-        return torch.bmm(x.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), x)
+        if self.transposed:
+            out = workspace.empty((x.shape[0], x.shape[-1], g.shape[-1]), like=x)
+            return torch.bmm(x.transpose(1, 2), g, out=out)
+        out = workspace.empty((x.shape[0], g.shape[-1], x.shape[-1]), like=x)
+        return torch.bmm(g.transpose(1, 2), x, out=out)
 
     def norms_sq(
         self, cap: _ps.Captured, grad_out: Tensor, *, mode: str | None = None
@@ -219,7 +223,7 @@ class LinearRule:
         if x.dim() == 2:
             x, g = x[:, None], g[:, None]
         if "bias" in params:
-            state["bias"] = g.sum(1)
+            state["bias"] = torch.sum(g, 1, out=workspace.empty((g.shape[0], g.shape[-1]), like=g))
             norms["bias"] = _ps.sq_norms(state["bias"], x.dtype)
         if "weight" in params:
             path = mode
