@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ppml_fast.accounting.errors import PrivacyError
-from ppml_fast.privacy import fallback
+from ppml_fast.privacy import fallback, vit_embeddings
 from ppml_fast.privacy.capture import Batch, Call, changed_in_place
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured, grouped, sum_dtype, tied, weighted_sum
@@ -270,6 +270,10 @@ class ClippedSums:
         if c.cap is not None:
             return self.rules[c.cap.op].per_sample(c.cap, c.grad)
         with self.recorder.paused():
+            with torch.enable_grad():  # the closed form's one-time check runs autograd
+                fast = vit_embeddings.per_sample(c.module, c.params, c.rerun, c.grad)
+            if fast is not None:
+                return fast
             return fallback.per_sample_grads(c.module, c.params, c.rerun, c.grad)
 
     def _accumulate(self, batch, plan, sums, max_grad_norm, clipping, gamma) -> None:
