@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 from typing import Iterator, Optional, Sequence
 
@@ -50,10 +51,15 @@ class _Buffer:
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
         self.tensor = torch.empty(numel, dtype=dtype)
+        # the storage's Python object too: a caller holding ``t.untyped_storage()`` of a slice
+        # holds that one object (it adds nothing to the use count; review S7)
+        self.storage = self.tensor.untyped_storage()
         self.idle_count = _use_count(self.tensor)
+        self.idle_refs = sys.getrefcount(self.storage)
 
     def idle(self) -> bool:
-        return self.idle_count is not None and _use_count(self.tensor) == self.idle_count
+        return (self.idle_count is not None and _use_count(self.tensor) == self.idle_count
+                and sys.getrefcount(self.storage) == self.idle_refs)
 
 
 class _Arena:
@@ -103,14 +109,24 @@ class Workspace:
         with self._lock:
             if self._open:  # another thread's step is between its arena's open and close
                 return None
+            if self.idle_count_missing():
+                return None  # no use count (another torch): never reused, nothing allocated
             self._open = True
-            for dt, need in self._need.items():
-                buf = self._buffers.get(dt)
-                if buf is None or not buf.idle() or buf.tensor.numel() < need:
-                    # in use (a view is alive) or too small: a new one; the old one lives on
-                    # as long as its views do
-                    self._buffers[dt] = _Buffer(need, dt)
-            return {dt: b for dt, b in self._buffers.items() if b.idle()}
+            try:
+                for dt, need in self._need.items():
+                    buf = self._buffers.get(dt)
+                    if buf is None or not buf.idle() or buf.tensor.numel() < need:
+                        # in use (a view is alive) or too small: a new one; the old one lives
+                        # on as long as its views do
+                        self._buffers[dt] = _Buffer(need, dt)
+                return {dt: b for dt, b in self._buffers.items() if b.idle()}
+            except BaseException:  # e.g. MemoryError: the next step may try again
+                self._open = False
+                raise
+
+    @staticmethod
+    def idle_count_missing() -> bool:
+        return getattr(torch._C, "_storage_Use_Count", None) is None
 
     @contextlib.contextmanager
     def arena(self) -> Iterator[None]:
