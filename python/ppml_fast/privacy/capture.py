@@ -76,7 +76,10 @@ def call_tensors(call: Call) -> list[torch.Tensor]:
 
 def stamp(call: Call) -> None:
     """Records the version counters of what ``call`` ran on (see :func:`changed_in_place`)."""
-    call.versions = tuple(t._version for t in call_tensors(call))
+    if call.cap is not None:  # call_tensors(call), without building the list (every rule call)
+        call.versions = (call.cap.activation._version,)
+    else:
+        call.versions = tuple(t._version for t in call_tensors(call))
 
 
 def changed_in_place(call: Call) -> bool:
@@ -127,8 +130,9 @@ class Recorder:
         of records (``head(h - h.mean(0))``, ``head(h.roll(1, 0))`` moved the clipped sum by up
         to 1.93 C). Calls rerun by autograd during backward (activation checkpointing) are the
         forward's own calls recomputed and are allowed."""
-        in_backward = getattr(torch._C, "_current_graph_task_id", lambda: 0)() != -1
-        if batch is None or self.inside or in_backward or batch.refusal:
+        if batch is None or self.inside or batch.refusal:  # inside: every call of a forward
+            return
+        if getattr(torch._C, "_current_graph_task_id", lambda: 0)() != -1:  # in backward
             return
         batch.refusal = (
             f"{type(call.module).__name__}: called outside the forward of the private model "
@@ -206,12 +210,14 @@ class Recorder:
 
         return sink
 
-    def tap(self, output: torch.Tensor, call: Call) -> torch.Tensor:
-        """Connects ``output`` to the graph if needed and records its gradient into ``call``."""
+    def tap(self, output: torch.Tensor, call: Call, batch: Optional[Batch] = None) -> torch.Tensor:
+        """Connects ``output`` to the graph if needed and records its gradient into ``call``.
+        ``batch``: the current batch (``_current()``) when the caller has just read it."""
         stamp(call)
-        self.check_inside(call, self._current())
+        self.check_inside(call, self._current() if batch is None else batch)
         if not output.requires_grad:
-            output = output + self._anchor.to(output.dtype)
+            anchor = self._anchor
+            output = output + (anchor if anchor.dtype == output.dtype else anchor.to(output.dtype))
 
         def sink(grad: torch.Tensor) -> None:
             if call.seq_first:

@@ -55,7 +55,9 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
 
 def _weight_bias(m: nn.Module, params: dict) -> tuple:
-    return params.get("weight", m.weight), params.get("bias", m.bias)
+    # not params.get("weight", m.weight): that reads m.weight (Module.__getattr__) on every call
+    return (params["weight"] if "weight" in params else m.weight,
+            params["bias"] if "bias" in params else m.bias)
 
 
 def _embedding_forward(m: nn.Embedding, x: torch.Tensor, p: dict) -> torch.Tensor:

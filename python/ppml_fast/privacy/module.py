@@ -27,7 +27,8 @@ from ppml_fast.privacy import attention, records, recurrent
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
-from ppml_fast.privacy.ownership import ParameterWatch, inner_aliases, is_container, owned_parameters
+from ppml_fast.privacy.ownership import (ParameterWatch, assigned_names, inner_aliases, is_container,
+                                         model_tensors, moved_names, owned_parameters)
 from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
@@ -62,6 +63,8 @@ def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
     """``mod``'s own parameters (with those of its ParameterDict / ParameterList children,
     :func:`~ppml_fast.privacy.ownership.owned_parameters`) that require a gradient now (role ->
     parameter)."""
+    if not mod._modules:  # no ParameterDict / ParameterList child: its own parameters only
+        return {role: p for role, p in mod._parameters.items() if p is not None and p.requires_grad}
     return {role: p for role, p in owned_parameters(mod).items() if p.requires_grad}
 
 
@@ -160,15 +163,19 @@ class PrivateModule(ClippedSums, nn.Module):
         sequence = key in _SEQUENCE_OPS or key == "embedding"
         rec = self.recorder
 
-        def make(mod: nn.Module, inputs: tuple) -> Call:
+        def make(mod: nn.Module, inputs: tuple, params=None, batch=None) -> Call:
+            """The record of a call on ``inputs``; ``params`` (``trainable(mod)``) and ``batch``
+            (``rec._current()``) when the caller has just read them."""
             x = inputs[0]
             if activation_of is not None:
                 x = activation_of(mod, x)
             seq_first = sequence and not rec.batch_first and x.dim() >= seq_rank
             if seq_first:
                 x = x.movedim(1, 0)
-            params = trainable(mod)
-            batch = rec._current()
+            if params is None:
+                params = trainable(mod)
+            if batch is None:
+                batch = rec._current()
             if params and batch is not None and (x.dim() == 0 or x.shape[0] != batch.size):
                 batch.refusal = batch.refusal or (
                     f"{self._name(mod)}: its input has {x.shape[0] if x.dim() else 'no'} rows "
@@ -211,11 +218,18 @@ class PrivateModule(ClippedSums, nn.Module):
 
         def dp_forward(m, *args, **kwargs):
             batch = rec._current()
-            if batch is None or m is not mod or any(not isinstance(p, nn.Parameter)
-                                                    for p in m._parameters.values() if p is not None):
-                # not captured, a deep copy of the module (not recorded), or
-                # torch.func.functional_call swapped the parameters in
+            if batch is None or m is not mod:  # not captured, or a deep copy (not recorded)
                 return type(m).forward(m, *args, **kwargs)
+            params = {}  # trainable(m), read at every call: a layer may be frozen or unfrozen
+            for r, p in m._parameters.items():
+                if p is not None:
+                    if not isinstance(p, nn.Parameter):
+                        # torch.func.functional_call swapped the parameters in
+                        return type(m).forward(m, *args, **kwargs)
+                    if p.requires_grad:
+                        params[r] = p
+            if m._modules:  # with those of its ParameterDict / ParameterList children
+                params = trainable(m)
             if len(args) == 1 and not kwargs:
                 x = args[0]
             elif not args and list(kwargs) == [input_name]:
@@ -225,14 +239,14 @@ class PrivateModule(ClippedSums, nn.Module):
                     f"{type(m).__name__}.forward takes one argument, {input_name!r}; got "
                     f"{len(args)} positional and keyword {sorted(kwargs)} (ppml_fast records "
                     "the call of the stock forward)")
-            if broadcast and trainable(m):
-                x = self._broadcast(x, batch)
-            call = make(m, (x,))
-            if not call.params:
+            if not params:
                 return type(m).forward(m, x)  # frozen now: nothing to record
-            out = functional(m, x, {r: p.detach() for r, p in call.params.items()})
+            if broadcast:
+                x = self._broadcast(x, batch)
+            call = make(m, (x,), params, batch)
+            out = functional(m, x, {r: p.detach() for r, p in params.items()})
             batch.calls.append(call)
-            return rec.tap(out, call)
+            return rec.tap(out, call, batch)
 
         self._set_forward(mod, dp_forward)
 
@@ -345,15 +359,22 @@ class PrivateModule(ClippedSums, nn.Module):
         if batch is None:
             return self._module(*args, **kwargs)
         # buffers and parameters (frozen ones too): a write by the forward is state computed from
-        # the batch (writes through .data bypass version counters: the probe compares values)
-        buffers = [(n, b, b._version) for n, b in
-                   list(self._module.named_buffers()) + list(self._module.named_parameters())]
+        # the batch (writes through .data bypass version counters: the probe compares values).
+        # Walked at every forward (model_tensors: nothing cached, so nothing goes stale)
+        watch, found = self.parameter_watch, model_tensors(self._module)
+        if found is None:  # a class overrides named_buffers() / named_parameters() / ...
+            found = ([b for _, b in self._module.named_buffers()],
+                     [p for _, p in self._module.named_parameters()])
+        else:  # hooks the parameters trainable now, in place of the root's pre-hook
+            watch.refresh(found[1], for_call=True)
+        versions = [t._version for t in found[0]], [t._version for t in found[1]]
         rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
         try:
             out = self._module(*args, **kwargs)
         finally:
             rec.inside -= 1
-        moved = [n for n, b, v in buffers if b._version != v]
+            watch.primed = False
+        moved = moved_names(self._module, found, versions) + assigned_names(self._module, found)
         if moved:  # state computed from the batch would leave the step without noise
             batch.refusal = batch.refusal or (
                 f"buffer(s) or parameter(s) {moved[:5]} of the model were updated during a private "
