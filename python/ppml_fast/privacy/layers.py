@@ -137,7 +137,10 @@ def _match(module: nn.Module):
     cls = type(module)
     for base in cls.__mro__:
         if base in _RULE_MODULES or base in _FUNCTIONAL_FORWARDS:
-            if cls.forward is not base.forward:
+            # the stock forward of a convolution calls _conv_forward: a subclass overriding it
+            # (weight scaling, ...) computes something else (review S7)
+            if cls.forward is not base.forward or (
+                    hasattr(base, "_conv_forward") and cls._conv_forward is not base._conv_forward):
                 return None, None
             return _RULE_MODULES.get(base), _FUNCTIONAL_FORWARDS.get(base)
         lazy = _LAZY_MODULES.get((base.__module__, base.__qualname__))

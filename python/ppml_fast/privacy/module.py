@@ -28,7 +28,7 @@ from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
 from ppml_fast.privacy.ownership import (ParameterWatch, assigned_names, inner_aliases, is_container,
-                                         model_tensors, moved_names, owned_parameters)
+                                         model_tensors, moved_names, owned_parameters, slots, stamps)
 from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
@@ -367,14 +367,17 @@ class PrivateModule(ClippedSums, nn.Module):
                      [p for _, p in self._module.named_parameters()])
         else:  # hooks the parameters trainable now, in place of the root's pre-hook
             watch.refresh(found[1], for_call=True)
-        versions = [t._version for t in found[0]], [t._version for t in found[1]]
+        versions, bound = (stamps(found[0]), stamps(found[1])), slots(self._module)
         rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
         try:
             out = self._module(*args, **kwargs)
         finally:
             rec.inside -= 1
             watch.primed = False
-        moved = moved_names(self._module, found, versions) + assigned_names(self._module, found)
+        moved = moved_names(self._module, found, versions) + assigned_names(self._module, bound)
+        # parameters made trainable during the call (in the forward, or in a __call__ override
+        # that runs before the root's pre-hook): hooked now, their use in backward is watched
+        watch.refresh()
         if moved:  # state computed from the batch would leave the step without noise
             batch.refusal = batch.refusal or (
                 f"buffer(s) or parameter(s) {moved[:5]} of the model were updated during a private "

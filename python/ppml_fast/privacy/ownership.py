@@ -85,30 +85,65 @@ def model_tensors(root: nn.Module) -> Optional[tuple[list[torch.Tensor], list[to
                 mods.append(c)
     buffers: list = []
     params: list = []
-    for m in mods:
+    for m in mods:  # .items(), as named_buffers() and state_dict() read them (review S7)
         if m._buffers:
-            buffers.extend(m._buffers.values())
+            buffers.extend(v for _, v in m._buffers.items())
         if m._parameters:
-            params.extend(m._parameters.values())
+            params.extend(v for _, v in m._parameters.items())
     # without the registered Nones (bias=False registers bias None)
     return [b for b in buffers if b is not None], [p for p in params if p is not None]
 
 
-def assigned_names(root: nn.Module, found: tuple) -> list[str]:
-    """The names of the buffers and parameters ``root`` holds now that were not among ``found``
-    (what it held before the forward): a tensor assigned or registered during the forward (e.g.
-    ``self.stash = x[0].clone()`` on a registered buffer) is state computed from the batch just as
-    an in-place write is, and the version counters of the old tensors do not see it (review of
-    issue 16's forward walk). One more walk of the model (~20-40 us on BERT)."""
-    now = model_tensors(root)
-    if now is None:
-        now = ([b for _, b in root.named_buffers()], [p for _, p in root.named_parameters()])
-    before = {id(t) for ts in found for t in ts}
-    new = {id(t) for ts in now for t in ts if id(t) not in before}
-    if not new:
+def slots(root: nn.Module) -> list:
+    """What each module of ``root`` binds under each buffer and parameter name: one entry per
+    module, ``(module, its (name, tensor or None) buffer items, its parameter items)``, holding
+    the tensors themselves (not ids, which a freed tensor's successor may reuse). Two of these
+    differ when a slot was added, removed, set to None or rebound, also to a tensor the model
+    already held (two buffers swapped): :func:`assigned_names` (review S7)."""
+    out, seen, todo = [], {id(root)}, [root]
+    for m in todo:
+        out.append((m, tuple(m._buffers.items()), tuple(m._parameters.items())))
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                todo.append(c)
+    return out
+
+
+def stamps(tensors: list) -> list:
+    """(version, data pointer, shape) of each tensor: an in-place write moves the version;
+    ``.data = other`` and ``torch.utils.swap_tensors`` (which may keep the version) move the
+    storage. Writes through ``.data`` or numpy into the same storage are not seen here (only the
+    records probe, which compares values, sees them)."""
+    return [(t._version, t.data_ptr(), t.shape) for t in tensors]
+
+
+def assigned_names(root: nn.Module, before: list) -> list[str]:
+    """The qualified names of the buffer and parameter slots that differ between ``before`` and
+    ``slots(root)`` now: a tensor assigned, registered, deleted or swapped in during the forward
+    (e.g. ``self.stash = x[0].clone()`` on a registered buffer, or two buffers swapped on a
+    condition of the data) is state computed from the batch just as an in-place write is, and the
+    old tensors' version counters do not see it (review S7). One more walk (~20-40 us on BERT)."""
+    now = slots(root)
+    if len(now) == len(before) and all(
+            a[0] is b[0] and _same(a[1], b[1]) and _same(a[2], b[2]) for a, b in zip(now, before)):
         return []
-    return [f"{n} (assigned)" for named in (root.named_buffers, root.named_parameters)
-            for n, t in named() if id(t) in new]
+    names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    old = {id(m): (m, bufs, params) for m, bufs, params in before}
+    out = []
+    for m, bufs, params in now:
+        prev = old.pop(id(m), None)
+        prefix = names.get(id(m), "?")
+        prefix = f"{prefix}." if prefix else ""
+        for k, (items, was) in enumerate(((bufs, prev[1] if prev else ()), (params, prev[2] if prev else ()))):
+            a, b = dict(items), dict(was)
+            out += [f"{prefix}{n} (assigned)" for n in sorted(set(a) | set(b)) if a.get(n, 0) is not b.get(n, 0)]
+    out += [f"{len(old)} module(s) removed (assigned)"] if old else []
+    return out or ["a buffer or parameter slot (assigned)"]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))
 
 
 def moved_names(root: nn.Module, found: tuple, versions: tuple) -> list[str]:
@@ -116,9 +151,10 @@ def moved_names(root: nn.Module, found: tuple, versions: tuple) -> list[str]:
     tensors of ``found`` (buffers, parameters) whose version counter moved from ``versions``."""
     out: list[str] = []
     for ts, vs, named in zip(found, versions, (root.named_buffers, root.named_parameters)):
-        if [t._version for t in ts] == vs:  # nothing moved (every forward but a refused one)
+        now = stamps(ts)
+        if now == vs:  # nothing moved (every forward but a refused one)
             continue
-        ids = {id(t) for t, v in zip(ts, vs) if t._version != v}
+        ids = {id(t) for t, v, w in zip(ts, vs, now) if v != w}
         if ids:
             listed = [(n, id(t)) for n, t in named() if id(t) in ids]
             out += [n for n, _ in listed]
