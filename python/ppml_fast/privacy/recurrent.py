@@ -1,20 +1,23 @@
 """``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` under DP, without replacing the module: while a batch is
-captured, the module's forward runs layer by layer as :class:`~ppml_fast.privacy.per_sample
-.recurrent.Layer` (the native op forward, backpropagation through time written out), whose
-backward gives each layer and direction's gate gradients. Each weight matrix is then one
-``F.linear``-shaped call (activation (B, T, .), output gradient (B, T, .)) recorded for the linear
-rule: ghost norms or materialised per-sample gradients, book-keeping sums, the rounding bounds
-and flagged records of :mod:`ppml_fast.privacy.per_sample.linear`; the maths is in
-:mod:`ppml_fast.privacy.per_sample.recurrent`. The module, its parameters and state_dict stay the
-user's.
+captured, the module's forward runs layer by layer as an autograd function (the native op forward,
+backpropagation through time written out) whose backward hands out each layer and direction's
+gate gradients. The module, its parameters and state_dict stay the user's.
 
-Per layer l and direction k (``_reverse`` suffix) the calls are:
+Calls recorded per layer l and direction k (``_reverse`` suffix), :data:`FAST` (the default):
 
-- ``weight_ih_l{l}`` / ``bias_ih_l{l}``: activation the layer's input ``x`` (the previous layer's
-  output after dropout), output gradient ``delta`` (the gates' pre-activation gradients);
-- ``weight_hh_l{l}`` / ``bias_hh_l{l}``: activation the states the steps start from ``h_{t-1}``
-  (``h_0`` first), output gradient ``delta'`` (``delta``; for the GRU its n block times ``r``);
-- ``weight_hr_l{l}`` (LSTM ``proj_size``): activation ``o * tanh(c)``, output gradient ``dL/dh``.
+- one ``"recurrent"`` call (:mod:`ppml_fast.privacy.recurrent_rule`, layer
+  :mod:`ppml_fast.privacy.recurrent_layer`) for ``weight_ih_l{l}``, ``weight_hh_l{l}``,
+  ``bias_ih_l{l}``, ``bias_hh_l{l}``: activation ``[x | h_{t-1}]`` (the layer's input after dropout,
+  and the states the steps start from, ``h_0`` first), output gradient the gates' pre-activation
+  gradients, both views of the layer's time-major buffers;
+- ``weight_hr_l{l}`` (LSTM ``proj_size``): a linear call, activation ``o * tanh(c)``, output
+  gradient ``dL/dh``.
+
+With ``FAST = False`` (the path before issue 16's item; kept for A/B runs and as a cross-check in
+tests/privacy/test_recurrent_fused.py), each weight matrix is its own ``F.linear``-shaped call
+for the linear rule (:mod:`ppml_fast.privacy.per_sample.recurrent`): ``weight_ih`` with activation
+``x`` and output gradient ``delta``, ``weight_hh`` with ``h_{t-1}`` and ``delta'`` (for the GRU
+its n block times ``r``), ``weight_hr`` as above.
 
 All options: ``num_layers``, ``bidirectional``, ``batch_first`` both ways (the module's own flag
 says where its batch is; make_private's ``batch_first`` says where the model's inputs hold their
@@ -35,13 +38,8 @@ tensor fed to a ``batch_first=False`` module makes the time steps the module's b
 the size check when T != B and by the records probe (:mod:`ppml_fast.privacy.records`: the
 recurrence then mixes records into every row) when T == B.
 
-Speed (``bench/bench_recurrent.py``: Embedding(1000, 64) -> LSTM(64, 64) -> Linear, 32 steps,
-batch 16, one thread, thread CPU time, median of 30 interleaved rounds; a 2-core host shared with
-~9 other jobs, load ~10, so noisy): the LSTM layer forward + backward 1.43x the native one (which
-also forms the summed weight gradients), against 1.83x for the identity trick (native op on
-``U = X W_ih^T + b_ih`` with ``W_ih = I``: a (4H x 4H) input matmul forward and backward) and
-2.96x for the cells unrolled under autograd; the whole DP step 2.4-2.6x a non-private one (its
-norms, sums and noise included; issue 16's target is 1.5x: not met on this CPU).
+Speed: see :mod:`ppml_fast.privacy.recurrent_layer` (issue 16's measurements, and why the 1.5x
+target is out of reach of a Python loop over the steps).
 """
 
 from __future__ import annotations
@@ -56,9 +54,15 @@ from torch.nn.utils.rnn import PackedSequence
 from ppml_fast.privacy.capture import Call, stamp
 from ppml_fast.privacy.layers import UnsupportedModuleError
 from ppml_fast.privacy.per_sample import Captured
+from ppml_fast.privacy import recurrent_layer as _fused
 from ppml_fast.privacy.per_sample.recurrent import Direction, Grads, Layer, batch_first
+from ppml_fast.privacy.recurrent_rule import OP, RecurrentRule
 
 _CLASSES = (nn.LSTM, nn.GRU, nn.RNN)
+
+# Module switch (A/B and tests): True records one "recurrent" call per layer and direction
+# (recurrent_rule, recurrent_layer); False one linear call per weight matrix (the path before).
+FAST = True
 
 
 def handles(mod: nn.Module) -> bool:
@@ -104,11 +108,6 @@ def _param(m: nn.Module, role: str, layer: int, k: int):
     return getattr(m, f"{role}_l{layer}{'_reverse' if k else ''}", None)
 
 
-def _zeros_state(m: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
-    dirs = 2 if m.bidirectional else 1
-    return x.new_zeros(m.num_layers * dirs, x.shape[1], size)
-
-
 def install(private, mod: nn.Module) -> None:
     """Replaces ``mod.forward`` (an nn.LSTM / GRU / RNN, :func:`handles`) by the recorded
     computation while ``private`` (a PrivateModule) captures a batch; the class's forward
@@ -132,90 +131,129 @@ def install(private, mod: nn.Module) -> None:
                 f"{private._name(m)}: PackedSequence inputs are not supported by ppml_fast's "
                 "recurrent layers; pass the padded tensor (and mask the padded steps out of the "
                 "loss, e.g. read each record's output at its last real step)")
+        if FAST and OP not in private.rules:  # the fused calls' rule, in the rules' mode
+            private.rules[OP] = RecurrentRule(getattr(private.rules.get("linear"), "mode", "auto"))
         return _run(private, m, batch, input, hx)
 
     private._set_forward(mod, dp_forward)
 
 
 def _run(private, m: nn.Module, batch, input: torch.Tensor, hx):
-    rec = private.recorder
     lstm = isinstance(m, nn.LSTM)
     if input.dim() not in (2, 3):
         raise ValueError(f"{type(m).__name__}: expected input to be 2-D or 3-D; got {input.dim()}-D")
+    bf = m.batch_first
     unbatched = input.dim() == 2
     if unbatched:  # one sequence: a batch of one, as torch does
-        input = input.unsqueeze(1 if not m.batch_first else 0)
+        input = input.unsqueeze(1 if not bf else 0)
         if hx is not None:
             hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
     if hx is None:  # torch's own shape checks
         m.check_input(input, None)
     else:
         m.check_forward_args(input, hx, None)
-    x = input.transpose(0, 1).contiguous() if m.batch_first else input  # time-major (T, B, d)
-    first = input.detach() if m.batch_first and input.is_contiguous() else None
+    rows = input.shape[0 if bf else 1]
     hout = m.proj_size if lstm and m.proj_size > 0 else m.hidden_size
+    dirs_n = 2 if m.bidirectional else 1
     if hx is None:
-        h0 = _zeros_state(m, x, hout)
-        c0 = _zeros_state(m, x, m.hidden_size) if lstm else None
+        h0 = input.new_zeros(m.num_layers * dirs_n, rows, hout)
+        c0 = input.new_zeros(m.num_layers * dirs_n, rows, m.hidden_size) if lstm else None
     else:
         h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
-    if x.shape[1] != batch.size:
+    if rows != batch.size:
         batch.refusal = batch.refusal or (
-            f"{private._name(m)}: its batch dimension ({'0' if m.batch_first else '1'}, "
-            f"batch_first={m.batch_first}) has {x.shape[1]} rows in a forward of {batch.size} "
+            f"{private._name(m)}: its batch dimension ({'0' if bf else '1'}, "
+            f"batch_first={bf}) has {rows} rows in a forward of {batch.size} "
             "records: per-sample clipping needs one row per record (batch-first data into a "
             "batch_first=False module, or the reverse?)")
-    kind = m.mode
-    dirs_n = 2 if m.bidirectional else 1
+    x = input
     hns, cns = [], []
     for layer in range(m.num_layers):
-        dirs, calls = [], []
+        dirs = []
         for k in range(dirs_n):
-            get = lambda role: _param(m, role, layer, k)  # noqa: E731
-            dirs.append(Direction(*(None if get(r) is None else get(r).detach()
+            dirs.append(Direction(*(None if (p := _param(m, r, layer, k)) is None else p.detach()
                                     for r in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))))
-            calls.append({part: {role: p for role in (f"weight_{part}", f"bias_{part}")
-                                 if (p := get(role)) is not None and p.requires_grad}
-                          for part in ("ih", "hh", "hr")})
         sl = slice(layer * dirs_n, (layer + 1) * dirs_n)
-        recorded: list[dict] = [{} for _ in range(dirs_n)]
-
-        def sink(k: int, g: Grads, recorded=recorded) -> None:
-            for part, grad in (("ih", g.delta_x), ("hh", g.delta_h), ("hr", g.dh)):
-                call = recorded[k].get(part)
-                if call is not None and grad is not None:
-                    call.grad = grad if call.grad is None else call.grad + grad
-
-        saved: list = []
-        out, hn, cn = Layer.apply(x, h0[sl], None if c0 is None else c0[sl], kind, dirs, sink, saved,
-                                  rec._anchor)
-        for k, s in enumerate(saved):
-            acts = {"ih": s.x, "hh": s.h_prev, "hr": s.m}
-            for part, params in calls[k].items():
-                if not params:
-                    continue
-                if part == "ih" and k == 0 and layer == 0 and first is not None:
-                    act = first  # the input itself (batch first)
-                else:
-                    act = batch_first(acts[part].detach())
-                cap = Captured("linear", act, {("weight" if r.startswith("weight") else "bias"): p
-                                               for r, p in params.items()}, {})
-                call = Call(m, dict(cap.params), cap=cap)
-                stamp(call)
-                rec.check_inside(call, batch)
-                batch.calls.append(call)
-                recorded[k][part] = call
+        args = (private, m, batch, x, layer, dirs, h0[sl], None if c0 is None else c0[sl])
+        out, hn, cn = _layer_fused(*args) if FAST else _layer_linear(*args)
         hns.append(hn)
         if lstm:
             cns.append(cn)
         x = out
         if m.dropout > 0 and m.training and layer < m.num_layers - 1:
             x = F.dropout(out, m.dropout, training=True)  # per element: per record
-    output = x.transpose(0, 1) if m.batch_first else x
     h_n = torch.cat(hns, 0)
     c_n = torch.cat(cns, 0) if lstm else None
     if unbatched:
-        output = output.squeeze(1 if not m.batch_first else 0)
+        x = x.squeeze(1 if not bf else 0)
         h_n = h_n.squeeze(1)
         c_n = c_n.squeeze(1) if lstm else None
-    return (output, (h_n, c_n)) if lstm else (output, h_n)
+    return (x, (h_n, c_n)) if lstm else (x, h_n)
+
+
+def _record(private, m, batch, cap: Captured) -> Call:
+    call = Call(m, dict(cap.params), cap=cap)
+    stamp(call)
+    private.recorder.check_inside(call, batch)
+    batch.calls.append(call)
+    return call
+
+
+def _trainable(m, layer: int, k: int, roles) -> dict:
+    return {r: p for r in roles if (p := _param(m, r, layer, k)) is not None and p.requires_grad}
+
+
+def _layer_fused(private, m, batch, x, layer, dirs, h0, c0):
+    """One layer through :class:`recurrent_layer.Layer` (``x`` in the module's layout): per
+    direction a "recurrent" call (and a linear one for ``weight_hr``)."""
+    recorded: list[dict] = [{} for _ in dirs]
+
+    def sink(k: int, g: _fused.Grads) -> None:
+        for part, grad in ((OP, g.g), ("hr", g.dh)):
+            call = recorded[k].get(part)
+            if call is not None and grad is not None:
+                grad = grad.transpose(0, 1) if part == OP else batch_first(grad)  # a view / a copy
+                call.grad = grad if call.grad is None else call.grad + grad
+
+    saved: list = []
+    out, hn, cn = _fused.Layer.apply(x, h0, c0, m.mode, dirs, sink, saved, private.recorder._anchor,
+                                     m.batch_first)
+    for k, s in enumerate(saved):
+        gates = _trainable(m, layer, k, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        if gates:
+            blocks = _fused.blocks(m.mode, s.d, s.act.shape[-1] - s.d, m.hidden_size, m.bias)
+            recorded[k][OP] = _record(private, m, batch, Captured(
+                OP, s.act.transpose(0, 1), gates, {"blocks": blocks}))
+        proj = _trainable(m, layer, k, ("weight_hr",))
+        if proj:
+            recorded[k]["hr"] = _record(private, m, batch, Captured(
+                "linear", batch_first(s.m), {"weight": proj["weight_hr"]}, {}))
+    return out, hn, cn
+
+
+def _layer_linear(private, m, batch, x, layer, dirs, h0, c0):
+    """One layer through :class:`per_sample.recurrent.Layer` (time-major inside): one linear
+    call per weight matrix (``FAST = False``)."""
+    bf = m.batch_first
+    xt = x.transpose(0, 1).contiguous() if bf else x  # time-major (T, B, d)
+    first = x.detach() if layer == 0 and bf and x.is_contiguous() else None
+    recorded: list[dict] = [{} for _ in dirs]
+
+    def sink(k: int, g: Grads) -> None:
+        for part, grad in (("ih", g.delta_x), ("hh", g.delta_h), ("hr", g.dh)):
+            call = recorded[k].get(part)
+            if call is not None and grad is not None:
+                call.grad = grad if call.grad is None else call.grad + grad
+
+    saved: list = []
+    out, hn, cn = Layer.apply(xt, h0, c0, m.mode, dirs, sink, saved, private.recorder._anchor)
+    for k, s in enumerate(saved):
+        acts = {"ih": s.x, "hh": s.h_prev, "hr": s.m}
+        for part in ("ih", "hh", "hr"):
+            params = _trainable(m, layer, k, (f"weight_{part}", f"bias_{part}"))
+            if not params:
+                continue
+            act = first if part == "ih" and k == 0 and first is not None else batch_first(acts[part].detach())
+            recorded[k][part] = _record(private, m, batch, Captured(
+                "linear", act, {r.split("_")[0]: p for r, p in params.items()}, {}))
+    return (out.transpose(0, 1) if bf else out), hn, cn

@@ -42,7 +42,29 @@ def _step(model, x, batch_first=True):
     return private
 
 
-def test_calls_recorded_per_weight_matrix():
+def test_calls_recorded_per_layer_and_direction():
+    """One "recurrent" call per layer and direction (input and hidden weights and biases, rows
+    the records) and a linear call per projection (recurrent_rule, recurrent_layer)."""
+    torch.manual_seed(0)
+    model = Head(nn.LSTM(D, H, num_layers=2, bidirectional=True, batch_first=True, proj_size=2), 4)
+    private = PrivateModule(model)
+    private(torch.randn(B, T, D))
+    calls = [c for c in private.recorder.batches[-1].calls if isinstance(c.module, nn.LSTM)]
+    # 2 layers x 2 directions x (recurrent, hr)
+    assert len(calls) == 8
+    assert sorted(c.cap.op for c in calls) == ["linear"] * 4 + ["recurrent"] * 4
+    assert all(c.cap.activation.shape[0] == B for c in calls)
+    named = {id(p): n for n, p in model.named_parameters()}
+    recorded = sorted(named[id(p)] for c in calls for p in c.params.values())
+    assert recorded == sorted(n for n in named.values() if n.startswith("rnn."))
+    assert "recurrent" in private.rules
+
+
+def test_calls_recorded_per_weight_matrix_old_path(monkeypatch):
+    """recurrent.FAST = False (the A/B switch): one linear call per weight matrix, as before."""
+    from ppml_fast.privacy import recurrent
+
+    monkeypatch.setattr(recurrent, "FAST", False)
     torch.manual_seed(0)
     model = Head(nn.LSTM(D, H, num_layers=2, bidirectional=True, batch_first=True, proj_size=2), 4)
     private = PrivateModule(model)

@@ -1,6 +1,9 @@
 """One layer of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (both directions) as an autograd function
 whose backward hands the DP step the gate gradients, so that the layer's weight gradients become
 linear-rule calls (ghost norms and book-keeping, :mod:`ppml_fast.privacy.per_sample.linear`).
+The engine's path only with ``ppml_fast.privacy.recurrent.FAST = False`` (A/B runs, tests): by
+default one call per layer and direction goes through :mod:`ppml_fast.privacy.recurrent_layer`
+and :mod:`ppml_fast.privacy.recurrent_rule`; :class:`Direction` serves both.
 
 Why this is exact. Per direction, with gate pre-activations ``a_t = W_ih x_t + b_ih + W_hh
 h_{t-1} + b_hh`` (LSTM, RNN; the GRU's n gate differs, below), the layer's parameters enter only
