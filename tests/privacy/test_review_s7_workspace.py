@@ -42,6 +42,12 @@ from ppml_fast.privacy import BatchMemoryManager, NonFiniteGradientError, Privac
 from ppml_fast.privacy.per_sample import linear as lin
 from ppml_fast.privacy.per_sample import workspace as ws_mod
 from ppml_fast.privacy.per_sample.workspace import Workspace
+
+
+@pytest.fixture(autouse=True)
+def _workspaces_on(monkeypatch):
+    """The workspace is off by default (its docstring); these tests are about it: on."""
+    monkeypatch.setattr(Workspace, "enabled", True)
 from tests.privacy.sensitivity._harness import Case, check_sum, rtol
 
 _TAKE, _RESERVE = ws_mod._Arena.take, ws_mod.Workspace._reserve

@@ -17,6 +17,12 @@ from ppml_fast.privacy.per_sample import workspace as ws_mod
 from ppml_fast.privacy.per_sample.workspace import Workspace
 
 
+@pytest.fixture(autouse=True)
+def _workspaces_on(monkeypatch):
+    """The workspace is off by default (its docstring); these tests are about it: on."""
+    monkeypatch.setattr(Workspace, "enabled", True)
+
+
 def _span(t):
     start = t.data_ptr()
     return start, start + t.numel() * t.element_size()
@@ -178,3 +184,23 @@ def test_a_kept_plan_after_a_nonfinite_refusal_is_not_overwritten(monkeypatch):
     assert len(kept) == len(now)
     for a, b in zip(kept, now):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_off_by_default_and_on_per_model(monkeypatch):
+    """Off by default (it holds memory between steps, across the next forward's activations);
+    ``model.workspace.enabled = True`` opts one model in, and copies keep the choice."""
+    monkeypatch.setattr(Workspace, "enabled", False)  # the library's default
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    held = []
+    for opt_in in (False, True):
+        model, opt = _private()
+        if opt_in:
+            model.workspace.enabled = True
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        held.append(model.workspace.nbytes)
+        assert copy.deepcopy(model.workspace).enabled is opt_in
+        assert pickle.loads(pickle.dumps(model.workspace)).enabled is opt_in
+    assert held[0] == 0 and held[1] > 0

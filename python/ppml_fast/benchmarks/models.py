@@ -96,7 +96,9 @@ def make_step(engine: str, spec: ModelSpec, size: dict, inputs: dict, target: to
                 module=net, optimizer=opt, data_loader=_loader(b), noise_multiplier=NOISE,
                 max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False, grad_sample_mode="ghost",
                 noise_seed=0)
-            return _step(model, dp, forward_loss, inputs, target)
+            fn = _step(model, dp, forward_loss, inputs, target)
+            fn.held_bytes = lambda: model.workspace.nbytes  # reused between steps: counted
+            return fn
         from opacus import PrivacyEngine as OpacusEngine
 
         mode = engine.split("_", 1)[1]
@@ -137,7 +139,14 @@ def _reason(e: BaseException) -> str:
 
 # -- memory ------------------------------------------------------------------------------------
 def step_peak_mb(step: Callable[[], None], device: str = "cpu") -> float:
-    """Peak MiB of the tensors a step allocates that are alive at once (module docstring)."""
+    """Peak MiB of the tensors a step allocates that are alive at once (module docstring), plus
+    what the step holds between steps to reuse (``step.held_bytes()``: ppml_fast's per-sample
+    workspace, allocated by an earlier step and used by this one instead of fresh memory)."""
+    held = getattr(step, "held_bytes", None)
+    return _peak_mb(step, device) + (held() / 2**20 if held is not None else 0.0)
+
+
+def _peak_mb(step: Callable[[], None], device: str) -> float:
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -281,8 +290,9 @@ def format_models_table(rows: list[Row], meta: Optional[dict] = None) -> str:
     lines.append("time: median ms of the non-private step; the others: their median / its median "
                  "(engines interleaved step by step). peak mem: the most bytes of tensors allocated "
                  "during one step alive at once (torch.profiler memory events; CUDA: "
-                 "max_memory_allocated less memory_allocated before the step), the others as "
-                 "a ratio to non-private's.")
+                 "max_memory_allocated less memory_allocated before the step), plus ppml_fast's "
+                 "per-sample workspace held between steps; the others as a ratio to "
+                 "non-private's.")
     for r in rows:
         if r["refused"] is not None:
             lines.append(f"refused: {ENGINE_NAMES[str(r['engine'])]} at {r['model']}: {r['refused']}")
