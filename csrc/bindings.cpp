@@ -13,6 +13,7 @@
 
 #include "include/ppml/kernels.h"
 #include "include/ppml/noise.h"
+#include "include/ppml/recurrent.h"
 #include "include/ppml/secagg.h"
 #include "cpu/target.h"
 
@@ -174,6 +175,67 @@ void secagg_mask(int device, intptr_t stream, uintptr_t x, int64_t n, uintptr_t 
   }
 }
 
+// The LSTM's sequential loops (include/ppml/recurrent.h), CPU, float32 / float64. Shapes and
+// contiguity are checked in Python (privacy/recurrent_native.py); these guard the kernel's own
+// memory safety.
+DType lstm_dtype(int tag) {
+  DType t = as_dtype(tag);
+  if (t != DType::kFloat32 && t != DType::kFloat64)
+    throw std::invalid_argument("the LSTM loops take float32 or float64 (dtype tag 0 or 1)");
+  return t;
+}
+
+void check_lstm_sizes(int64_t steps, int64_t batch, int64_t hidden) {
+  if (steps < 0 || batch < 0 || hidden < 0)
+    throw std::invalid_argument("steps, batch and hidden must be >= 0");
+}
+
+void lstm_cells(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr_t ig, uintptr_t f,
+                int64_t f_row, uintptr_t c0, uintptr_t c) {
+  LstmCellsProblem p;
+  p.dtype = lstm_dtype(dtype);
+  check_lstm_sizes(steps, batch, hidden);
+  if (f_row < hidden) throw std::invalid_argument("f_row must be >= hidden");
+  if (steps * batch * hidden > 0 && (ig == 0 || f == 0 || c0 == 0 || c == 0))
+    throw std::invalid_argument("ig, f, c0 and c must not be null");
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.ig = reinterpret_cast<const void*>(ig);
+  p.f = reinterpret_cast<const void*>(f);
+  p.f_row = f_row;
+  p.c0 = reinterpret_cast<const void*>(c0);
+  p.c = reinterpret_cast<void*>(c);
+  py::gil_scoped_release release;
+  cpu::lstm_cells(p);
+}
+
+void lstm_bptt(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr_t gh, uintptr_t p4,
+               uintptr_t po, uintptr_t dc_dm, uintptr_t w_hh, uintptr_t gcn, uintptr_t buf,
+               uintptr_t dh0, uintptr_t dc0) {
+  LstmBpttProblem p;
+  p.dtype = lstm_dtype(dtype);
+  check_lstm_sizes(steps, batch, hidden);
+  if (batch * hidden > 0 && (dh0 == 0 || dc0 == 0 || w_hh == 0))
+    throw std::invalid_argument("dh0, dc0 and w_hh must not be null");
+  if (steps * batch * hidden > 0 && (gh == 0 || p4 == 0 || po == 0 || dc_dm == 0 || buf == 0))
+    throw std::invalid_argument("gh, p4, po, dc_dm and buf must not be null");
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.gh = reinterpret_cast<const void*>(gh);
+  p.p4 = reinterpret_cast<const void*>(p4);
+  p.po = reinterpret_cast<const void*>(po);
+  p.dc_dm = reinterpret_cast<const void*>(dc_dm);
+  p.w_hh = reinterpret_cast<const void*>(w_hh);
+  p.gcn = reinterpret_cast<const void*>(gcn);
+  p.buf = reinterpret_cast<void*>(buf);
+  p.dh0 = reinterpret_cast<void*>(dh0);
+  p.dc0 = reinterpret_cast<void*>(dc0);
+  py::gil_scoped_release release;
+  cpu::lstm_bptt(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -208,6 +270,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numels"), py::arg("dtypes"), py::arg("stddev"), py::arg("denominator"),
         py::arg("divide"), py::arg("secure"), py::arg("seed"), py::arg("offset"),
         py::arg("key_words"), py::arg("num_threads"), py::arg("name") = "tensors");
+  m.def("lstm_cells", &lstm_cells, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
+        py::arg("hidden"), py::arg("ig"), py::arg("f"), py::arg("f_row"), py::arg("c0"), py::arg("c"),
+        "LSTM cell states c_t = ig_t + f_t c_{t-1} (CPU, float32/float64, raw buffers)");
+  m.def("lstm_bptt", &lstm_bptt, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
+        py::arg("hidden"), py::arg("gh"), py::arg("p4"), py::arg("po"), py::arg("dc_dm"),
+        py::arg("w_hh"), py::arg("gcn"), py::arg("buf"), py::arg("dh0"), py::arg("dc0"),
+        "Backpropagation through time of one LSTM direction writing its gate gradients (CPU)");
   m.def("secagg_mask", &secagg_mask, py::arg("device"), py::arg("stream"), py::arg("x"),
         py::arg("n"), py::arg("seeds"), py::arg("signs"), py::arg("num_seeds"),
         py::arg("num_threads"));

@@ -66,6 +66,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ppml_fast.privacy import recurrent_native
 from ppml_fast.privacy.per_sample.recurrent import Direction
 from ppml_fast.privacy.recurrent_rule import Block
 
@@ -210,9 +211,12 @@ def _recompute(kind: str, s: Saved, h: Tensor, c0: Optional[Tensor], d: Directio
     c_all = ig.new_empty((steps + 1,) + tuple(ig.shape[1:]))  # [c_0, c_1, ..., c_T]
     c_all[0] = c0
     c, c_prev = c_all[1:], c_all[:-1]
-    prev = c0
-    for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), c.unbind(0)):  # c_t = f_t c_{t-1} + i_t g_t
-        prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
+    if recurrent_native.usable(ig, f, c0):  # the loop in the C++ core
+        recurrent_native.cells(ig, f, c0, c)
+    else:
+        prev = c0
+        for ig_t, f_t, c_t in zip(ig.unbind(0), f.unbind(0), c.unbind(0)):  # c_t = f_t c_{t-1} + i_t g_t
+            prev = torch.addcmul(ig_t, f_t, prev, out=c_t)
     tc = _sig2(c, torch.empty_like(c))
     # dL/dc_t times these: [its part of dL/dc_{t-1}, delta_i, delta_f, delta_g]  (T, B, 4, H);
     # sigmoid' = s - s^2 and tanh' = 1 - t^2 as fused multiply-adds, written in place
@@ -268,6 +272,9 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
     p4, po, dc_dm = s.coef
     hs = po.shape[-1]
     proj = d.w_hr
+    if proj is None and recurrent_native.usable(gh, p4, po, dc_dm, w_hh, gcn):  # the C++ loop
+        buf, dh0, dc0 = recurrent_native.bptt(gh, p4, po, dc_dm, w_hh, gcn)
+        return buf.view(steps, batch, 5 * hs)[:, :, hs:], None, dh0, dc0
     # per step (B, 5, H): [dL/dc_t f_t (carried to t-1), delta_i, delta_f, delta_g, delta_o]; the
     # last four, viewed as (B, 4H) with row stride 5H, are delta_t for the recurrent matmul
     buf = gh.new_empty(steps, batch, 5, hs)

@@ -1,0 +1,74 @@
+"""The LSTM's two sequential loops in the C++ core (``csrc/cpu/lstm_bptt.cpp``): the cell states
+of the DP forward's recomputation and backpropagation through time writing every step's gate
+gradients (:mod:`ppml_fast.privacy.recurrent_layer`, which keeps the torch loops for the cases
+these do not take: CUDA tensors, 16-bit dtypes, a projected LSTM, ``ENABLED = False``).
+
+Same formulas as the torch loops, step for step (the kernel's header comment); the rounding
+differs only in the order of the recurrent product's sum (over k in order, against the BLAS's
+blocking), as between any two BLAS builds. The per-sample norms and the clipped sums read the same
+gate gradients, whichever loop wrote them, so a record's clipped contribution has the norm the
+factor was computed from (privacy does not rest on these values being the torch loop's bits).
+
+Measured (issue 16, 2-core AMD EPYC, torch 2.13, the models bench's LSTM, B 16, T 32, H 64):
+see bench/RESULTS.md ("LSTM loops in C++").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ppml_fast.ops._native import DTYPE_TAGS, _C
+
+# Kill switch (and the A/B's toggle): False runs the torch loops.
+ENABLED = True
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the kernels take these tensors: on, all on the CPU, one dtype (float32/64)."""
+    if not ENABLED or not hasattr(_C, "lstm_bptt"):
+        return False
+    first = tensors[0]
+    return first.dtype in _DTYPES and all(
+        t is None or (t.device.type == "cpu" and t.dtype == first.dtype) for t in tensors)
+
+
+def cells(ig: Tensor, f: Tensor, c0: Tensor, c: Tensor) -> None:
+    """``c[t] = ig[t] + f[t] * c[t-1]`` (``c[-1]`` = ``c0``) into ``c`` (T, B, H), contiguous;
+    ``ig`` (T, B, H) contiguous, ``f`` (T, B, H) with unit stride in H and rows of one stride
+    (the forget gate's slice of the (T, B, 4H) gates), ``c0`` (B, H)."""
+    steps, batch, hidden = c.shape
+    c0 = c0.contiguous()
+    if not (ig.is_contiguous() and c.is_contiguous() and f.stride(2) == 1
+            and f.stride(0) == batch * f.stride(1)):
+        raise ValueError("recurrent_native.cells: layouts not as documented")
+    _C.lstm_cells(DTYPE_TAGS[c.dtype], steps, batch, hidden, ig.data_ptr(), f.data_ptr(),
+                  f.stride(1), c0.data_ptr(), c.data_ptr())
+
+
+def bptt(gh: Tensor, p4: Tensor, po: Tensor, dc_dm: Tensor, w_hh: Tensor,
+         gcn: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction's backpropagation through time (no projection): ``(buf (T, B, 5, H),
+    dL/dh_0 (B, H), dL/dc_0 (B, H))``, ``buf[:, :, 1:]`` the gate gradients (``recurrent_layer``'s
+    layout). ``gh`` (T, B, H) dL/dh_t from above (h_n's gradient already added to the last
+    step), ``p4`` (T, B, 4, H), ``po`` and ``dc_dm`` (T, B, H), ``w_hh`` (4H, H), ``gcn`` (B, H)
+    or None."""
+    steps, batch, hidden = gh.shape
+    gh, p4, po, dc_dm, w_hh = (t.contiguous() for t in (gh, p4, po, dc_dm, w_hh))
+    if gcn is not None:
+        gcn = gcn.contiguous()
+    if (tuple(p4.shape) != (steps, batch, 4, hidden) or tuple(po.shape) != (steps, batch, hidden)
+            or tuple(dc_dm.shape) != (steps, batch, hidden) or tuple(w_hh.shape) != (4 * hidden, hidden)
+            or (gcn is not None and tuple(gcn.shape) != (batch, hidden))):
+        raise ValueError("recurrent_native.bptt: shapes not as documented")
+    buf = gh.new_empty(steps, batch, 5, hidden)
+    dh0 = gh.new_empty(batch, hidden)
+    dc0 = gh.new_empty(batch, hidden)
+    _C.lstm_bptt(DTYPE_TAGS[gh.dtype], steps, batch, hidden, gh.data_ptr(), p4.data_ptr(),
+                 po.data_ptr(), dc_dm.data_ptr(), w_hh.data_ptr(),
+                 0 if gcn is None else gcn.data_ptr(), buf.data_ptr(), dh0.data_ptr(), dc0.data_ptr())
+    return buf, dh0, dc0
