@@ -210,6 +210,32 @@ void lstm_cells(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr
   cpu::lstm_cells(p);
 }
 
+void lstm_forward(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr_t pre,
+                  uintptr_t w_hh_t, uintptr_t h0, uintptr_t c0, uintptr_t h, uintptr_t c,
+                  uintptr_t p4, uintptr_t po, uintptr_t dc_dm) {
+  LstmForwardProblem p;
+  p.dtype = lstm_dtype(dtype);
+  check_lstm_sizes(steps, batch, hidden);
+  if (steps * batch * hidden > 0 &&
+      (pre == 0 || w_hh_t == 0 || h0 == 0 || c0 == 0 || h == 0 || c == 0 || p4 == 0 || po == 0 ||
+       dc_dm == 0))
+    throw std::invalid_argument("pre, w_hh_t, h0, c0, h, c, p4, po and dc_dm must not be null");
+  p.steps = steps;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.pre = reinterpret_cast<void*>(pre);
+  p.w_hh_t = reinterpret_cast<const void*>(w_hh_t);
+  p.h0 = reinterpret_cast<const void*>(h0);
+  p.c0 = reinterpret_cast<const void*>(c0);
+  p.h = reinterpret_cast<void*>(h);
+  p.c = reinterpret_cast<void*>(c);
+  p.p4 = reinterpret_cast<void*>(p4);
+  p.po = reinterpret_cast<void*>(po);
+  p.dc_dm = reinterpret_cast<void*>(dc_dm);
+  py::gil_scoped_release release;
+  cpu::lstm_forward(p);
+}
+
 void lstm_bptt(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr_t gh, uintptr_t p4,
                uintptr_t po, uintptr_t dc_dm, uintptr_t w_hh, uintptr_t gcn, uintptr_t buf,
                uintptr_t dh0, uintptr_t dc0) {
@@ -273,6 +299,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("lstm_cells", &lstm_cells, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
         py::arg("hidden"), py::arg("ig"), py::arg("f"), py::arg("f_row"), py::arg("c0"), py::arg("c"),
         "LSTM cell states c_t = ig_t + f_t c_{t-1} (CPU, float32/float64, raw buffers)");
+  m.def("lstm_forward", &lstm_forward, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
+        py::arg("hidden"), py::arg("pre"), py::arg("w_hh_t"), py::arg("h0"), py::arg("c0"),
+        py::arg("h"), py::arg("c"), py::arg("p4"), py::arg("po"), py::arg("dc_dm"),
+        "Forward of one LSTM direction keeping its backward's factors (CPU)");
   m.def("lstm_bptt", &lstm_bptt, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
         py::arg("hidden"), py::arg("gh"), py::arg("p4"), py::arg("po"), py::arg("dc_dm"),
         py::arg("w_hh"), py::arg("gcn"), py::arg("buf"), py::arg("dh0"), py::arg("dc0"),

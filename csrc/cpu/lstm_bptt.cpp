@@ -11,6 +11,7 @@
 //   buf[t, :, 4] = dh_t * po_t                             (delta_o)
 // then dL/dh_0 = delta_0 W_hh and dL/dc_0 = carry_0. Sums run over k in order (deterministic);
 // no FMA contraction (the whole build): each product is rounded, then added.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -31,14 +32,108 @@ PPML_ALWAYS_INLINE void rows_times(F* __restrict out, const F* __restrict init,
     if (init != nullptr) {
       std::memcpy(o, init + b * H, sizeof(F) * static_cast<size_t>(H));
     } else {
+      #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) o[j] = F(0);
     }
     const F* __restrict db = d + b * ld;
     for (int64_t k = 0; k < K; ++k) {
       const F dk = db[k];
       const F* __restrict wk = w + k * H;
+      #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) o[j] += dk * wk[j];
     }
+  }
+}
+
+
+// exp(x) for float32 in plain arithmetic that the compiler vectorises (no libm call in the loop):
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial of e^r
+// (truncation < 2^-24 relative there) and 2^n from the exponent bits; x clamped to
+// [-87, 88] (the results stay normal). Relative error a few ulp, against libm's 1.
+PPML_ALWAYS_INLINE float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float e = 1.0f / 720;
+  e = e * r + 1.0f / 120;
+  e = e * r + 1.0f / 24;
+  e = e * r + 1.0f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+PPML_ALWAYS_INLINE double exp_poly(double x) { return std::exp(x); }
+
+template <typename F>
+PPML_ALWAYS_INLINE F sigmoid(F x) { return F(1) / (F(1) + exp_poly(-x)); }
+template <typename F>
+PPML_ALWAYS_INLINE F tanh_s(F x) { return F(2) / (F(1) + exp_poly(F(-2) * x)) - F(1); }
+
+template <typename F>
+PPML_ALWAYS_INLINE void forward_body(const LstmForwardProblem& p) {
+  const int64_t T = p.steps, B = p.batch, H = p.hidden, H4 = 4 * H;
+  F* pre = static_cast<F*>(p.pre);
+  const F* wt = static_cast<const F*>(p.w_hh_t);
+  F* h = static_cast<F*>(p.h);
+  F* c = static_cast<F*>(p.c);
+  F* p4 = static_cast<F*>(p.p4);
+  F* po = static_cast<F*>(p.po);
+  F* dc_dm = static_cast<F*>(p.dc_dm);
+  const F* h_prev = static_cast<const F*>(p.h0);
+  const F* c_prev = static_cast<const F*>(p.c0);
+  for (int64_t t = 0; t < T; ++t) {
+    F* pt = pre + t * B * H4;
+    for (int64_t b = 0; b < B; ++b) {  // pre_t += h_{t-1} W_hh^T, summed over k in order
+      F* __restrict o = pt + b * H4;
+      const F* __restrict hb = h_prev + b * H;
+      for (int64_t k = 0; k < H; ++k) {
+        const F hk = hb[k];
+        const F* __restrict wk = wt + k * H4;
+        #pragma GCC ivdep
+        for (int64_t n = 0; n < H4; ++n) o[n] += hk * wk[n];
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      F* __restrict a = pt + b * H4;
+      // activations in place: i, f, o sigmoid; g tanh
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) a[2 * H + j] = F(2) * a[2 * H + j];  // tanh(g) = 2 sigmoid(2g) - 1
+      #pragma GCC ivdep
+      for (int64_t n = 0; n < H4; ++n) a[n] = sigmoid<F>(a[n]);
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) a[2 * H + j] = F(2) * a[2 * H + j] - F(1);
+      const F* __restrict cp = c_prev + b * H;
+      F* __restrict cb = c + row * H;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) cb[j] = a[j] * a[2 * H + j] + a[H + j] * cp[j];
+      F* __restrict hb = h + row * H;
+      F* __restrict q = p4 + row * 4 * H;
+      F* __restrict pob = po + row * H;
+      F* __restrict mb = dc_dm + row * H;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < H; ++j) {
+        const F i = a[j], f = a[H + j], g = a[2 * H + j], og = a[3 * H + j];
+        const F tc = tanh_s<F>(cb[j]);
+        const F m = og * tc;
+        const F ig = i * g;
+        const F cf = cp[j] * f;
+        hb[j] = m;
+        q[j] = f;
+        q[H + j] = ig - ig * i;
+        q[2 * H + j] = cf - cf * f;
+        q[3 * H + j] = i - ig * g;
+        pob[j] = m - m * og;
+        mb[j] = og - m * tc;
+      }
+    }
+    h_prev = h + t * B * H;
+    c_prev = c + t * B * H;
   }
 }
 
@@ -72,6 +167,7 @@ PPML_ALWAYS_INLINE void bptt_body(const LstmBpttProblem& p) {
       const F* ob = po + (t * B + b) * H;
       F* out = bt + b * H5;
       const F* cb = carry != nullptr ? carry + b * carry_ld : nullptr;
+      #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) {
         const F prod = dhb[j] * mb[j];
         const F dc = cb != nullptr ? cb[j] + prod : prod;
@@ -111,12 +207,16 @@ PPML_ALWAYS_INLINE void cells_body(const LstmCellsProblem& p) {
       const F* fb = f + (t * B + b) * p.f_row;
       const F* pb = prev + b * H;
       F* out = ct + b * H;
+      #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) out[j] = igb[j] + fb[j] * pb[j];
     }
     prev = ct;
   }
 }
 
+void forward_portable(const LstmForwardProblem& p) {
+  if (p.dtype == DType::kFloat64) forward_body<double>(p); else forward_body<float>(p);
+}
 void bptt_portable(const LstmBpttProblem& p) {
   if (p.dtype == DType::kFloat64) bptt_body<double>(p); else bptt_body<float>(p);
 }
@@ -124,7 +224,10 @@ void cells_portable(const LstmCellsProblem& p) {
   if (p.dtype == DType::kFloat64) cells_body<double>(p); else cells_body<float>(p);
 }
 #if PPML_HAVE_AVX2_TARGET
-PPML_TARGET_AVX2 void bptt_avx2(const LstmBpttProblem& p) {
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void forward_avx2(const LstmForwardProblem& p) {
+  if (p.dtype == DType::kFloat64) forward_body<double>(p); else forward_body<float>(p);
+}
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void bptt_avx2(const LstmBpttProblem& p) {
   if (p.dtype == DType::kFloat64) bptt_body<double>(p); else bptt_body<float>(p);
 }
 PPML_TARGET_AVX2 void cells_avx2(const LstmCellsProblem& p) {
@@ -132,7 +235,10 @@ PPML_TARGET_AVX2 void cells_avx2(const LstmCellsProblem& p) {
 }
 #endif
 #if PPML_HAVE_AVX512_TARGET
-PPML_TARGET_AVX512 void bptt_avx512(const LstmBpttProblem& p) {
+__attribute__((target(PPML_AVX512_ISA ",fma"), optimize("fp-contract=fast"))) void forward_avx512(const LstmForwardProblem& p) {
+  if (p.dtype == DType::kFloat64) forward_body<double>(p); else forward_body<float>(p);
+}
+__attribute__((target(PPML_AVX512_ISA ",fma"), optimize("fp-contract=fast"))) void bptt_avx512(const LstmBpttProblem& p) {
   if (p.dtype == DType::kFloat64) bptt_body<double>(p); else bptt_body<float>(p);
 }
 PPML_TARGET_AVX512 void cells_avx512(const LstmCellsProblem& p) {
@@ -151,6 +257,18 @@ void lstm_bptt(const LstmBpttProblem& p) {
     case Isa::kAvx2: return bptt_avx2(p);
 #endif
     default: return bptt_portable(p);
+  }
+}
+
+void lstm_forward(const LstmForwardProblem& p) {
+  switch (isa_limit()) {
+#if PPML_HAVE_AVX512_TARGET
+    case Isa::kAvx512: return forward_avx512(p);
+#endif
+#if PPML_HAVE_AVX2_TARGET
+    case Isa::kAvx2: return forward_avx2(p);
+#endif
+    default: return forward_portable(p);
   }
 }
 

@@ -138,3 +138,76 @@ def test_dp_step_same_with_and_without_native_loops(monkeypatch, bidirectional, 
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_native_lstm(dtype, tol, bias):
+    """recurrent_native.forward's h and c equal torch's own LSTM (the float32 exp is a few ulp
+    from libm's), and its factors equal those the torch path recomputes from them."""
+    g = torch.Generator().manual_seed(4)
+    T, B, d, H = 9, 3, 5, 7
+    x = torch.randn(T, B, d, generator=g, dtype=dtype)
+    w_ih = torch.randn(4 * H, d, generator=g, dtype=dtype) * 0.5
+    w_hh = torch.randn(4 * H, H, generator=g, dtype=dtype) * 0.5
+    b_ih = torch.randn(4 * H, generator=g, dtype=dtype) * 0.5 if bias else None
+    b_hh = torch.randn(4 * H, generator=g, dtype=dtype) * 0.5 if bias else None
+    h0 = torch.randn(B, H, generator=g, dtype=dtype)
+    c0 = torch.randn(B, H, generator=g, dtype=dtype)
+    h, c, (p4, po, dc_dm) = RN.forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if bias else [])
+    out, hn, cn = torch._VF.lstm(x, (h0[None], c0[None]), weights, bias, 1, 0.0, False, False, False)
+    torch.testing.assert_close(h, out, rtol=tol, atol=tol)
+    torch.testing.assert_close(c[-1], cn[0], rtol=tol, atol=tol)
+    # the factors, from the definitions (recurrent_layer._recompute)
+    pre = x.reshape(T * B, d) @ w_ih.t()
+    pre = pre.view(T, B, 4 * H)
+    hp = torch.cat([h0[None], h[:-1]])
+    pre = pre + hp @ w_hh.t() + ((b_ih + b_hh) if bias else 0)
+    i, f, gg, o = pre.sigmoid()[..., :H], pre.sigmoid()[..., H:2 * H], pre[..., 2 * H:3 * H].tanh(), pre.sigmoid()[..., 3 * H:]
+    cp = torch.cat([c0[None], c[:-1]])
+    tc = c.tanh()
+    ref = torch.stack([f, gg * i * (1 - i), cp * f * (1 - f), i * (1 - gg * gg)], 2)
+    torch.testing.assert_close(p4, ref, rtol=10 * tol, atol=10 * tol)
+    torch.testing.assert_close(po, tc * o * (1 - o), rtol=10 * tol, atol=10 * tol)
+    torch.testing.assert_close(dc_dm, o * (1 - tc * tc), rtol=10 * tol, atol=10 * tol)
+
+
+def test_forward_saturated_gates_stay_finite():
+    """Large pre-activations (the float32 exp clamped) give gates of exactly 0 / 1 limits, no
+    inf or nan."""
+    T, B, d, H = 3, 2, 2, 3
+    x = torch.full((T, B, d), 1e4)
+    w = torch.ones(4 * H, d)
+    out = RN.forward(x, w, torch.zeros(4 * H, H), None, None, torch.zeros(B, H), torch.zeros(B, H))
+    for t in (out[0], out[1], *out[2]):
+        assert torch.isfinite(t).all()
+    assert (out[0] - torch.tanh(out[1])).abs().max() < 1e-6  # o = 1: h = tanh(c)
+
+
+def test_layer_forward_same_with_and_without_native_forward(monkeypatch):
+    """The private LSTM's outputs (2 layers, bidirectional, batch first) with the C++ forward
+    equal those of torch's op (float64)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ppml_fast.privacy import PrivacyEngine
+
+    outs = []
+    for fwd in (False, True):
+        monkeypatch.setattr(RN, "FORWARD", fwd)
+        torch.manual_seed(0)
+        lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+        x = torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private, dp, _ = PrivacyEngine().make_private(
+                module=lstm, optimizer=torch.optim.SGD(lstm.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x), batch_size=5), noise_multiplier=0.0,
+                max_grad_norm=1.0, poisson_sampling=False)
+        out, (hn, cn) = private(x)
+        outs.append((out.detach(), hn.detach(), cn.detach()))
+        assert out.shape == (5, 6, 8) and hn.shape == cn.shape == (4, 5, 4)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)

@@ -34,7 +34,24 @@ struct LstmBpttProblem {
   void* dc0 = nullptr;          // (B, H) out: dL/dc_0
 };
 
+// The forward of one LSTM direction (no projection) keeping what its backward needs.
+struct LstmForwardProblem {
+  DType dtype = DType::kFloat32;
+  int64_t steps = 0, batch = 0, hidden = 0;
+  void* pre = nullptr;          // (T, B, 4H) in: x_t W_ih^T + b_ih + b_hh, gates [i, f, g, o];
+                                // overwritten (the recurrent term added)
+  const void* w_hh_t = nullptr; // (H, 4H): W_hh transposed
+  const void* h0 = nullptr;     // (B, H)
+  const void* c0 = nullptr;     // (B, H)
+  void* h = nullptr;            // (T, B, H) out
+  void* c = nullptr;            // (T, B, H) out: c_1 .. c_T
+  void* p4 = nullptr;           // (T, B, 4, H) out: [f, g i (1 - i), c_{t-1} f (1 - f), i (1 - g^2)]
+  void* po = nullptr;           // (T, B, H) out: tanh(c) o (1 - o)
+  void* dc_dm = nullptr;        // (T, B, H) out: o (1 - tanh(c)^2)
+};
+
 namespace cpu {
+void lstm_forward(const LstmForwardProblem& p);
 void lstm_cells(const LstmCellsProblem& p);
 void lstm_bptt(const LstmBpttProblem& p);
 }  // namespace cpu

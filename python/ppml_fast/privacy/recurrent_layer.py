@@ -298,6 +298,42 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
     return delta, (dh_all if proj is not None else None), nxt @ w_hh, dc
 
 
+def _native_lstm(kind: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], dirs: list) -> bool:
+    """Whether the LSTM's forward runs in the C++ loop (recurrent_native): an unprojected LSTM
+    whose tensors the kernels take."""
+    return (recurrent_native.FORWARD and kind == "LSTM" and c0 is not None and all(d.w_hr is None for d in dirs)
+            and recurrent_native.usable(x, h0, c0, *(t for d in dirs for t in (
+                d.w_ih, d.w_hh, d.b_ih, d.b_hh))))
+
+
+def _forward_native(x: Tensor, h0: Tensor, c0: Tensor, dirs: list, batch_first: bool):
+    """The layer's forward through recurrent_native.forward, direction by direction (the
+    reverse one on the time-flipped input): (out in x's layout, h_n, c_n, [Saved])."""
+    xt = _time_major(x, batch_first)
+    steps, batch, din = xt.shape
+    hs = dirs[0].w_hh.shape[1]
+    out = x.new_empty((batch, steps, len(dirs) * hs) if batch_first else (steps, batch, len(dirs) * hs))
+    ot = _time_major(out, batch_first)
+    hn, cn, saves = [], [], []
+    for k, d in enumerate(dirs):
+        xd = xt if k == 0 else xt.flip(0)
+        h, c, coef = recurrent_native.forward(xd, d.w_ih, d.w_hh, d.b_ih, d.b_hh, h0[k], c0[k])
+        ot[..., k * hs:(k + 1) * hs] = h if k == 0 else h.flip(0)
+        if steps:
+            hn.append(h[-1])
+            cn.append(c[-1])
+        else:
+            hn.append(h0[k])
+            cn.append(c0[k])
+        s = Saved(xt.new_empty(steps, batch, din + hs), din, coef)
+        s.act[..., :din] = xd
+        s.act[1:, :, din:] = h[:-1]
+        if steps:
+            s.act[0, :, din:] = h0[k]
+        saves.append(s)
+    return out, torch.stack(hn, 0), torch.stack(cn, 0), saves
+
+
 def _time_major(t: Tensor, batch_first: bool) -> Tensor:
     return t.transpose(0, 1) if batch_first else t
 
@@ -315,17 +351,22 @@ class Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, kind: str, dirs: list, sink: Callable, saved_out: list,
                 anchor: Optional[Tensor] = None, batch_first: bool = False):
-        out, hn, cn = _native(kind, x, h0, c0, dirs, batch_first)
-        hout = hn.shape[-1]
-        xt, ot = _time_major(x, batch_first), _time_major(out, batch_first)
-        steps, batch, din = xt.shape
-        saves = []
-        for k, d in enumerate(dirs):
-            h = ot[..., k * hout:(k + 1) * hout]
-            s = Saved(xt.new_empty(steps, batch, din + hout), din, ())
-            _fill(s.act, xt, h, h0[k], din, k == 1)
-            _recompute(kind, s, h if k == 0 else h.flip(0), None if c0 is None else c0[k], d)
-            saves.append(s)
+        if _native_lstm(kind, x, h0, c0, dirs):
+            out, hn, cn, saves = _forward_native(x, h0, c0, dirs, batch_first)
+            hout = hn.shape[-1]
+            steps, batch, din = _time_major(x, batch_first).shape
+        else:
+            out, hn, cn = _native(kind, x, h0, c0, dirs, batch_first)
+            hout = hn.shape[-1]
+            xt, ot = _time_major(x, batch_first), _time_major(out, batch_first)
+            steps, batch, din = xt.shape
+            saves = []
+            for k, d in enumerate(dirs):
+                h = ot[..., k * hout:(k + 1) * hout]
+                s = Saved(xt.new_empty(steps, batch, din + hout), din, ())
+                _fill(s.act, xt, h, h0[k], din, k == 1)
+                _recompute(kind, s, h if k == 0 else h.flip(0), None if c0 is None else c0[k], d)
+                saves.append(s)
         saved_out.extend(saves)
         # the factors through save_for_backward: autograd frees them once this layer's backward
         # ran (ctx attributes would live as long as the graph, e.g. while the loss is held)

@@ -24,6 +24,9 @@ from ppml_fast.ops._native import DTYPE_TAGS, _C
 
 # Kill switch (and the A/B's toggle): False runs the torch loops.
 ENABLED = True
+# Whether the unprojected LSTM's forward runs here too (else: torch's native op, then the gates
+# recomputed by one matmul and the cell states by lstm_cells).
+FORWARD = True
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -72,3 +75,34 @@ def bptt(gh: Tensor, p4: Tensor, po: Tensor, dc_dm: Tensor, w_hh: Tensor,
                  po.data_ptr(), dc_dm.data_ptr(), w_hh.data_ptr(),
                  0 if gcn is None else gcn.data_ptr(), buf.data_ptr(), dh0.data_ptr(), dc0.data_ptr())
     return buf, dh0, dc0
+
+
+def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+            h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """One direction's forward (no projection) on ``x`` (T, B, d), time-major in the direction's
+    own order: ``(h (T, B, H), c (T, B, H), (p4, po, dc_dm))``, the factors of
+    ``recurrent_layer._backward``. The input projection of all steps is one torch matmul; the
+    recurrence, the gates (sigmoid and tanh from a vectorised float32 exp, a few ulp from
+    libm's) and the factors run in the C++ loop."""
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    if (tuple(w_hh.shape) != (4 * hidden, hidden) or w_ih.shape[0] != 4 * hidden
+            or tuple(h0.shape) != (batch, hidden) or tuple(c0.shape) != (batch, hidden)):
+        raise ValueError("recurrent_native.forward: shapes not as documented")
+    flat = x.reshape(steps * batch, x.shape[-1])
+    if b_ih is not None:
+        pre = torch.addmm(b_ih + b_hh, flat, w_ih.t())
+    else:
+        pre = flat @ w_ih.t()
+    pre = pre.contiguous()
+    w_t = w_hh.t().contiguous()
+    h0, c0 = h0.contiguous(), c0.contiguous()
+    h = x.new_empty(steps, batch, hidden)
+    c = x.new_empty(steps, batch, hidden)
+    p4 = x.new_empty(steps, batch, 4, hidden)
+    po = x.new_empty(steps, batch, hidden)
+    dc_dm = x.new_empty(steps, batch, hidden)
+    _C.lstm_forward(DTYPE_TAGS[x.dtype], steps, batch, hidden, pre.data_ptr(), w_t.data_ptr(),
+                    h0.data_ptr(), c0.data_ptr(), h.data_ptr(), c.data_ptr(), p4.data_ptr(),
+                    po.data_ptr(), dc_dm.data_ptr())
+    return h, c, (p4, po, dc_dm)
