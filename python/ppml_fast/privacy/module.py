@@ -28,7 +28,7 @@ from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
 from ppml_fast.privacy.ownership import (ParameterWatch, assigned_names, inner_aliases, is_container,
-                                         model_tensors, moved_names, owned_parameters, slots, stamps)
+                                         moved_names, owned_parameters, slots, stamps)
 from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
@@ -360,24 +360,30 @@ class PrivateModule(ClippedSums, nn.Module):
             return self._module(*args, **kwargs)
         # buffers and parameters (frozen ones too): a write by the forward is state computed from
         # the batch (writes through .data bypass version counters: the probe compares values).
-        # Walked at every forward (model_tensors: nothing cached, so nothing goes stale)
-        watch, found = self.parameter_watch, model_tensors(self._module)
-        if found is None:  # a class overrides named_buffers() / named_parameters() / ...
-            found = ([b for _, b in self._module.named_buffers()],
-                     [p for _, p in self._module.named_parameters()])
-        else:  # hooks the parameters trainable now, in place of the root's pre-hook
+        # One walk before the call (slots: every module's buffer and parameter slots and the
+        # tensors in them), one after; nothing cached, so nothing goes stale
+        root, watch = self._module, self.parameter_watch
+        bound = slots(root)
+        if bound.stock:  # hooks the parameters trainable now, in place of the root's pre-hook
+            found = (bound.buffers, bound.parameters)
             watch.refresh(found[1], for_call=True)
-        versions, bound = (stamps(found[0]), stamps(found[1])), slots(self._module)
+        else:  # a class overrides named_buffers() / named_parameters() / ...
+            found = ([b for _, b in root.named_buffers()], [p for _, p in root.named_parameters()])
+        versions = (stamps(found[0]), stamps(found[1]))
         rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
         try:
             out = self._module(*args, **kwargs)
         finally:
             rec.inside -= 1
             watch.primed = False
-        moved = moved_names(self._module, found, versions) + assigned_names(self._module, bound)
+        moved = moved_names(root, found, versions)
+        now = slots(root)
         # parameters made trainable during the call (in the forward, or in a __call__ override
-        # that runs before the root's pre-hook): hooked now, their use in backward is watched
-        watch.refresh()
+        # that runs before the root's pre-hook): hooked now, their use in backward is watched.
+        # now.parameters is what model_tensors(root) lists at this point (the same walk, just
+        # made), i.e. what refresh() would walk again
+        watch.refresh(now.parameters if now.stock else None)
+        moved += assigned_names(root, bound, now)
         if moved:  # state computed from the batch would leave the step without noise
             batch.refusal = batch.refusal or (
                 f"buffer(s) or parameter(s) {moved[:5]} of the model were updated during a private "
