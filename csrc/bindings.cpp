@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "include/ppml/kernels.h"
+#include "include/ppml/embedding.h"
 #include "include/ppml/noise.h"
 #include "include/ppml/recurrent.h"
 #include "include/ppml/secagg.h"
@@ -210,6 +211,29 @@ void lstm_cells(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr
   cpu::lstm_cells(p);
 }
 
+void embedding_norms(int dtype, int64_t batch, int64_t seq, int64_t dim, uintptr_t idx, uintptr_t g,
+                     int64_t pad, uintptr_t sq, uintptr_t norm_sum, int num_threads) {
+  EmbeddingNormsProblem p;
+  p.dtype = as_dtype(dtype);
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64)
+    throw std::invalid_argument("embedding_norms takes float32 or float64 gradients (dtype tag 0 or 1)");
+  if (batch < 0 || seq < 0 || dim < 0) throw std::invalid_argument("batch, seq and dim must be >= 0");
+  if (batch > 0 && (sq == 0 || norm_sum == 0)) throw std::invalid_argument("sq and norm_sum must not be null");
+  if (batch * seq > 0 && (idx == 0 || (dim > 0 && g == 0)))
+    throw std::invalid_argument("idx and g must not be null");
+  p.batch = batch;
+  p.seq = seq;
+  p.dim = dim;
+  p.idx = reinterpret_cast<const int64_t*>(idx);
+  p.g = reinterpret_cast<const void*>(g);
+  p.pad = pad;
+  p.sq = reinterpret_cast<double*>(sq);
+  p.norm_sum = reinterpret_cast<double*>(norm_sum);
+  p.num_threads = num_threads;
+  py::gil_scoped_release release;
+  cpu::embedding_norms(p);
+}
+
 void lstm_forward(int dtype, int64_t steps, int64_t batch, int64_t hidden, uintptr_t pre,
                   uintptr_t w_hh_t, uintptr_t h0, uintptr_t c0, uintptr_t h, uintptr_t c,
                   uintptr_t p4, uintptr_t po, uintptr_t dc_dm) {
@@ -299,6 +323,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("lstm_cells", &lstm_cells, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
         py::arg("hidden"), py::arg("ig"), py::arg("f"), py::arg("f_row"), py::arg("c0"), py::arg("c"),
         "LSTM cell states c_t = ig_t + f_t c_{t-1} (CPU, float32/float64, raw buffers)");
+  m.def("embedding_norms", &embedding_norms, py::arg("dtype"), py::arg("batch"), py::arg("seq"),
+        py::arg("dim"), py::arg("idx"), py::arg("g"), py::arg("pad"), py::arg("sq"),
+        py::arg("norm_sum"), py::arg("num_threads"),
+        "Per-record squared norms of an embedding's gradient rows, float64 (CPU)");
   m.def("lstm_forward", &lstm_forward, py::arg("dtype"), py::arg("steps"), py::arg("batch"),
         py::arg("hidden"), py::arg("pre"), py::arg("w_hh_t"), py::arg("h0"), py::arg("c0"),
         py::arg("h"), py::arg("c"), py::arg("p4"), py::arg("po"), py::arg("dc_dm"),

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ppml_fast.privacy import per_sample as _ps
-from ppml_fast.privacy.per_sample import bounds
+from ppml_fast.privacy.per_sample import bounds, embedding_rows
 
 # State key of the records whose norm the error bound could not vouch for: (record indices (k,),
 # (row record (m,) as an index into those, vocabulary row (m,), summed gradient rows (m, D))).
@@ -141,6 +141,15 @@ class EmbeddingRule:
         if mode == "materialize":
             dense = self._dense(idx2, g2, pad, num)
             return {"weight": _ps.sq_norms(dense, g2.dtype)}, {"weight": dense}
+        if mode == "auto" and embedding_rows.usable(idx2, g2):  # one native call: any T
+            computed, bound, s = embedding_rows.norms(idx2, g2, pad)
+            norms, flags = bounds.upper_and_flags(computed, bound, g2.dtype, s=s,
+                                                  u_book=bounds.book_roundoff(g2.dtype))
+            if not bool(flags.any()):
+                return {"weight": norms}, {BOUND: bound}
+            flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())
+            norms[flagged[0]] = bounds.exact_sq_norms_rows(flagged[1], flagged[0].shape[0], g2.dtype)
+            return {"weight": norms}, {FLAGGED: flagged, BOUND: bound}
         if mode == "auto" and distinct(cap, idx2, pad):
             # no row looked up twice in a record (position ids): its gradient's rows are its
             # g_t, its squared norm a float64 norm of them (no cancellation possible: relative
