@@ -1,5 +1,6 @@
-// The sequential loops of an LSTM direction (include/ppml/recurrent.h): the cell states of the
-// DP forward's recomputation and backpropagation through time (Werbos 1990) that writes every
+// The sequential loops of an LSTM direction (include/ppml/recurrent.h): the forward (recurrence,
+// gates and the backward's factors), the cell states of the torch path's recomputation, and
+// backpropagation through time (Werbos 1990) that writes every
 // step's gate gradients delta_t = dL/d(gate pre-activations) for the per-sample norms and clipped
 // sums (privacy/recurrent_rule.py). In Python each step was 4-5 small torch ops (~30 us a step
 // on the 2-core dev box); here one step is a (B, 4H) x (4H, H) product and one element-wise pass.
@@ -10,7 +11,8 @@
 //   buf[t, :, q] = dc_t * p4[t, :, q]  (q = 0..3: carry_t = dc_t f_t, delta_i, delta_f, delta_g)
 //   buf[t, :, 4] = dh_t * po_t                             (delta_o)
 // then dL/dh_0 = delta_0 W_hh and dL/dc_0 = carry_0. Sums run over k in order (deterministic);
-// no FMA contraction (the whole build): each product is rounded, then added.
+// no FMA contraction (the whole build): each product is rounded, then added, so the portable,
+// AVX2 and AVX-512 builds give the same bits (tests/privacy/test_recurrent_native.py).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,8 +73,21 @@ PPML_ALWAYS_INLINE double exp_poly(double x) { return std::exp(x); }
 
 template <typename F>
 PPML_ALWAYS_INLINE F sigmoid(F x) { return F(1) / (F(1) + exp_poly(-x)); }
-template <typename F>
-PPML_ALWAYS_INLINE F tanh_s(F x) { return F(2) / (F(1) + exp_poly(F(-2) * x)) - F(1); }
+// tanh for float32: 2 / (1 + e^(-2x)) - 1 (absolute error ~1e-7: a few ulp for |x| >= 1/4), and
+// below |x| = 1/4 its Taylor series to x^9 (truncation < 9e-3 |x|^11 < 3e-9 |x|: relative
+// accuracy for small activations, where the first form would lose it); both computed, one kept
+// (branch-free, vectorised). float64: libm.
+PPML_ALWAYS_INLINE float tanh_s(float x) {
+  const float big = 2.0f / (1.0f + exp_poly(-2.0f * x)) - 1.0f;
+  const float x2 = x * x;
+  float p = 62.0f / 2835;
+  p = p * x2 - 17.0f / 315;
+  p = p * x2 + 2.0f / 15;
+  p = p * x2 - 1.0f / 3;
+  const float small = x + x * (x2 * p);
+  return (x < 0.25f && x > -0.25f) ? small : big;
+}
+PPML_ALWAYS_INLINE double tanh_s(double x) { return std::tanh(x); }
 
 template <typename F>
 PPML_ALWAYS_INLINE void forward_body(const LstmForwardProblem& p) {
@@ -103,11 +118,11 @@ PPML_ALWAYS_INLINE void forward_body(const LstmForwardProblem& p) {
       F* __restrict a = pt + b * H4;
       // activations in place: i, f, o sigmoid; g tanh
       #pragma GCC ivdep
-      for (int64_t j = 0; j < H; ++j) a[2 * H + j] = F(2) * a[2 * H + j];  // tanh(g) = 2 sigmoid(2g) - 1
+      for (int64_t n = 0; n < 2 * H; ++n) a[n] = sigmoid<F>(a[n]);  // i, f
       #pragma GCC ivdep
-      for (int64_t n = 0; n < H4; ++n) a[n] = sigmoid<F>(a[n]);
+      for (int64_t n = 2 * H; n < 3 * H; ++n) a[n] = tanh_s(a[n]);  // g
       #pragma GCC ivdep
-      for (int64_t j = 0; j < H; ++j) a[2 * H + j] = F(2) * a[2 * H + j] - F(1);
+      for (int64_t n = 3 * H; n < H4; ++n) a[n] = sigmoid<F>(a[n]);  // o
       const F* __restrict cp = c_prev + b * H;
       F* __restrict cb = c + row * H;
       #pragma GCC ivdep
@@ -119,7 +134,7 @@ PPML_ALWAYS_INLINE void forward_body(const LstmForwardProblem& p) {
       #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) {
         const F i = a[j], f = a[H + j], g = a[2 * H + j], og = a[3 * H + j];
-        const F tc = tanh_s<F>(cb[j]);
+        const F tc = tanh_s(cb[j]);
         const F m = og * tc;
         const F ig = i * g;
         const F cf = cp[j] * f;
@@ -224,10 +239,10 @@ void cells_portable(const LstmCellsProblem& p) {
   if (p.dtype == DType::kFloat64) cells_body<double>(p); else cells_body<float>(p);
 }
 #if PPML_HAVE_AVX2_TARGET
-__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void forward_avx2(const LstmForwardProblem& p) {
+PPML_TARGET_AVX2 void forward_avx2(const LstmForwardProblem& p) {
   if (p.dtype == DType::kFloat64) forward_body<double>(p); else forward_body<float>(p);
 }
-__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void bptt_avx2(const LstmBpttProblem& p) {
+PPML_TARGET_AVX2 void bptt_avx2(const LstmBpttProblem& p) {
   if (p.dtype == DType::kFloat64) bptt_body<double>(p); else bptt_body<float>(p);
 }
 PPML_TARGET_AVX2 void cells_avx2(const LstmCellsProblem& p) {
@@ -235,10 +250,10 @@ PPML_TARGET_AVX2 void cells_avx2(const LstmCellsProblem& p) {
 }
 #endif
 #if PPML_HAVE_AVX512_TARGET
-__attribute__((target(PPML_AVX512_ISA ",fma"), optimize("fp-contract=fast"))) void forward_avx512(const LstmForwardProblem& p) {
+PPML_TARGET_AVX512 void forward_avx512(const LstmForwardProblem& p) {
   if (p.dtype == DType::kFloat64) forward_body<double>(p); else forward_body<float>(p);
 }
-__attribute__((target(PPML_AVX512_ISA ",fma"), optimize("fp-contract=fast"))) void bptt_avx512(const LstmBpttProblem& p) {
+PPML_TARGET_AVX512 void bptt_avx512(const LstmBpttProblem& p) {
   if (p.dtype == DType::kFloat64) bptt_body<double>(p); else bptt_body<float>(p);
 }
 PPML_TARGET_AVX512 void cells_avx512(const LstmCellsProblem& p) {

@@ -88,7 +88,7 @@ def test_bindings_refuse_bad_arguments():
         _C.lstm_bptt(0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="f_row"):
         _C.lstm_cells(0, 1, 1, 4, 1, 1, 2, 1, 1)
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="must have shape"):
         RN.bptt(torch.zeros(2, 2, 3), torch.zeros(2, 2, 4, 2), torch.zeros(2, 2, 3),
                 torch.zeros(2, 2, 3), torch.zeros(12, 3), None)
 

@@ -40,15 +40,35 @@ def usable(*tensors: Optional[Tensor]) -> bool:
         t is None or (t.device.type == "cpu" and t.dtype == first.dtype) for t in tensors)
 
 
+def _check(name: str, expected: dict, tensors: dict) -> None:
+    """Every tensor on the CPU, in the first one's dtype (float32 / float64), of its expected
+    shape: the kernels read raw buffers, so nothing else may reach them (review S8)."""
+    first = next(iter(tensors.values()))
+    for key, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != first.dtype or first.dtype not in _DTYPES:
+            raise ValueError(
+                f"recurrent_native.{name}: {key} must be a CPU float32/float64 tensor of "
+                f"{first.dtype}; got {t.dtype} on {t.device}")
+        if tuple(t.shape) != tuple(expected[key]):
+            raise ValueError(f"recurrent_native.{name}: {key} must have shape "
+                             f"{tuple(expected[key])}; got {tuple(t.shape)}")
+
+
 def cells(ig: Tensor, f: Tensor, c0: Tensor, c: Tensor) -> None:
     """``c[t] = ig[t] + f[t] * c[t-1]`` (``c[-1]`` = ``c0``) into ``c`` (T, B, H), contiguous;
     ``ig`` (T, B, H) contiguous, ``f`` (T, B, H) with unit stride in H and rows of one stride
     (the forget gate's slice of the (T, B, 4H) gates), ``c0`` (B, H)."""
     steps, batch, hidden = c.shape
+    _check("cells", {"c": (steps, batch, hidden), "ig": (steps, batch, hidden),
+                     "f": (steps, batch, hidden), "c0": (batch, hidden)},
+           {"c": c, "ig": ig, "f": f, "c0": c0})
     c0 = c0.contiguous()
     if not (ig.is_contiguous() and c.is_contiguous() and f.stride(2) == 1
-            and f.stride(0) == batch * f.stride(1)):
-        raise ValueError("recurrent_native.cells: layouts not as documented")
+            and f.stride(0) == batch * f.stride(1) and f.stride(1) >= hidden):
+        raise ValueError("recurrent_native.cells: ig and c must be contiguous and f (T, B, H) "
+                         "rows of one stride >= H with unit stride in H")
     _C.lstm_cells(DTYPE_TAGS[c.dtype], steps, batch, hidden, ig.data_ptr(), f.data_ptr(),
                   f.stride(1), c0.data_ptr(), c.data_ptr())
 
@@ -61,13 +81,13 @@ def bptt(gh: Tensor, p4: Tensor, po: Tensor, dc_dm: Tensor, w_hh: Tensor,
     step), ``p4`` (T, B, 4, H), ``po`` and ``dc_dm`` (T, B, H), ``w_hh`` (4H, H), ``gcn`` (B, H)
     or None."""
     steps, batch, hidden = gh.shape
+    _check("bptt", {"gh": (steps, batch, hidden), "p4": (steps, batch, 4, hidden),
+                    "po": (steps, batch, hidden), "dc_dm": (steps, batch, hidden),
+                    "w_hh": (4 * hidden, hidden), "gcn": (batch, hidden)},
+           {"gh": gh, "p4": p4, "po": po, "dc_dm": dc_dm, "w_hh": w_hh, "gcn": gcn})
     gh, p4, po, dc_dm, w_hh = (t.contiguous() for t in (gh, p4, po, dc_dm, w_hh))
     if gcn is not None:
         gcn = gcn.contiguous()
-    if (tuple(p4.shape) != (steps, batch, 4, hidden) or tuple(po.shape) != (steps, batch, hidden)
-            or tuple(dc_dm.shape) != (steps, batch, hidden) or tuple(w_hh.shape) != (4 * hidden, hidden)
-            or (gcn is not None and tuple(gcn.shape) != (batch, hidden))):
-        raise ValueError("recurrent_native.bptt: shapes not as documented")
     buf = gh.new_empty(steps, batch, 5, hidden)
     dh0 = gh.new_empty(batch, hidden)
     dc0 = gh.new_empty(batch, hidden)
@@ -83,12 +103,16 @@ def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh:
     own order: ``(h (T, B, H), c (T, B, H), (p4, po, dc_dm))``, the factors of
     ``recurrent_layer._backward``. The input projection of all steps is one torch matmul; the
     recurrence, the gates (sigmoid and tanh from a vectorised float32 exp, a few ulp from
-    libm's) and the factors run in the C++ loop."""
-    steps, batch, _ = x.shape
+    libm's; tanh by its Taylor series below |x| = 1/4, for relative accuracy at small
+    activations) and the factors run in the C++ loop."""
+    steps, batch, din = x.shape
     hidden = w_hh.shape[1]
-    if (tuple(w_hh.shape) != (4 * hidden, hidden) or w_ih.shape[0] != 4 * hidden
-            or tuple(h0.shape) != (batch, hidden) or tuple(c0.shape) != (batch, hidden)):
-        raise ValueError("recurrent_native.forward: shapes not as documented")
+    _check("forward", {"x": (steps, batch, din), "w_ih": (4 * hidden, din), "w_hh": (4 * hidden, hidden),
+                       "b_ih": (4 * hidden,), "b_hh": (4 * hidden,), "h0": (batch, hidden),
+                       "c0": (batch, hidden)},
+           {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h0": h0, "c0": c0})
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("recurrent_native.forward: b_ih and b_hh must both be given or both None")
     flat = x.reshape(steps * batch, x.shape[-1])
     if b_ih is not None:
         pre = torch.addmm(b_ih + b_hh, flat, w_ih.t())

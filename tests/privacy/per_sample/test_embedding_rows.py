@@ -101,3 +101,11 @@ def test_usable_and_refusals(monkeypatch):
         _C.embedding_norms(0, 2, 2, 2, 0, 0, -1, 0, 0, 1)
     with pytest.raises(ValueError, match=">= 0"):
         _C.embedding_norms(0, -1, 2, 2, 0, 0, -1, 0, 0, 1)
+
+
+def test_norms_refuses_what_the_kernel_cannot_read():
+    i = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="float32/float64"):
+        ER.norms(i, torch.zeros(2, 3, 4, dtype=torch.float16), None)
+    with pytest.raises(ValueError, match="integer"):
+        ER.norms(i.float(), torch.zeros(2, 3, 4), None)

@@ -39,6 +39,10 @@ def norms(idx2: Tensor, g2: Tensor, pad: int | None) -> tuple[Tensor, Tensor, Te
     dim = g2.shape[-1]
     if tuple(g2.shape) != (batch, seq, dim):
         raise ValueError(f"embedding_rows.norms: g2 must be {(batch, seq, dim)}; got {tuple(g2.shape)}")
+    if (g2.dtype not in (torch.float32, torch.float64) or g2.device.type != "cpu"
+            or idx2.device.type != "cpu" or idx2.is_floating_point() or idx2.is_complex()):
+        raise ValueError("embedding_rows.norms: idx2 must be integer and g2 float32/float64, both "
+                         f"on the CPU; got {idx2.dtype} on {idx2.device}, {g2.dtype} on {g2.device}")
     idx2 = idx2.to(torch.int64).contiguous()
     g2 = g2.contiguous()
     sq = torch.empty(batch, dtype=torch.float64)
