@@ -211,3 +211,23 @@ def test_layer_forward_same_with_and_without_native_forward(monkeypatch):
         assert out.shape == (5, 6, 8) and hn.shape == cn.shape == (4, 5, 4)
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_sequence_refused_as_torch_does(batch_first):
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ppml_fast.privacy import PrivacyEngine
+
+    m = nn.LSTM(3, 4, batch_first=batch_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, _, _ = PrivacyEngine().make_private(
+            module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.zeros(2)), batch_size=2), noise_multiplier=0.0,
+            max_grad_norm=1.0, poisson_sampling=False, batch_first=batch_first)
+    x = torch.zeros((2, 0, 3) if batch_first else (0, 2, 3))
+    with pytest.raises(RuntimeError, match="sequence length to be larger than 0"):
+        private(x)

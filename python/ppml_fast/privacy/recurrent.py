@@ -152,6 +152,9 @@ def _run(private, m: nn.Module, batch, input: torch.Tensor, hx):
         m.check_input(input, None)
     else:
         m.check_forward_args(input, hx, None)
+    if input.shape[1 if bf else 0] == 0:  # as torch's own RNN ops refuse it (review S8)
+        raise RuntimeError(f"{type(m).__name__}: expected sequence length to be larger than 0 in "
+                           f"RNN; got input of shape {tuple(input.shape)} (batch_first={bf})")
     rows = input.shape[0 if bf else 1]
     hout = m.proj_size if lstm and m.proj_size > 0 else m.hidden_size
     dirs_n = 2 if m.bidirectional else 1
