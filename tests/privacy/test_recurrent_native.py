@@ -231,3 +231,23 @@ def test_empty_sequence_refused_as_torch_does(batch_first):
     x = torch.zeros((2, 0, 3) if batch_first else (0, 2, 3))
     with pytest.raises(RuntimeError, match="sequence length to be larger than 0"):
         private(x)
+
+
+def test_lazily_negated_views_are_read_as_their_values():
+    """A tensor with torch's negation bit stores the negated values (``data_ptr()``): the
+    wrappers resolve it before the kernels read memory (review S8)."""
+    gh, (p4, po, dc_dm), w, gcn = _inputs(6, 3, 5, torch.float64)
+    plain = RN.bptt(gh, p4, po, dc_dm, w, gcn)
+    neg = RN.bptt(torch._neg_view(-gh), p4, torch._neg_view(-po), dc_dm, torch._neg_view(-w),
+                  torch._neg_view(-gcn))
+    for a, b in zip(plain, neg):
+        assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    w_ih = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    w_hh = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    a = RN.forward(x, w_ih, w_hh, None, None, h0, h0)
+    b = RN.forward(x, w_ih, torch._neg_view(-w_hh), None, None, torch._neg_view(-h0), h0)
+    for u, v in zip(a[:2] + a[2], b[:2] + b[2]):
+        assert torch.equal(u, v)

@@ -357,6 +357,8 @@ def _check_reach(probe: _Probe, ks: list[int], size: int, names) -> None:
             if g.shape[0] != size:
                 raise _refuse(call, names, "its output is not per record (leading size "
                               f"{g.shape[0]}, batch of {size} records) and reaches the output of {k}")
+            if g.numel() == 0:  # nothing per record (an empty sequence): reaches no output
+                continue
             rows = (g.detach().reshape(size, -1).abs().amax(1) > 0).cpu()
             rows[ks] = False
             if bool(rows.any()):

@@ -40,6 +40,12 @@ def usable(*tensors: Optional[Tensor]) -> bool:
         t is None or (t.device.type == "cpu" and t.dtype == first.dtype) for t in tensors)
 
 
+def _plain(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` contiguous with its lazy negation / conjugation applied (``data_ptr()`` of such a
+    view points at the stored, un-negated values: review S8)."""
+    return None if t is None else t.resolve_conj().resolve_neg().contiguous()
+
+
 def _check(name: str, expected: dict, tensors: dict) -> None:
     """Every tensor on the CPU, in the first one's dtype (float32 / float64), of its expected
     shape: the kernels read raw buffers, so nothing else may reach them (review S8)."""
@@ -64,7 +70,9 @@ def cells(ig: Tensor, f: Tensor, c0: Tensor, c: Tensor) -> None:
     _check("cells", {"c": (steps, batch, hidden), "ig": (steps, batch, hidden),
                      "f": (steps, batch, hidden), "c0": (batch, hidden)},
            {"c": c, "ig": ig, "f": f, "c0": c0})
-    c0 = c0.contiguous()
+    c0 = _plain(c0)
+    if ig.is_neg() or f.is_neg() or c.is_neg():
+        raise ValueError("recurrent_native.cells: ig, f and c must not be lazily negated views")
     if not (ig.is_contiguous() and c.is_contiguous() and f.stride(2) == 1
             and f.stride(0) == batch * f.stride(1) and f.stride(1) >= hidden):
         raise ValueError("recurrent_native.cells: ig and c must be contiguous and f (T, B, H) "
@@ -85,9 +93,7 @@ def bptt(gh: Tensor, p4: Tensor, po: Tensor, dc_dm: Tensor, w_hh: Tensor,
                     "po": (steps, batch, hidden), "dc_dm": (steps, batch, hidden),
                     "w_hh": (4 * hidden, hidden), "gcn": (batch, hidden)},
            {"gh": gh, "p4": p4, "po": po, "dc_dm": dc_dm, "w_hh": w_hh, "gcn": gcn})
-    gh, p4, po, dc_dm, w_hh = (t.contiguous() for t in (gh, p4, po, dc_dm, w_hh))
-    if gcn is not None:
-        gcn = gcn.contiguous()
+    gh, p4, po, dc_dm, w_hh, gcn = (_plain(t) for t in (gh, p4, po, dc_dm, w_hh, gcn))
     buf = gh.new_empty(steps, batch, 5, hidden)
     dh0 = gh.new_empty(batch, hidden)
     dc0 = gh.new_empty(batch, hidden)
@@ -118,9 +124,9 @@ def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh:
         pre = torch.addmm(b_ih + b_hh, flat, w_ih.t())
     else:
         pre = flat @ w_ih.t()
-    pre = pre.contiguous()
-    w_t = w_hh.t().contiguous()
-    h0, c0 = h0.contiguous(), c0.contiguous()
+    pre = _plain(pre)
+    w_t = _plain(w_hh.t())
+    h0, c0 = _plain(h0), _plain(c0)
     h = x.new_empty(steps, batch, hidden)
     c = x.new_empty(steps, batch, hidden)
     p4 = x.new_empty(steps, batch, 4, hidden)

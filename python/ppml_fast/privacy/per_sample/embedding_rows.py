@@ -43,8 +43,10 @@ def norms(idx2: Tensor, g2: Tensor, pad: int | None) -> tuple[Tensor, Tensor, Te
             or idx2.device.type != "cpu" or idx2.is_floating_point() or idx2.is_complex()):
         raise ValueError("embedding_rows.norms: idx2 must be integer and g2 float32/float64, both "
                          f"on the CPU; got {idx2.dtype} on {idx2.device}, {g2.dtype} on {g2.device}")
-    idx2 = idx2.to(torch.int64).contiguous()
-    g2 = g2.contiguous()
+    # resolve_neg / resolve_conj: a view with torch's lazy negation bit stores the negated
+    # values, which data_ptr() would hand the kernel as they are (review S8: -1 read as padding)
+    idx2 = idx2.to(torch.int64).resolve_neg().contiguous()
+    g2 = g2.resolve_conj().resolve_neg().contiguous()
     sq = torch.empty(batch, dtype=torch.float64)
     total = torch.empty(batch, dtype=torch.float64)
     _C.embedding_norms(0 if g2.dtype == torch.float32 else 1, batch, seq, dim, idx2.data_ptr(),
