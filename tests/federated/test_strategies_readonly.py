@@ -42,7 +42,7 @@ def test_stack_updates_is_a_view_of_one_matrixs_consecutive_rows():
     assert stacked.data_ptr() == rows[0].data_ptr() and torch.equal(stacked, m[1:K + 1])
 
 
-@pytest.mark.parametrize("case", ["permuted", "gap", "separate", "float64", "columns", "grad"])
+@pytest.mark.parametrize("case", ["permuted", "gap", "separate", "float64", "columns", "grad", "negated"])
 def test_stack_updates_copies_whatever_is_not_one_matrix_in_order(case):
     m = torch.randn(K + 1, P)
     rows = {
@@ -52,6 +52,8 @@ def test_stack_updates_copies_whatever_is_not_one_matrix_in_order(case):
         "float64": list(torch.randn(K, P, dtype=torch.float64).unbind(0)),  # one matrix, not float32
         "columns": list(torch.randn(P, K).t().unbind(0)),  # rows with stride K: not contiguous
         "grad": list(torch.randn(K, P, requires_grad=True).unbind(0)),
+        # one lazily negated row among consecutive rows: its memory holds minus its values
+        "negated": [torch._neg_view(m[i]) if i == 2 else m[i] for i in range(K)],
     }[case]
     stacked = stack_updates(_results(rows))
     assert stacked.shape == (K, P) and stacked.dtype == torch.float32

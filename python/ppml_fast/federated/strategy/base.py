@@ -64,12 +64,13 @@ def _rows_view(updates: list[torch.Tensor]) -> Optional[torch.Tensor]:
     first = updates[0]
     p, k = first.numel(), len(updates)
     if (first.dtype is not torch.float32 or p == 0 or first.requires_grad
-            or not first.is_contiguous() or first.dim() != 1):
+            or not first.is_contiguous() or first.dim() != 1 or first.is_neg()):
         return None
     step, base, device = p * first.element_size(), first.data_ptr(), first.device
     for j, u in enumerate(updates):
         if (u.data_ptr() != base + j * step or u.dtype is not torch.float32 or u.numel() != p
-                or u.device != device or u.requires_grad or not u.is_contiguous()):
+                or u.device != device or u.requires_grad or not u.is_contiguous()
+                or u.is_neg()):  # a lazily negated row: its memory holds -u (copied instead)
             return None
     # every row's bytes lie inside the first update's storage, so the view reads exactly them
     if (first.storage_offset() + k * p) * first.element_size() > first.untyped_storage().nbytes():
