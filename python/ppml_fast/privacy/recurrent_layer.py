@@ -19,8 +19,11 @@ input. ``g`` holds them per kind:
 A projected LSTM (``proj_size``) adds ``h_t = W_hr m_t``, ``m_t = o_t tanh(c_t)``: a linear call
 (activation ``m``, output gradient ``dL/dh_t``), kept as before.
 
-How. Forward: the native op (``torch._VF.lstm`` / ``gru`` / ``rnn_*`` on detached parameters, no
-autograd; in the module's own layout) gives every ``h_t``; ``a`` is then filled (``x`` and the
+How. On the CPU (float32 / float64), an unprojected LSTM runs both loops in the C++ core
+(:mod:`ppml_fast.privacy.recurrent_native`): the forward keeps the backward's factors as it goes,
+and backpropagation through time writes ``g`` step by step. Otherwise (GRU, RNN, a projected LSTM,
+CUDA, 16-bit) the forward is: the native op (``torch._VF.lstm`` / ``gru`` / ``rnn_*`` on detached
+parameters, no autograd; in the module's own layout) gives every ``h_t``; ``a`` is then filled (``x`` and the
 shifted states, one copy each) and every gate is recomputed from it by **one** matmul against the
 layer's weights side by side (``[W_ih | W_hh]``; for the GRU a (4H, d + Hh) block matrix whose
 rows give ``[a_r, a_z, W_in x + b_in, W_hn h + b_hn]``), the LSTM's cell states by one fused
@@ -45,7 +48,9 @@ medians of 145 interleaved steps, three runs; before = ``recurrent.FAST = False`
 - peak memory of the step (``models.step_peak_mb``): LSTM 0.82-0.88x -> 0.65-0.67x, GRU
   2.08-2.22x -> 1.02-1.12x (the spread is the non-private step's own, 2.39-2.63 MiB).
 
-Why not 1.5x (the LSTM target) from Python: with the LSTM frozen the same model's DP step costs
+Session 8 moved the LSTM's loops to C++ (:mod:`ppml_fast.privacy.recurrent_native`; bench/RESULTS.md
+"Session 8": forward 3.26 -> 1.91 ms, backward 2.03 -> 1.49 ms on this model, one thread). Before,
+why not 1.5x (the LSTM target) from Python: with the LSTM frozen the same model's DP step costs
 1.37x (the embedding's and head's norms, the noise, the step's bookkeeping: +1.9-2.0 ms over
 5.2-5.5 ms), so the LSTM's own DP work would have to stay within ~1.2 ms of what autograd's LSTM
 costs. It is ~3.7 ms over: the recomputed gates (~1 ms a layer: one (T B, d + H) x (d + H, 4H)
@@ -301,7 +306,8 @@ def _backward(kind: str, s: Saved, d: Direction, gh: Tensor, ghn: Optional[Tenso
 def _native_lstm(kind: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], dirs: list) -> bool:
     """Whether the LSTM's forward runs in the C++ loop (recurrent_native): an unprojected LSTM
     whose tensors the kernels take."""
-    return (recurrent_native.FORWARD and kind == "LSTM" and c0 is not None and all(d.w_hr is None for d in dirs)
+    return (recurrent_native.FORWARD and kind == "LSTM" and c0 is not None
+            and all(d.w_hr is None for d in dirs)
             and recurrent_native.usable(x, h0, c0, *(t for d in dirs for t in (
                 d.w_ih, d.w_hh, d.b_ih, d.b_hh))))
 
