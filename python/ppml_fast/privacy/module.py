@@ -335,6 +335,11 @@ class PrivateModule(ClippedSums, nn.Module):
     def module(self) -> nn.Module:
         return self._module
 
+    # torch.compile(private_model): the private forward and everything it calls (the capture's
+    # hooks, the records probe, the parameter watch) run eagerly; compiled, the probe's backward
+    # reached the watch's hooks with gradients None (TypeError). The rest of a compiled step (the
+    # loss) still compiles.
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         x = records.primary(args, kwargs)
         rec = self.recorder
