@@ -302,13 +302,18 @@ def test_opacus_mnist_example_loop_runs_unchanged():
     assert list(model.state_dict())[0] == "_module.conv1.weight"  # Opacus's GradSampleModule prefix
 
 
-def test_zero_grad_forgets_captured_batches():
+def test_zero_grad_forgets_backpropagated_batches_and_the_step_takes_the_rest():
+    """zero_grad forgets the batches whose gradients arrived; one not backpropagated yet is kept
+    (its backward may follow zero_grad: tests/privacy/test_zero_grad_order.py) until the step,
+    which takes every batch."""
     engine, model, opt, loader = _setup()
     x, y = next(iter(DataLoader(_data(), batch_size=8)))
     model(x)  # e.g. an evaluation with grad enabled, never backpropagated
     nn.functional.cross_entropy(model(x), y).backward()
     assert model.pending_batches() == 2
     opt.zero_grad()
+    assert model.pending_batches() == 1
+    opt.step()
     assert model.pending_batches() == 0
 
 

@@ -251,3 +251,57 @@ def test_lazily_negated_views_are_read_as_their_values():
     b = RN.forward(x, w_ih, torch._neg_view(-w_hh), None, None, torch._neg_view(-h0), h0)
     for u, v in zip(a[:2] + a[2], b[:2] + b[2]):
         assert torch.equal(u, v)
+
+
+def test_forward_under_autocast_runs_in_the_inputs_dtype():
+    """Under torch.autocast the input projection would come out in bfloat16, a buffer half the
+    size the kernel reads and writes as float32 (heap corruption, review S8): it is computed
+    with autocast off, so the result equals the one without autocast."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 4, generator=g)
+    w_ih, w_hh = torch.randn(20, 4, generator=g), torch.randn(20, 5, generator=g)
+    b = torch.randn(20, generator=g)
+    h0 = torch.randn(3, 5, generator=g)
+    plain = RN.forward(x, w_ih, w_hh, b, b, h0, h0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = RN.forward(x, w_ih, w_hh, b, b, h0, h0)
+    for u, v in zip(plain[:2] + plain[2], auto[:2] + auto[2]):
+        assert v.dtype == torch.float32 and torch.equal(u, v)
+
+
+def test_private_lstm_model_under_autocast():
+    """A private Embedding -> LSTM -> Linear model trained under CPU autocast (bfloat16): the
+    C++ loops run in float32, the step gives finite, non-zero gradients."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ppml_fast.privacy import PrivacyEngine
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+            self.rnn = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.emb(x))[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, opt, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.zeros(4)), batch_size=4), noise_multiplier=0.0,
+            max_grad_norm=1.0, poisson_sampling=False)
+    x, y = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1])
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(private(x).float(), y)
+    loss.backward()
+    opt.step()
+    grads = [p.grad for p in model.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert float(model.rnn.weight_hh_l0.grad.abs().sum()) > 0

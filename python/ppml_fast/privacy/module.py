@@ -436,7 +436,12 @@ class PrivateModule(ClippedSums, nn.Module):
         return len(self.recorder.batches)
 
     def discard(self) -> None:
-        """Forgets captured batches (zero_grad) and parameters flagged as used outside their
-        module's calls."""
-        self.recorder.take()
+        """Forgets the batches whose gradients arrived (zero_grad) and parameters flagged as used
+        outside their module's calls. A batch forwarded but not yet backpropagated is kept: its
+        backward may come after ``zero_grad()`` (``loss = crit(model(x), y);
+        optimizer.zero_grad(); loss.backward(); optimizer.step()``, a common loop that Opacus
+        supports): forgotten, its per-sample gradients were lost and the step released noise
+        alone. The step takes (and forgets) every batch, backpropagated or not."""
+        rec = self.recorder
+        rec.batches = [b for b in rec.batches if not b.backpropagated]
         self.parameter_watch.clear()

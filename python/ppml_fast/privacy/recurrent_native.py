@@ -120,11 +120,15 @@ def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh:
     if (b_ih is None) != (b_hh is None):
         raise ValueError("recurrent_native.forward: b_ih and b_hh must both be given or both None")
     flat = x.reshape(steps * batch, x.shape[-1])
-    if b_ih is not None:
-        pre = torch.addmm(b_ih + b_hh, flat, w_ih.t())
-    else:
-        pre = flat @ w_ih.t()
+    # autocast off: under torch.autocast the matmul would give a 16-bit buffer that the kernel
+    # reads and writes as x's dtype (heap corruption, review S8); checked again below
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if b_ih is not None:
+            pre = torch.addmm(b_ih + b_hh, flat, w_ih.t())
+        else:
+            pre = flat @ w_ih.t()
     pre = _plain(pre)
+    _check("forward", {"pre": (steps * batch, 4 * hidden), "x": (steps, batch, din)}, {"pre": pre, "x": x})
     w_t = _plain(w_hh.t())
     h0, c0 = _plain(h0), _plain(c0)
     h = x.new_empty(steps, batch, hidden)
