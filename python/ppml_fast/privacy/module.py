@@ -33,6 +33,14 @@ from ppml_fast.privacy.per_sample import Captured, make_rules
 
 __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trainable"]
 
+
+
+def _compiled(m: nn.Module) -> bool:
+    """Whether ``m`` is torch.compile's module wrapper (``torch._dynamo``'s OptimizedModule),
+    told by its class alone (importing torch._dynamo to ask would cost every import ~1 s)."""
+    cls = type(m)
+    return cls.__name__ == "OptimizedModule" and cls.__module__.startswith("torch._dynamo")
+
 _MARK = "_ppml_fast_private_forward"  # on the forwards a PrivateModule installs: their module
 
 
@@ -93,6 +101,9 @@ class PrivateModule(ClippedSums, nn.Module):
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be a bool; got {type(batch_first).__name__}")
         problems = [r for r in (refusal(n, m) for n, m in module.named_modules()) if r]
+        problems += [f"{n or 'the model'} is a torch.compile'd module (compile the private model "
+                     "instead: torch.compile(private_model))" for n, m in module.named_modules()
+                     if _compiled(m)]
         if problems:
             raise UnsupportedModuleError("; ".join(problems))
         self._module = module
@@ -369,6 +380,7 @@ class PrivateModule(ClippedSums, nn.Module):
         # tensors in them), one after; nothing cached, so nothing goes stale
         root, watch = self._module, self.parameter_watch
         bound = slots(root)
+        self._refuse_compiled(bound.modules)  # assigned since: refused before the call
         if bound.stock:  # hooks the parameters trainable now, in place of the root's pre-hook
             found = (bound.buffers, bound.parameters)
             watch.refresh(found[1], for_call=True)
@@ -415,6 +427,18 @@ class PrivateModule(ClippedSums, nn.Module):
         finally:
             self._same_records = before
 
+    def _refuse_compiled(self, modules) -> None:
+        """Raises UnsupportedModuleError for a torch.compile'd module in ``modules``: its
+        compiled backward hands the capture's and the parameter watch's hooks no gradients
+        (review S8: a TypeError deep in backward)."""
+        compiled = next((m for m in modules if _compiled(m)), None)
+        if compiled is not None:
+            raise UnsupportedModuleError(
+                f"{self._name(compiled)} is a torch.compile'd module: ppml_fast records per-sample "
+                "quantities with Python hooks that a compiled graph does not run; compile the "
+                "private model instead (torch.compile(private_model): its forward runs eagerly "
+                "inside) or pass the module uncompiled to make_private")
+
     def _verify_records(self, args: tuple, kwargs: dict, size: int) -> Optional[str]:
         """Proves, once per input layout, that every captured call's rows are records
         (:mod:`ppml_fast.privacy.records`); returns why not (naming the layer), or None. The
@@ -422,6 +446,7 @@ class PrivateModule(ClippedSums, nn.Module):
         key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
         if size < 2 or key in self._verified:
             return self._verified.get(key)
+        self._refuse_compiled(self._module.modules())  # before the probe runs the model
         try:
             records.verify(self, args, kwargs, size)
             self._verified[key] = None
@@ -441,7 +466,12 @@ class PrivateModule(ClippedSums, nn.Module):
         backward may come after ``zero_grad()`` (``loss = crit(model(x), y);
         optimizer.zero_grad(); loss.backward(); optimizer.step()``, a common loop that Opacus
         supports): forgotten, its per-sample gradients were lost and the step released noise
-        alone. The step takes (and forgets) every batch, backpropagated or not."""
+        alone. A batch already kept by an earlier ``zero_grad()`` and still not backpropagated is
+        forgotten (its output was dropped, e.g. an evaluation with grad enabled: the memory of
+        kept forwards stays bounded). The step takes (and forgets) every batch."""
         rec = self.recorder
-        rec.batches = [b for b in rec.batches if not b.backpropagated]
+        keep = [b for b in rec.batches if not b.backpropagated and not getattr(b, "kept", False)]
+        for b in keep:
+            b.kept = True
+        rec.batches = keep
         self.parameter_watch.clear()
