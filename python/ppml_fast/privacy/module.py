@@ -35,6 +35,17 @@ __all__ = ["GRAD_SAMPLE_MODES", "NonFiniteGradientError", "PrivateModule", "trai
 
 
 
+_EAGER_FORWARD: list = []
+
+
+def _eager_forward():
+    """``PrivateModule._private_forward`` under ``torch.compiler.disable`` (made once, when a
+    compiled call first reaches a private model: torch._dynamo is loaded by then)."""
+    if not _EAGER_FORWARD:
+        _EAGER_FORWARD.append(torch.compiler.disable(PrivateModule._private_forward))
+    return _EAGER_FORWARD[0]
+
+
 def _compiled(m: nn.Module) -> bool:
     """Whether ``m`` is torch.compile's module wrapper (``torch._dynamo``'s OptimizedModule),
     told by its class alone (importing torch._dynamo to ask would cost every import ~1 s)."""
@@ -346,12 +357,17 @@ class PrivateModule(ClippedSums, nn.Module):
     def module(self) -> nn.Module:
         return self._module
 
-    # torch.compile(private_model): the private forward and everything it calls (the capture's
-    # hooks, the records probe, the parameter watch) run eagerly; compiled, the probe's backward
-    # reached the watch's hooks with gradients None (TypeError). The rest of a compiled step (the
-    # loss) still compiles.
-    @torch.compiler.disable
     def forward(self, *args, **kwargs):
+        # torch.compile(private_model): the private forward and everything it calls (the
+        # capture's hooks, the records probe, the parameter watch) run eagerly, through
+        # torch.compiler.disable; compiled, the probe's backward reached the watch's hooks with
+        # gradients None (TypeError). The rest of a compiled step (the loss) still compiles. The
+        # wrapper is made on first use: decorating at import loaded torch._dynamo (+0.8 s).
+        if torch.compiler.is_compiling():
+            return _eager_forward()(self, *args, **kwargs)
+        return self._private_forward(*args, **kwargs)
+
+    def _private_forward(self, *args, **kwargs):
         x = records.primary(args, kwargs)
         rec = self.recorder
         if x is not None and x.dim() > 0:
