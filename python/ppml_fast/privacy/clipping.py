@@ -82,12 +82,6 @@ def _kept_all(rule, state, params: dict) -> bool:
             and all(isinstance(state.get(r), torch.Tensor) for r in params))
 
 
-def _named(module, params: dict) -> dict:
-    """Qualified name (or the role) -> parameter, for messages."""
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-    return {names.get(id(p), role): p for role, p in params.items()}
-
-
 def _release_capture(c: Call) -> None:
     """Drops what call ``c`` captured once its kept per-sample gradients hold all its clipped
     sums need (issue 16: peak memory): the activation and output gradient become stand-ins of
@@ -153,9 +147,11 @@ class ClippedSums:
                     "the forward and backward pass of the batch again")
         if clipping == "per_layer":  # every captured parameter needs its clipping norm
             thresholds = self._thresholds(max_grad_norm, clipping)
-            missing = sorted({n for b in batches for c in b.calls if c.grad is not None
-                              for n, p in _named(self, c.params).items() if id(p) not in thresholds})
-            if missing:  # nothing forgotten: the batches stay for a retry after a new forward
+            lost = {id(p): (role, p) for b in batches for c in b.calls if c.grad is not None
+                    for role, p in c.params.items() if id(p) not in thresholds}
+            if lost:  # nothing forgotten: the batches stay for a retry after a new forward
+                names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+                missing = sorted({names.get(pid, role) for pid, (role, _) in lost.items()})
                 raise PrivacyError(
                     f"step {step}: parameter(s) {missing[:5]} took part in this step's forward but "
                     "have no per-layer clipping norm now (frozen, or replaced, between the forward "
