@@ -145,11 +145,7 @@ class EmbeddingRule:
             computed, bound, s = embedding_rows.norms(idx2, g2, pad)
             norms, flags = bounds.upper_and_flags(computed, bound, g2.dtype, s=s,
                                                   u_book=bounds.book_roundoff(g2.dtype))
-            if not bool(flags.any()):
-                return {"weight": norms}, {BOUND: bound}
-            flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())
-            norms[flagged[0]] = bounds.exact_sq_norms_rows(flagged[1], flagged[0].shape[0], g2.dtype)
-            return {"weight": norms}, {FLAGGED: flagged, BOUND: bound}
+            return self._vouched(norms, flags, bound, idx2, g2, pad, num)
         if mode == "auto" and distinct(cap, idx2, pad):
             # no row looked up twice in a record (position ids): its gradient's rows are its
             # g_t, its squared norm a float64 norm of them (no cancellation possible: relative
@@ -210,6 +206,12 @@ class EmbeddingRule:
                 computed, bound, g2.dtype,
                 s=nrm.sum(1) * bounds.norm_slack((dim,), u, seq),
                 u_book=bounds.book_roundoff(g2.dtype))
+        return self._vouched(norms, flags, bound, idx2, g2, pad, num)
+
+    def _vouched(self, norms: Tensor, flags: Tensor, bound: Tensor, idx2: Tensor, g2: Tensor,
+                 pad: int | None, num: int) -> tuple[dict[str, Tensor], dict]:
+        """(norms, state) of a bounded path: the flagged records' norms recomputed from their
+        float64 row sums (they then leave the batch's index_add: :mod:`bounds`)."""
         if not bool(flags.any()):
             return {"weight": norms}, {BOUND: bound}
         flagged = self._flagged(idx2, g2, pad, num, flags.nonzero().flatten())
