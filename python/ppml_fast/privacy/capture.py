@@ -60,6 +60,9 @@ class Batch:
     # why this batch's rows cannot be tied to its records (ppml_fast.privacy.records): the DP
     # step refuses it, naming the layer, before anything changes; None when they can
     refusal: Optional[str] = None
+    # kept by a zero_grad() before its backward came (PrivateModule.discard): the next one
+    # forgets it if it is still not backpropagated
+    kept: bool = False
 
     @property
     def backpropagated(self) -> bool:

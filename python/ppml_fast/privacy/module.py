@@ -486,7 +486,7 @@ class PrivateModule(ClippedSums, nn.Module):
         forgotten (its output was dropped, e.g. an evaluation with grad enabled: the memory of
         kept forwards stays bounded). The step takes (and forgets) every batch."""
         rec = self.recorder
-        keep = [b for b in rec.batches if not b.backpropagated and not getattr(b, "kept", False)]
+        keep = [b for b in rec.batches if not b.backpropagated and not b.kept]
         for b in keep:
             b.kept = True
         rec.batches = keep

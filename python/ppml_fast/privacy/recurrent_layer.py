@@ -325,17 +325,12 @@ def _forward_native(x: Tensor, h0: Tensor, c0: Tensor, dirs: list, batch_first: 
         xd = xt if k == 0 else xt.flip(0)
         h, c, coef = recurrent_native.forward(xd, d.w_ih, d.w_hh, d.b_ih, d.b_hh, h0[k], c0[k])
         ot[..., k * hs:(k + 1) * hs] = h if k == 0 else h.flip(0)
-        if steps:
-            hn.append(h[-1])
-            cn.append(c[-1])
-        else:
-            hn.append(h0[k])
-            cn.append(c0[k])
+        hn.append(h[-1])  # steps >= 1: an empty sequence is refused before (recurrent._run)
+        cn.append(c[-1])
         s = Saved(xt.new_empty(steps, batch, din + hs), din, coef)
         s.act[..., :din] = xd
         s.act[1:, :, din:] = h[:-1]
-        if steps:
-            s.act[0, :, din:] = h0[k]
+        s.act[0, :, din:] = h0[k]
         saves.append(s)
     return out, torch.stack(hn, 0), torch.stack(cn, 0), saves
 
