@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppml_fast.privacy import attention, records, recurrent
+from ppml_fast.privacy import attention, heap, records, recurrent
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
@@ -129,6 +129,8 @@ class PrivateModule(ClippedSums, nn.Module):
         self._attach(module)
         # after _attach (which may refuse): flags parameters used outside their module's calls
         self.parameter_watch = ParameterWatch(module, lambda: bool(self.recorder.batches))
+        if any(p.device.type == "cpu" for p in module.parameters()):
+            heap.keep_freed_memory()  # steps stop faulting in the pages the last step freed
 
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, root: nn.Module) -> None:
