@@ -124,7 +124,7 @@ class PrivateModule(ClippedSums, nn.Module):
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
         # input layout -> None (rows proven to be records) or why they are not
-        self._verified: dict[tuple, Optional[str]] = {}
+        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, aggregate mixing)
         self._same_records: Optional[list] = None  # [the batch] inside same_records()
         self._attach(module)
         # after _attach (which may refuse): flags parameters used outside their module's calls
@@ -372,11 +372,15 @@ class PrivateModule(ClippedSums, nn.Module):
     def _private_forward(self, *args, **kwargs):
         x = records.primary(args, kwargs)
         rec = self.recorder
+        if x is None and rec.enabled and torch.is_grad_enabled():
+            hidden = records.hidden_tensors(args, kwargs)
+            if hidden:  # no batch would be captured: the step would release noise alone
+                raise UnsupportedModuleError(records.hidden_refusal(hidden))
         if x is not None and x.dim() > 0:
             size = x.shape[records.record_dim(x, rec.batch_first)]
-            why = None
+            why = mixing = None
             if rec.enabled and torch.is_grad_enabled():
-                why = self._verify_records(args, kwargs, size)
+                why, mixing = self._verify_records(args, kwargs, size)
                 same = self._same_records
                 if same is not None and same[0] is not None and rec.batches and rec.batches[-1] is same[0]:
                     if size != same[0].size:  # not the same records: refused at the step
@@ -389,6 +393,8 @@ class PrivateModule(ClippedSums, nn.Module):
                         same[0] = rec.batches[-1]
             if why and rec.batches:
                 rec.batches[-1].refusal = rec.batches[-1].refusal or why
+        else:
+            mixing = None
         batch = rec._current()
         if batch is None:
             return self._module(*args, **kwargs)
@@ -426,6 +432,11 @@ class PrivateModule(ClippedSums, nn.Module):
                 "is released with the model without noise (as BatchNorm's running statistics "
                 "would be); keep them constant while training privately, or update them outside "
                 "the private forward")
+        if mixing:  # outputs over the whole batch: the step is refused if the loss uses one
+
+            def refuse(batch=batch, why=mixing):
+                batch.refusal = batch.refusal or why
+            records.tap_aggregates(out, batch.size, rec.batch_first, refuse)
         return out
 
     @contextlib.contextmanager
@@ -457,20 +468,30 @@ class PrivateModule(ClippedSums, nn.Module):
                 "private model instead (torch.compile(private_model): its forward runs eagerly "
                 "inside) or pass the module uncompiled to make_private")
 
-    def _verify_records(self, args: tuple, kwargs: dict, size: int) -> Optional[str]:
+    def _verify_records(self, args: tuple, kwargs: dict, size: int) -> tuple:
         """Proves, once per input layout, that every captured call's rows are records
-        (:mod:`ppml_fast.privacy.records`); returns why not (naming the layer), or None. The
-        DP step refuses a batch with a reason (the forward itself runs, e.g. for evaluation)."""
+        (:mod:`ppml_fast.privacy.records`); returns (why not, naming the layer, or None; why the
+        outputs that are not per record mix records, or None). The DP step refuses a batch with
+        a reason (the forward itself runs, e.g. for evaluation), or whose loss used such an
+        output."""
+        if size == 0:  # no records: nothing to prove (the step releases noise only)
+            return None, None
         key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
-        if size < 2 or key in self._verified:
-            return self._verified.get(key)
+        if key in self._verified:
+            return self._verified[key]
+        # a batch of one record proves nothing about mixing records, only that the forward is a
+        # function of its batch (the probe's repeated run): verified on its own key, and the
+        # layout is probed again at its first batch of two or more (review S9: physical batches
+        # of one were never probed; an EMA in a plain attribute then moved a step by 3.6 C)
+        probed = key if size >= 2 else (key, "one record")
+        if probed in self._verified:
+            return self._verified[probed]
         self._refuse_compiled(self._module.modules())  # before the probe runs the model
         try:
-            records.verify(self, args, kwargs, size)
-            self._verified[key] = None
+            self._verified[probed] = (None, records.verify(self, args, kwargs, size))
         except UnsupportedModuleError as e:
-            self._verified[key] = str(e)
-        return self._verified[key]
+            self._verified[probed] = (str(e), None)
+        return self._verified[probed]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._module.parameters() if p.requires_grad]

@@ -38,11 +38,23 @@ The groups are perturbed with independent random values, so a dependence of row 
 is missed only if the perturbations cancel exactly at row j (probability zero for the
 continuous perturbations of floating-point inputs).
 
+Outputs: each differentiable output's record dimension is :func:`record_dim`'s where it has B
+entries, else its first dimension of B entries (a classifier's (B, K) logits under
+``batch_first=False``); outputs with none (a loss the model computes, a 0-dim auxiliary loss
+over the batch) get a fixed cotangent too in the backward of check 3, so a gradient they send
+to a row must not move when other records change. Besides the groups, the batch runs a second
+time unchanged (same RNG): the layers' inputs and the outputs must repeat, else the forward
+depends on state outside its batch (a plain tensor attribute updated from the batch) and a
+record would reach the gradients of later batches. Arguments are walked through tuples, lists,
+dicts and dataclasses; another object holding tensors is refused (the probe cannot perturb
+what it holds).
+
 A call whose rows cannot be tied to records raises :class:`UnsupportedModuleError` naming the
-layer, before any gradient exists. A layout is verified once (the input tensors' ranks, dtypes and
-non-record sizes, and the training flag); batches of fewer than two records are not evidence and
-are checked again later. The cost is 2 ceil(log2 B) + 1 forwards and as many backwards per
-probed batch, twice (synthetic and real batch), once per layout.
+layer, before any gradient exists. A layout is verified once (the input tensors' ranks, dtypes
+and non-record sizes, the arguments' structure and non-tensor values, and the training flag); a
+batch of one record is probed for the repeat alone, and its layout again at its first batch of
+two or more. The cost is 2 ceil(log2 B) + 2 forwards and about as many backwards per probed
+batch, twice (synthetic and real batch), once per layout.
 
 What a probe cannot see: a model whose mixing depends on something that differs between the
 probed batch and later ones: its batch size (the layout leaves it out), a call counter, a
@@ -54,6 +66,8 @@ models that mix records whatever their batch (``check_sensitivity`` tries crafte
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import secrets
 from typing import Any, Optional
 
@@ -66,14 +80,22 @@ from ppml_fast.privacy.layers import UnsupportedModuleError
 _EXACT = {torch.float64: 1e-9, torch.float32: 1e-5}  # relative change that counts as "changed"
 
 
+def _is_dataclass(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
 def leaves(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj`` (tensors, lists, tuples, dicts, Hugging Face ModelOutputs), in order."""
+    """The tensors in ``obj`` (tensors, lists, tuples, dicts, Hugging Face ModelOutputs,
+    dataclass instances), in order. Tensors held by other objects are not leaves: an input that
+    holds them is refused by the probe (:func:`hidden_tensors`), an output's are not outputs."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
         return [t for v in obj.values() for t in leaves(v)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in leaves(v)]
+    if _is_dataclass(obj):  # review S9: records in a dataclass argument were never perturbed
+        return [t for f in dataclasses.fields(obj) for t in leaves(getattr(obj, f.name))]
     return []
 
 
@@ -81,20 +103,109 @@ def record_dim(t: torch.Tensor, batch_first: bool) -> int:
     return 0 if batch_first or t.dim() < 2 else 1
 
 
+def output_record_dim(t: torch.Tensor, batch_first: bool, size: int) -> Optional[int]:
+    """The record dimension of a model output: :func:`record_dim`'s where it has ``size``
+    entries, else the first dimension that has (a classifier's (B, K) logits under
+    ``batch_first=False``, a (K, B) output under ``batch_first=True``: review S9, 1.7-2.3 C when
+    such outputs were left out of the checks), else None (not per record: :func:`verify` checks
+    it as an aggregate). A dimension of ``size`` entries that is not the records' makes the probe
+    refuse (every record reaches every row), never accept."""
+    if t.dim() == 0:
+        return None
+    d = record_dim(t, batch_first)
+    if t.shape[d] == size:
+        return d
+    return next((i for i, n in enumerate(t.shape) if n == size), None)
+
+
 def primary(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """The input tensor whose leading (record) dimension gives the batch size: the first tensor
-    of at least one dimension in the inputs, also inside lists, tuples and dicts."""
+    of at least one dimension in the inputs, also inside lists, tuples, dicts and dataclasses."""
     return next((t for t in leaves(list(args) + list(kwargs.values())) if t.dim() > 0), None)
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
+            torch.layout, torch.memory_format)
+
+
+def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0) -> Any:
+    """The structure of an argument for :func:`layout`: tensors appended to ``sig`` (dtype and
+    sizes other than the record dimension), scalars by value, containers by type and keys,
+    other objects by type and whether they hold tensors."""
+    if isinstance(obj, torch.Tensor):
+        d = record_dim(obj, batch_first)
+        sig.append((obj.dtype, tuple(s if i != d else -1 for i, s in enumerate(obj.shape))))
+        return "T"
+    if isinstance(obj, _SCALARS):
+        return (type(obj), obj)
+    if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
+        return (type(obj), tuple((k, _spec(v, sig, batch_first, depth + 1)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj), tuple(_spec(v, sig, batch_first, depth + 1) for v in obj))
+    if _is_dataclass(obj):
+        return (type(obj), tuple((f.name, _spec(getattr(obj, f.name), sig, batch_first, depth + 1))
+                                 for f in dataclasses.fields(obj)))
+    return (type(obj), "opaque", _holds_tensor(obj))
+
+
+def _holds_tensor(obj: Any, depth: int = 0) -> bool:
+    """Whether an object :func:`leaves` does not look into holds a tensor in its attributes (or
+    in lists, tuples, dicts among them), three levels deep."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 3 or isinstance(obj, _SCALARS) or isinstance(obj, type):
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(v, depth + 1) for v in list(obj.values())[:256])
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_holds_tensor(v, depth + 1) for v in list(obj)[:256])
+    attrs = getattr(obj, "__dict__", None)
+    values = list(attrs.values()) if isinstance(attrs, dict) else []
+    for name in getattr(type(obj), "__slots__", ()) or ():
+        values.append(getattr(obj, name, None))
+    return any(_holds_tensor(v, depth + 1) for v in values[:256])
+
+
+def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
+    """The types of the arguments' objects that hold tensors :func:`leaves` does not reach (the
+    probe could neither perturb nor check what they hold: refused by :func:`verify`)."""
+    out: list[str] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, (torch.Tensor,) + _SCALARS):
+            return
+        if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif _is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name))
+        elif _holds_tensor(obj):
+            out.append(type(obj).__qualname__)
+
+    walk((args, kwargs))
+    return out
+
+
+def hidden_refusal(hidden: list[str]) -> str:
+    return (f"the model's arguments hold tensors inside {sorted(set(hidden))[:3]} objects, which "
+            "ppml_fast's records probe cannot reach (it perturbs each record in every input "
+            "tensor to prove that the layers' rows are records): pass tensors directly, or in "
+            "lists, tuples, dicts or dataclasses")
 
 
 def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool) -> tuple:
     """What identifies a verified input layout: every input tensor's rank, dtype and sizes other
-    than the record dimension, and the training flag."""
-    sig = []
-    for t in leaves(list(args) + list(kwargs.values())):
-        d = record_dim(t, batch_first)
-        sig.append((t.dtype, tuple(s if i != d else -1 for i, s in enumerate(t.shape))))
-    return tuple(sig), bool(training)
+    than the record dimension, the arguments' structure with their non-tensor values (review
+    S9: ``model(x, center=True)`` after a probe of ``model(x, center=False)`` was never probed:
+    2.5 C), and the training flag. A scalar argument that changes every call (a step counter)
+    makes every call a new layout, probed again: correct, and as slow as that."""
+    sig: list = []
+    spec = _spec((args, kwargs), sig, batch_first)
+    return spec, tuple(sig), bool(training)
 
 
 def groups(size: int) -> list[list[int]]:
@@ -137,6 +248,14 @@ def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
         return type(obj)(*(_swap(v, old, new) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_swap(v, old, new) for v in obj)
+    if _is_dataclass(obj):  # a shallow copy with the fields swapped (frozen ones too)
+        fields = {f.name: _swap(getattr(obj, f.name), old, new) for f in dataclasses.fields(obj)}
+        if all(fields[n] is getattr(obj, n) for n in fields):
+            return obj
+        out = copy.copy(obj)
+        for n, v in fields.items():
+            object.__setattr__(out, n, v)
+        return out
     return obj
 
 
@@ -211,9 +330,13 @@ def _restored(module: nn.Module):
                 p.grad = g
 
 
-def verify(private, args: tuple, kwargs: dict, size: int) -> None:
+def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
     """Raises UnsupportedModuleError when the rows of a captured call of ``private``'s model on
-    this input are not its records (see the module docstring); returns quietly otherwise.
+    this input are not its records (see the module docstring). Returns None, or why the
+    model's outputs that are not per record mix the records of a batch (an auxiliary loss over
+    the batch, a loss the model computes with a batch-wide token count): the caller then
+    refuses a step in which any such output receives a gradient (:func:`tap_aggregates`), as a
+    model that computes such an output but trains on its per-record outputs is private.
 
     The probes run twice: on a synthetic batch (the floating-point inputs of the batch's records
     replaced by standard normal values) and on the batch itself. Adversarial records can hide a
@@ -221,32 +344,47 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> None:
     for every other record); the synthetic batch cannot, and the real one exercises the paths the
     data takes (padding masks from token ids, say)."""
     bf = private.recorder.batch_first
+    hidden = hidden_tensors(args, kwargs)
+    if hidden:
+        raise UnsupportedModuleError(hidden_refusal(hidden))
     names = {id(m): n or "the model" for n, m in private._module.named_modules()}
     gen = torch.Generator().manual_seed(size)
     sets = groups(size)
     cotangent: dict = {}  # one fixed cotangent per output shape, shared by base and perturbed runs
 
+    def with_aggregates(probe, then):  # outputs that are not per record: a second backward
+        two = bool(_aggregate_outputs(probe, size, bf))
+        then(two)
+        probe.agg_grads = (_grads_under(probe, cotangent, size, bf, gen, aggregates=True)
+                           if two else None)
+
     def base_grads(probe):
-        probe.grads = _grads_under(probe, cotangent, size, bf, gen)
+        with_aggregates(probe, lambda two: setattr(
+            probe, "grads", _grads_under(probe, cotangent, size, bf, gen, retain=two)))
 
     def group_grads(ks):
         rest = [i for i in range(size) if i not in set(ks)]
 
-        def then(probe):  # cotangent on the other records only: it must not reach rows ks
-            probe.grads = _grads_under(probe, cotangent, size, bf, gen, rest)
+        def first(probe, two):  # cotangent on the other records only: it must not reach rows ks
+            probe.grads = _grads_under(probe, cotangent, size, bf, gen, rest, retain=two)
             if rest:
                 _check_reach(probe, rest, size, names)
-        return then
+        return lambda probe: with_aggregates(probe, lambda two: first(probe, two))
 
     seed = secrets.randbits(63)
     state = _fingerprints(private._module, seed)
+    why: Optional[str] = None
     with _restored(private._module) as rng:
         for a, kw in (_synthetic(args, kwargs, size, bf, gen), (args, kwargs)):
             base = _Probe(private, a, kw, size, rng, then=base_grads)
+            # the same batch again: the forward must be a function of its batch (review S9: an
+            # EMA in a plain attribute carried records across physical batches of one, 3.6 C)
+            _check_repeat(base, _Probe(private, a, kw, size, rng), names)
             for ks in sets:
                 a2, k2 = _perturbed_inputs(a, kw, size, bf, ks, gen)
                 other = _Probe(private, a2, k2, size, rng, then=group_grads(ks))
                 _check_rows(base, other, ks, size, bf, names)
+                why = why or _aggregate_mixing(base, other, ks, size, names)
         moved = [n for n, f in _fingerprints(private._module, seed).items()
                  if f != state.get(n) and not (f != f and state.get(n) != state.get(n))]  # NaN == NaN
         if moved:
@@ -255,6 +393,37 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> None:
                 "through .data, which no version counter sees): state computed from the batch is "
                 "released with the model without noise; keep them constant during a private "
                 "forward")
+    return why
+
+
+def tap_aggregates(output: Any, size: int, batch_first: bool, refuse) -> None:
+    """Hooks on the differentiable outputs of a real forward that are not per record (see
+    :func:`verify`'s return): a non-zero gradient reaching one calls ``refuse()``."""
+    for t in leaves(output):
+        if t.is_floating_point() and t.requires_grad and output_record_dim(t, batch_first, size) is None:
+            def hook(g, refuse=refuse):
+                if g is not None and bool((g != 0).any()):
+                    refuse()
+            t.register_hook(hook)
+
+
+def _aggregate_mixing(base: _Probe, other: _Probe, ks: list[int], size: int, names) -> Optional[str]:
+    """Why, when the gradients that the outputs that are not per record send to the captured
+    calls' rows outside ``ks`` moved when ``ks`` changed (compared under the full cotangent)."""
+    for cb, gb, go in zip(base.calls, getattr(base, "agg_grads", None) or [],
+                          getattr(other, "agg_grads", None) or []):
+        for a, b in zip(gb, go):
+            if a.dim() and a.shape[0] == size:
+                rows = _changed(a, b)
+                rows[ks] = False
+                if bool(rows.any()):
+                    return (f"an output of the model that is not per record (a loss or auxiliary "
+                            f"loss computed over the batch) sends {_label(cb, names)} gradients "
+                            f"whose row(s) {rows.nonzero().flatten().tolist()[:5]} change when only "
+                            f"{_show(ks)} changed: it mixes the records of a batch. Train on "
+                            "per-record outputs only (a mean of per-record losses), not on that "
+                            "output")
+    return None
 
 
 def _fingerprints(module: nn.Module, seed: int) -> dict:
@@ -277,21 +446,36 @@ def _fingerprints(module: nn.Module, seed: int) -> dict:
     return out
 
 
+def _differentiable(probe) -> list[torch.Tensor]:
+    return [t for t in leaves(probe.output) if t.is_floating_point() and t.requires_grad]
+
+
 def _per_record_outputs(probe, size: int, bf: bool) -> list[torch.Tensor]:
-    return [t for t in leaves(probe.output) if t.is_floating_point() and t.requires_grad
-            and t.dim() > 0 and t.shape[record_dim(t, bf)] == size]
+    return [t for t in _differentiable(probe) if output_record_dim(t, bf, size) is not None]
+
+
+def _aggregate_outputs(probe, size: int, bf: bool) -> list[torch.Tensor]:
+    """Differentiable outputs with no dimension of the batch's size: a loss the model computes
+    itself, an auxiliary loss over the batch (an MoE load-balancing loss: 1.7 C when the probe
+    left such outputs out, review S9)."""
+    return [t for t in _differentiable(probe) if output_record_dim(t, bf, size) is None]
 
 
 def _grads_under(probe, cotangent: dict, size: int, bf: bool, gen: torch.Generator,
-                 keep: Optional[list[int]] = None) -> list:
+                 keep: Optional[list[int]] = None, aggregates: bool = False,
+                 retain: bool = False) -> list:
     """Every captured call's output gradient (per call: its tensors, detached) for one fixed
-    random cotangent on all of the model's per-record outputs. Compared between the base run and
-    a run with some records perturbed (:func:`_check_rows`): a row outside the perturbed group
-    must get the same gradient, else the layer's per-sample gradient of another record depends
-    on them, also where the forward values do not show it (``out + eps * sin((h @ w +
-    h.detach().mean()) / eps)`` changes the outputs by eps but the gradients by O(1): 2.1 C in
-    float64, 3.5 C in float32 before this check)."""
+    random cotangent on all of the model's per-record outputs (only on the rows of the records
+    ``keep``, when given), and with ``aggregates`` on its other differentiable outputs too.
+    Compared between the base run and a run with some records perturbed (:func:`_check_rows`):
+    a row outside the perturbed group must get the same gradient, else the layer's per-sample
+    gradient of another record depends on them, also where the forward values do not show it
+    (``out + eps * sin((h @ w + h.detach().mean()) / eps)`` changes the outputs by eps but the
+    gradients by O(1): 2.1 C in float64, 3.5 C in float32 before this check), or through an
+    output computed from the whole batch (a 0-dim auxiliary loss)."""
     outs = _per_record_outputs(probe, size, bf)
+    if aggregates:
+        outs = outs + _aggregate_outputs(probe, size, bf)
     if not outs:
         return []
     cots = []
@@ -300,16 +484,17 @@ def _grads_under(probe, cotangent: dict, size: int, bf: bool, gen: torch.Generat
         if key not in cotangent:
             cotangent[key] = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
         c = cotangent[key]
-        if keep is not None:  # zero outside the records ``keep``
+        d = output_record_dim(t, bf, size)
+        if keep is not None and d is not None:  # zero outside the records ``keep``
             mask = torch.zeros(size, dtype=torch.bool)
             mask[keep] = True
             shape = [1] * t.dim()
-            shape[record_dim(t, bf)] = size
+            shape[d] = size
             c = c * mask.reshape(shape).to(c.device)
         cots.append(c)
     for call in probe.calls:
         call.grad = None
-    torch.autograd.backward(outs, cots)
+    torch.autograd.backward(outs, cots, retain_graph=retain)
     return [[g.detach().clone() for g in leaves(call.grad) if g is not None] for call in probe.calls]
 
 
@@ -400,14 +585,44 @@ def _check_rows(base: _Probe, other: _Probe, ks: list[int], size: int, bf: bool,
                                   "changed (a dependence on other records that the forward values "
                                   "do not show)")
     for a, b in zip(leaves(base.output), leaves(other.output)):
-        if a.dim() and a.shape[record_dim(a, bf)] == size:
-            rows = _changed(a.movedim(record_dim(a, bf), 0), b.movedim(record_dim(b, bf), 0))
+        d = output_record_dim(a, bf, size)
+        if a.shape != b.shape:
+            raise UnsupportedModuleError(
+                f"the model's output of shape {tuple(a.shape)} became {tuple(b.shape)} when only "
+                f"{k} of the batch changed: ppml_fast cannot tie its rows to records")
+        if d is not None:
+            rows = _changed(a.movedim(d, 0), b.movedim(d, 0))
             rows[ks] = False
             if bool(rows.any()):
                 raise UnsupportedModuleError(
                     f"the model's output rows {rows.nonzero().flatten().tolist()[:5]} changed when "
                     f"only {k} of the batch changed: the model mixes the records of a batch "
                     "(per-sample gradients do not exist)")
+
+
+def _check_repeat(first: _Probe, again: _Probe, names) -> None:
+    """The same batch run twice with the same RNG state must give the same layers, captured
+    inputs and outputs: else the forward depends on something other than its batch, such as
+    state kept in a plain attribute and updated from earlier batches (which no buffer check
+    sees), and a record reaches the gradients of the records of later forwards."""
+    why = ("the model's forward gave {} for the same batch run twice (state kept between "
+           "forwards outside its buffers, e.g. a tensor attribute updated from the batch, or "
+           "randomness not drawn from torch's generators): a record would reach the gradients "
+           "of later batches' records. Register such state as a buffer and keep it constant "
+           "during private forwards")
+    if [id(c.module) for c in first.calls] != [id(c.module) for c in again.calls]:
+        raise UnsupportedModuleError(why.format("different layers"))
+    for c1, c2 in zip(first.calls, again.calls):
+        t1, t2 = call_tensors(c1), call_tensors(c2)
+        if len(t1) != len(t2) or any(
+                a.shape != b.shape or bool(_changed(a.reshape(1, -1), b.reshape(1, -1)).any())
+                for a, b in zip(t1, t2)):
+            raise _refuse(c1, names, why.format("different inputs of this layer"))
+    o1, o2 = leaves(first.output), leaves(again.output)
+    if len(o1) != len(o2) or any(a.shape != b.shape or bool(_changed(a.reshape(1, -1),
+                                                                      b.reshape(1, -1)).any())
+                                 for a, b in zip(o1, o2)):
+        raise UnsupportedModuleError(why.format("different outputs"))
 
 
 def _refuse(call, names, why: str) -> UnsupportedModuleError:
