@@ -91,6 +91,29 @@ def changed_in_place(call: Call) -> bool:
     return call.versions is not None and call.versions != tuple(t._version for t in call_tensors(call))
 
 
+def graph_building(call: Call, batch: Optional[Batch]) -> None:
+    """Refuses (at the step, before anything changes) a batch whose captured output gradients
+    came (also) from a backward pass that builds a graph: ``torch.autograd.grad(...,
+    create_graph=True)`` or ``backward(create_graph=True)`` through the private forward, as an
+    input-gradient penalty does (review S9: 1.04 C). Such a pass runs the hooks with grad mode on
+    (the engine sets it to ``create_graph``; a plain backward, also the nested one of a reentrant
+    checkpoint, runs them with it off). Its output gradients are not the loss's (the sinks would
+    add them to the loss's, and the mean loss's scale B would then multiply them: a record's
+    clipped gradient would depend on the batch size), and the per-sample gradients of a loss on
+    gradients (double backward) are not something ppml_fast computes. Called by the sinks only
+    when grad mode is on (one flag read per sink otherwise)."""
+    if batch is None or batch.refusal:
+        return
+    batch.refusal = (
+        f"{type(call.module).__name__}: a backward pass that builds a graph "
+        "(torch.autograd.grad(..., create_graph=True) or backward(create_graph=True), e.g. an "
+        "input-gradient penalty or a second-order term) went through the private forward: its "
+        "output gradients are not the loss's, and per-sample gradients of a loss on gradients "
+        "(double backward) are not computed by ppml_fast, so the per-sample clipping would not "
+        "bound a record's contribution. Remove the penalty (or compute it without "
+        "differentiating through the private model) and run the forward and backward again")
+
+
 class Recorder:
     """Owns the hooks and the captured batches of one model."""
 
@@ -201,12 +224,14 @@ class Recorder:
         n = len(where)
         for k, i in enumerate(where):
             leaves[i] = leaves[i] + self._anchor.to(leaves[i].dtype)
-            leaves[i].register_hook(self._sink(call, k, n))
+            leaves[i].register_hook(self._sink(call, k, n, batch))
         return pytree.tree_unflatten(leaves, spec)
 
     @staticmethod
-    def _sink(call: Call, k: int, n: int):
+    def _sink(call: Call, k: int, n: int, batch: Optional[Batch] = None):
         def sink(grad: torch.Tensor) -> None:
+            if torch.is_grad_enabled():  # a backward that builds a graph: see graph_building
+                graph_building(call, batch)
             if call.grad is None:
                 call.grad = [None] * n
             call.grad[k] = grad if call.grad[k] is None else call.grad[k] + grad
@@ -217,12 +242,16 @@ class Recorder:
         """Connects ``output`` to the graph if needed and records its gradient into ``call``.
         ``batch``: the current batch (``_current()``) when the caller has just read it."""
         stamp(call)
-        self.check_inside(call, self._current() if batch is None else batch)
+        if batch is None:
+            batch = self._current()
+        self.check_inside(call, batch)
         if not output.requires_grad:
             anchor = self._anchor
             output = output + (anchor if anchor.dtype == output.dtype else anchor.to(output.dtype))
 
         def sink(grad: torch.Tensor) -> None:
+            if torch.is_grad_enabled():  # a backward that builds a graph: see graph_building
+                graph_building(call, batch)
             if call.seq_first:
                 grad = grad.movedim(1, 0)
             call.grad = grad if call.grad is None else call.grad + grad

@@ -18,6 +18,7 @@ a wrong gradient. The same check refuses modules whose records interact.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -135,7 +136,91 @@ def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: 
             f"{hint}") from e
     for k, got in zip(checked, outs):
         _check_same(label, k, got, rerun.outputs[k])
+    if live and names:
+        _check_sum(label, module, cell, frozen, names, values, leaves, spec, rerun, live,
+                   dict(zip(names, grads)))
     return dict(zip(names, grads))
+
+
+def _check_sum(label: str, module: nn.Module, cell, frozen: dict, names: list, values: tuple,
+               leaves: list, spec: Any, rerun: Rerun, live: list, grads: dict) -> None:
+    """Raises unless the per-record gradients ``grads`` (B, ...) are the rows of the batch's own
+    gradient: for random weights r (drawn here, never seen by the model), sum_i r_i grads[i] must
+    equal the gradient of sum_i r_i <g_i, out_i> of ONE rerun of the module on the whole batch
+    (every input as it was, nothing split). :func:`_check_same` compares forward values only,
+    which a dependence the forward hides passes (review S9: a constant table with B rows by
+    coincidence, split row by row, entering the gradient through ``m - m.detach()`` with
+    m = w * table.mean(): record i got table[i] instead of the table, 1.55 C): whatever leaf was
+    split wrongly, or a dependence between records that only the gradient shows, makes some
+    record's gradient differ from its row of the batch's, and a random combination of nonzero
+    differences is nonzero with probability one. One forward and backward of the module on the
+    batch (the torch.func path already reruns it B times)."""
+    b = rerun.batch_size
+    dtype = values[0].dtype
+    gen = torch.Generator().manual_seed(secrets.randbits(63))
+    r = torch.randn(b, generator=gen, dtype=torch.float64)
+    rows = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == b]
+    with torch.no_grad():  # records whose values are not finite are the non-finite check's (raise
+        # or drop): left out (weight 0), their rows of every B-row input replaced by a finite
+        # record's (0 * NaN would spread through the batch's gradient)
+        bad = torch.zeros(b, dtype=torch.bool)
+        for t in [grads[n] for n in names] + [g for _, g in live] + [leaves[i] for i in rows]:
+            if t.is_floating_point() or t.is_complex():
+                bad |= ~torch.isfinite(t).reshape(b, -1).all(1).cpu()
+        full = list(leaves)
+        if bool(bad.any()):
+            good = (~bad).nonzero().flatten()
+            if not len(good):
+                return  # every record is the non-finite check's: nothing of this call is released
+            src = torch.where(bad, good[0], torch.arange(b))
+            for i in rows:
+                full[i] = leaves[i].index_select(0, src.to(leaves[i].device))
+            r = r.masked_fill(bad, 0.0)
+            live = [(k, g.index_select(0, src.to(g.device)).masked_fill(
+                bad.to(g.device).reshape((b,) + (1,) * (g.dim() - 1)), 0)) for k, g in live]
+            grads = {n: grads[n].index_select(0, src.to(grads[n].device)) for n in names}
+    try:
+        with torch.enable_grad():
+            vals = [v.detach().requires_grad_(True) for v in values]
+            args, kwargs = pytree.tree_unflatten(full, spec)
+            if cell is not None:
+                out = cell(module, {**frozen, **dict(zip(names, vals))}, *args, **kwargs)
+            else:
+                out = functional_call(module, dict(zip(names, vals)), args, kwargs, strict=False)
+            outs = [a for a in pytree.tree_flatten(out)[0] if tappable(a)]
+            if len(outs) != len(rerun.outputs):
+                raise UnsupportedModuleError(
+                    f"{label}: rerun on the batch, it returned {len(outs)} floating-point "
+                    f"tensors, in the forward {len(rerun.outputs)}")
+            total = torch.zeros((), dtype=dtype, device=vals[0].device)
+            for k, g in live:
+                w = r.to(device=g.device, dtype=g.dtype).reshape((b,) + (1,) * (g.dim() - 1))
+                total = total + (outs[k] * (g * w)).sum()
+            want = torch.autograd.grad(total, vals, allow_unused=True)
+    except UnsupportedModuleError:
+        raise
+    except Exception as e:
+        raise UnsupportedModuleError(
+            f"{label}: rerun on the whole batch (the torch.func path's check of its per-record "
+            f"gradients), it failed: {type(e).__name__}: {e}") from e
+    for name, v, w in zip(names, values, want):
+        per = grads[name].detach()
+        rr = r.to(device=per.device, dtype=per.dtype)
+        got = torch.tensordot(rr, per, dims=1)
+        w = torch.zeros_like(got) if w is None else w.detach().to(got.dtype)
+        size = per.abs().reshape(b, -1).amax(1) if per.numel() else per.new_zeros(b)
+        scale = 1.0 + float((size * rr.abs()).sum()) + (float(w.abs().max()) if w.numel() else 0.0)
+        tol = math.sqrt(torch.finfo(got.dtype).eps) * scale
+        if not bool(((got - w).abs() <= tol).all()):
+            raise UnsupportedModuleError(
+                f"{label}: rerun record by record (the torch.func path), its per-record gradients "
+                f"of {name} are not the rows of the batch's gradient: an input leaf with {b} rows "
+                "was taken as per-record although its rows are not the records' (a constant, "
+                "buffer or table that has as many rows as the batch: record i got its row i, not "
+                "the whole tensor), or its records interact in the gradient only; per-sample "
+                "gradients of this module are not defined as it is called (pass such a tensor "
+                "with a size other than the batch's, e.g. unsqueezed, or as the module's own "
+                "buffer)")
 
 
 def _check_same(label: str, k: int, got: torch.Tensor, want: torch.Tensor) -> None:

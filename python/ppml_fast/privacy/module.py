@@ -124,8 +124,13 @@ class PrivateModule(ClippedSums, nn.Module):
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
         # input layout -> None (rows proven to be records) or why they are not
-        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, aggregate mixing)
+        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, mixing, unexpanded)
         self._same_records: Optional[list] = None  # [the batch] inside same_records()
+        # embeddings whose shared (leading size 1) indices were expanded per record in this
+        # forward (records.verify checks that the model's outputs did not change), and a
+        # switch that keeps the indices as they are (a layout where they did change)
+        self._broadcasts: list = []
+        self._broadcast_off = False
         self._attach(module)
         # after _attach (which may refuse): flags parameters used outside their module's calls
         self.parameter_watch = ParameterWatch(module, lambda: bool(self.recorder.batches))
@@ -218,14 +223,18 @@ class PrivateModule(ClippedSums, nn.Module):
         name = next((n for n, m in self._module.named_modules() if m is mod), None)
         return f"{name or 'the model'} ({type(mod).__name__})" if name is not None else type(mod).__name__
 
-    def _broadcast(self, x: torch.Tensor, batch) -> torch.Tensor:
+    def _broadcast(self, x: torch.Tensor, batch, mod: nn.Module) -> torch.Tensor:
         """An embedding index tensor shared by the batch (Hugging Face's default position_ids
         (1, T), broadcast over the records) expanded to one row per record: each record's
-        per-sample gradient is then the gradient of its own rows, as the broadcast defines it."""
+        per-sample gradient is then the gradient of its own rows, as the broadcast defines it.
+        Valid only where the model broadcasts the output over the records: the records probe
+        compares the outputs with those of the unexpanded model (review S9: peft's prompt
+        tuning repeats a (1, P, d) prompt B times), and refuses the layout if they differ."""
         d = 0 if self.recorder.batch_first or x.dim() < 2 else 1
-        if x.dim() > d and x.shape[d] == 1 and batch.size > 1:
+        if x.dim() > d and x.shape[d] == 1 and batch.size > 1 and not self._broadcast_off:
             shape = list(x.shape)
             shape[d] = batch.size
+            self._broadcasts.append(mod)
             return x.expand(shape)
         return x
 
@@ -266,7 +275,7 @@ class PrivateModule(ClippedSums, nn.Module):
             if not params:
                 return type(m).forward(m, x)  # frozen now: nothing to record
             if broadcast:
-                x = self._broadcast(x, batch)
+                x = self._broadcast(x, batch, m)
             call = make(m, (x,), params, batch)
             out = functional(m, x, {r: p.detach() for r, p in params.items()})
             batch.calls.append(call)
@@ -379,8 +388,9 @@ class PrivateModule(ClippedSums, nn.Module):
         if x is not None and x.dim() > 0:
             size = x.shape[records.record_dim(x, rec.batch_first)]
             why = mixing = None
+            unexpanded = False
             if rec.enabled and torch.is_grad_enabled():
-                why, mixing = self._verify_records(args, kwargs, size)
+                why, mixing, unexpanded = self._verify_records(args, kwargs, size)
                 same = self._same_records
                 if same is not None and same[0] is not None and rec.batches and rec.batches[-1] is same[0]:
                     if size != same[0].size:  # not the same records: refused at the step
@@ -394,7 +404,7 @@ class PrivateModule(ClippedSums, nn.Module):
             if why and rec.batches:
                 rec.batches[-1].refusal = rec.batches[-1].refusal or why
         else:
-            mixing = None
+            mixing, unexpanded = None, False
         batch = rec._current()
         if batch is None:
             return self._module(*args, **kwargs)
@@ -412,11 +422,13 @@ class PrivateModule(ClippedSums, nn.Module):
             found = ([b for _, b in root.named_buffers()], [p for _, p in root.named_parameters()])
         versions = (stamps(found[0]), stamps(found[1]))
         rec.inside += 1  # calls captured now are this forward's (Recorder.check_inside)
+        self._broadcast_off = unexpanded
         try:
             out = self._module(*args, **kwargs)
         finally:
             rec.inside -= 1
             watch.primed = False
+            self._broadcast_off = False
         moved = moved_names(root, found, versions)
         now = slots(root)
         # parameters made trainable during the call (in the forward, or in a __call__ override
@@ -471,11 +483,11 @@ class PrivateModule(ClippedSums, nn.Module):
     def _verify_records(self, args: tuple, kwargs: dict, size: int) -> tuple:
         """Proves, once per input layout, that every captured call's rows are records
         (:mod:`ppml_fast.privacy.records`); returns (why not, naming the layer, or None; why the
-        outputs that are not per record mix records, or None). The DP step refuses a batch with
-        a reason (the forward itself runs, e.g. for evaluation), or whose loss used such an
-        output."""
+        outputs that are not per record mix records, or None; whether the forward must keep
+        shared embedding indices unexpanded). The DP step refuses a batch with a reason (the
+        forward itself runs, e.g. for evaluation), or whose loss used such an output."""
         if size == 0:  # no records: nothing to prove (the step releases noise only)
-            return None, None
+            return None, None, False
         key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
         if key in self._verified:
             return self._verified[key]
@@ -488,9 +500,11 @@ class PrivateModule(ClippedSums, nn.Module):
             return self._verified[probed]
         self._refuse_compiled(self._module.modules())  # before the probe runs the model
         try:
-            self._verified[probed] = (None, records.verify(self, args, kwargs, size))
+            self._verified[probed] = (None, records.verify(self, args, kwargs, size), False)
+        except records.BroadcastRefusal as e:  # the real forward keeps the shared indices
+            self._verified[probed] = (str(e), None, True)
         except UnsupportedModuleError as e:
-            self._verified[probed] = (str(e), None)
+            self._verified[probed] = (str(e), None, False)
         return self._verified[probed]
 
     def trainable_parameters(self) -> list[nn.Parameter]:

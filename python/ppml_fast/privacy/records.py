@@ -376,7 +376,15 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
     why: Optional[str] = None
     with _restored(private._module) as rng:
         for a, kw in (_synthetic(args, kwargs, size, bf, gen), (args, kwargs)):
-            base = _Probe(private, a, kw, size, rng, then=base_grads)
+            private._broadcasts = []
+            try:
+                base = _Probe(private, a, kw, size, rng, then=base_grads)
+            except Exception as e:
+                if private._broadcasts:  # maybe the expanded shared indices (PrivateModule._broadcast)
+                    _check_broadcast(private, a, kw, rng, names, error=e)
+                raise
+            if private._broadcasts:
+                _check_broadcast(private, a, kw, rng, names, output=base.output)
             # the same batch again: the forward must be a function of its batch (review S9: an
             # EMA in a plain attribute carried records across physical batches of one, 3.6 C)
             _check_repeat(base, _Probe(private, a, kw, size, rng), names)
@@ -424,6 +432,43 @@ def _aggregate_mixing(base: _Probe, other: _Probe, ks: list[int], size: int, nam
                             "per-record outputs only (a mean of per-record losses), not on that "
                             "output")
     return None
+
+
+class BroadcastRefusal(UnsupportedModuleError):
+    """An embedding on indices shared by the records whose output the model does not broadcast
+    over them: the real forward then runs with the indices as they are (the step is refused)."""
+
+
+def _check_broadcast(private, args, kwargs, rng, names, output=None, error=None) -> None:
+    """Raises :class:`BroadcastRefusal` when the model, run without the capture (the shared
+    indices as they are), gives other outputs than ``output`` or succeeds where the captured run
+    raised ``error``; returns quietly otherwise (``error`` is then the model's own)."""
+    rec = private.recorder
+    saved, rec.batches = rec.batches, []
+    try:
+        _set_rng(rng)
+        with torch.no_grad():
+            ref = private._module(*args, **kwargs)
+    except Exception:
+        if error is not None:
+            return  # fails either way: the model's own error, raised by the caller
+        raise
+    finally:
+        rec.batches = saved
+    if error is None:
+        a, b = leaves(ref), leaves(output)
+        if len(a) == len(b) and all(x.shape == y.shape and not bool(
+                _changed(x.reshape(1, -1), y.reshape(1, -1)).any()) for x, y in zip(a, b)):
+            return
+    layers = sorted({f"{names.get(id(m), '?')} ({type(m).__name__})" for m in private._broadcasts})
+    what = f"raised {type(error).__name__}: {error}" if error is not None else "gave other outputs"
+    raise BroadcastRefusal(
+        f"{', '.join(layers[:3])}: called on indices shared by all records of the batch (leading "
+        "size 1), and the model does not broadcast that output over the records (it "
+        f"{what} when ppml_fast expanded the indices to one row per record, which per-record "
+        "gradients need; e.g. peft's prompt tuning repeats a shared prompt B times): an output "
+        "that every record shares has no per-record gradients. Give the layer one row of "
+        "indices per record (ids.expand(batch_size, -1)), or freeze it")
 
 
 def _fingerprints(module: nn.Module, seed: int) -> dict:

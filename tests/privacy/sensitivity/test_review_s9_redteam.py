@@ -334,13 +334,11 @@ class SharedTable(nn.Module):
         return self.head(torch.tanh(self.gate(x.mean(1), self.table)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fallback.per_sample_grads takes every input leaf with B rows as per record: record i's rerun "
-    "sees table[i] instead of the table; _check_same compares forward values only, which the table "
-    "does not change here: 1.55 C (at B-1 records the table is shared again). Fix: take as per "
-    "record only the leaves whose rows the recorder can tie to the forward's records (e.g. tensors "
-    "derived from the model's inputs), refuse a buffer/constant with B rows"))
 def test_constant_with_batch_size_rows_in_a_torch_func_layer():
+    """fallback.per_sample_grads took every input leaf with B rows as per record: record i's
+    rerun saw table[i] instead of the table, and _check_same (forward values) could not see it:
+    1.55 C. Now the per-record gradients must be the rows of one batch rerun's gradient
+    (fallback._check_sum, a random combination): refused."""
     case = Case(name="shared_table", build=_seeded(SharedTable), inputs=(_x(),), target=Y, adversarial=(0, 1),
                 refuse_ok=True)
     check_case(case, replace=True)  # today: AssertionError, 1.5533 x the bound
