@@ -209,6 +209,9 @@ def _epsilon(args: argparse.Namespace) -> int:
                   steps=args.steps, delta=args.delta, accountant=args.accountant)
     print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant}; sample rate "
           f"{args.sample_rate:g}, noise multiplier {args.noise_multiplier:g}, {args.steps} steps)")
+    if eps == float("inf"):
+        print("  (no finite epsilon at this delta: the accountant's bound is +inf, which is "
+              "always valid; more noise, fewer steps or a larger delta give a finite one)")
     return 0
 
 
@@ -447,6 +450,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.run(args)
     except (ValueError, TypeError) as e:
         print(f"ppml-fast: {e}", file=sys.stderr)
+        return 2
+    except OverflowError as e:  # a number out of float range: an answer, not a traceback
+        print(f"ppml-fast: a result is out of floating-point range ({e}); try less extreme "
+              "arguments", file=sys.stderr)
         return 2
 
 

@@ -275,12 +275,9 @@ def _refused_or_warned(run, word: str) -> bool:
     return any(word in str(w.message) for w in caught)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DPTrainer.training_step uses compute_per_record_loss and never calls compute_loss: a user's "
-    "compute_loss override (class weights, an auxiliary term, here a zero loss) is silently ignored "
-    "in training (evaluation still uses it); it should be refused or warned, naming "
-    "compute_per_record_loss"))
 def test_a_custom_compute_loss_is_not_silently_ignored(tmp_path):
+    """A compute_loss override (class weights, an auxiliary term, here a zero loss) without a
+    compute_per_record_loss one is refused at construction (training never calls it)."""
     class Custom(DPTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(**inputs)
@@ -292,10 +289,8 @@ def test_a_custom_compute_loss_is_not_silently_ignored(tmp_path):
     assert _refused_or_warned(run, "compute_loss")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Trainer(compute_loss_func=...) is silently ignored by DPTrainer's training step; it should be "
-    "refused at construction (naming compute_per_record_loss)"))
 def test_compute_loss_func_is_not_silently_ignored(tmp_path):
+    """Trainer(compute_loss_func=...) is refused at construction (training never calls it)."""
     def zero(outputs, labels, num_items_in_batch=None):
         return outputs.logits.sum() * 0.0
 
@@ -306,13 +301,9 @@ def test_compute_loss_func_is_not_silently_ignored(tmp_path):
     assert _refused_or_warned(run, "compute_loss_func")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "huggingface.py DPTrainer.compute_per_record_loss: `base.base_model.model if hasattr(base, "
-    "'peft_config')` assumes a LoRA-style tuner; for prompt-learning peft models (prefix tuning, "
-    "prompt tuning, p-tuning) base_model is the transformer itself -> AttributeError "
-    "'GPT2LMHeadModel' object has no attribute 'model'. Use base.get_base_model(). (The engine "
-    "itself trains prefix tuning: a subclass computing the loss directly works.)"))
 def test_peft_prefix_tuning_trains(tmp_path):
+    """peft prefix tuning (a prompt-learning model: its base_model is the transformer itself,
+    found with get_base_model) trains its prompt encoder and nothing else."""
     model = peft.get_peft_model(gpt2(positions=16),
                                 peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
     before = params(model)
@@ -323,11 +314,12 @@ def test_peft_prefix_tuning_trains(tmp_path):
     assert moved == {"prompt_encoder.default.embedding.weight"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
     "T5's relative_attention_bias (an Embedding called on a (T, T) bucket table shared by every "
-    "record, like a position embedding) is refused at the first step with a message about "
-    "reshapes and batch_first that does not apply; DPTrainer has an encoder-decoder branch but "
-    "the canonical encoder-decoder model does not train unless the user freezes that table"))
+    "record, like a position embedding) has no per-record gradient the engine computes (privacy/*); "
+    "DPTrainer now refuses it before training with a clear message telling the user to freeze it "
+    "(tests/integrations/test_hf_s9_fixes.py), so the canonical encoder-decoder model trains only "
+    "with that table frozen. Support would need the engine to clip a shared Embedding per record"))
 def test_t5_trains_with_its_relative_attention_bias(tmp_path):
     model = t5(freeze_relative_bias=False)
     tr = DPTrainer(model=model, args=targs(tmp_path, per_device_train_batch_size=4),
@@ -434,13 +426,6 @@ class Prompted(nn.Module):
         return self.fc(x).mean(1) + self.fc(p).sum(0).mean(0)  # a shared (2,) term
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "privacy/module.py PrivateModule._broadcast: an Embedding called on indices of leading size 1 "
-    "returns (B, ...) instead of (1, ...) inside a captured forward. Models that use the shared "
-    "output as it is (peft PromptTuning: prompt_encoder(tokens[:1]).repeat(B, 1, 1); a sum over "
-    "it) get a different forward: 'repeat' crashes with a torch size error naming nothing of "
-    "ppml_fast, 'sum' silently returns other values (the step then refuses). A layer's output "
-    "shape must not change; refuse clearly when the broadcast assumption does not hold"))
 @pytest.mark.parametrize("use", ["repeat", "sum"])
 def test_an_embedding_on_shared_indices_keeps_its_output(use):
     torch.manual_seed(0)
@@ -458,13 +443,10 @@ def test_an_embedding_on_shared_indices_keeps_its_output(use):
 
 # -- the accountant behind ppml-fast epsilon -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "accounting/pld_math.py _stencil: math.exp(step) overflows (OverflowError: math range error) "
-    "when the PLD discretisation step grows with a huge epsilon (sigma 1e-3, 10^4 steps: epsilon "
-    "~1e8). `ppml-fast epsilon` prints a traceback (cli.main catches only ValueError/TypeError), "
-    "and engine.get_epsilon / DPTrainer's per-step log would crash the same way; the RDP "
-    "accountant answers 5e8. Return inf (a valid bound) or fall back to RDP"))
 def test_epsilon_of_almost_no_noise_is_a_number_not_an_overflow(capsys):
+    """sigma 1e-3 over 10^4 steps: the PLD grid is coarsened to steps of ~840 loss units, where
+    e^step overflows a float; the connect-the-dots masses are formed from e^-step instead
+    (pld_math._stencil) and the answer is a number (5.65e8), not a traceback."""
     rc = cli_main(["epsilon", "--sample-rate", "0.1", "--noise-multiplier", "0.001", "--steps", "10000",
                    "--delta", "1e-5"])
     assert rc == 0 and "epsilon = " in capsys.readouterr().out

@@ -78,12 +78,25 @@ def get_noise_multiplier(
     tol = min(epsilon_tolerance, target_epsilon / 100), or
     the sigma of an epsilon below that window when no smaller sigma reaches it.
 
-    Raises ValueError when even sigma = 1e4 spends more than the target.
+    Raises ValueError when even sigma = 1e4 spends more than the target, and when
+    ``target_delta`` is at least 1 - (1 - q)^steps (epsilon is then 0 without any noise).
     """
     target_epsilon, target_delta, sample_rate = _check_common(
         target_epsilon, target_delta, sample_rate, accountant
     )
     n = _steps_from(steps, epochs, sample_rate)
+    # a record takes part in at least one of the n steps with probability 1 - (1 - q)^n, the
+    # total variation between the runs with and without it whatever the noise: at a delta that
+    # large epsilon is 0 for every sigma, even none, so there is no smallest one to search for
+    # (the search would shrink sigma to 1e-61 over 200 PLD queries, minutes)
+    used = 1.0 if sample_rate == 1 else -math.expm1(n * math.log1p(-sample_rate))
+    if target_delta >= used:
+        raise ValueError(
+            f"target_delta={target_delta:g} is at least {used:.6g}, the probability that a record "
+            f"is sampled at all in {n} steps at sample_rate={sample_rate:g}: epsilon is 0 at that "
+            "delta with any noise multiplier, even without noise, so no noise multiplier is "
+            "determined by it; such a delta protects nothing (take delta well below "
+            "1 / the number of records)")
     # an absolute tolerance alone is met at once by a target at or below it (target 0.01,
     # tolerance 0.01 accepted the first doubling, sigma 128, where 90 suffices): cap it at 1%
     # of the target, so that the answer is within 1% of the smallest sigma's epsilon

@@ -162,10 +162,28 @@ class DiscretePLD:
         return self._mgf["sd"]
 
 
+# Above this grid step (in loss units) e^d overflows a float (e^709.78 is the largest): the
+# connect-the-dots weights are then formed from e^-d (``_inv_expm1``, ``_stencil``).
+_EXP_STEP_MAX = 700.0
+
+
+def _inv_expm1(step: float) -> float:
+    """1 / (e^d - 1) for d = ``step`` > 0, also where e^d overflows: e^-d / (1 - e^-d)."""
+    if step <= _EXP_STEP_MAX:
+        return 1.0 / math.expm1(step)
+    return math.exp(-step) / -math.expm1(-step)
+
+
 def _stencil(v: np.ndarray, step: float) -> np.ndarray:
-    """Interior connect-the-dots masses ((v_(i+1) - v_i) - e^d (v_i - v_(i-1))) / (e^d - 1)."""
+    """Interior connect-the-dots masses ((v_(i+1) - v_i) - e^d (v_i - v_(i-1))) / (e^d - 1)
+    (Doroshenko et al. 2022, Algorithm 1). Where e^d overflows (a grid coarsened to steps of
+    hundreds of loss units, for an almost noiseless history whose epsilon is ~1e8) the same
+    masses are (v_(i+1) - v_i) e^-d / (1 - e^-d) - (v_i - v_(i-1)) / (1 - e^-d): exact
+    algebra, no overflow, so the grid PLD stays the same pessimistic one."""
     diff = np.diff(v)
-    return (diff[1:] - math.exp(step) * diff[:-1]) / math.expm1(step)
+    if step <= _EXP_STEP_MAX:
+        return (diff[1:] - math.exp(step) * diff[:-1]) / math.expm1(step)
+    return diff[1:] * _inv_expm1(step) - diff[:-1] / -math.expm1(-step)
 
 
 def connect_the_dots(delta: Callable[[np.ndarray], np.ndarray],
@@ -204,9 +222,9 @@ def connect_the_dots(delta: Callable[[np.ndarray], np.ndarray],
         probs[-1] = (d[-1] - d[-2]) / math.expm1(-step)
         if m >= 1:
             probs[1:m] = _stencil(r, step)
-            probs[0] = (r[1] - r[0]) / math.expm1(step) - r[0]
+            probs[0] = (r[1] - r[0]) * _inv_expm1(step) - r[0]
         else:
-            probs[0] = 1.0 - d[0] + (d[1] - d[0]) / math.expm1(step)
+            probs[0] = 1.0 - d[0] + (d[1] - d[0]) * _inv_expm1(step)
         probs = np.maximum(probs, 0.0)
     nz = np.flatnonzero(probs)
     if len(nz) == 0:  # all mass at +inf

@@ -62,7 +62,12 @@ batch to its longest record makes a new layout per length, so pad to a fixed len
 Privacy state lives in the engine (``trainer.privacy_engine``, ``trainer.dp_optimizer``), not in
 ``TrainingArguments``. Not supported (refused at construction): several processes or GPUs,
 fp16/bf16 mixed precision, ``torch_compile``, ``auto_find_batch_size``, ``model_init``
-(hyperparameter search), iterable datasets. The
+(hyperparameter search), iterable datasets, a ``compute_loss`` override without a
+``compute_per_record_loss`` one and ``compute_loss_func`` (batch losses: training never calls
+them; DP-SGD needs each record's loss), and (when ``train()`` starts) a trainable T5-style
+``relative_attention_bias`` (an Embedding whose output every record shares: freeze it).
+``TrainingArguments.max_grad_norm`` is ignored (warned when set): the DP clipping norm is
+``PrivacyArguments.max_grad_norm``. The
 Poisson sampler is keyed from OS entropy (``sampling_seed`` makes it reproducible, and then not
 private against whoever knows the seed), never from ``TrainingArguments.seed`` (42 by default).
 """
@@ -70,6 +75,7 @@ private against whoever knows the seed), never from ``TrainingArguments.seed`` (
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -87,6 +93,24 @@ from ppml_fast.privacy import PrivacyEngine
 from ppml_fast.privacy.budget import BudgetStop
 
 __all__ = ["DPTrainer", "PrivacyArguments", "per_record_loss"]
+
+
+def _transformer(model):
+    """The transformers model under a peft wrapper (``get_base_model``: for LoRA-style tuners
+    ``base_model.model``, for prompt learning ``base_model`` itself), else ``model``."""
+    get = getattr(model, "get_base_model", None)
+    return get() if hasattr(model, "peft_config") and callable(get) else model
+
+
+def _virtual_tokens(model) -> int:
+    """Virtual tokens a peft prompt-learning model puts before the input tokens (prompt tuning,
+    p-tuning; 0 for prefix tuning, whose prefix is in the attention's keys and values)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    if str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING":
+        return 0
+    return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
 class _PrivacyCallback(TrainerCallback):
@@ -115,6 +139,24 @@ class _PrivacyCallback(TrainerCallback):
         return control
 
 
+def _refuse_ignored_losses(cls: type, compute_loss_func) -> None:
+    """Training calls :meth:`DPTrainer.compute_per_record_loss`, never ``compute_loss`` nor
+    ``compute_loss_func`` (a batch loss: its gradient is not a sum of per-record gradients, so
+    it cannot be clipped per record). A loss given only through those would be silently
+    replaced by the default per-record loss in training (and used in evaluation): refused."""
+    how = ("override DPTrainer.compute_per_record_loss(self, model, inputs) to return the loss of "
+           "each record, shape (B,), each from that record alone (DP-SGD clips per record, so a "
+           "loss over the batch cannot be used)")
+    if compute_loss_func is not None:
+        raise ValueError(f"DPTrainer does not use compute_loss_func (training would silently use "
+                         f"the default per-record loss instead); {how}")
+    if cls.compute_loss is not Trainer.compute_loss and \
+            cls.compute_per_record_loss is DPTrainer.compute_per_record_loss:
+        raise TypeError(f"{cls.__name__} overrides compute_loss, which DPTrainer's training step does "
+                        f"not call (only evaluation does); {how}. Override both where evaluation "
+                        "should use your compute_loss too")
+
+
 class DPTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with DP-SGD; ``privacy`` says how (see the module
     docstring). Every other argument is the Trainer's. After ``train()`` (or during it):
@@ -132,9 +174,12 @@ class DPTrainer(Trainer):
                              f"{str(getattr(training.hub_strategy, 'value', training.hub_strategy))!r}: "
                              "a checkpoint's optimizer state holds the noise key; use 'every_save' "
                              "or 'end' (model weights only)")
+        _refuse_ignored_losses(type(self), kwargs.get("compute_loss_func"))
         super().__init__(*args, **kwargs)
+        _refuse_ignored_losses(type(self), getattr(self, "compute_loss_func", None))  # positional
         self._refuse_unsupported()
         self.privacy = privacy
+        self._warn_ignored_arguments()
         engine_kwargs = {"secure_mode": privacy.secure_mode}
         if privacy.accountant is not None:
             engine_kwargs["accountant"] = privacy.accountant
@@ -161,6 +206,16 @@ class DPTrainer(Trainer):
             problems.append("an IterableDataset (Poisson sampling needs a dataset with len and indices)")
         if problems:
             raise ValueError("DPTrainer does not support " + "; ".join(problems))
+
+    def _warn_ignored_arguments(self) -> None:
+        """TrainingArguments.max_grad_norm clips the summed gradient, which no DP step has: say
+        that it is ignored when it is set (not the default 1.0, not 0 / None: no clipping)."""
+        c = self.args.max_grad_norm
+        if c is not None and c != 0 and c != 1.0:
+            warnings.warn(
+                f"DPTrainer ignores TrainingArguments.max_grad_norm={c:g}: DP-SGD clips each "
+                f"record's gradient to PrivacyArguments.max_grad_norm (here "
+                f"{self.privacy.max_grad_norm:g}); set that one", UserWarning, stacklevel=3)
 
     # -- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> PoissonParts:
@@ -229,6 +284,7 @@ class DPTrainer(Trainer):
             return
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"DPTrainer needs a torch optimizer to wrap; got {type(self.optimizer).__name__}")
+        self._refuse_shared_embeddings()
         p, parts = self.privacy, self.get_train_dataloader()
         sample_rate = 1 / len(parts.base)
         sigma = p.noise_multiplier
@@ -304,7 +360,14 @@ class DPTrainer(Trainer):
     def compute_per_record_loss(self, model, inputs: dict) -> torch.Tensor:
         """The loss of each record of ``inputs``, shape (B,), each from that record alone
         (:func:`~ppml_fast.integrations._hf_loss.per_record_loss` on the model's logits and the
-        ``labels``). Override for other heads; the sum of what it returns is differentiated."""
+        ``labels``). Override for other heads; the sum of what it returns is differentiated.
+
+        The labels are not passed to the model (its own batch-mean loss would go unused);
+        an encoder-decoder model gets ``decoder_input_ids`` made from them
+        (``prepare_decoder_input_ids_from_labels``, T5's ``_shift_right``) unless the batch has
+        its own. peft models: the transformer is ``get_base_model()``; prompt and p-tuning put
+        ``num_virtual_tokens`` before the input, so causal-LM labels get as many -100 first
+        (as peft does)."""
         inputs = dict(inputs)
         labels = inputs.get("labels")
         if labels is None:
@@ -312,15 +375,43 @@ class DPTrainer(Trainer):
                              "compute_per_record_loss): the per-record loss is computed from them")
         base = self.accelerator.unwrap_model(self.model)
         config = getattr(base, "config", None)
-        if not getattr(config, "is_encoder_decoder", False):
-            inputs.pop("labels")  # the model's own (batch-mean) loss is not used
+        inner = _transformer(base)
+        inputs.pop("labels")  # the model's own (batch-mean) loss is not used
+        if getattr(config, "is_encoder_decoder", False) and inputs.get("decoder_input_ids") is None \
+                and inputs.get("decoder_inputs_embeds") is None:
+            # the decoder inputs the model would make from token labels itself (T5: _shift_right)
+            prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+            if prepare is None or labels.dim() != 2:  # e.g. class labels: the model decides; its
+                inputs["labels"] = labels             # own loss is left unused
+            else:
+                inputs["decoder_input_ids"] = prepare(labels=labels)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        inner = base.base_model.model if hasattr(base, "peft_config") else base
         causal = inner._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        virtual = _virtual_tokens(base) if causal else 0
+        if virtual and logits.dim() == 3 and labels.dim() == 2 and \
+                logits.shape[1] == labels.shape[1] + virtual:
+            # peft prompt/p-tuning put the virtual tokens before the input (as peft does: -100)
+            labels = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
         return per_record_loss(logits, labels, causal_lm=causal,
                                problem_type=getattr(config, "problem_type", None),
                                label_smoothing=self.args.label_smoothing_factor)
+
+    def _refuse_shared_embeddings(self) -> None:
+        """T5-style relative attention biases (an Embedding called on a (T, T) table of position
+        buckets that every record shares) have no per-record gradient the engine can compute:
+        refused before training, with what to do, instead of at the first step."""
+        shared = [name for name, mod in self.model.named_modules()
+                  if name.rsplit(".", 1)[-1] == "relative_attention_bias"
+                  and isinstance(mod, torch.nn.Embedding) and mod.weight.requires_grad]
+        if shared:
+            raise ValueError(
+                f"DPTrainer cannot train {', '.join(shared)}: a relative attention bias is an "
+                "Embedding over the (positions x positions) bucket table, one output shared by "
+                "every record of the batch, whose per-record gradients the engine does not compute "
+                "(it would refuse the first step). Freeze it before train(), e.g. "
+                "`for n, p in model.named_parameters(): p.requires_grad_(p.requires_grad and "
+                "'relative_attention_bias' not in n)` (its pretrained values are kept)")
 
     def _clip_grad_norm(self, model):
         """No pre-step clipping: no gradient exists before the DP step (which clips per record)."""

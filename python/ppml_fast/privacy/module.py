@@ -124,7 +124,7 @@ class PrivateModule(ClippedSums, nn.Module):
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
         # input layout -> None (rows proven to be records) or why they are not
-        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, mixing, unexpanded)
+        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, mixing, unexpanded, classes)
         self._same_records: Optional[list] = None  # [the batch] inside same_records()
         # embeddings whose shared (leading size 1) indices were expanded per record in this
         # forward (records.verify checks that the model's outputs did not change), and a
@@ -387,10 +387,10 @@ class PrivateModule(ClippedSums, nn.Module):
                 raise UnsupportedModuleError(records.hidden_refusal(hidden))
         if x is not None and x.dim() > 0:
             size = x.shape[records.record_dim(x, rec.batch_first)]
-            why = mixing = None
+            why = mixing = classes = None
             unexpanded = False
             if rec.enabled and torch.is_grad_enabled():
-                why, mixing, unexpanded = self._verify_records(args, kwargs, size)
+                why, mixing, unexpanded, classes = self._verify_records(args, kwargs, size)
                 same = self._same_records
                 if same is not None and same[0] is not None and rec.batches and rec.batches[-1] is same[0]:
                     if size != same[0].size:  # not the same records: refused at the step
@@ -404,7 +404,8 @@ class PrivateModule(ClippedSums, nn.Module):
             if why and rec.batches:
                 rec.batches[-1].refusal = rec.batches[-1].refusal or why
         else:
-            mixing, unexpanded = None, False
+            why = mixing = classes = None
+            unexpanded = False
         batch = rec._current()
         if batch is None:
             return self._module(*args, **kwargs)
@@ -444,11 +445,13 @@ class PrivateModule(ClippedSums, nn.Module):
                 "is released with the model without noise (as BatchNorm's running statistics "
                 "would be); keep them constant while training privately, or update them outside "
                 "the private forward")
-        if mixing:  # outputs over the whole batch: the step is refused if the loss uses one
+        if classes is not None and not why:
+            # outputs the probe did not check per record: the step is refused if the loss uses
+            # one (an aggregate mixing records, or an output not per record at this batch size)
 
-            def refuse(batch=batch, why=mixing):
-                batch.refusal = batch.refusal or why
-            records.tap_aggregates(out, batch.size, rec.batch_first, refuse)
+            def refuse(reason: str, batch=batch) -> None:
+                batch.refusal = batch.refusal or reason
+            records.tap_outputs(out, batch.size, rec.batch_first, classes, mixing, refuse)
         return out
 
     @contextlib.contextmanager
@@ -487,7 +490,7 @@ class PrivateModule(ClippedSums, nn.Module):
         shared embedding indices unexpanded). The DP step refuses a batch with a reason (the
         forward itself runs, e.g. for evaluation), or whose loss used such an output."""
         if size == 0:  # no records: nothing to prove (the step releases noise only)
-            return None, None, False
+            return None, None, False, None
         key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
         if key in self._verified:
             return self._verified[key]
@@ -500,11 +503,12 @@ class PrivateModule(ClippedSums, nn.Module):
             return self._verified[probed]
         self._refuse_compiled(self._module.modules())  # before the probe runs the model
         try:
-            self._verified[probed] = (None, records.verify(self, args, kwargs, size), False)
+            mixing, classes = records.verify(self, args, kwargs, size)
+            self._verified[probed] = (None, mixing, False, classes)
         except records.BroadcastRefusal as e:  # the real forward keeps the shared indices
-            self._verified[probed] = (str(e), None, True)
+            self._verified[probed] = (str(e), None, True, None)
         except UnsupportedModuleError as e:
-            self._verified[probed] = (str(e), None, False)
+            self._verified[probed] = (str(e), None, False, None)
         return self._verified[probed]
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -68,7 +68,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import enum
+import functools
 import secrets
+import types
 from typing import Any, Optional
 
 import torch
@@ -126,53 +129,140 @@ def primary(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
             torch.layout, torch.memory_format)
+_DEPTH = 4  # levels of objects walked; deeper structure counts as holding tensors (fail closed)
+_ITEMS = 256  # items of one container walked; more count as holding tensors
+
+
+def _scalar_value(obj: Any) -> Any:
+    """A hashable value for scalar-like objects (enum members, numpy scalars), or the object."""
+    if isinstance(obj, enum.Enum):
+        return obj.value if isinstance(obj.value, _SCALARS) else id(obj)
+    item = getattr(obj, "item", None)
+    if type(obj).__module__ == "numpy" and callable(item) and getattr(obj, "ndim", 1) == 0:
+        return item()
+    return obj
 
 
 def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0) -> Any:
     """The structure of an argument for :func:`layout`: tensors appended to ``sig`` (dtype and
-    sizes other than the record dimension), scalars by value, containers by type and keys,
-    other objects by type and whether they hold tensors."""
+    sizes other than the record dimension), scalars (also enum members and numpy scalars) by
+    value, containers by type and keys, dataclasses and other objects by their attributes'
+    specs, callables and what is too deep by the object itself (kept alive by the key: its id
+    cannot be reused), so a flag inside a config object is part of the layout (review S9)."""
     if isinstance(obj, torch.Tensor):
         d = record_dim(obj, batch_first)
         sig.append((obj.dtype, tuple(s if i != d else -1 for i, s in enumerate(obj.shape))))
         return "T"
     if isinstance(obj, _SCALARS):
         return (type(obj), obj)
+    if isinstance(obj, enum.Enum) or type(obj).__module__ == "numpy":
+        value = _scalar_value(obj)
+        if value is not obj:
+            return (type(obj), value)
+    if depth > _DEPTH:
+        return (type(obj), "object", _Held(obj))
     if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
         return (type(obj), tuple((k, _spec(v, sig, batch_first, depth + 1)) for k, v in obj.items()))
     if isinstance(obj, (list, tuple)):
         return (type(obj), tuple(_spec(v, sig, batch_first, depth + 1) for v in obj))
     if _is_dataclass(obj):
         return (type(obj), tuple((f.name, _spec(getattr(obj, f.name), sig, batch_first, depth + 1))
-                                 for f in dataclasses.fields(obj)))
-    return (type(obj), "opaque", _holds_tensor(obj))
+                                 for f in dataclasses.fields(obj)),
+                _attrs_spec(obj, sig, batch_first, depth, {f.name for f in dataclasses.fields(obj)}))
+    if callable(obj) or isinstance(obj, (set, frozenset)) or not _attrs(obj):
+        return (type(obj), "object", _Held(obj))
+    return (type(obj), "attrs", _attrs_spec(obj, sig, batch_first, depth, set()))
+
+
+class _Held:
+    """An object in a layout key by identity, held so that its id is not reused."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Held) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def _attrs(obj: Any) -> dict:
+    attrs = getattr(obj, "__dict__", None)
+    out = dict(attrs) if isinstance(attrs, dict) else {}
+    for name in getattr(type(obj), "__slots__", ()) or ():
+        if isinstance(name, str) and hasattr(obj, name):
+            out[name] = getattr(obj, name)
+    return out
+
+
+def _attrs_spec(obj: Any, sig: list, batch_first: bool, depth: int, skip: set) -> tuple:
+    # tensors in attributes are refused by hidden_tensors: specs without their shapes
+    return tuple((k, _spec(v, [], batch_first, depth + 1)) for k, v in _attrs(obj).items()
+                 if k not in skip)
 
 
 def _holds_tensor(obj: Any, depth: int = 0) -> bool:
-    """Whether an object :func:`leaves` does not look into holds a tensor in its attributes (or
-    in lists, tuples, dicts among them), three levels deep."""
+    """Whether an object :func:`leaves` does not look into may hold a tensor: in its attributes
+    (``__dict__``, ``__slots__``), in lists, tuples, sets, dicts among them, in a function's
+    closure, defaults or bound ``self``, in a ``functools.partial``'s function and arguments;
+    anything deeper than :data:`_DEPTH` levels or longer than :data:`_ITEMS` items counts as
+    holding one (fail closed: review S9 hid records five levels deep, in a closure, a partial)."""
     if isinstance(obj, torch.Tensor):
         return True
-    if depth > 3 or isinstance(obj, _SCALARS) or isinstance(obj, type):
+    if isinstance(obj, _SCALARS) or isinstance(obj, (type, enum.Enum, types.ModuleType)):
         return False
-    if isinstance(obj, dict):
-        return any(_holds_tensor(v, depth + 1) for v in list(obj.values())[:256])
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return any(_holds_tensor(v, depth + 1) for v in list(obj)[:256])
-    attrs = getattr(obj, "__dict__", None)
-    values = list(attrs.values()) if isinstance(attrs, dict) else []
-    for name in getattr(type(obj), "__slots__", ()) or ():
-        values.append(getattr(obj, name, None))
-    return any(_holds_tensor(v, depth + 1) for v in values[:256])
+    if depth > _DEPTH:
+        return True
+    if isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return _holds_tensor(getattr(obj, "__self__", None), depth + 1)
+    values: list = []
+    if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys") \
+            and callable(obj.values):
+        try:
+            values = list(obj.values())
+        except Exception:
+            return True
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        values = list(obj)
+    elif isinstance(obj, functools.partial):
+        values = [obj.func, obj.args, obj.keywords]
+    elif isinstance(obj, types.MethodType):
+        values = [obj.__self__, obj.__func__]
+    elif isinstance(obj, types.FunctionType):
+        cells = obj.__closure__ or ()
+        values = [c.cell_contents for c in cells if _cell_full(c)]
+        values += [obj.__defaults__ or (), obj.__kwdefaults__ or {}]
+    if not isinstance(obj, (dict, list, tuple, set, frozenset, types.FunctionType)):
+        values += list(_attrs(obj).values())
+    if len(values) > _ITEMS:
+        return True
+    return any(_holds_tensor(v, depth + 1) for v in values)
+
+
+def _cell_full(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
     """The types of the arguments' objects that hold tensors :func:`leaves` does not reach (the
-    probe could neither perturb nor check what they hold: refused by :func:`verify`)."""
+    probe could neither perturb nor check what they hold: refused by :func:`verify`): objects
+    other than tuples, lists, mappings and dataclasses, a dataclass's attributes that are not
+    fields, and attributes of the tensors themselves."""
     out: list[str] = []
 
     def walk(obj: Any) -> None:
-        if isinstance(obj, (torch.Tensor,) + _SCALARS):
+        if isinstance(obj, torch.Tensor):
+            if _attrs(obj) and _holds_tensor(_attrs(obj)):  # t.feats = records
+                out.append(f"{type(obj).__qualname__} attribute")
+            return
+        if isinstance(obj, _SCALARS):
             return
         if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
             for v in obj.values():
@@ -181,8 +271,12 @@ def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
             for v in obj:
                 walk(v)
         elif _is_dataclass(obj):
-            for f in dataclasses.fields(obj):
-                walk(getattr(obj, f.name))
+            fields = {f.name for f in dataclasses.fields(obj)}
+            for name in fields:
+                walk(getattr(obj, name))
+            extra = {k: v for k, v in _attrs(obj).items() if k not in fields}
+            if extra and _holds_tensor(extra):
+                out.append(type(obj).__qualname__)
         elif _holds_tensor(obj):
             out.append(type(obj).__qualname__)
 
@@ -241,9 +335,19 @@ def _perturb_row(x: torch.Tensor, row: torch.Tensor, gen: torch.Generator) -> No
 def _swap(obj: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
     if obj is old:
         return new
-    if isinstance(obj, dict):
-        return type(obj)({k: _swap(v, old, new) for k, v in obj.items()}) if type(obj) is dict \
-            else {k: _swap(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
+        items = {k: _swap(v, old, new) for k, v in obj.items()}
+        if all(v is obj[k] for k, v in items.items()):
+            return obj
+        if type(obj) is dict:
+            return items
+        try:  # a mapping of another type (UserDict, transformers' BatchEncoding): a copy, set
+            out = copy.copy(obj)
+            for k, v in items.items():
+                out[k] = v
+            return out
+        except Exception:  # not rebuilt: _check_replaced refuses
+            return obj
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_swap(v, old, new) for v in obj))
     if isinstance(obj, (list, tuple)):
@@ -263,6 +367,15 @@ def _replace(args: tuple, kwargs: dict, old: torch.Tensor, new: torch.Tensor):
     return tuple(_swap(a, old, new) for a in args), {n: _swap(a, old, new) for n, a in kwargs.items()}
 
 
+def _check_replaced(args: tuple, kwargs: dict, swaps: dict) -> None:
+    """Fail closed: a tensor the probe replaced must be gone from the arguments it runs on
+    (review S9: records in a UserDict were never replaced, 2.8 C)."""
+    left = {id(t) for t in leaves(list(args) + list(kwargs.values()))} & set(swaps)
+    if left:
+        raise UnsupportedModuleError(
+            "ppml_fast's records probe could not replace an input tensor inside the model's "
+            "arguments (a container it cannot rebuild): pass tensors directly, or in tuples, "
+            "lists, dicts or dataclasses")
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -332,11 +445,13 @@ def _restored(module: nn.Module):
 
 def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
     """Raises UnsupportedModuleError when the rows of a captured call of ``private``'s model on
-    this input are not its records (see the module docstring). Returns None, or why the
+    this input are not its records (see the module docstring). Returns (None, or why the
     model's outputs that are not per record mix the records of a batch (an auxiliary loss over
-    the batch, a loss the model computes with a batch-wide token count): the caller then
-    refuses a step in which any such output receives a gradient (:func:`tap_aggregates`), as a
-    model that computes such an output but trains on its per-record outputs is private.
+    the batch, a loss the model computes with a batch-wide token count); each differentiable
+    output's record dimension, or None): the caller then refuses a step in which such a mixing
+    output, or an output that is not per record as probed, receives a gradient
+    (:func:`tap_outputs`), as a model that computes such an output but trains on its per-record
+    outputs is private.
 
     The probes run twice: on a synthetic batch (the floating-point inputs of the batch's records
     replaced by standard normal values) and on the batch itself. Adversarial records can hide a
@@ -387,7 +502,7 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
                 _check_broadcast(private, a, kw, rng, names, output=base.output)
             # the same batch again: the forward must be a function of its batch (review S9: an
             # EMA in a plain attribute carried records across physical batches of one, 3.6 C)
-            _check_repeat(base, _Probe(private, a, kw, size, rng), names)
+            _check_repeat(base, _Probe(private, a, kw, size, rng, then=base_grads), names)
             for ks in sets:
                 a2, k2 = _perturbed_inputs(a, kw, size, bf, ks, gen)
                 other = _Probe(private, a2, k2, size, rng, then=group_grads(ks))
@@ -401,18 +516,36 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
                 "through .data, which no version counter sees): state computed from the batch is "
                 "released with the model without noise; keep them constant during a private "
                 "forward")
-    return why
+    classes = tuple(output_record_dim(t, bf, size) for t in _differentiable(base))
+    return why, classes
 
 
-def tap_aggregates(output: Any, size: int, batch_first: bool, refuse) -> None:
-    """Hooks on the differentiable outputs of a real forward that are not per record (see
-    :func:`verify`'s return): a non-zero gradient reaching one calls ``refuse()``."""
-    for t in leaves(output):
-        if t.is_floating_point() and t.requires_grad and output_record_dim(t, batch_first, size) is None:
-            def hook(g, refuse=refuse):
-                if g is not None and bool((g != 0).any()):
-                    refuse()
-            t.register_hook(hook)
+def tap_outputs(output: Any, size: int, batch_first: bool, classes: Optional[tuple],
+                mixing: Optional[str], refuse) -> None:
+    """Hooks on the differentiable outputs of a real forward that the layout's probe did not
+    check as per record: the aggregates (those with no record dimension, ``classes[i]`` None)
+    when the probe found them mixing records (``mixing``), and any output whose record dimension
+    at this batch size is not the one probed (review S9: an (E,) router-load aggregate, probed
+    at B = 6, looked per record at B = E = 4 and was not tapped: 6.1 C). A non-zero gradient
+    reaching one calls ``refuse(why)``."""
+    outs = [t for t in leaves(output) if t.is_floating_point() and t.requires_grad]
+    for i, t in enumerate(outs):
+        d = classes[i] if classes is not None and i < len(classes) else -1
+        if d is None:
+            if not mixing:
+                continue
+            why = mixing
+        elif d >= 0 and t.dim() > d and t.shape[d] == size:
+            continue  # per record, as probed
+        else:
+            why = (f"the model's output {i} (shape {tuple(t.shape)}) is not per record the way "
+                   f"it was when its input layout was probed (a dimension of the batch's size "
+                   f"{size} there): its gradients cannot be tied to records")
+
+        def hook(g, why=why):
+            if g is not None and bool((g != 0).any()):
+                refuse(why)
+        t.register_hook(hook)
 
 
 def _aggregate_mixing(base: _Probe, other: _Probe, ks: list[int], size: int, names) -> Optional[str]:
@@ -557,6 +690,7 @@ def _perturbed_inputs(args: tuple, kwargs: dict, size: int, bf: bool, ks: list[i
             swaps[id(t)] = (t, _perturbed(t, record_dim(t, bf), ks, gen))
     for t, new in swaps.values():
         args, kwargs = _replace(args, kwargs, t, new)
+    _check_replaced(args, kwargs, swaps)
     return args, kwargs
 
 
@@ -569,6 +703,7 @@ def _synthetic(args: tuple, kwargs: dict, size: int, bf: bool, gen: torch.Genera
             swaps[id(t)] = (t, torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t))
     for t, new in swaps.values():
         args, kwargs = _replace(args, kwargs, t, new)
+    _check_replaced(args, kwargs, swaps)
     return args, kwargs
 
 
@@ -647,9 +782,11 @@ def _check_rows(base: _Probe, other: _Probe, ks: list[int], size: int, bf: bool,
 
 def _check_repeat(first: _Probe, again: _Probe, names) -> None:
     """The same batch run twice with the same RNG state must give the same layers, captured
-    inputs and outputs: else the forward depends on something other than its batch, such as
-    state kept in a plain attribute and updated from earlier batches (which no buffer check
-    sees), and a record reaches the gradients of the records of later forwards."""
+    inputs, outputs and, under the same cotangent, captured output gradients: else the forward
+    (or the backward: state one forward leaves for the next backward, review S9, 2.8 C with
+    physical batches of one) depends on something other than its batch, such as state kept in
+    a plain attribute and updated from earlier batches (which no buffer check sees), and a
+    record reaches the gradients of the records of later forwards."""
     why = ("the model's forward gave {} for the same batch run twice (state kept between "
            "forwards outside its buffers, e.g. a tensor attribute updated from the batch, or "
            "randomness not drawn from torch's generators): a record would reach the gradients "
@@ -668,6 +805,12 @@ def _check_repeat(first: _Probe, again: _Probe, names) -> None:
                                                                       b.reshape(1, -1)).any())
                                  for a, b in zip(o1, o2)):
         raise UnsupportedModuleError(why.format("different outputs"))
+    for kind in ("grads", "agg_grads"):
+        for c1, g1, g2 in zip(first.calls, getattr(first, kind, None) or [],
+                              getattr(again, kind, None) or []):
+            if len(g1) != len(g2) or any(a.shape != b.shape or bool(
+                    _changed(a.reshape(1, -1), b.reshape(1, -1)).any()) for a, b in zip(g1, g2)):
+                raise _refuse(c1, names, why.format("different output gradients of this layer"))
 
 
 def _refuse(call, names, why: str) -> UnsupportedModuleError:
