@@ -17,6 +17,7 @@ import contextlib
 import copy
 import inspect
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -85,6 +86,10 @@ def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
     if not mod._modules:  # no ParameterDict / ParameterList child: its own parameters only
         return {role: p for role, p in mod._parameters.items() if p is not None and p.requires_grad}
     return {role: p for role, p in owned_parameters(mod).items() if p.requires_grad}
+
+
+# distinct input layouts probed before a warning that arguments change every batch
+REPROBE_WARNING = 16
 
 
 class PrivateModule(ClippedSums, nn.Module):
@@ -502,6 +507,14 @@ class PrivateModule(ClippedSums, nn.Module):
         if probed in self._verified:
             return self._verified[probed]
         self._refuse_compiled(self._module.modules())  # before the probe runs the model
+        if len(self._verified) == REPROBE_WARNING:
+            warnings.warn(
+                f"ppml_fast has probed this model for {REPROBE_WARNING} different input layouts "
+                "(the records probe runs once per layout: input shapes other than the batch "
+                "size, the arguments' structure and non-tensor values). Arguments that change "
+                "every batch, such as a Python list of per-record lengths or a step counter, "
+                "make every batch a new layout and cost a probe each (tens of forwards): pass "
+                "per-record values as tensors", RuntimeWarning, stacklevel=4)
         try:
             mixing, classes = records.verify(self, args, kwargs, size)
             self._verified[probed] = (None, mixing, False, classes)

@@ -1,0 +1,49 @@
+"""Non-tensor arguments are part of the records probe's input layout (review S9): a value the
+probe has not seen is probed; one that changes every batch is probed every batch, correct and
+slow, and warned about once ppml_fast.privacy.module.REPROBE_WARNING layouts have been probed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ppml_fast.privacy import PrivacyEngine, module as module_mod
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, scale=1.0):
+        return self.fc(x) * scale
+
+
+def test_a_value_that_changes_every_batch_is_probed_each_time_and_warned_about(monkeypatch):
+    monkeypatch.setattr(module_mod, "REPROBE_WARNING", 3)
+    model = Scaled()
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    m, opt, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    probes = []
+    real = module_mod.records.verify
+    monkeypatch.setattr(module_mod.records, "verify", lambda *a, **k: probes.append(1) or real(*a, **k))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5):
+            opt.zero_grad()
+            F.cross_entropy(m(x, scale=1.0 + step), y).backward()
+            opt.step()
+        opt.zero_grad()
+        F.cross_entropy(m(x, scale=1.0), y).backward()  # seen before: not probed again
+        opt.step()
+    assert len(probes) == 5
+    assert sum("different input layouts" in str(w.message) for w in caught) == 1
