@@ -47,3 +47,21 @@ def test_a_value_that_changes_every_batch_is_probed_each_time_and_warned_about(m
         opt.step()
     assert len(probes) == 5
     assert sum("different input layouts" in str(w.message) for w in caught) == 1
+
+
+def test_the_verdicts_kept_are_bounded(monkeypatch):
+    monkeypatch.setattr(module_mod, "VERIFIED_MAX", 2)
+    model = Scaled()
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    m, opt, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            opt.zero_grad()
+            F.cross_entropy(m(x, scale=1.0 + step), y).backward()
+            opt.step()
+    assert len(m._verified) == 2

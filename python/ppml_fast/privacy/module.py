@@ -90,6 +90,8 @@ def trainable(mod: nn.Module) -> dict[str, nn.Parameter]:
 
 # distinct input layouts probed before a warning that arguments change every batch
 REPROBE_WARNING = 16
+# verdicts kept per model (the oldest dropped first: its layout is probed again if it returns)
+VERIFIED_MAX = 1024
 
 
 class PrivateModule(ClippedSums, nn.Module):
@@ -496,7 +498,7 @@ class PrivateModule(ClippedSums, nn.Module):
         forward itself runs, e.g. for evaluation), or whose loss used such an output."""
         if size == 0:  # no records: nothing to prove (the step releases noise only)
             return None, None, False, None
-        key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training)
+        key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training, size)
         if key in self._verified:
             return self._verified[key]
         # a batch of one record proves nothing about mixing records, only that the forward is a
@@ -515,6 +517,8 @@ class PrivateModule(ClippedSums, nn.Module):
                 "every batch, such as a Python list of per-record lengths or a step counter, "
                 "make every batch a new layout and cost a probe each (tens of forwards): pass "
                 "per-record values as tensors", RuntimeWarning, stacklevel=4)
+        if len(self._verified) >= VERIFIED_MAX:  # bounded: the oldest layout is probed again
+            self._verified.pop(next(iter(self._verified)))
         try:
             mixing, classes = records.verify(self, args, kwargs, size)
             self._verified[probed] = (None, mixing, False, classes)

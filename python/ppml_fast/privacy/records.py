@@ -65,17 +65,20 @@ models that mix records whatever their batch (``check_sensitivity`` tries crafte
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
 import enum
 import functools
+import itertools
 import secrets
 import types
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ppml_fast.privacy.capture import call_tensors
 from ppml_fast.privacy.layers import UnsupportedModuleError
@@ -143,7 +146,11 @@ def _scalar_value(obj: Any) -> Any:
     return obj
 
 
-def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0) -> Any:
+_SMALL = 64  # a tensor without the records in its record dimension, at most this many
+#               elements: keyed by value (a 0-dim flag tensor; review S9 round 3: 1.8 C)
+
+
+def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0, size: int = -1) -> Any:
     """The structure of an argument for :func:`layout`: tensors appended to ``sig`` (dtype and
     sizes other than the record dimension), scalars (also enum members and numpy scalars) by
     value, containers by type and keys, dataclasses and other objects by their attributes'
@@ -151,7 +158,13 @@ def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0) -> Any:
     cannot be reused), so a flag inside a config object is part of the layout (review S9)."""
     if isinstance(obj, torch.Tensor):
         d = record_dim(obj, batch_first)
-        sig.append((obj.dtype, tuple(s if i != d else -1 for i, s in enumerate(obj.shape))))
+        per_record = obj.dim() > d and obj.shape[d] == size
+        # the record dimension masked only where it holds the batch (a (1, D) tensor probed
+        # first is not the (B, D) one: review S9 round 3, 2.8 C)
+        sig.append((obj.dtype, tuple(s if i != d or not per_record else -1
+                                     for i, s in enumerate(obj.shape))))
+        if not per_record and obj.numel() <= _SMALL and obj.device.type == "cpu":
+            return ("T", tuple(obj.detach().reshape(-1).tolist()))
         return "T"
     if isinstance(obj, _SCALARS):
         return (type(obj), obj)
@@ -162,11 +175,11 @@ def _spec(obj: Any, sig: list, batch_first: bool, depth: int = 0) -> Any:
     if depth > _DEPTH:
         return (type(obj), "object", _Held(obj))
     if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
-        return (type(obj), tuple((k, _spec(v, sig, batch_first, depth + 1)) for k, v in obj.items()))
+        return (type(obj), tuple((k, _spec(v, sig, batch_first, depth + 1, size)) for k, v in obj.items()))
     if isinstance(obj, (list, tuple)):
-        return (type(obj), tuple(_spec(v, sig, batch_first, depth + 1) for v in obj))
+        return (type(obj), tuple(_spec(v, sig, batch_first, depth + 1, size) for v in obj))
     if _is_dataclass(obj):
-        return (type(obj), tuple((f.name, _spec(getattr(obj, f.name), sig, batch_first, depth + 1))
+        return (type(obj), tuple((f.name, _spec(getattr(obj, f.name), sig, batch_first, depth + 1, size))
                                  for f in dataclasses.fields(obj)),
                 _attrs_spec(obj, sig, batch_first, depth, {f.name for f in dataclasses.fields(obj)}))
     if callable(obj) or isinstance(obj, (set, frozenset)) or not _attrs(obj):
@@ -190,11 +203,20 @@ class _Held:
 
 
 def _attrs(obj: Any) -> dict:
-    attrs = getattr(obj, "__dict__", None)
+    """An object's attributes: its ``__dict__`` and the ``__slots__`` of every class of its MRO."""
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except (AttributeError, TypeError):
+        attrs = None
     out = dict(attrs) if isinstance(attrs, dict) else {}
-    for name in getattr(type(obj), "__slots__", ()) or ():
-        if isinstance(name, str) and hasattr(obj, name):
-            out[name] = getattr(obj, name)
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in ([slots] if isinstance(slots, str) else slots or ()):
+            if isinstance(name, str) and name not in ("__dict__", "__weakref__"):
+                try:
+                    out[name] = object.__getattribute__(obj, name)
+                except AttributeError:
+                    pass
     return out
 
 
@@ -204,29 +226,44 @@ def _attrs_spec(obj: Any, sig: list, batch_first: bool, depth: int, skip: set) -
                  if k not in skip)
 
 
-def _holds_tensor(obj: Any, depth: int = 0) -> bool:
-    """Whether an object :func:`leaves` does not look into may hold a tensor: in its attributes
-    (``__dict__``, ``__slots__``), in lists, tuples, sets, dicts among them, in a function's
-    closure, defaults or bound ``self``, in a ``functools.partial``'s function and arguments;
-    anything deeper than :data:`_DEPTH` levels or longer than :data:`_ITEMS` items counts as
-    holding one (fail closed: review S9 hid records five levels deep, in a closure, a partial)."""
+def _holds_tensor(obj: Any) -> bool:
+    """Whether an object :func:`leaves` does not look into may hold a tensor (:func:`_collect`)."""
+    found: list = []
+    return not _collect(obj, 0, found) or bool(found)
+
+
+def _collect(obj: Any, depth: int, found: list) -> bool:
+    """Appends to ``found`` the tensors ``obj`` holds: in its attributes (``__dict__``, the
+    ``__slots__`` of its classes), in lists, tuples, sets, dicts and other collections among
+    them, in a function's closure, defaults or bound ``self``, in a ``functools.partial``'s
+    function and arguments. False where it cannot tell (fail closed: deeper than
+    :data:`_DEPTH` levels, more than :data:`_ITEMS` items, an iterator it would consume;
+    review S9 hid records five levels deep, in a closure, a partial, a deque, parent slots)."""
     if isinstance(obj, torch.Tensor):
+        found.append(obj)
         return True
     if isinstance(obj, _SCALARS) or isinstance(obj, (type, enum.Enum, types.ModuleType)):
-        return False
-    if depth > _DEPTH:
         return True
+    if depth > _DEPTH:
+        return False
     if isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType)):
-        return _holds_tensor(getattr(obj, "__self__", None), depth + 1)
+        return _collect(getattr(obj, "__self__", None), depth + 1, found)
     values: list = []
     if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys") \
             and callable(obj.values):
         try:
             values = list(obj.values())
         except Exception:
-            return True
+            return False
     elif isinstance(obj, (list, tuple, set, frozenset)):
         values = list(obj)
+    elif isinstance(obj, collections.abc.Iterator):
+        return False  # cannot be looked into without consuming it
+    elif isinstance(obj, collections.abc.Collection):  # deque, array, ...: its items
+        try:
+            values = list(itertools.islice(iter(obj), _ITEMS + 1))
+        except Exception:
+            return False
     elif isinstance(obj, functools.partial):
         values = [obj.func, obj.args, obj.keywords]
     elif isinstance(obj, types.MethodType):
@@ -235,11 +272,11 @@ def _holds_tensor(obj: Any, depth: int = 0) -> bool:
         cells = obj.__closure__ or ()
         values = [c.cell_contents for c in cells if _cell_full(c)]
         values += [obj.__defaults__ or (), obj.__kwdefaults__ or {}]
-    if not isinstance(obj, (dict, list, tuple, set, frozenset, types.FunctionType)):
-        values += list(_attrs(obj).values())
+    if type(obj) not in (dict, list, tuple, set, frozenset) and not isinstance(obj, types.FunctionType):
+        values += list(_attrs(obj).values())  # also a mapping's own attributes (its values may lie)
     if len(values) > _ITEMS:
-        return True
-    return any(_holds_tensor(v, depth + 1) for v in values)
+        return False
+    return all(_collect(v, depth + 1, found) for v in values)
 
 
 def _cell_full(cell) -> bool:
@@ -250,7 +287,19 @@ def _cell_full(cell) -> bool:
     return True
 
 
-def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
+def _per_record_values(obj: Any, size: int) -> bool:
+    """A list or tuple of ``size`` numbers, or a numpy array with ``size`` entries in a
+    dimension: per-record values the probe can neither perturb nor check (review S9 round 3: a
+    list of lengths scaling each record by its length over the longest, 1.6 C)."""
+    if size < 2:
+        return False
+    if type(obj).__module__ == "numpy" and hasattr(obj, "shape") and getattr(obj, "ndim", 0) >= 1:
+        return size in tuple(obj.shape)
+    return (isinstance(obj, (list, tuple)) and len(obj) == size
+            and all(isinstance(v, (int, float, complex)) for v in obj))
+
+
+def hidden_tensors(args: tuple, kwargs: dict, size: int = -1) -> list[str]:
     """The types of the arguments' objects that hold tensors :func:`leaves` does not reach (the
     probe could neither perturb nor check what they hold: refused by :func:`verify`): objects
     other than tuples, lists, mappings and dataclasses, a dataclass's attributes that are not
@@ -264,9 +313,17 @@ def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
             return
         if isinstance(obj, _SCALARS):
             return
+        if _per_record_values(obj, size):
+            out.append(f"{type(obj).__qualname__} of {size} numbers (per-record values?)")
+            return
         if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
             for v in obj.values():
                 walk(v)
+            if type(obj) is not dict:  # tensors in its attributes that its values do not list
+                found: list = []
+                listed = {id(t) for t in leaves(obj)}
+                if not _collect(_attrs(obj), 0, found) or any(id(t) not in listed for t in found):
+                    out.append(type(obj).__qualname__)
         elif isinstance(obj, (list, tuple)):
             for v in obj:
                 walk(v)
@@ -285,20 +342,21 @@ def hidden_tensors(args: tuple, kwargs: dict) -> list[str]:
 
 
 def hidden_refusal(hidden: list[str]) -> str:
-    return (f"the model's arguments hold tensors inside {sorted(set(hidden))[:3]} objects, which "
-            "ppml_fast's records probe cannot reach (it perturbs each record in every input "
-            "tensor to prove that the layers' rows are records): pass tensors directly, or in "
-            "lists, tuples, dicts or dataclasses")
+    return (f"the model's arguments hold tensors or per-record values inside "
+            f"{sorted(set(hidden))[:3]}, which ppml_fast's records probe cannot reach (it "
+            "perturbs each record in every input tensor to prove that the layers' rows are "
+            "records): pass tensors directly, or in lists, tuples, dicts or dataclasses, and "
+            "per-record values as tensors")
 
 
-def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool) -> tuple:
+def layout(args: tuple, kwargs: dict, batch_first: bool, training: bool, size: int = -1) -> tuple:
     """What identifies a verified input layout: every input tensor's rank, dtype and sizes other
     than the record dimension, the arguments' structure with their non-tensor values (review
     S9: ``model(x, center=True)`` after a probe of ``model(x, center=False)`` was never probed:
     2.5 C), and the training flag. A scalar argument that changes every call (a step counter)
     makes every call a new layout, probed again: correct, and as slow as that."""
     sig: list = []
-    spec = _spec((args, kwargs), sig, batch_first)
+    spec = _spec((args, kwargs), sig, batch_first, 0, size)
     return spec, tuple(sig), bool(training)
 
 
@@ -459,7 +517,7 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
     for every other record); the synthetic batch cannot, and the real one exercises the paths the
     data takes (padding masks from token ids, say)."""
     bf = private.recorder.batch_first
-    hidden = hidden_tensors(args, kwargs)
+    hidden = hidden_tensors(args, kwargs, size)
     if hidden:
         raise UnsupportedModuleError(hidden_refusal(hidden))
     names = {id(m): n or "the model" for n, m in private._module.named_modules()}
@@ -516,31 +574,45 @@ def verify(private, args: tuple, kwargs: dict, size: int) -> Optional[str]:
                 "through .data, which no version counter sees): state computed from the batch is "
                 "released with the model without noise; keep them constant during a private "
                 "forward")
-    classes = tuple(output_record_dim(t, bf, size) for t in _differentiable(base))
-    return why, classes
+    return why, output_signature(base.output, size, bf)
 
 
-def tap_outputs(output: Any, size: int, batch_first: bool, classes: Optional[tuple],
+def output_signature(output: Any, size: int, batch_first: bool) -> tuple:
+    """Per differentiable output (in :func:`leaves` order): its dtype, its record dimension
+    (:func:`output_record_dim`, or None) and its sizes with that dimension masked. Equal at a
+    real forward and at the probe of its layout: the outputs are what was probed, position by
+    position (review S9 round 3: an output present only at some batch sizes shifted an
+    aggregate into a per-record output's place: 6.1 C)."""
+    out = []
+    for t in leaves(output):
+        if t.is_floating_point() and t.requires_grad:
+            d = output_record_dim(t, batch_first, size)
+            out.append((t.dtype, d, tuple(-1 if i == d else n for i, n in enumerate(t.shape))))
+    return tuple(out)
+
+
+def tap_outputs(output: Any, size: int, batch_first: bool, probed: tuple,
                 mixing: Optional[str], refuse) -> None:
     """Hooks on the differentiable outputs of a real forward that the layout's probe did not
-    check as per record: the aggregates (those with no record dimension, ``classes[i]`` None)
-    when the probe found them mixing records (``mixing``), and any output whose record dimension
-    at this batch size is not the one probed (review S9: an (E,) router-load aggregate, probed
-    at B = 6, looked per record at B = E = 4 and was not tapped: 6.1 C). A non-zero gradient
-    reaching one calls ``refuse(why)``."""
+    check as per record: the aggregates (no record dimension) when the probe found them mixing
+    records (``mixing``); every output when the outputs are not those probed (``probed``,
+    :func:`output_signature`: another number, order, shape or record dimension at this batch
+    size; review S9: an (E,) router-load aggregate probed at B = 6 looked per record at
+    B = E = 4, 6.1 C). A non-zero gradient reaching a hooked output calls ``refuse(why)``."""
     outs = [t for t in leaves(output) if t.is_floating_point() and t.requires_grad]
+    same = output_signature(output, size, batch_first) == probed
+    if same and not mixing:
+        return
     for i, t in enumerate(outs):
-        d = classes[i] if classes is not None and i < len(classes) else -1
-        if d is None:
-            if not mixing:
-                continue
+        if same:
+            if probed[i][1] is not None:
+                continue  # per record, as probed
             why = mixing
-        elif d >= 0 and t.dim() > d and t.shape[d] == size:
-            continue  # per record, as probed
         else:
-            why = (f"the model's output {i} (shape {tuple(t.shape)}) is not per record the way "
-                   f"it was when its input layout was probed (a dimension of the batch's size "
-                   f"{size} there): its gradients cannot be tied to records")
+            why = (f"the model's outputs at this batch of {size} records are not those its input "
+                   f"layout was probed with (their number, order, shapes or record dimensions "
+                   f"differ; output {i} has shape {tuple(t.shape)}): their gradients cannot be "
+                   "tied to records")
 
         def hook(g, why=why):
             if g is not None and bool((g != 0).any()):
@@ -736,6 +808,15 @@ def _show(ks: list[int]) -> str:
     return f"record {ks[0]}" if len(ks) == 1 else f"records {ks[:6]}{' ...' if len(ks) > 6 else ''}"
 
 
+def _plain_inputs(call) -> list:
+    """The non-tensor inputs of a torch.func-path call (floats, flags): compared between probe
+    runs like its tensors (review S9 round 3: a float computed from the batch, 2.0 C)."""
+    if call.cap is not None:
+        return []
+    return [v for v in pytree.tree_leaves((call.inputs or (), call.kwargs or {}))
+            if not isinstance(v, torch.Tensor)]
+
+
 def _check_rows(base: _Probe, other: _Probe, ks: list[int], size: int, bf: bool, names) -> None:
     k = _show(ks)
     if [id(c.module) for c in base.calls] != [id(c.module) for c in other.calls]:
@@ -743,6 +824,10 @@ def _check_rows(base: _Probe, other: _Probe, ks: list[int], size: int, bf: bool,
             "the model's layers ran differently when one record of the batch changed (data-"
             "dependent control flow across records): ppml_fast cannot tie the rows of its layers "
             "to records")
+    for cb, co in zip(base.calls, other.calls):
+        if _plain_inputs(cb) != _plain_inputs(co):
+            raise _refuse(cb, names, f"a non-tensor input changed when only {k} changed (a value "
+                          "computed from the batch)")
     for cb, co in zip(base.calls, other.calls):
         for a, b in zip(call_tensors(cb), call_tensors(co)):
             if a.dim() and a.shape[0] == size:
@@ -795,6 +880,8 @@ def _check_repeat(first: _Probe, again: _Probe, names) -> None:
     if [id(c.module) for c in first.calls] != [id(c.module) for c in again.calls]:
         raise UnsupportedModuleError(why.format("different layers"))
     for c1, c2 in zip(first.calls, again.calls):
+        if _plain_inputs(c1) != _plain_inputs(c2):
+            raise _refuse(c1, names, why.format("different non-tensor inputs of this layer"))
         t1, t2 = call_tensors(c1), call_tensors(c2)
         if len(t1) != len(t2) or any(
                 a.shape != b.shape or bool(_changed(a.reshape(1, -1), b.reshape(1, -1)).any())
