@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppml_fast.privacy import attention, heap, records, recurrent
+from ppml_fast.privacy import arguments, attention, heap, records, recurrent
 from ppml_fast.privacy.capture import Call, Recorder
 from ppml_fast.privacy.clipping import ClippedSums, NonFiniteGradientError
 from ppml_fast.privacy.layers import UnsupportedModuleError, functional_forward, refusal, rule_for
@@ -386,14 +386,14 @@ class PrivateModule(ClippedSums, nn.Module):
         return self._private_forward(*args, **kwargs)
 
     def _private_forward(self, *args, **kwargs):
-        x = records.primary(args, kwargs)
+        x = arguments.primary(args, kwargs)
         rec = self.recorder
         if x is None and rec.enabled and torch.is_grad_enabled():
-            hidden = records.hidden_tensors(args, kwargs)
+            hidden = arguments.hidden_tensors(args, kwargs)
             if hidden:  # no batch would be captured: the step would release noise alone
-                raise UnsupportedModuleError(records.hidden_refusal(hidden))
+                raise UnsupportedModuleError(arguments.hidden_refusal(hidden))
         if x is not None and x.dim() > 0:
-            size = x.shape[records.record_dim(x, rec.batch_first)]
+            size = x.shape[arguments.record_dim(x, rec.batch_first)]
             why = mixing = classes = None
             unexpanded = False
             if rec.enabled and torch.is_grad_enabled():
@@ -452,12 +452,12 @@ class PrivateModule(ClippedSums, nn.Module):
                 "is released with the model without noise (as BatchNorm's running statistics "
                 "would be); keep them constant while training privately, or update them outside "
                 "the private forward")
+
+        def refuse(reason: str, batch=batch) -> None:
+            batch.refusal = batch.refusal or reason
         if classes is not None and not why:
             # outputs the probe did not check per record: the step is refused if the loss uses
             # one (an aggregate mixing records, or an output not per record at this batch size)
-
-            def refuse(reason: str, batch=batch) -> None:
-                batch.refusal = batch.refusal or reason
             records.tap_outputs(out, batch.size, rec.batch_first, classes, mixing, refuse)
         return out
 
@@ -498,7 +498,7 @@ class PrivateModule(ClippedSums, nn.Module):
         forward itself runs, e.g. for evaluation), or whose loss used such an output."""
         if size == 0:  # no records: nothing to prove (the step releases noise only)
             return None, None, False, None
-        key = records.layout(args, kwargs, self.recorder.batch_first, self._module.training, size)
+        key = arguments.layout(args, kwargs, self.recorder.batch_first, self._module.training, size)
         if key in self._verified:
             return self._verified[key]
         # a batch of one record proves nothing about mixing records, only that the forward is a

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ppml_fast.privacy import PrivacyEngine, PrivacyError
-from ppml_fast.privacy import records as R
+from ppml_fast.privacy import arguments as R
 from tests.privacy.sensitivity._harness import Case, check_case
 from tests.privacy.sensitivity.test_review_s9_round3 import B, D, K, Y, Center, _seeded, _warm_once, _x
 
@@ -74,24 +74,12 @@ def _flag_loss(probed, used):
     return loss
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a shared (1, 65) flag tensor: _spec keys non-record tensors by value only up to _SMALL = 64 "
-    "CPU elements, so a probe with -1s covers a step with +1s that mixes the records: 1.7798 C "
-    "(bound 1 C; the 0-dim version of round 3 is fixed). Fix: key every non-record tensor by its "
-    "content (CPU: hash of .numpy().tobytes(); CUDA: the probe's seeded float64 projection, "
-    "_fingerprints-style), or refuse a later forward whose non-record tensors differ from the probed "
-    "ones"))
 def test_large_shared_flag_tensor_is_part_of_the_layout():
     cls = type("C65", (CenterWhen,), {"when": staticmethod(lambda f: float(f.sum()) > 0)})
     _refused(_case("flag_65", _seeded(cls), forward_loss=_flag_loss(
         -torch.ones(1, 65, dtype=torch.float64), torch.ones(1, 65, dtype=torch.float64))))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a 0-dim flag -0.0 after a probe with 0.0: layout keys compare floats with == (-0.0 == 0.0), "
-    "so a model branching on signbit mixes records unprobed: 1.7798 C (NaN, conversely, never "
-    "equals its key: re-probed every call). Fix: key floats by bits (float.hex() / struct.pack for "
-    "Python floats, tensor .numpy().tobytes() for small tensors)"))
 def test_negative_zero_flag_is_part_of_the_layout():
     cls = type("CSign", (CenterWhen,), {"when": staticmethod(lambda f: bool(torch.signbit(f)))})
     _refused(_case("flag_negzero", _seeded(cls), forward_loss=_flag_loss(
@@ -206,12 +194,6 @@ class ArgNet(nn.Module):
         return self.head(torch.tanh(self.gate(h, ARGS[self.kind](h.dtype))))  # built per forward
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_plain_inputs(c1) != _plain_inputs(c2) compares with ==: a numpy array built in the forward "
-    "raises ValueError (truth value ambiguous), a dataclass holding a tensor raises RuntimeError "
-    "(Boolean value of Tensor ambiguous), both out of the user's forward; a plain config object "
-    "built in the forward is refused as 'different non-tensor inputs' (identity). Fix: compare "
-    "_spec-style value keys (numpy by tobytes, objects by attributes, tensors by shape) instead of =="))
 @pytest.mark.parametrize("kind", sorted(ARGS))
 def test_fresh_non_tensor_argument_of_a_torch_func_layer(kind):
     out = check_case(_case(f"fresh_{kind}", _seeded(ArgNet, kind)), replace=True)
@@ -252,15 +234,6 @@ WALK_CRASH = {"slot_shadowed_by_property": _SlotShadowed, "getattr_keyerror": _K
               "dict_property": _DictProperty, "self_containing_list": _self_list}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "exceptions escape the argument walk: _attrs reads MRO slots with object.__getattribute__, "
-    "which runs a subclass's property (RuntimeError; new in round 3); hasattr(obj, 'values') lets "
-    "a KeyError from __getattr__ through (hidden_tensors, _spec, leaves); object.__getattribute__("
-    "obj, '__dict__') lets a property's ValueError through; hidden_tensors' walk (and leaves) "
-    "recurse into a self-containing list without a depth bound (RecursionError). Fix: read slots "
-    "with the member descriptor (cls.__dict__[name].__get__) inside try/except Exception, guard "
-    "every attribute probe with try/except Exception -> 'cannot tell' (fail closed: a clear "
-    "UnsupportedModuleError), and bound hidden_tensors/leaves by _DEPTH or an id() set"))
 @pytest.mark.parametrize("name", sorted(WALK_CRASH))
 def test_walk_does_not_crash(name):
     obj, x = WALK_CRASH[name](), torch.randn(B, D)
@@ -272,12 +245,6 @@ NOT_TENSORS = {"numpy_1000": lambda: np.zeros(1000), "numpy_300x3": lambda: np.z
                "numpy_0d": lambda: np.array(1.5), "range_1000": lambda: range(1000)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "round 3's Collection branch of _collect: a numpy array of > 256 rows (items > _ITEMS) or of "
-    "0 dims (iter raises TypeError), or a range(1000), counts as 'may hold a tensor' and the "
-    "forward is refused (HEAD accepted them). Fix: in _collect treat numpy arrays whose dtype is "
-    "not object, range, str-like and bytes-like objects as holding no tensor before the "
-    "Collection branch"))
 @pytest.mark.parametrize("name", sorted(NOT_TENSORS))
 def test_non_tensor_collections_are_not_hidden_tensors(name):
     assert R.hidden_tensors((torch.randn(B, D), NOT_TENSORS[name]()), {}, B) == []
