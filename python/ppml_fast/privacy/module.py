@@ -130,8 +130,10 @@ class PrivateModule(ClippedSums, nn.Module):
         self.rules = make_rules(GRAD_SAMPLE_MODES[grad_sample_mode])
         self.recorder = Recorder(batch_first)
         self._restore: list[tuple[nn.Module, object, object]] = []  # (module, before, ours)
-        # input layout -> None (rows proven to be records) or why they are not
-        self._verified: dict[tuple, tuple] = {}  # layout -> (refusal, mixing, unexpanded, classes)
+        # input layout -> (why its rows are not records or None, why its outputs that are not
+        # per record mix records or None, whether shared embedding indices stay unexpanded,
+        # the probed outputs' signature): _verify_records
+        self._verified: dict[tuple, tuple] = {}
         self._same_records: Optional[list] = None  # [the batch] inside same_records()
         # embeddings whose shared (leading size 1) indices were expanded per record in this
         # forward (records.verify checks that the model's outputs did not change), and a
@@ -394,10 +396,10 @@ class PrivateModule(ClippedSums, nn.Module):
                 raise UnsupportedModuleError(arguments.hidden_refusal(hidden))
         if x is not None and x.dim() > 0:
             size = x.shape[arguments.record_dim(x, rec.batch_first)]
-            why = mixing = classes = None
+            why = mixing = probed_outputs = None
             unexpanded = False
             if rec.enabled and torch.is_grad_enabled():
-                why, mixing, unexpanded, classes = self._verify_records(args, kwargs, size)
+                why, mixing, unexpanded, probed_outputs = self._verify_records(args, kwargs, size)
                 same = self._same_records
                 if same is not None and same[0] is not None and rec.batches and rec.batches[-1] is same[0]:
                     if size != same[0].size:  # not the same records: refused at the step
@@ -411,7 +413,7 @@ class PrivateModule(ClippedSums, nn.Module):
             if why and rec.batches:
                 rec.batches[-1].refusal = rec.batches[-1].refusal or why
         else:
-            why = mixing = classes = None
+            why = mixing = probed_outputs = None
             unexpanded = False
         batch = rec._current()
         if batch is None:
@@ -452,13 +454,13 @@ class PrivateModule(ClippedSums, nn.Module):
                 "is released with the model without noise (as BatchNorm's running statistics "
                 "would be); keep them constant while training privately, or update them outside "
                 "the private forward")
-
-        def refuse(reason: str, batch=batch) -> None:
-            batch.refusal = batch.refusal or reason
-        if classes is not None and not why:
+        if probed_outputs is not None and not why:
             # outputs the probe did not check per record: the step is refused if the loss uses
             # one (an aggregate mixing records, or an output not per record at this batch size)
-            records.tap_outputs(out, batch.size, rec.batch_first, classes, mixing, refuse)
+
+            def refuse(reason: str, batch=batch) -> None:
+                batch.refusal = batch.refusal or reason
+            records.tap_outputs(out, batch.size, rec.batch_first, probed_outputs, mixing, refuse)
         return out
 
     @contextlib.contextmanager
@@ -494,7 +496,8 @@ class PrivateModule(ClippedSums, nn.Module):
         """Proves, once per input layout, that every captured call's rows are records
         (:mod:`ppml_fast.privacy.records`); returns (why not, naming the layer, or None; why the
         outputs that are not per record mix records, or None; whether the forward must keep
-        shared embedding indices unexpanded). The DP step refuses a batch with a reason (the
+        shared embedding indices unexpanded; the probed outputs' signature,
+        :func:`records.output_signature`). The DP step refuses a batch with a reason (the
         forward itself runs, e.g. for evaluation), or whose loss used such an output."""
         if size == 0:  # no records: nothing to prove (the step releases noise only)
             return None, None, False, None
@@ -520,8 +523,8 @@ class PrivateModule(ClippedSums, nn.Module):
         if len(self._verified) >= VERIFIED_MAX:  # bounded: the oldest layout is probed again
             self._verified.pop(next(iter(self._verified)))
         try:
-            mixing, classes = records.verify(self, args, kwargs, size)
-            self._verified[probed] = (None, mixing, False, classes)
+            mixing, probed_outputs = records.verify(self, args, kwargs, size)
+            self._verified[probed] = (None, mixing, False, probed_outputs)
         except records.BroadcastRefusal as e:  # the real forward keeps the shared indices
             self._verified[probed] = (str(e), None, True, None)
         except UnsupportedModuleError as e:
