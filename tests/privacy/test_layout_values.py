@@ -65,3 +65,35 @@ def test_the_verdicts_kept_are_bounded(monkeypatch):
             F.cross_entropy(m(x, scale=1.0 + step), y).backward()
             opt.step()
     assert len(m._verified) == 2
+
+
+class Vocab(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, table):
+        return self.fc(x) * (1.0 + 0.0 * len(table))
+
+
+def test_a_long_list_argument_is_keyed_by_identity_not_walked(monkeypatch):
+    model = Vocab()
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    m, opt, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    table = list(range(100_000))
+    probes = []
+    real = module_mod.records.verify
+    monkeypatch.setattr(module_mod.records, "verify", lambda *a, **k: probes.append(1) or real(*a, **k))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x, table), y).backward()
+        opt.step()
+    assert len(probes) == 1  # the same list object: one layout
+    opt.zero_grad()
+    F.cross_entropy(m(x, list(table)), y).backward()  # another list: probed again (by identity)
+    opt.step()
+    assert len(probes) == 2

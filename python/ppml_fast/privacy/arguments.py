@@ -150,6 +150,8 @@ def _digest(raw: bytes) -> bytes:
 def _spec_object(obj: Any, sig: list, batch_first: bool, depth: int, size: int) -> Any:
     if depth > _DEPTH:
         return (type(obj), "object", _Held(obj))
+    if isinstance(obj, (list, tuple)) and len(obj) > _ITEMS and not isinstance(obj[0], torch.Tensor):
+        return (type(obj), "object", len(obj), _Held(obj))  # a long list of values: by identity
     if _mapping(obj):
         return (type(obj), tuple((k, _spec(v, sig, batch_first, depth + 1, size)) for k, v in obj.items()))
     if isinstance(obj, (list, tuple)):

@@ -49,6 +49,11 @@ class Call:
     # version counters of what the call ran on, when it was recorded: a tensor changed in place
     # afterwards would make the per-sample norms and sums use values the layer never saw
     versions: Optional[tuple] = None
+    # torch.func path: the values of the call's non-tensor inputs and of its module's own public
+    # attributes when it ran (records._plain_inputs compares them between probe runs: a value
+    # computed from the batch in an object the forward mutates, or set on the layer, review S9
+    # round 4: 2.0 C)
+    plain: Optional[list] = None
 
 
 @dataclass
@@ -75,6 +80,18 @@ def call_tensors(call: Call) -> list[torch.Tensor]:
         return [call.cap.activation]
     return [t for t in pytree.tree_leaves((call.inputs or (), call.kwargs or {}))
             if isinstance(t, torch.Tensor)]
+
+
+def plain_values(mod: nn.Module, args, kwargs) -> list:
+    """Keys (:func:`arguments.value_key`) of a torch.func-path call's non-tensor inputs and of
+    its module's public attributes that are not tensors or modules, taken when it runs."""
+    from ppml_fast.privacy.arguments import value_key
+
+    inputs = [v for v in pytree.tree_leaves((tuple(args), dict(kwargs)))
+              if not isinstance(v, torch.Tensor)]
+    own = {k: v for k, v in vars(mod).items()
+           if not k.startswith("_") and k != "training" and not isinstance(v, (torch.Tensor, nn.Module))}
+    return [value_key(v) for v in inputs] + [value_key(own)]
 
 
 def stamp(call: Call) -> None:
@@ -217,7 +234,8 @@ class Recorder:
             return None
         rerun = Rerun(detach_tree(tuple(args)), detach_tree(dict(kwargs)),
                       [leaves[i].detach() for i in where], batch.size, label)
-        call = Call(mod, params, inputs=rerun.args, kwargs=rerun.kwargs, rerun=rerun)
+        call = Call(mod, params, inputs=rerun.args, kwargs=rerun.kwargs, rerun=rerun,
+                    plain=plain_values(mod, args, kwargs))
         stamp(call)
         self.check_inside(call, batch)
         batch.calls.append(call)

@@ -503,6 +503,8 @@ def _plain_inputs(call) -> list:
     runs like its tensors (review S9 round 3: a float computed from the batch, 2.0 C)."""
     if call.cap is not None:
         return []
+    if call.plain is not None:  # taken when the call ran (capture.plain_values)
+        return call.plain
     return [value_key(v) for v in pytree.tree_leaves((call.inputs or (), call.kwargs or {}))
             if not isinstance(v, torch.Tensor)]
 

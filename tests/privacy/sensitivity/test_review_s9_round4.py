@@ -118,13 +118,6 @@ class ScaleVia(nn.Module):
         return self.head(torch.tanh(self.gate(h)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "round 3's _plain_inputs compares a torch.func-path call's non-tensor inputs with ==: a float "
-    "computed from the batch inside an object passed to the layer (the same object every run: "
-    "equal by identity), or set as the layer's attribute (not an input), is never compared: "
-    "1.9907 C each. Fix: compare _spec-style value keys of the call's inputs (attributes by value, "
-    "like layout) and of the called module's non-parameter, non-buffer __dict__ values (scalars) "
-    "between probe runs"))
 @pytest.mark.parametrize("via", ["object", "attribute"])
 def test_batch_wide_float_hidden_from_plain_inputs_is_refused(via):
     _refused(_case(f"scale_{via}", _seeded(ScaleVia, via)))
