@@ -106,16 +106,8 @@ def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: 
         full = list(leaves)
         for i, r in zip(per_record, rows):
             full[i] = r.unsqueeze(0)
-        args, kwargs = pytree.tree_unflatten(full, spec)
-        if cell is not None:  # vmap cannot run the recurrent cells' own kernels
-            out = cell(module, {**frozen, **dict(zip(names, vals))}, *args, **kwargs)
-        else:
-            out = functional_call(module, dict(zip(names, vals)), args, kwargs, strict=False)
-        outs = [a for a in pytree.tree_flatten(out)[0] if tappable(a)]
-        if len(outs) != len(rerun.outputs):
-            raise UnsupportedModuleError(
-                f"{label}: rerun on one record, it returned {len(outs)} floating-point tensors, "
-                f"on the batch {len(rerun.outputs)}; its records are not independent")
+        outs = _rerun_outputs(label, module, cell, frozen, names, vals, full, spec,
+                              len(rerun.outputs), "on one record")
         total = sum(((outs[k] * g.unsqueeze(0)).sum() for (k, _), g in zip(live, gs)),
                     start=torch.zeros((), dtype=values[0].dtype if values else torch.float32))
         return total, [outs[k] for k in checked]
@@ -140,6 +132,24 @@ def per_sample_grads(module: nn.Module, params: dict[str, nn.Parameter], rerun: 
         _check_sum(label, module, cell, frozen, names, values, leaves, spec, rerun, live,
                    dict(zip(names, grads)))
     return dict(zip(names, grads))
+
+
+def _rerun_outputs(label: str, module: nn.Module, cell, frozen: dict, names: list, vals,
+                   full: list, spec: Any, expected: int, where: str) -> list:
+    """The floating-point outputs of ``module`` run on the flattened inputs ``full`` with
+    ``vals`` for its parameters ``names`` (through the recurrent cells' own forward where vmap
+    cannot run their kernels); refused unless there are as many as in the forward."""
+    args, kwargs = pytree.tree_unflatten(full, spec)
+    if cell is not None:
+        out = cell(module, {**frozen, **dict(zip(names, vals))}, *args, **kwargs)
+    else:
+        out = functional_call(module, dict(zip(names, vals)), args, kwargs, strict=False)
+    outs = [a for a in pytree.tree_flatten(out)[0] if tappable(a)]
+    if len(outs) != expected:
+        raise UnsupportedModuleError(
+            f"{label}: rerun {where}, it returned {len(outs)} floating-point tensors, in the "
+            f"forward {expected}; its records are not independent")
+    return outs
 
 
 def _check_sum(label: str, module: nn.Module, cell, frozen: dict, names: list, values: tuple,
@@ -182,16 +192,8 @@ def _check_sum(label: str, module: nn.Module, cell, frozen: dict, names: list, v
     try:
         with torch.enable_grad():
             vals = [v.detach().requires_grad_(True) for v in values]
-            args, kwargs = pytree.tree_unflatten(full, spec)
-            if cell is not None:
-                out = cell(module, {**frozen, **dict(zip(names, vals))}, *args, **kwargs)
-            else:
-                out = functional_call(module, dict(zip(names, vals)), args, kwargs, strict=False)
-            outs = [a for a in pytree.tree_flatten(out)[0] if tappable(a)]
-            if len(outs) != len(rerun.outputs):
-                raise UnsupportedModuleError(
-                    f"{label}: rerun on the batch, it returned {len(outs)} floating-point "
-                    f"tensors, in the forward {len(rerun.outputs)}")
+            outs = _rerun_outputs(label, module, cell, frozen, names, vals, full, spec,
+                                  len(rerun.outputs), "on the whole batch")
             total = torch.zeros((), dtype=dtype, device=vals[0].device)
             for k, g in live:
                 w = r.to(device=g.device, dtype=g.dtype).reshape((b,) + (1,) * (g.dim() - 1))
