@@ -24,18 +24,28 @@ class Scaled(nn.Module):
         return self.fc(x) * scale
 
 
-def test_a_value_that_changes_every_batch_is_probed_each_time_and_warned_about(monkeypatch):
-    monkeypatch.setattr(module_mod, "REPROBE_WARNING", 3)
-    model = Scaled()
+def _private(model):
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
     m, opt, _ = PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
         poisson_sampling=False)
-    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    return m, opt, torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+
+
+def _count_probes(monkeypatch) -> list:
+    """A list that gets one entry per records probe run."""
     probes = []
     real = module_mod.records.verify
     monkeypatch.setattr(module_mod.records, "verify", lambda *a, **k: probes.append(1) or real(*a, **k))
+    return probes
+
+
+def test_a_value_that_changes_every_batch_is_probed_each_time_and_warned_about(monkeypatch):
+    monkeypatch.setattr(module_mod, "REPROBE_WARNING", 3)
+    model = Scaled()
+    m, opt, x, y = _private(model)
+    probes = _count_probes(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(5):
@@ -52,12 +62,7 @@ def test_a_value_that_changes_every_batch_is_probed_each_time_and_warned_about(m
 def test_the_verdicts_kept_are_bounded(monkeypatch):
     monkeypatch.setattr(module_mod, "VERIFIED_MAX", 2)
     model = Scaled()
-    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
-    m, opt, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
-        poisson_sampling=False)
-    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    m, opt, x, y = _private(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(4):
@@ -78,16 +83,9 @@ class Vocab(nn.Module):
 
 def test_a_long_list_argument_is_keyed_by_identity_not_walked(monkeypatch):
     model = Vocab()
-    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
-    m, opt, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
-        poisson_sampling=False)
-    x, y = torch.randn(4, 4), torch.tensor([0, 1, 1, 0])
+    m, opt, x, y = _private(model)
     table = list(range(100_000))
-    probes = []
-    real = module_mod.records.verify
-    monkeypatch.setattr(module_mod.records, "verify", lambda *a, **k: probes.append(1) or real(*a, **k))
+    probes = _count_probes(monkeypatch)
     for _ in range(3):
         opt.zero_grad()
         F.cross_entropy(m(x, table), y).backward()
